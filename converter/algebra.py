@@ -1,0 +1,231 @@
+"""The algebra of merging affine maps: pure numpy, no graph types.
+
+Every linear op onnx-fuse understands is normalised into an :class:`AffineMap`
+``y = x @ W + b`` acting on the last axis of ``x``, with ``W`` of shape ``(in, out)``
+held in float64. Two maps compose as::
+
+    (x @ W1 + b1) @ W2 + b2 = x @ (W1 @ W2) + (b1 @ W2 + b2)
+
+which in torch's ``(out, in)`` weight layout is the familiar
+``W = W2_t @ W1_t`` and ``b = b1 @ W2_t.T + b2``.
+
+Gemm normalisation (``Y = alpha * op(A) @ op(B) + beta * C``)::
+
+    W = alpha * op(B)          op(B) = B.T if transB else B
+    b = beta * C               C broadcast to (N,) or, for a per-row C, (M, N)
+
+MatMul+Add normalisation: ``W`` is the MatMul's constant right operand and ``b`` the Add's
+constant, which must broadcast along the last axis only.
+
+The cost model picks, for a chain of widths ``d0 -> d1 -> ... -> dk``, the partition into merged
+segments that minimises total multiply-adds per row, ``sum(d_i * d_j)`` over segments ``[i, j)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "AffineMap",
+    "compose",
+    "compose_all",
+    "gemm_affine",
+    "matmul_affine",
+    "scale_affine",
+    "shift_affine",
+    "round_to_dtype",
+    "overflow_reason",
+    "plan_segments",
+    "segments_macs",
+    "Policy",
+]
+
+Policy = Literal["cost", "always"]
+
+
+@dataclass(frozen=True)
+class AffineMap:
+    """``y = x @ weight + bias`` along the last axis of ``x``.
+
+    ``weight`` is ``(in_features, out_features)`` float64. ``bias`` is None, ``(out,)``, or
+    ``(rows, out)`` for a Gemm whose ``C`` differs per row (valid only for that row count).
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight.ndim != 2:
+            raise ValueError(f"weight must be 2-D, got shape {self.weight.shape}")
+        if self.bias is not None and (
+            self.bias.ndim not in (1, 2) or self.bias.shape[-1] != self.weight.shape[1]
+        ):
+            raise ValueError(
+                f"bias of shape {self.bias.shape} does not match {self.weight.shape[1]} outputs"
+            )
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def per_row_bias(self) -> bool:
+        """True when the bias differs per row (a Gemm ``C`` of shape ``(M, N)`` with M > 1)."""
+        return self.bias is not None and self.bias.ndim == 2 and self.bias.shape[0] > 1
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Evaluate the map on ``x`` in float64."""
+        y = np.asarray(x, dtype=np.float64) @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def compose(first: AffineMap, second: AffineMap) -> AffineMap:
+    """Return the map ``second(first(x))``: ``W = W1 @ W2``, ``b = b1 @ W2 + b2``."""
+    if first.out_features != second.in_features:
+        raise ValueError(
+            f"cannot compose maps of widths {first.in_features}->{first.out_features} and "
+            f"{second.in_features}->{second.out_features}"
+        )
+    weight = first.weight @ second.weight
+    bias = None if first.bias is None else first.bias @ second.weight
+    if second.bias is not None:
+        bias = second.bias if bias is None else bias + second.bias
+    return AffineMap(weight, bias)
+
+
+def compose_all(maps: Sequence[AffineMap]) -> AffineMap:
+    """Compose ``maps`` in order of application (``maps[0]`` is applied first)."""
+    if not maps:
+        raise ValueError("compose_all needs at least one map")
+    result = maps[0]
+    for m in maps[1:]:
+        result = compose(result, m)
+    return result
+
+
+def _normalise_bias(bias: np.ndarray | None, out_features: int) -> np.ndarray | None:
+    """Broadcast a bias to ``(out,)`` or ``(rows, out)``, the two forms :class:`AffineMap` holds."""
+    if bias is None:
+        return None
+    bias = _f64(bias)
+    if bias.ndim > 2:
+        raise ValueError(f"bias of rank {bias.ndim} is not supported")
+    if bias.ndim == 2 and bias.shape[0] > 1:
+        return np.broadcast_to(bias, (bias.shape[0], out_features)).copy()
+    return np.broadcast_to(bias.reshape(-1), (out_features,)).copy()
+
+
+def gemm_affine(
+    b: np.ndarray,
+    c: np.ndarray | None = None,
+    *,
+    trans_b: int = 0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> AffineMap:
+    """Normalise a Gemm's constant operands: ``W = alpha * op(B)``, ``b = beta * C``.
+
+    ``C`` may be absent, a scalar, ``(N,)``, ``(1, N)``, ``(M, 1)``, ``(M, N)``; it is broadcast
+    unidirectionally to ``(M, N)`` as ONNX specifies. ``transA`` does not enter the map: it only
+    says how the chain's input is laid out.
+    """
+    weight = _f64(b)
+    if weight.ndim != 2:
+        raise ValueError(f"Gemm B must be 2-D, got shape {weight.shape}")
+    weight = alpha * (weight.T if trans_b else weight)
+    bias = None if c is None else beta * _f64(c)
+    return AffineMap(weight, _normalise_bias(bias, weight.shape[1]))
+
+
+def matmul_affine(w: np.ndarray, bias: np.ndarray | None = None) -> AffineMap:
+    """Normalise ``MatMul(x, W)`` (+ ``Add`` of a bias along the last axis): ``W`` is ``(in, out)``.
+
+    ``bias`` must broadcast along the last axis only: a scalar, ``(out,)`` or ``(1, ..., 1, out)``.
+    """
+    weight = _f64(w)
+    if weight.ndim != 2:
+        raise ValueError(f"MatMul weight must be 2-D, got shape {weight.shape}")
+    if bias is not None:
+        bias = _f64(bias)
+        if any(d != 1 for d in bias.shape[:-1]) or bias.size not in (1, weight.shape[1]):
+            raise ValueError(f"bias of shape {bias.shape} does not broadcast along the last axis")
+        bias = np.broadcast_to(bias.reshape(-1), (weight.shape[1],)).copy()
+    return AffineMap(weight, bias)
+
+
+def scale_affine(scale: np.ndarray, width: int) -> AffineMap:
+    """``y = x * s`` along the last axis as a map: ``W = diag(s)`` (``s`` scalar or ``(width,)``)."""
+    s = np.broadcast_to(_f64(scale).reshape(-1), (width,))
+    return AffineMap(np.diag(s))
+
+
+def shift_affine(shift: np.ndarray, width: int) -> AffineMap:
+    """``y = x + t`` along the last axis as a map: ``W = I``, ``b = t``."""
+    return AffineMap(np.eye(width), np.broadcast_to(_f64(shift).reshape(-1), (width,)).copy())
+
+
+def round_to_dtype(a: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """Round a float64 result once to the model's storage dtype (float16/32/64, bfloat16)."""
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float64).astype(dtype))
+
+
+def overflow_reason(a: np.ndarray, dtype: np.dtype | type) -> str | None:
+    """Why ``a`` cannot be stored in ``dtype`` (non-finite, or beyond its range), or None if it can."""
+    a = np.asarray(a, dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+        return "merged values are not finite"
+    dt = np.dtype(dtype)
+    limit = float(ml_dtypes.finfo(dt).max) if dt == ml_dtypes.bfloat16 else float(np.finfo(dt).max)
+    peak = float(np.max(np.abs(a))) if a.size else 0.0
+    if peak > limit:
+        return f"merged value {peak:.6g} overflows {dt.name} (max {limit:.6g})"
+    return None
+
+
+def plan_segments(widths: Sequence[int], policy: Policy = "cost") -> list[tuple[int, int]]:
+    """Partition a chain of ``len(widths) - 1`` ops into merged segments ``[start, stop)``.
+
+    ``policy="always"`` merges the whole chain. ``policy="cost"`` minimises the total
+    multiply-adds per row, ``sum(widths[i] * widths[j])`` over segments, with a dynamic program
+    over split points (O(k^2)); ties go to fewer segments, i.e. fewer ops.
+    """
+    k = len(widths) - 1
+    if k < 1:
+        raise ValueError("a chain needs at least one op (two widths)")
+    if policy == "always":
+        return [(0, k)]
+    if policy != "cost":
+        raise ValueError(f"unknown policy {policy!r}; expected 'cost' or 'always'")
+    # best[j] = (macs, segments) for ops [0, j); compare tuples so ties prefer fewer segments.
+    best: list[tuple[int, int]] = [(0, 0)] + [(0, 0)] * k
+    split = [0] * (k + 1)
+    for j in range(1, k + 1):
+        candidates = (
+            (best[i][0] + widths[i] * widths[j], best[i][1] + 1, i) for i in range(j)
+        )
+        macs, count, i = min(candidates)
+        best[j], split[j] = (macs, count), i
+    segments = []
+    j = k
+    while j > 0:
+        segments.append((split[j], j))
+        j = split[j]
+    return segments[::-1]
+
+
+def segments_macs(widths: Sequence[int], segments: Sequence[tuple[int, int]]) -> int:
+    """Multiply-adds per row of the chain when ``segments`` are each merged into one op."""
+    return sum(widths[i] * widths[j] for i, j in segments)

@@ -1,0 +1,149 @@
+"""Find chains of linear ops in one graph, check the safety preconditions, choose segments.
+
+A *chain* is a run of linear ops where each op's data input is the previous op's output, and
+each intermediate result has exactly one consumer and is not a graph output (otherwise someone
+else still needs the intermediate, and merging would have to keep both). Every link that is
+*not* made, between ops that are otherwise linear, is recorded as a :class:`~converter.report.Declined`
+with the reason, as is every split the cost model chooses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from converter import algebra
+from converter.recognize import Decline, LinearOp, recognize
+from converter.report import Declined
+
+__all__ = ["ChainPlan", "find_chains", "plan_chain"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChainPlan:
+    """A chain's ops and the segments ``[start, stop)`` of it that will be merged (length >= 2)."""
+
+    ops: list[LinearOp]
+    segments: list[tuple[int, int]]
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.ops[0].in_features] + [op.out_features for op in self.ops]
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or f"<{node.op_type}>"
+
+
+def _link_reason(prev: LinearOp, op: LinearOp) -> str | None:
+    """Why ``op`` cannot be merged with ``prev`` (whose output is ``op``'s input), or None."""
+    value = prev.output
+    label = value.name or "<unnamed>"
+    if value.is_graph_output():
+        return f"intermediate '{label}' is a graph output"
+    users = {u.node for u in value.uses()}
+    if len(users) != 1:
+        return f"fan-out: intermediate '{label}' feeds {len(users)} nodes"
+    if op.trans_a:
+        return f"transA=1 on '{op.names[0]}' transposes the rows, so it can only start a chain"
+    if prev.dtype != op.dtype:
+        return f"dtypes differ ({prev.dtype.name} then {op.dtype.name})"
+    if prev.out_features != op.in_features:
+        return (
+            f"widths do not match ({prev.out_features} outputs into {op.in_features} inputs)"
+        )
+    return None
+
+
+def find_chains(graph: ir.Graph, label: str) -> tuple[list[list[LinearOp]], list[Declined]]:
+    """All maximal chains of two or more linear ops in ``graph`` (not its subgraphs).
+
+    Returns the chains, each in order of application, and a record for every link refused between
+    two linear ops, or between a linear op and a Gemm/MatMul that cannot be merged.
+    """
+    ops: list[LinearOp] = []
+    refused: list[Decline] = []
+    absorbed: set[ir.Node] = set()
+    for node in graph:
+        if node in absorbed:
+            continue
+        found = recognize(node)
+        if isinstance(found, LinearOp):
+            ops.append(found)
+            absorbed.update(found.nodes[1:])
+        elif isinstance(found, Decline):
+            refused.append(found)
+
+    by_output = {op.output: op for op in ops}
+    declined: list[Declined] = []
+    successor: dict[int, LinearOp] = {}
+    has_predecessor: set[int] = set()
+    for op in ops:
+        prev = by_output.get(op.input)
+        if prev is None:
+            continue
+        reason = _link_reason(prev, op)
+        if reason:
+            declined.append(Declined(prev.names + op.names, reason, label))
+        else:
+            successor[id(prev)] = op
+            has_predecessor.add(id(op))
+    declined.extend(_refused_neighbours(refused, ops, label))
+
+    chains = []
+    for op in ops:
+        if id(op) in has_predecessor or id(op) not in successor:
+            continue
+        chain = [op]
+        while id(chain[-1]) in successor:
+            chain.append(successor[id(chain[-1])])
+        chains.append(chain)
+    return chains, declined
+
+
+def _refused_neighbours(
+    refused: Iterable[Decline], ops: list[LinearOp], label: str
+) -> list[Declined]:
+    """Records for Gemm/MatMul nodes that could not join a neighbouring linear op."""
+    by_output = {op.output: op for op in ops}
+    by_input: dict[ir.Value, list[LinearOp]] = {}
+    for op in ops:
+        by_input.setdefault(op.input, []).append(op)
+    records = []
+    for decline in refused:
+        node = decline.node
+        before = by_output.get(node.inputs[0]) if node.inputs else None
+        after = by_input.get(node.outputs[0], []) if node.outputs else []
+        if before is None and not after:
+            continue  # a lone Gemm/MatMul: there was nothing to merge it with
+        names = (before.names if before else []) + [_name(node)]
+        names += [n for op in after for n in op.names]
+        records.append(Declined(names, decline.reason, label))
+    return records
+
+
+def plan_chain(
+    chain: list[LinearOp], policy: algebra.Policy, label: str
+) -> tuple[ChainPlan, list[Declined]]:
+    """Choose which segments of ``chain`` to merge, recording why any split was made."""
+    widths = [chain[0].in_features] + [op.out_features for op in chain]
+    segments = algebra.plan_segments(widths, policy)
+    declined = []
+    for (i, j), (_, k) in zip(segments, segments[1:]):
+        separate = widths[i] * widths[j] + widths[j] * widths[k]
+        merged = widths[i] * widths[k]
+        declined.append(
+            Declined(
+                chain[j - 1].names + chain[j].names,
+                f"cost model: merging widths {widths[i]}->{widths[j]}->{widths[k]} would take "
+                f"multiply-adds per row from {separate} to {merged} (--policy always merges anyway)",
+                label,
+            )
+        )
+    merged_segments = [(i, j) for i, j in segments if j - i >= 2]
+    return ChainPlan(chain, merged_segments), declined

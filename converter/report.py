@@ -1,0 +1,118 @@
+"""What a fusion run did and did not do: records a user can read and a report that holds them.
+
+A :class:`FusionRecord` describes one merged segment; a :class:`Declined` record says why a
+chain (or part of one) was left as it was, in the spirit of onnxscript's
+``MatchResult.fail(reason)``. :class:`FusionReport` gathers both with the model totals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FusionRecord", "Declined", "FusionReport"]
+
+
+@dataclass
+class FusionRecord:
+    """One merged segment: which nodes became which, and what it saved (multiply-adds per row)."""
+
+    nodes: list[str]
+    op_types: list[str]
+    new_nodes: list[str]
+    graph: str
+    output: str
+    widths: list[int]
+    input_shape: list[int | str | None] | None
+    output_shape: list[int | str | None] | None
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    max_error: float | None = None
+
+    @property
+    def macs_saved(self) -> int:
+        return self.macs_before - self.macs_after
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["macs_saved"] = self.macs_saved
+        return d
+
+
+@dataclass
+class Declined:
+    """A chain, or a link in one, that was not merged, and the reason in words."""
+
+    nodes: list[str]
+    reason: str
+    graph: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return f"not merged [{', '.join(self.nodes)}] in {self.graph}: {self.reason}"
+
+
+@dataclass
+class FusionReport:
+    """The outcome of one run: fusions, declined chains, model totals, validation, timing."""
+
+    fusions: list[FusionRecord] = field(default_factory=list)
+    declined: list[Declined] = field(default_factory=list)
+    linear_ops_before: int = 0
+    linear_ops_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    source: str | None = None
+    destination: str | None = None
+    validation: dict[str, Any] | None = None
+    validated: bool | None = None
+    seconds: float | None = None
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.fusions)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict: totals, one record per fusion, one per declined chain."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["fusions"] = [r.to_dict() for r in self.fusions]
+        d["declined"] = [r.to_dict() for r in self.declined]
+        return d
+
+    def summary_lines(self, *, verbose: bool = False) -> list[str]:
+        """The short human summary the CLI prints; ``verbose`` adds every record and reason."""
+        lines = [
+            f"merged {len(self.fusions)} chain(s)"
+            + (f": {self.source} -> {self.destination}" if self.destination else ""),
+            f"  linear ops      {self.linear_ops_before} -> {self.linear_ops_after}",
+            f"  MACs per sample {self.macs_before:,} -> {self.macs_after:,}",
+            f"  weight params   {self.params_before:,} -> {self.params_after:,}",
+        ]
+        if self.validated is None:
+            lines.append("  validation      skipped")
+        else:
+            lines.append(f"  validation      {'passed' if self.validated else 'FAILED'}")
+        if self.seconds is not None:
+            lines.append(f"  wall time       {self.seconds:.2f} s")
+        if verbose:
+            for r in self.fusions:
+                err = "" if r.max_error is None else f", max error {r.max_error:.3g}"
+                lines.append(
+                    f"  merged [{', '.join(r.nodes)}] -> {', '.join(r.new_nodes)} "
+                    f"(widths {'->'.join(map(str, r.widths))}, MACs/row "
+                    f"{r.macs_before} -> {r.macs_after}{err})"
+                )
+            lines.extend(f"  {d}" for d in self.declined)
+        elif self.declined:
+            lines.append(f"  {len(self.declined)} chain(s) not merged (--verbose says why)")
+        return lines
+
+    def __str__(self) -> str:
+        return "\n".join(self.summary_lines(verbose=True))
