@@ -178,8 +178,17 @@ def shift_affine(shift: np.ndarray, width: int) -> AffineMap:
 
 
 def round_to_dtype(a: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
-    """Round a float64 result once to the model's storage dtype (float16/32/64, bfloat16)."""
-    return np.ascontiguousarray(np.asarray(a, dtype=np.float64).astype(dtype))
+    """Round a float64 result once to the model's storage dtype (float16/32/64, bfloat16).
+
+    ml_dtypes converts float64 to bfloat16 by way of float32, which rounds twice; so for
+    bfloat16 we round the significand to its 8 bits in float64 first (ties to even), after which
+    the cast is exact.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if np.dtype(dtype) == ml_dtypes.bfloat16:
+        mantissa, exponent = np.frexp(a)
+        a = np.ldexp(np.rint(np.ldexp(mantissa, 8)), exponent - 8)
+    return np.ascontiguousarray(a.astype(dtype))
 
 
 def overflow_reason(a: np.ndarray, dtype: np.dtype | type) -> str | None:
