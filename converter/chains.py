@@ -109,21 +109,24 @@ def find_chains(graph: ir.Graph, label: str) -> tuple[list[list[LinearOp]], list
 def _refused_neighbours(
     refused: Iterable[Decline], ops: list[LinearOp], label: str
 ) -> list[Declined]:
-    """Records for Gemm/MatMul nodes that could not join a neighbouring linear op."""
-    by_output = {op.output: op for op in ops}
-    by_input: dict[ir.Value, list[LinearOp]] = {}
+    """Records for Gemm/MatMul nodes that could not join a neighbouring Gemm/MatMul."""
+    refused = list(refused)
+    producers: dict[ir.Value, list[str]] = {op.output: op.names for op in ops}
+    consumers: dict[ir.Value, list[str]] = {}
     for op in ops:
-        by_input.setdefault(op.input, []).append(op)
+        consumers.setdefault(op.input, []).extend(op.names)
+    for d in refused:
+        producers[d.node.outputs[0]] = [_name(d.node)]
+        if d.node.inputs and d.node.inputs[0] is not None:
+            consumers.setdefault(d.node.inputs[0], []).append(_name(d.node))
     records = []
     for decline in refused:
         node = decline.node
-        before = by_output.get(node.inputs[0]) if node.inputs else None
-        after = by_input.get(node.outputs[0], []) if node.outputs else []
-        if before is None and not after:
+        before = producers.get(node.inputs[0], []) if node.inputs else []
+        after = consumers.get(node.outputs[0], [])
+        if not before and not after:
             continue  # a lone Gemm/MatMul: there was nothing to merge it with
-        names = (before.names if before else []) + [_name(node)]
-        names += [n for op in after for n in op.names]
-        records.append(Declined(names, decline.reason, label))
+        records.append(Declined([*before, _name(node), *after], decline.reason, label))
     return records
 
 

@@ -108,6 +108,7 @@ def _sole_user(value: ir.Value, node: ir.Node) -> str | None:
 
 
 def _weights(node: ir.Node, indices: tuple[int, ...]) -> tuple[list[np.ndarray | None], str | None]:
+    """The constant arrays at ``indices`` (None where the optional input is absent), or a reason."""
     arrays: list[np.ndarray | None] = []
     for i in indices:
         value = node.inputs[i] if i < len(node.inputs) else None
@@ -117,7 +118,7 @@ def _weights(node: ir.Node, indices: tuple[int, ...]) -> tuple[list[np.ndarray |
         array, reason = constant_tensor(value)
         reason = reason or _sole_user(value, node)
         if reason:
-            return [], reason
+            return [None] * len(indices), reason
         arrays.append(array)
     return arrays, None
 

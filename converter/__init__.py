@@ -1,0 +1,42 @@
+"""onnx-fuse: merge chains of linear layers in ONNX models, proven equivalent by onnxruntime.
+
+    y = (x @ W1.T + b1) @ W2.T + b2 = x @ (W2 @ W1).T + (b1 @ W2.T + b2)
+
+Public API: :func:`fuse` (in memory), :func:`fuse_file` (the CLI's job), :func:`export`
+(torch export then fuse), :class:`FuseLinearChainsPass` (an onnx-ir pass) and
+:func:`check_equivalence` (compare any two models).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "__version__",
+    "fuse",
+    "fuse_file",
+    "export",
+    "FuseLinearChainsPass",
+    "FusionReport",
+    "FusionRecord",
+    "Declined",
+    "check_equivalence",
+    "EquivalenceReport",
+    "ConverterError",
+    "InputError",
+    "UnsafeModelError",
+    "OriginalModelError",
+    "ValidationError",
+]
+
+__version__ = "0.1.0"
+
+from converter.api import export, fuse, fuse_file
+from converter.errors import (
+    ConverterError,
+    InputError,
+    OriginalModelError,
+    UnsafeModelError,
+    ValidationError,
+)
+from converter.passes import FuseLinearChainsPass
+from converter.report import Declined, FusionRecord, FusionReport
+from converter.validate import EquivalenceReport, check_equivalence

@@ -1,0 +1,122 @@
+"""Small ONNX model builders and checks shared by the rewrite tests (seeded, no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = [
+    "rng",
+    "init",
+    "linear_chain",
+    "gemm_node",
+    "make_model",
+    "run",
+    "assert_equivalent",
+    "op_types",
+    "check",
+]
+
+FLOAT = TensorProto.FLOAT
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def init(name: str, array: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(array, name)
+
+
+def gemm_node(name: str, x: str, w: str, b: str | None, y: str, **attrs) -> onnx.NodeProto:
+    inputs = [x, w] + ([b] if b else [])
+    return helper.make_node("Gemm", inputs, [y], name=name, **attrs)
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: Sequence[TensorProto] = (),
+    *,
+    opset: int = 17,
+    name: str = "g",
+) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset <= 17 else 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def linear_chain(
+    widths: Sequence[int],
+    *,
+    form: str = "gemm",
+    rank: int = 2,
+    dtype: type = np.float32,
+    bias: bool = True,
+    seed: int = 0,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """``x -> Linear(w0,w1) -> ... -> y`` as torch exports it: Gemm(transB=1) or MatMul+Add."""
+    r = rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes, inits = [], []
+    prev = "x"
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        out = "y" if i == len(widths) - 2 else f"h{i}"
+        scale = 1 / np.sqrt(a)
+        if form == "gemm":
+            inits.append(init(f"W{i}", (r.standard_normal((b, a)) * scale).astype(dtype)))
+            if bias:
+                inits.append(init(f"b{i}", (r.standard_normal(b) * 0.1).astype(dtype)))
+            nodes.append(gemm_node(f"fc{i}", prev, f"W{i}", f"b{i}" if bias else None, out, transB=1))
+        else:
+            inits.append(init(f"W{i}", (r.standard_normal((a, b)) * scale).astype(dtype)))
+            mm_out = f"m{i}" if bias else out
+            nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [mm_out], name=f"mm{i}"))
+            if bias:
+                inits.append(init(f"b{i}", (r.standard_normal(b) * 0.1).astype(dtype)))
+                nodes.append(helper.make_node("Add", [mm_out, f"b{i}"], [out], name=f"add{i}"))
+        prev = out
+    lead = ["batch"] + ["seq"] * (rank - 2)
+    x = helper.make_tensor_value_info("x", elem, [*lead, widths[0]])
+    y = helper.make_tensor_value_info("y", elem, [*lead, widths[-1]])
+    return make_model(nodes, [x], [y], inits, opset=opset)
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_equivalent(
+    original: onnx.ModelProto,
+    fused: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> None:
+    """Both models give the same outputs (shape and values) under onnxruntime."""
+    for a, b in zip(run(original, feeds), run(fused, feeds), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(
+            b.astype(np.float64), a.astype(np.float64), atol=atol, rtol=rtol
+        )
+
+
+def check(model: onnx.ModelProto) -> None:
+    onnx.checker.check_model(model, full_check=True)
