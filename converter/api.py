@@ -24,6 +24,7 @@ from converter.validate import check_equivalence
 from converter.algebra import Policy
 from converter.errors import InputError, ValidationError
 from converter.passes import fuse_model
+from converter.progress import ProgressCallback, no_progress
 from converter.report import FusionReport
 
 __all__ = ["fuse", "fuse_file", "export"]
@@ -66,6 +67,7 @@ def fuse_file(
     external_data: str | None = None,
     force: bool = False,
     keep_on_fail: bool = False,
+    progress: ProgressCallback = no_progress,
 ) -> FusionReport:
     """Fuse the model at ``src`` and write it to ``dst``; return the :class:`FusionReport`.
 
@@ -75,11 +77,14 @@ def fuse_file(
     :class:`ValidationError` when outputs differ (nothing is written unless ``keep_on_fail``).
     """
     start = time.perf_counter()
+    progress("loading", None, None)
     model = io.load_model(src)
-    report = fuse_model(model, policy=policy)
+    report = fuse_model(model, policy=policy, progress=progress)
     report.source, report.destination = os.fspath(src), os.fspath(dst)
+    progress("writing", None, None)
     with io.write_model(model, dst, external_data=external_data, force=force, src=src) as pending:
         if validate and report.fusions:
+            progress("validating", None, None)
             _validate_into(
                 report,
                 src,

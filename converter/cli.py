@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from converter import api, validate
 from converter.errors import ConverterError, InputError
+from converter.progress import ProgressLine
 
 __all__ = ["main"]
 
@@ -163,16 +164,19 @@ def _run_fuse(argv: Sequence[str]) -> int:
     _configure_logging(args)
     src = Path(args.model)
     dst = Path(args.output) if args.output else src.with_name(src.stem + ".fused.onnx")
-    report = api.fuse_file(
-        src,
-        dst,
-        policy=args.policy,
-        validate=not args.no_validate,
-        external_data=args.external_data,
-        force=args.force,
-        keep_on_fail=args.keep_on_fail,
-        **_validation_kwargs(args),
-    )
+    show_progress = not args.quiet and sys.stderr.isatty()
+    with ProgressLine(enabled=show_progress) as progress:
+        report = api.fuse_file(
+            src,
+            dst,
+            policy=args.policy,
+            validate=not args.no_validate,
+            external_data=args.external_data,
+            force=args.force,
+            keep_on_fail=args.keep_on_fail,
+            progress=progress,
+            **_validation_kwargs(args),
+        )
     _write_json(args.report, report.to_dict())
     if not args.quiet:
         print("\n".join(report.summary_lines(verbose=args.verbose)))

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from converter import algebra, chains
+from converter.progress import ProgressCallback, no_progress
 from converter.recognize import LinearOp
 from converter.report import Declined, FusionRecord, FusionReport
 
@@ -196,8 +197,16 @@ def _merge_segment(
     )
 
 
-def fuse_model(model: ir.Model, *, policy: algebra.Policy = "cost") -> FusionReport:
-    """Merge every chain of linear ops in ``model`` in place and return what was done and why not."""
+def fuse_model(
+    model: ir.Model,
+    *,
+    policy: algebra.Policy = "cost",
+    progress: ProgressCallback = no_progress,
+) -> FusionReport:
+    """Merge every chain of linear ops in ``model`` in place and return what was done and why not.
+
+    ``progress(stage, done, total)`` is called as graphs are analysed and segments merged.
+    """
     if policy not in ("cost", "always"):
         raise ValueError(f"unknown policy {policy!r}; expected 'cost' or 'always'")
     start = time.perf_counter()
@@ -210,8 +219,11 @@ def fuse_model(model: ir.Model, *, policy: algebra.Policy = "cost") -> FusionRep
         )
     else:
         names = _Names(model)
-        for graph, label in list(iter_graphs(model.graph)):
+        graphs = list(iter_graphs(model.graph))
+        for i, (graph, label) in enumerate(graphs):
+            progress("merging", i, len(graphs))
             _fuse_graph(graph, label, policy, names, opset, report)
+        progress("merging", len(graphs), len(graphs))
     report.linear_ops_after, report.macs_after, report.params_after = _model_totals(model)
     report.seconds = time.perf_counter() - start
     logger.info(

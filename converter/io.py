@@ -1,0 +1,647 @@
+"""Load and save ONNX models: input checks, external-data safety, atomic output.
+
+Loading (:func:`load_model`) turns every bad input into one :class:`~converter.errors.InputError`
+line naming the file: missing, a directory, empty, not protobuf, protobuf but not a model (no
+graph, no ``ai.onnx`` opset), an unsupported IR version or opset, or external data that is missing
+or unsafe. Weights kept in external data stay lazy (onnx_ir memory-maps them on first use).
+
+External data is checked (:func:`check_external_data`) on *every* tensor of the model -- graph
+initializers, sparse initializers, tensors in node attributes (``Constant.value``), subgraphs,
+training graphs and model-local functions -- before any weight is read. A tensor is refused
+(:class:`~converter.errors.UnsafeModelError`) when its ``location`` is empty, absolute or has a
+``..`` component, when it resolves (through symlinks, including a symlinked parent folder) outside
+the model's folder, when it is not a regular file or has more than one hard link, when an
+``external_data`` key is not one of ``location``, ``offset``, ``length``, ``checksum`` or is
+repeated, or when ``offset``/``length`` is not a non-negative integer, disagrees with the tensor's
+size or lies beyond the end of the file (CVE-2022-25882, CVE-2024-27318: path traversal;
+CVE-2026-27489, CVE-2026-34446, CVE-2026-34447: symlink and hard-link escapes). Paths resolve
+against the model's folder, never the current directory. ``checksum`` is not verified: that would
+read the data.
+
+Writing (:func:`write_model`) is atomic: the model is saved into a fresh temporary folder inside
+the destination folder (same filesystem, final file names), and only :meth:`PendingOutput.commit`
+moves the files into place with :func:`os.replace` (data file first, then the ``.onnx``). Until
+then the caller can validate the output where it lies (``PendingOutput.path``). External tensors
+that are not touched stream from the input file to the output file (``ir.save`` copies them with
+``copy_file_range``); they are never all held in memory. Overwriting the input is therefore safe:
+its data file is replaced by rename, never rewritten in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+
+import onnx
+import onnx_ir as ir
+
+from converter.errors import ConverterError, InputError, UnsafeModelError
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD_BYTES",
+    "PendingOutput",
+    "check_external_data",
+    "is_same_file",
+    "load_model",
+    "model_size_bytes",
+    "write_model",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Above this many tensor bytes, ``write_model(external_data=None)`` writes external data
+#: (protobuf cannot serialize a message of 2 GiB or more; the rest leaves room for the graph).
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+_MIN_OPSET = 7
+_MIN_IR_VERSION = 3  # the first IR version with opset_import
+_MAX_MODEL_FILE_BYTES = 2**31 - 1  # protobuf's hard limit on one message
+_ALLOWED_EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
+_DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
+_TEMP_PREFIX = ".onnx-fuse-"
+
+
+def _one_line(text: object) -> str:
+    """Collapse any whitespace run (newlines included) so a message fits on one line."""
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model, refusing anything that is not a safe, supported model.
+
+    External data stays on disk (lazy, memory-mapped on first use). Every external tensor,
+    wherever it sits in the model, passes :func:`check_external_data` before anything is read.
+
+    Raises:
+        InputError: one line ``"<path>: <problem>"`` for a missing, unreadable, empty or corrupt
+            file, a protobuf that is not a model, an unsupported IR version or opset, or a
+            missing external data file.
+        UnsafeModelError: external data that would be unsafe to read.
+    """
+    path = os.fspath(path)
+    proto = _parse_model_file(path)
+    _check_model_proto(proto, path)
+    model_dir = os.path.dirname(os.path.abspath(path))
+    try:
+        check_external_data(proto, model_dir)
+    except InputError as e:
+        raise type(e)(f"{path}: {e}") from None
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx_ir raises a variety of types on malformed protos
+        raise InputError(f"{path}: is not a valid ONNX model ({_one_line(e)})") from None
+    _set_base_dir(model, model_dir)
+    logger.debug("loaded %s (%d tensor bytes)", path, model_size_bytes(model))
+    return model
+
+
+def _parse_model_file(path: str) -> onnx.ModelProto:
+    """Read and parse ``path`` as a binary ModelProto (external data is not loaded)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the file ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{path}: is a directory, not an ONNX model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: is not a regular file")
+    if st.st_size == 0:
+        raise InputError(f"{path}: is empty, not an ONNX model")
+    if st.st_size > _MAX_MODEL_FILE_BYTES:
+        raise InputError(
+            f"{path}: is {st.st_size} bytes, over protobuf's 2 GiB limit; "
+            "a model that large must keep its weights in external data"
+        )
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the file ({e.strerror})") from None
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # DecodeError, or RuntimeError from some protobuf backends
+        raise InputError(
+            f"{path}: is not an ONNX model (not a valid protobuf ModelProto: {_one_line(e)}); "
+            "the file may be truncated or of another format"
+        ) from None
+    return proto
+
+
+def _check_model_proto(proto: onnx.ModelProto, path: str) -> None:
+    """Refuse a protobuf that parsed as a ModelProto but is not a supported model."""
+    if not proto.HasField("graph"):
+        raise InputError(
+            f"{path}: is not an ONNX model: it has no graph "
+            "(is it a serialized TensorProto, GraphProto or another protobuf?)"
+        )
+    if not _MIN_IR_VERSION <= proto.ir_version <= onnx.IR_VERSION:
+        raise InputError(
+            f"{path}: has IR version {proto.ir_version}; supported are "
+            f"{_MIN_IR_VERSION}..{onnx.IR_VERSION} (upgrade onnx for newer models)"
+        )
+    opsets = [op.version for op in proto.opset_import if op.domain in _DEFAULT_DOMAINS]
+    if not opsets:
+        raise InputError(f"{path}: is not a usable ONNX model: it imports no ai.onnx opset")
+    newest = onnx.defs.onnx_opset_version()
+    if not _MIN_OPSET <= opsets[0] <= newest:
+        raise InputError(
+            f"{path}: uses ai.onnx opset {opsets[0]}; supported are {_MIN_OPSET}..{newest} "
+            "(convert the model with onnx.version_converter, or upgrade onnx)"
+        )
+
+
+# ----------------------------------------------------------------- external data checks
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExternalRef:
+    """One tensor's external-data entries, from a TensorProto or an ``ir.ExternalTensor``."""
+
+    tensor: str
+    entries: tuple[tuple[str, str], ...]
+    nbytes: int | None  # the size the tensor's dtype and shape need, when known
+
+
+def check_external_data(model: onnx.ModelProto | ir.Model, model_dir: str | os.PathLike) -> None:
+    """Refuse external data that would be unsafe to read; read nothing.
+
+    Works on an ``onnx.ModelProto`` (the thorough form, used by :func:`load_model`: it sees
+    every ``external_data`` key, sparse tensors and training graphs) or an ``ir.Model``
+    (onnx_ir keeps only ``location``, ``offset`` and ``length``, so unknown keys are invisible
+    there). Every location resolves against ``model_dir``, the folder of the ``.onnx`` file.
+
+    Raises:
+        UnsafeModelError: one line naming the tensor, its location and the reason.
+        InputError: an external data file that does not exist.
+    """
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    real_dir = os.path.realpath(model_dir)
+    for ref in _external_refs(model):
+        _check_external_ref(ref, model_dir, real_dir)
+
+
+def _check_external_ref(ref: _ExternalRef, model_dir: str, real_dir: str) -> None:
+    """Check one tensor's entries, its path and its byte range; stat only, never open."""
+    entries = dict(ref.entries)
+    location = entries.get("location", "")
+
+    def refuse(reason: str, error: type[InputError] = UnsafeModelError) -> InputError:
+        return error(f"tensor {ref.tensor!r} external data {location!r}: {reason}")
+
+    _check_keys(ref, refuse)
+    reason = _location_problem(location)
+    if reason:
+        raise refuse(reason)
+    offset = _parse_count(entries.get("offset"), "offset", refuse)
+    length = _parse_count(entries.get("length"), "length", refuse)
+    real = os.path.realpath(os.path.join(model_dir, location))
+    if os.path.commonpath([real_dir, real]) != real_dir:
+        raise refuse(f"resolves to {real!r}, outside the model folder {real_dir!r}")
+    size = _stat_data_file(real, model_dir, refuse)
+    _check_range(ref, offset or 0, length, size, refuse)
+
+
+def _check_keys(ref: _ExternalRef, refuse: Callable[..., InputError]) -> None:
+    """Refuse unknown or repeated ``external_data`` keys."""
+    seen: set[str] = set()
+    for key, _ in ref.entries:
+        if key not in _ALLOWED_EXTERNAL_KEYS:
+            allowed = ", ".join(sorted(_ALLOWED_EXTERNAL_KEYS))
+            raise refuse(f"unknown external_data key {key!r} (allowed: {allowed})")
+        if key in seen:
+            raise refuse(f"external_data key {key!r} is repeated")
+        seen.add(key)
+
+
+def _location_problem(location: str) -> str | None:
+    """Return why ``location`` is not a safe relative path, or None."""
+    if not location:
+        return "the location is empty"
+    if "\0" in location:
+        return "the location contains a NUL byte"
+    if os.path.isabs(location) or location[0] in "/\\" or re.match(r"[A-Za-z]:", location):
+        return "the location is an absolute path; it must be relative to the model folder"
+    if ".." in re.split(r"[/\\]", location):
+        return "the location has a '..' component"
+    return None
+
+
+def _parse_count(value: str | None, key: str, refuse: Callable[..., InputError]) -> int | None:
+    """Parse an ``offset``/``length`` entry: a plain non-negative decimal integer."""
+    if value is None:
+        return None
+    if not re.fullmatch(r"[0-9]+", value):
+        raise refuse(f"{key} {value!r} is not a non-negative integer")
+    return int(value)
+
+
+def _stat_data_file(real: str, model_dir: str, refuse: Callable[..., InputError]) -> int:
+    """Return the size of the data file at ``real``; refuse a missing, odd or linked file."""
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise refuse(f"file not found in {model_dir!r}", InputError) from None
+    except OSError as e:
+        raise refuse(f"cannot stat the file ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise refuse("is not a regular file (a directory, fifo, device or socket)")
+    if st.st_nlink > 1:
+        raise refuse(
+            f"the file has {st.st_nlink} hard links; copy it to a file of its own to load it"
+        )
+    return st.st_size
+
+
+def _check_range(
+    ref: _ExternalRef,
+    offset: int,
+    length: int | None,
+    size: int,
+    refuse: Callable[..., InputError],
+) -> None:
+    """Refuse an ``offset``/``length`` outside the file or disagreeing with the tensor size."""
+    if offset > size:
+        raise refuse(f"offset {offset} is beyond the end of the file ({size} bytes)")
+    if length is not None and ref.nbytes is not None and length != ref.nbytes:
+        raise refuse(f"length {length} does not match the tensor's size ({ref.nbytes} bytes)")
+    needed = length if length is not None else ref.nbytes
+    if needed is not None and offset + needed > size:
+        raise refuse(
+            f"offset {offset} + length {needed} is beyond the end of the file ({size} bytes)"
+        )
+
+
+def _external_refs(model: onnx.ModelProto | ir.Model) -> Iterator[_ExternalRef]:
+    """Yield every external tensor reference of ``model``, in a proto or an ir.Model."""
+    if isinstance(model, onnx.ModelProto):
+        for tensor in _proto_tensors(model):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                entries = tuple((e.key, e.value) for e in tensor.external_data)
+                yield _ExternalRef(tensor.name, entries, _proto_nbytes(tensor))
+    elif isinstance(model, ir.Model):
+        for tensor in _ir_tensors(model):
+            if isinstance(tensor, ir.ExternalTensor):
+                yield _ExternalRef(tensor.name, _ir_entries(tensor), tensor.nbytes)
+    else:
+        raise TypeError(f"expected onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def _ir_entries(tensor: ir.ExternalTensor) -> tuple[tuple[str, str], ...]:
+    """The ``external_data`` entries onnx_ir would serialize for ``tensor``."""
+    entries = [("location", os.fspath(tensor.location))]
+    entries += [
+        (k, str(v))
+        for k, v in (("offset", tensor.offset), ("length", tensor.length))
+        if v is not None
+    ]
+    return tuple(entries)
+
+
+def _proto_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's dtype and dims need (sub-byte types packed), or None if unknown."""
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):
+        return None
+    if any(d < 0 for d in tensor.dims):
+        return None
+    return (math.prod(tensor.dims) * bits + 7) // 8
+
+
+def _proto_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in the model: graphs, subgraphs, training graphs, functions."""
+    yield from _proto_graph_tensors(model.graph)
+    for info in model.training_info:
+        yield from _proto_graph_tensors(info.initialization)
+        yield from _proto_graph_tensors(info.algorithm)
+    for function in model.functions:
+        for node in function.node:
+            yield from _proto_node_tensors(node)
+
+
+def _proto_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _proto_node_tensors(node)
+
+
+def _proto_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for s in [*sparse, *attr.sparse_tensors]:
+            yield from (s.values, s.indices)
+        if attr.HasField("g"):
+            yield from _proto_graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _proto_graph_tensors(graph)
+
+
+# ------------------------------------------------------------------ onnx_ir traversal
+
+
+def _graph_likes(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
+    """The main graph, its subgraphs, and every model-local function with its subgraphs."""
+    yield from model.graphs()
+    for function in model.functions.values():
+        yield function
+        yield from function.subgraphs()
+
+
+def _tensor_attrs(model: ir.Model) -> Iterator[tuple[ir.Node, str, ir.Attr]]:
+    """Every (node, name, attribute) holding a TENSOR or TENSORS value, functions included."""
+    tensor_types = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS)
+    for graph in _graph_likes(model):
+        for node in graph:
+            for name, attr in node.attributes.items():
+                if not attr.is_ref() and attr.type in tensor_types and attr.value is not None:
+                    yield node, name, attr
+
+
+def _ir_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor of ``model``: initializers and attribute tensors, functions included."""
+    for graph in _graph_likes(model):
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                if value.const_value is not None:
+                    yield value.const_value
+    for _, _, attr in _tensor_attrs(model):
+        yield from (attr.value,) if attr.type == ir.AttributeType.TENSOR else attr.value
+
+
+def _set_base_dir(model: ir.Model, model_dir: str) -> None:
+    """Point every external tensor at ``model_dir`` (onnx_ir's own helper skips functions)."""
+    for tensor in _ir_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = model_dir
+
+
+def model_size_bytes(model: ir.Model) -> int:
+    """Total bytes of every tensor in ``model``, from dtypes and shapes; no data is read."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in _ir_tensors(model):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.nbytes
+    return total
+
+
+def is_same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name the same file (hard links, symlinks, ``..`` resolved).
+
+    Paths that do not exist compare by their resolved absolute paths.
+    """
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        norm = os.path.normcase
+        return norm(os.path.realpath(a)) == norm(os.path.realpath(b))
+
+
+# -------------------------------------------------------------------- atomic writing
+
+
+class PendingOutput:
+    """A model written to a temporary folder beside its destination, not yet in place.
+
+    ``path`` (and ``data_path``, or None) can be loaded from where they are, e.g. by
+    onnxruntime, to validate the output before :meth:`commit` moves them into place.
+    :meth:`discard` removes them. Used as a context manager it discards unless committed.
+
+    After a commit that replaced a file the model itself read weights from (writing over the
+    input with ``force=True``), those external tensors are invalidated: reload the output.
+    """
+
+    def __init__(self, model: ir.Model, dst: str, tmp_dir: str, data_name: str | None) -> None:
+        self._model = model
+        self._tmp_dir = tmp_dir
+        self._done = False
+        self.dst = dst
+        self.dst_data_path = os.path.join(os.path.dirname(dst), data_name) if data_name else None
+        self.path = os.path.join(tmp_dir, os.path.basename(dst))
+        self.data_path = os.path.join(tmp_dir, data_name) if data_name else None
+
+    def __enter__(self) -> PendingOutput:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._done:
+            self.discard()
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "pending"
+        return f"PendingOutput(dst={self.dst!r}, path={self.path!r}, {state})"
+
+    def commit(self) -> None:
+        """Move the data file, then the ``.onnx``, into place; remove the temporary folder."""
+        if self._done:
+            raise ConverterError(f"{self.dst}: output was already committed or discarded")
+        moves = [(self.path, self.dst)]
+        if self.data_path is not None:
+            moves.insert(0, (self.data_path, self.dst_data_path))
+        stale = _tensors_reading(self._model, [dst for _, dst in moves])
+        try:
+            for src, dst in moves:
+                _keep_mode(dst, src)
+                _fsync(src)
+            for src, dst in moves:
+                os.replace(src, dst)
+            _fsync(os.path.dirname(self.dst))
+        except OSError as e:
+            self.discard()
+            raise InputError(f"{self.dst}: cannot move the output into place ({e})") from None
+        self._done = True
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        for tensor in stale:
+            tensor.invalidate()
+        if stale:
+            logger.info("%d input tensors read files now replaced; reload %s", len(stale), self.dst)
+        logger.info("wrote %s", self.dst)
+
+    def discard(self) -> None:
+        """Remove the temporary folder and everything in it (idempotent)."""
+        self._done = True
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+
+def write_model(
+    model: ir.Model,
+    dst: str | os.PathLike,
+    *,
+    external_data: str | None = None,
+    force: bool = False,
+    src: str | os.PathLike | None = None,
+) -> PendingOutput:
+    """Save ``model`` next to ``dst`` in a temporary folder and return it, not yet committed.
+
+    Args:
+        model: the model; it is left unchanged.
+        dst: the final ``.onnx`` path. Its folder must exist.
+        external_data: None writes one file, unless the tensors exceed
+            :data:`EXTERNAL_DATA_THRESHOLD_BYTES`, then ``<dst name>.data`` beside it. A plain
+            file name always writes tensors larger than 256 bytes to that file.
+        force: allow replacing an existing output, a symlink at the destination (the link
+            itself is replaced, never written through) and the input model ``src``.
+        src: the input model path, to refuse overwriting it without ``force``.
+
+    Raises:
+        InputError: a missing output folder, a bad ``external_data`` name, an existing output or
+            the input as output without ``force``, or a failed write (nothing is left behind).
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    data_name = _choose_data_name(model, dst, external_data)
+    targets = [dst] + ([os.path.join(os.path.dirname(dst), data_name)] if data_name else [])
+    _check_destination(dst, targets, force=force, src=src)
+    try:
+        tmp_dir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=os.path.dirname(dst))
+    except OSError as e:
+        raise InputError(f"{dst}: cannot write to the output folder ({e.strerror})") from None
+    pending = PendingOutput(model, dst, tmp_dir, data_name)
+    try:
+        _save(model, pending.path, data_name)
+    except OSError as e:
+        pending.discard()
+        raise InputError(f"{dst}: cannot write the output ({_one_line(e)})") from None
+    except BaseException:
+        pending.discard()
+        raise
+    logger.debug("wrote %s (external data: %s), pending commit", pending.path, data_name)
+    return pending
+
+
+def _choose_data_name(model: ir.Model, dst: str, external_data: str | None) -> str | None:
+    """Apply the external data policy; validate an explicit name."""
+    if external_data is None:
+        size = model_size_bytes(model)
+        if size <= EXTERNAL_DATA_THRESHOLD_BYTES:
+            return None
+        name = os.path.basename(dst) + ".data"
+        logger.info("%s: %d tensor bytes, writing external data to %s", dst, size, name)
+        return name
+    name = external_data
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(c in name for c in "/\\\0")
+        or name == os.path.basename(dst)
+    ):
+        raise InputError(
+            f"{dst}: external data name {name!r} must be a plain file name "
+            "(no folder, no '..', not the model's own name)"
+        )
+    return name
+
+
+def _check_destination(
+    dst: str, targets: list[str], *, force: bool, src: str | os.PathLike | None
+) -> None:
+    """Refuse a missing folder, a folder as target, and without ``force`` any existing target."""
+    folder = os.path.dirname(dst)
+    if not os.path.isdir(folder):
+        raise InputError(f"{dst}: the output folder {folder!r} does not exist")
+    if src is not None and not force and is_same_file(src, dst):
+        raise InputError(f"{dst}: is the input model; use force to overwrite it")
+    for target in targets:
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise InputError(f"{target}: is a directory; choose another output name")
+        if force or not os.path.lexists(target):
+            continue
+        if os.path.islink(target):
+            raise InputError(f"{target}: is a symlink; use force to replace the link itself")
+        raise InputError(f"{target}: already exists; use force to overwrite it")
+
+
+def _save(model: ir.Model, path: str, data_name: str | None) -> None:
+    """``ir.save`` with every external tensor the output cannot reference made in-memory.
+
+    ``ir.save`` streams external *initializers* into ``data_name``; tensors in attributes
+    (``Constant.value``, functions) and, for a single-file output, all tensors must be inlined,
+    or the output would point at the input's data file by a path relative to the wrong folder.
+    """
+    with _inlined_external_tensors(model, initializers=data_name is None):
+        ir.save(model, path, external_data=data_name)
+
+
+@contextlib.contextmanager
+def _inlined_external_tensors(model: ir.Model, *, initializers: bool) -> Iterator[None]:
+    """Temporarily replace external attribute tensors (and initializers) by in-memory ones."""
+    undo: list[Callable[[], None]] = []
+    try:
+        if initializers:
+            for graph in model.graphs():
+                for value in graph.initializers.values():
+                    if isinstance(value.const_value, ir.ExternalTensor):
+                        undo.append(functools.partial(_set_const, value, value.const_value))
+                        value.const_value = _in_memory(value.const_value)
+        for node, name, attr in list(_tensor_attrs(model)):
+            values = (attr.value,) if attr.type == ir.AttributeType.TENSOR else attr.value
+            if any(isinstance(t, ir.ExternalTensor) for t in values):
+                undo.append(functools.partial(node.attributes.__setitem__, name, attr))
+                inlined = [_in_memory(t) for t in values]
+                new = inlined[0] if attr.type == ir.AttributeType.TENSOR else inlined
+                node.attributes[name] = ir.Attr(name, attr.type, new, doc_string=attr.doc_string)
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def _set_const(value: ir.Value, tensor: ir.TensorProtocol) -> None:
+    value.const_value = tensor
+
+
+def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    """An ``ir.Tensor`` over an external tensor's (memory-mapped) array; others unchanged."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor
+    return ir.Tensor(
+        tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string
+    )
+
+
+def _tensors_reading(model: ir.Model, paths: list[str]) -> list[ir.ExternalTensor]:
+    """External tensors of ``model`` backed by one of the existing files at ``paths``."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if not existing:
+        return []
+    return [
+        t
+        for t in _ir_tensors(model)
+        if isinstance(t, ir.ExternalTensor) and any(is_same_file(t.path, p) for p in existing)
+    ]
+
+
+def _keep_mode(old: str, new: str) -> None:
+    """Give ``new`` the permission bits of the regular file it replaces, if any."""
+    if os.path.isfile(old) and not os.path.islink(old):
+        shutil.copymode(old, new)
+
+
+def _fsync(path: str) -> None:
+    """Flush a file or folder to disk; some filesystems refuse folders, which is harmless."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
