@@ -222,9 +222,7 @@ def plan_segments(widths: Sequence[int], policy: Policy = "cost") -> list[tuple[
     best: list[tuple[int, int]] = [(0, 0)] + [(0, 0)] * k
     split = [0] * (k + 1)
     for j in range(1, k + 1):
-        candidates = (
-            (best[i][0] + widths[i] * widths[j], best[i][1] + 1, i) for i in range(j)
-        )
+        candidates = ((best[i][0] + widths[i] * widths[j], best[i][1] + 1, i) for i in range(j))
         macs, count, i = min(candidates)
         best[j], split[j] = (macs, count), i
     segments = []

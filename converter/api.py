@@ -20,12 +20,12 @@ import onnx
 import onnx_ir as ir
 
 from converter import io
-from converter.validate import check_equivalence
 from converter.algebra import Policy
 from converter.errors import InputError, ValidationError
 from converter.passes import fuse_model
 from converter.progress import ProgressCallback, no_progress
 from converter.report import FusionReport
+from converter.validate import check_equivalence
 
 __all__ = ["fuse", "fuse_file", "export"]
 
@@ -49,7 +49,9 @@ def fuse(model: ModelT, *, policy: Policy = "cost") -> ModelT:
         ir_model = ir.serde.deserialize_model(model)
         fuse_model(ir_model, policy=policy)
         return ir.serde.serialize_model(ir_model)
-    raise TypeError(f"fuse() takes an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}")
+    raise TypeError(
+        f"fuse() takes an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}"
+    )
 
 
 def fuse_file(

@@ -9,6 +9,7 @@ with the reason, as is every split the cost model chooses.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -54,9 +55,7 @@ def _link_reason(prev: LinearOp, op: LinearOp) -> str | None:
     if prev.dtype != op.dtype:
         return f"dtypes differ ({prev.dtype.name} then {op.dtype.name})"
     if prev.out_features != op.in_features:
-        return (
-            f"widths do not match ({prev.out_features} outputs into {op.in_features} inputs)"
-        )
+        return f"widths do not match ({prev.out_features} outputs into {op.in_features} inputs)"
     return None
 
 
@@ -137,7 +136,7 @@ def plan_chain(
     widths = [chain[0].in_features] + [op.out_features for op in chain]
     segments = algebra.plan_segments(widths, policy)
     declined = []
-    for (i, j), (_, k) in zip(segments, segments[1:]):
+    for (i, j), (_, k) in itertools.pairwise(segments):
         separate = widths[i] * widths[j] + widths[j] * widths[k]
         merged = widths[i] * widths[k]
         declined.append(

@@ -103,7 +103,9 @@ def _fuse_parser() -> argparse.ArgumentParser:
         help="cost: merge only where it saves multiply-adds (default); always: merge whole chains",
     )
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
-    p.add_argument("--keep-on-fail", action="store_true", help="write the output even if it differs")
+    p.add_argument(
+        "--keep-on-fail", action="store_true", help="write the output even if it differs"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument(
         "--external-data",

@@ -15,6 +15,7 @@ downstream, graph outputs included, is untouched. Weights the chain alone used a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -57,8 +58,17 @@ def _shape_list(value: ir.Value) -> list[int | str | None] | None:
 
 
 def _tensor_size(value: ir.Value) -> int:
-    shape = value.shape if value.const_value is None else value.const_value.shape
+    if value.const_value is not None:
+        return _tensor_size_of(value.const_value)
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return _tensor_size_of(producer.attributes["value"].as_tensor())
+    shape = value.shape
     return int(np.prod(shape.numpy())) if shape is not None and shape.is_static() else 0
+
+
+def _tensor_size_of(tensor: ir.TensorProtocol) -> int:
+    return int(np.prod(tensor.shape.numpy()))
 
 
 def _model_totals(model: ir.Model) -> tuple[int, int, int]:
@@ -69,8 +79,8 @@ def _model_totals(model: ir.Model) -> tuple[int, int, int]:
         for node in graph:
             if node.domain not in ("", "ai.onnx"):
                 continue
-            if node.op_type == "Constant" and node.outputs:
-                params += _tensor_size(node.outputs[0])
+            if node.op_type == "Constant" and "value" in node.attributes:
+                params += _tensor_size_of(node.attributes["value"].as_tensor())
             if node.op_type in ("Gemm", "MatMul"):
                 ops += 1
                 if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -190,7 +200,7 @@ def _merge_segment(
         widths=widths,
         input_shape=_shape_list(x),
         output_shape=_shape_list(new_out),
-        macs_before=sum(a * b for a, b in zip(widths, widths[1:])),
+        macs_before=sum(a * b for a, b in itertools.pairwise(widths)),
         macs_after=widths[0] * widths[-1],
         params_before=sum(_tensor_size(w) for w in weights),
         params_after=int(weight.size + (0 if bias is None else bias.size)),
@@ -215,7 +225,9 @@ def fuse_model(
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < _MIN_OPSET:
         report.declined.append(
-            Declined([], f"ai.onnx opset {opset} is older than {_MIN_OPSET}; nothing merged", "model")
+            Declined(
+                [], f"ai.onnx opset {opset} is older than {_MIN_OPSET}; nothing merged", "model"
+            )
         )
     else:
         names = _Names(model)

@@ -101,8 +101,7 @@ def _sole_user(value: ir.Value, node: ir.Node) -> str | None:
     others = [u.node for u in value.uses() if u.node is not node]
     if others:
         return (
-            f"weight '{_label(value)}' is shared with node "
-            f"'{others[0].name or others[0].op_type}'"
+            f"weight '{_label(value)}' is shared with node '{others[0].name or others[0].op_type}'"
         )
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,14 +69,16 @@ def linear_chain(
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes, inits = [], []
     prev = "x"
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         out = "y" if i == len(widths) - 2 else f"h{i}"
         scale = 1 / np.sqrt(a)
         if form == "gemm":
             inits.append(init(f"W{i}", (r.standard_normal((b, a)) * scale).astype(dtype)))
             if bias:
                 inits.append(init(f"b{i}", (r.standard_normal(b) * 0.1).astype(dtype)))
-            nodes.append(gemm_node(f"fc{i}", prev, f"W{i}", f"b{i}" if bias else None, out, transB=1))
+            nodes.append(
+                gemm_node(f"fc{i}", prev, f"W{i}", f"b{i}" if bias else None, out, transB=1)
+            )
         else:
             inits.append(init(f"W{i}", (r.standard_normal((a, b)) * scale).astype(dtype)))
             mm_out = f"m{i}" if bias else out
@@ -113,9 +116,7 @@ def assert_equivalent(
     """Both models give the same outputs (shape and values) under onnxruntime."""
     for a, b in zip(run(original, feeds), run(fused, feeds), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_allclose(
-            b.astype(np.float64), a.astype(np.float64), atol=atol, rtol=rtol
-        )
+        np.testing.assert_allclose(b.astype(np.float64), a.astype(np.float64), atol=atol, rtol=rtol)
 
 
 def check(model: onnx.ModelProto) -> None:

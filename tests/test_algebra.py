@@ -55,9 +55,7 @@ def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarr
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _assert_close(
-    actual: np.ndarray, expected: np.ndarray, magnitude: np.ndarray
-) -> None:
+def _assert_close(actual: np.ndarray, expected: np.ndarray, magnitude: np.ndarray) -> None:
     """``|actual - expected| <= RTOL * magnitude`` elementwise, with ``magnitude`` the sum of |terms|.
 
     A plain relative test breaks down under cancellation; bounding the error by the magnitude of
@@ -65,9 +63,7 @@ def _assert_close(
     """
     assert actual.shape == expected.shape
     bound = RTOL * magnitude + 1e-300
-    assert np.all(np.abs(actual - expected) <= bound), np.max(
-        np.abs(actual - expected) / bound
-    )
+    assert np.all(np.abs(actual - expected) <= bound), np.max(np.abs(actual - expected) / bound)
 
 
 # --- merged chains equal step-by-step evaluation ---------------------------------------------
@@ -87,9 +83,7 @@ def gemm_chains(draw):
         shape = _c_shape(draw(st.sampled_from(C_KINDS)), m, n_out)
         c = None if shape is None else _random(rng, shape, dtype)
         alpha, beta = draw(coefficients), draw(coefficients)
-        layers.append(
-            {"b": b, "c": c, "trans_b": trans_b, "alpha": alpha, "beta": beta}
-        )
+        layers.append({"b": b, "c": c, "trans_b": trans_b, "alpha": alpha, "beta": beta})
     x = _random(rng, (m, widths[0]), dtype)
     return x, layers
 
@@ -139,9 +133,7 @@ def test_merged_gemm_chain_equals_step_by_step(chain):
     seed=seeds,
     batch=st.lists(st.integers(1, 3), max_size=2),
     widths=st.lists(dims, min_size=2, max_size=4),
-    kinds=st.lists(
-        st.sampled_from(["matmul", "matmul+add", "mul", "add"]), min_size=3, max_size=3
-    ),
+    kinds=st.lists(st.sampled_from(["matmul", "matmul+add", "mul", "add"]), min_size=3, max_size=3),
 )
 def test_merged_matmul_mul_add_chain_equals_step_by_step(seed, batch, widths, kinds):
     """MatMul (+Add), Mul and Add on N-D input; each op is evaluated with numpy broadcasting."""
@@ -161,9 +153,7 @@ def test_merged_matmul_mul_add_chain_equals_step_by_step(seed, batch, widths, ki
                 maps.append((scale_affine if kind == "mul" else shift_affine)(v, n_in))
                 bias = None
                 expected = expected * v if kind == "mul" else expected + v
-                magnitude = (
-                    magnitude * np.abs(v) if kind == "mul" else magnitude + np.abs(v)
-                )
+                magnitude = magnitude * np.abs(v) if kind == "mul" else magnitude + np.abs(v)
             if bias is not None:
                 expected, magnitude = expected + bias, magnitude + np.abs(bias)
         if n_in != n_out:  # the op list held no MatMul: close the layer with one
@@ -246,11 +236,7 @@ def test_compose_all_of_nothing_raises():
 def test_gemm_c_is_normalised_to_out_or_rows_out(kind):
     m, n = 3, 4
     shape = _c_shape(kind, m, n)
-    c = (
-        None
-        if shape is None
-        else np.arange(1.0, 1.0 + np.prod(shape, dtype=int)).reshape(shape)
-    )
+    c = None if shape is None else np.arange(1.0, 1.0 + np.prod(shape, dtype=int)).reshape(shape)
     g = gemm_affine(np.ones((2, n)), c, beta=2.0)
     per_row = kind in ("(M,1)", "(M,N)")
     assert g.per_row_bias == per_row
@@ -293,9 +279,7 @@ def test_matmul_accepts_bias_along_last_axis(bias_shape):
     np.testing.assert_allclose(m.apply(x), (x @ w + bias).reshape(4, n_out), rtol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "bias_shape", [(2, "out"), ("out", 1), (1, 2, "out"), ("out", "out")]
-)
+@pytest.mark.parametrize("bias_shape", [(2, "out"), ("out", 1), (1, 2, "out"), ("out", "out")])
 def test_matmul_rejects_bias_across_other_axes(bias_shape):
     n_out = 5
     shape = tuple(n_out if d == "out" else d for d in bias_shape)
@@ -316,12 +300,8 @@ MANTISSA_BITS = {np.float16: 11, np.float32: 24, np.float64: 53, ml_dtypes.bfloa
 
 def _round_nearest_even(x: np.ndarray, bits: int) -> np.ndarray:
     """Round float64 values in a dtype's normal range to ``bits`` significant bits, ties to even."""
-    mantissa, exponent = np.frexp(
-        x
-    )  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
-    return np.ldexp(
-        np.rint(np.ldexp(mantissa, bits)), exponent - bits
-    )  # exact, rint ties to even
+    mantissa, exponent = np.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    return np.ldexp(np.rint(np.ldexp(mantissa, bits)), exponent - bits)  # exact, rint ties to even
 
 
 @settings(deadline=None, max_examples=80)
@@ -352,19 +332,13 @@ def test_round_to_dtype_rounds_once(dtype, seed):
 
 # Each value sits just above a bfloat16 rounding midpoint, by less than half a float32 ulp:
 # rounding to float32 first lands exactly on the midpoint, and ties-to-even then rounds down.
-BF16_DOUBLE_ROUNDING = np.array(
-    [1 + 2**-8 + 2**-30, 3 + 2**-7 + 2**-28, -(1 + 2**-8 + 2**-29)]
-)
+BF16_DOUBLE_ROUNDING = np.array([1 + 2**-8 + 2**-30, 3 + 2**-7 + 2**-28, -(1 + 2**-8 + 2**-29)])
 
 
 def test_round_to_dtype_rounds_once_for_bfloat16():
-    expected = _round_nearest_even(
-        BF16_DOUBLE_ROUNDING, MANTISSA_BITS[ml_dtypes.bfloat16]
-    )
+    expected = _round_nearest_even(BF16_DOUBLE_ROUNDING, MANTISSA_BITS[ml_dtypes.bfloat16])
     actual = round_to_dtype(BF16_DOUBLE_ROUNDING, ml_dtypes.bfloat16).astype(np.float64)
-    np.testing.assert_array_equal(
-        actual, expected
-    )  # actual is [1, 3, -1], expected one ulp away
+    np.testing.assert_array_equal(actual, expected)  # actual is [1, 3, -1], expected one ulp away
 
 
 @settings(deadline=None, max_examples=50)
@@ -378,27 +352,18 @@ def test_overflow_reason_is_none_for_representable_values(dtype, seed):
 def test_overflow_reason_names_float16_and_its_limit():
     assert overflow_reason(np.array([65504.0, -65504.0]), np.float16) is None
     reason = overflow_reason(np.array([[1.0, -70000.0]]), np.float16)
-    assert (
-        reason is not None
-        and "float16" in reason
-        and "65504" in reason
-        and "70000" in reason
-    )
+    assert reason is not None and "float16" in reason and "65504" in reason and "70000" in reason
 
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_overflow_reason_rejects_non_finite(value, dtype):
-    assert (
-        overflow_reason(np.array([1.0, value]), dtype) == "merged values are not finite"
-    )
+    assert overflow_reason(np.array([1.0, value]), dtype) == "merged values are not finite"
 
 
 def test_overflow_reason_uses_bfloat16_limit():
     limit = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-    assert (
-        overflow_reason(np.array([70000.0, 1e38, -limit]), ml_dtypes.bfloat16) is None
-    )
+    assert overflow_reason(np.array([70000.0, 1e38, -limit]), ml_dtypes.bfloat16) is None
     reason = overflow_reason(np.array([1e39]), ml_dtypes.bfloat16)
     assert reason is not None and "bfloat16" in reason and "3.38953e+38" in reason
     assert "float32" in overflow_reason(np.array([1e39]), np.float32)
@@ -448,9 +413,7 @@ def _brute_force(widths: list[int]) -> tuple[int, int]:
 
 
 @settings(deadline=None, max_examples=300)
-@given(
-    st.lists(st.sampled_from([1, 2, 3, 4, 6, 8, 16, 64, 1024]), min_size=2, max_size=8)
-)
+@given(st.lists(st.sampled_from([1, 2, 3, 4, 6, 8, 16, 64, 1024]), min_size=2, max_size=8))
 def test_cost_policy_equals_brute_force(widths):
     segments = plan_segments(widths)
     k = len(widths) - 1
@@ -458,9 +421,7 @@ def test_cost_policy_equals_brute_force(widths):
     assert all(i < j for i, j in segments)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(segments))
     assert (segments_macs(widths, segments), len(segments)) == _brute_force(widths)
-    assert (
-        segments_macs(widths, plan_segments(widths, "always")) == widths[0] * widths[-1]
-    )
+    assert segments_macs(widths, plan_segments(widths, "always")) == widths[0] * widths[-1]
     assert segments_macs(widths, [(i, i + 1) for i in range(k)]) == sum(
         a * b for a, b in itertools.pairwise(widths)
     )

@@ -1,0 +1,164 @@
+"""The ``onnx-fuse`` command as a user runs it: summaries, reports, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import linear_chain, op_types
+
+from converter import algebra
+from converter.cli import main
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.fixture
+def two_layer(tmp_path: Path) -> Path:
+    src = tmp_path / "two_layer.onnx"
+    shutil.copy(MODELS / "two_layer.onnx", src)
+    return src
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fuses_validates_and_summarises(two_layer, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    before = digest(two_layer)
+    assert main([str(two_layer), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "merged 1 chain(s)" in text
+    assert "linear ops      2 -> 1" in text
+    assert "validation      passed" in text
+    assert op_types(onnx.load(out)) == ["Gemm"]
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert digest(two_layer) == before
+
+
+def test_report_json_has_one_record_per_fusion(two_layer, tmp_path):
+    report_path = tmp_path / "report.json"
+    code = main([str(two_layer), "-o", str(tmp_path / "o.onnx"), "--report", str(report_path)])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    (record,) = report["fusions"]
+    assert record["nodes"] == ["/0/Gemm", "/1/Gemm"]
+    assert record["macs_saved"] == 16 * 32 + 32 * 8 - 16 * 8
+    assert record["input_shape"] == ["batch", 16] and record["output_shape"] == ["batch", 8]
+    assert record["max_error"] is not None and record["max_error"] < 1e-5
+    assert report["validated"] is True and report["linear_ops_after"] == 1
+
+
+def test_verbose_says_why_the_low_rank_pair_stays(tmp_path, capsys):
+    code = main([str(MODELS / "low_rank.onnx"), "-o", str(tmp_path / "o.onnx"), "--verbose"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "merged 0 chain(s)" in text
+    assert "cost model: merging widths 256->16->256" in text
+    assert "validation      skipped" in text  # nothing merged: nothing to prove
+
+
+def test_nothing_to_fuse_writes_an_equal_model(tmp_path):
+    out = tmp_path / "o.onnx"
+    assert main([str(MODELS / "relu_mlp.onnx"), "-o", str(out), "-q"]) == 0
+    original, written = onnx.load(MODELS / "relu_mlp.onnx"), onnx.load(out)
+    assert op_types(written) == op_types(original)
+    assert onnx.printer.to_text(written.graph) == onnx.printer.to_text(original.graph)
+
+
+def test_default_output_name_and_policy_always(tmp_path):
+    src = tmp_path / "low_rank.onnx"
+    shutil.copy(MODELS / "low_rank.onnx", src)
+    assert main([str(src), "--policy", "always", "-q"]) == 0
+    assert op_types(onnx.load(tmp_path / "low_rank.fused.onnx")) == ["Gemm"]
+
+
+def test_validation_failure_exits_1_and_writes_nothing(two_layer, tmp_path, monkeypatch, capsys):
+    real = algebra.compose_all
+
+    def wrong_bias(maps):
+        merged = real(maps)
+        return algebra.AffineMap(merged.weight, merged.bias + 0.5)
+
+    monkeypatch.setattr(algebra, "compose_all", wrong_bias)
+    out = tmp_path / "out.onnx"
+    assert main([str(two_layer), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "validation failed" in err and "output '" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two_layer.onnx"]
+
+
+def test_no_validate_skips_the_check(two_layer, tmp_path, capsys):
+    assert main([str(two_layer), "-o", str(tmp_path / "o.onnx"), "--no-validate"]) == 0
+    assert "validation      skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d: [str(d / "missing.onnx"), "-o", str(d / "o.onnx")], "missing.onnx"),
+        (lambda d: [str(MODELS / "two_layer.onnx"), "-o", str(d / "nodir" / "o.onnx")], "nodir"),
+        (lambda d: [str(MODELS / "two_layer.onnx"), "--policy", "greedy"], "greedy"),
+        (lambda d: [str(MODELS / "two_layer.onnx"), "--input-shape", "x=1"], "--input-shape"),
+        (lambda d: [], "model"),
+    ],
+)
+def test_bad_usage_and_input_exit_2_with_one_line(tmp_path, capsys, make_args, message):
+    assert main(make_args(tmp_path)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnx-fuse: error:")
+    assert message in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_garbage_file_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(300))
+    assert main([str(bad), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "bad.onnx" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_existing_output_needs_force(two_layer, tmp_path):
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"keep me")
+    assert main([str(two_layer), "-o", str(out), "-q"]) == 2
+    assert out.read_bytes() == b"keep me"
+    assert main([str(two_layer), "-o", str(out), "-q", "--force"]) == 0
+    assert op_types(onnx.load(out)) == ["Gemm"]
+
+
+def test_check_subcommand(tmp_path, capsys):
+    a = tmp_path / "a.onnx"
+    b = tmp_path / "b.onnx"
+    onnx.save(linear_chain([4, 6, 3], seed=1), a)
+    onnx.save(linear_chain([4, 6, 3], seed=1), b)
+    assert main(["check", str(a), str(b)]) == 0
+    onnx.save(linear_chain([4, 6, 3], seed=2), b)
+    report = tmp_path / "check.json"
+    assert main(["check", str(a), str(b), "--report", str(report)]) == 1
+    assert "y" in capsys.readouterr().out
+    assert json.loads(report.read_text())["passed"] is False
+
+
+def test_python_dash_m_runs_the_same_command(two_layer, tmp_path):
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "converter", str(two_layer), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 1 chain(s)" in proc.stdout
+    assert out.exists()
