@@ -20,6 +20,7 @@ __all__ = [
     "assert_equivalent",
     "op_types",
     "check",
+    "assert_same_graph",
 ]
 
 FLOAT = TensorProto.FLOAT
@@ -121,3 +122,17 @@ def assert_equivalent(
 
 def check(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model, full_check=True)
+
+
+def assert_same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    """Same nodes, initializer values, inputs and outputs (serialisers may differ in value_info)."""
+    assert [n.SerializeToString() for n in a.graph.node] == [
+        n.SerializeToString() for n in b.graph.node
+    ]
+    arrays_a = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    arrays_b = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert arrays_a.keys() == arrays_b.keys()
+    for name, array in arrays_a.items():
+        np.testing.assert_array_equal(arrays_b[name], array)
+    assert list(a.graph.input) == list(b.graph.input)
+    assert list(a.graph.output) == list(b.graph.output)

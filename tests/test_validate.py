@@ -1,0 +1,529 @@
+"""Tests of converter.validate: onnxruntime equivalence checks, tolerances, reference, reports."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from converter import validate
+from converter.errors import InputError, OriginalModelError
+from converter.validate import (
+    EquivalenceReport,
+    OutputStats,
+    check_equivalence,
+    compare_arrays,
+    default_tolerance,
+)
+
+F, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
+
+
+def _model(nodes, inputs, outputs, initializers=None, opset=17) -> onnx.ModelProto:
+    """``inputs``/``outputs``: ``(name, elem_type, shape)``; ``initializers``: name -> array."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(*i) for i in inputs],
+        [helper.make_tensor_value_info(*o) for o in outputs],
+        [numpy_helper.from_array(a, n) for n, a in (initializers or {}).items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _affine(w: np.ndarray, b: np.ndarray, elem=F) -> onnx.ModelProto:
+    """``y = x @ w + b`` with ``x: [batch, in]``."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["y"]),
+    ]
+    return _model(
+        nodes,
+        [("x", elem, ["batch", w.shape[0]])],
+        [("y", elem, ["batch", w.shape[1]])],
+        {"w": w, "b": b},
+    )
+
+
+def _two_layers(shift_h: bool = False) -> onnx.ModelProto:
+    """``h = x @ w1 + b1; y = h @ w2 + b2``; ``shift_h`` adds 1 to ``h``, compensated in ``y``."""
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((4, 5)).astype(np.float32)
+    w2 = rng.standard_normal((5, 3)).astype(np.float32)
+    b1 = rng.standard_normal(5).astype(np.float32) + np.float32(shift_h)
+    b2 = rng.standard_normal(3).astype(np.float32) - shift_h * w2.sum(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b2"], ["y"]),
+    ]
+    inits = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    return _model(nodes, [("x", F, ["batch", 4])], [("y", F, ["batch", 3])], inits)
+
+
+def _unary(*ops: str, elem=F, shape=("batch", 6)) -> onnx.ModelProto:
+    """``y = op_n(...op_1(x))``."""
+    names = ["x", *[f"t{i}" for i in range(len(ops) - 1)], "y"]
+    nodes = [
+        helper.make_node(op, [a], [b]) for op, a, b in zip(ops, names, names[1:], strict=False)
+    ]
+    return _model(nodes, [("x", elem, list(shape))], [("y", elem, list(shape))])
+
+
+@pytest.fixture(scope="module")
+def linear():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    return w, b
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_identical_models_pass_with_three_seeded_trials(linear):
+    model = _affine(*linear)
+    report = check_equivalence(model, model)
+    assert isinstance(report, EquivalenceReport) and report.passed
+    assert [t["index"] for t in report.trials] == [0, 1, 2] and report.seed == 0
+    assert [t["dims"]["batch"] for t in report.trials] == [2, 3, 2]
+    assert len(report.results) == 3 and len(report.outputs) == 1
+    stats = report.outputs[0]
+    assert isinstance(stats, OutputStats) and stats.max_abs_error == 0.0
+    assert (stats.atol, stats.rtol, stats.dtype) == (1e-5, 1e-4, "float32")
+    text = str(report)
+    assert "PASS y" in text and "seed: 0" in text and "trials: 3" in text
+
+
+def test_report_to_dict_is_json_and_carries_the_statistics(linear):
+    data = json.loads(json.dumps(check_equivalence(_affine(*linear), _affine(*linear)).to_dict()))
+    assert data["passed"] is True and len(data["results"]) == 3
+    keys = {"max_abs_error", "mean_abs_error", "median_abs_error", "p99_abs_error"}
+    keys |= {"max_rel_error", "mean_rel_error", "median_rel_error", "p99_rel_error"}
+    assert keys | {"worst_index", "atol", "rtol", "shape", "dtype"} <= set(data["outputs"][0])
+    assert data["trials"][1]["inputs"]["x"] == {"shape": [3, 4], "dtype": "float32"}
+
+
+@pytest.mark.parametrize("form", ["path", "proto", "ir"])
+def test_accepts_paths_protos_and_ir_models_without_mutating_them(tmp_path, form):
+    original, candidate = _two_layers(), _two_layers()
+
+    def as_form(model: onnx.ModelProto, name: str):
+        if form == "path":
+            onnx.save(model, tmp_path / name)
+            return tmp_path / name
+        return ir.serde.deserialize_model(model) if form == "ir" else model
+
+    a, b = as_form(original, "a.onnx"), as_form(candidate, "b.onnx")
+    report = check_equivalence(a, b, extra_outputs=["h"])
+    assert report.passed, str(report)
+    if form == "ir":
+        assert [v.name for v in a.graph.outputs] == ["y"] == [v.name for v in b.graph.outputs]
+    elif form == "proto":
+        assert [o.name for o in a.graph.output] == ["y"]
+    else:
+        assert [o.name for o in onnx.load(a).graph.output] == ["y"]
+
+
+def test_sessions_are_created_once_per_model(linear, monkeypatch):
+    created = []
+    real = ort.InferenceSession
+
+    def counting(*args, **kwargs):
+        created.append(kwargs.get("providers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validate.ort, "InferenceSession", counting)
+    check_equivalence(_affine(*linear), _affine(*linear), trials=5)
+    assert created == [["CPUExecutionProvider"]] * 2
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_wrong_bias_is_caught_and_the_output_named(linear):
+    w, b = linear
+    report = check_equivalence(_affine(w, b), _affine(w, b + np.float32(0.01)))
+    assert not report.passed
+    stats = report.outputs[0]
+    assert not stats.passed and stats.mismatches == stats.size > 0
+    assert "beyond tolerance" in stats.reason
+    assert stats.candidate_reference_error == pytest.approx(0.01, rel=1e-3)
+    assert "FAIL y" in str(report)
+
+
+def test_shape_mismatch_is_reported_not_broadcast():
+    original = _model(
+        [helper.make_node("Add", ["x", "zero"], ["y"])],
+        [("x", F, ["batch", 3])],
+        [("y", F, ["batch", 3])],
+        {"zero": np.zeros((1, 3), np.float32)},
+    )
+    candidate = _model(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[0], keepdims=1)],
+        [("x", F, ["batch", 3])],
+        [("y", F, [1, 3])],
+    )
+    report = check_equivalence(original, candidate)
+    assert not report.passed
+    assert report.results[0].reason == "shape differs: original [2, 3], candidate [1, 3]"
+
+
+def test_dtype_and_shape_mismatches_in_compare_arrays():
+    assert "dtype differs" in compare_arrays(np.ones(3, np.float32), np.ones(3)).reason
+    stats = compare_arrays(np.ones((2, 3)), np.ones((1, 3)))
+    assert not stats.passed and "shape differs" in stats.reason
+
+
+def test_output_names_and_order_are_checked():
+    original = _model(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])],
+        [("x", F, ["batch", 3])],
+        [("y", F, ["batch", 3]), ("z", F, ["batch", 3])],
+    )
+    swapped = _model(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])],
+        [("x", F, ["batch", 3])],
+        [("z", F, ["batch", 3]), ("y", F, ["batch", 3])],
+    )
+    renamed = _model(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["w"])],
+        [("x", F, ["batch", 3])],
+        [("y", F, ["batch", 3]), ("w", F, ["batch", 3])],
+    )
+    report = check_equivalence(original, swapped)
+    assert not report.passed and "another order" in report.failures[0]
+    report = check_equivalence(original, renamed)
+    assert not report.passed and "outputs the original does not: w" in report.failures[0]
+    assert report.outputs[1].reason == "missing from the candidate"
+
+
+def test_a_candidate_that_fails_to_run_is_a_failure_not_an_exception():
+    candidate = _model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [("x", F, ["batch", 6])],
+        [("y", F, ["batch", 6])],
+        {"shape": np.array([5, -1], np.int64)},
+    )
+    report = check_equivalence(_unary("Identity"), candidate)
+    assert not report.passed
+    assert any("candidate fails to run on trial 0" in f for f in report.failures)
+    assert "Reshape" in report.failures[0]
+
+
+def test_different_inputs_are_a_failure():
+    report = check_equivalence(_unary("Relu"), _unary("Relu", elem=F16))
+    assert not report.passed and report.failures[0].startswith("inputs differ")
+    assert "x: float16" in report.failures[0]
+    assert check_equivalence(_unary("Relu"), _unary("Relu", shape=("N", 6))).passed  # dim names
+
+
+# --------------------------------------------------------------------------- the original
+
+
+def _reshape_to(size: int) -> onnx.ModelProto:
+    return _model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="fixed_reshape")],
+        [("x", F, ["n"])],
+        [("y", F, [size])],
+        {"shape": np.array([size], np.int64)},
+    )
+
+
+def test_an_original_that_fails_on_synthesised_inputs_raises():
+    model = _reshape_to(6)
+    with pytest.raises(OriginalModelError) as e:
+        check_equivalence(model, model)
+    message = str(e.value)
+    assert "\n" not in message
+    for word in ("fixed_reshape", "synthesised", "--input-shape NAME:D1,D2", "--inputs FILE.npz"):
+        assert word in message
+    assert check_equivalence(model, model, input_shapes={"x": [6]}).passed
+
+
+def test_scalar_int_inputs_are_named_as_needing_a_real_value():
+    nodes = [
+        helper.make_node("Unsqueeze", ["n", "zero"], ["n1"]),
+        helper.make_node("Concat", ["n1", "seven"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["y"]),
+    ]
+    inits = {"zero": np.array([0], np.int64), "seven": np.array([7], np.int64)}
+    model = _model(nodes, [("x", F, [6]), ("n", I64, [])], [("y", F, None)], inits)
+    with pytest.raises(OriginalModelError, match="scalar int input 'n' needs a real value"):
+        check_equivalence(model, model)
+
+
+def test_an_original_that_fails_on_given_inputs_raises(tmp_path):
+    model = _reshape_to(6)
+    np.savez(tmp_path / "in.npz", x=np.ones(5, np.float32))
+    with pytest.raises(OriginalModelError, match="given inputs"):
+        check_equivalence(model, model, inputs=tmp_path / "in.npz")
+
+
+# --------------------------------------------------------------------------- tolerances
+
+
+def test_default_tolerances_per_dtype():
+    assert default_tolerance(np.float32) == (1e-5, 1e-4)
+    assert default_tolerance(np.float16) == (2.5e-3, 1e-3)
+    assert default_tolerance(ml_dtypes.bfloat16) == (2e-2, 1e-2)
+    assert default_tolerance(ir.DataType.DOUBLE) == (1e-8, 1e-7)
+    assert default_tolerance(np.int64) == (0.0, 0.0)
+
+
+def _add_constant(c: np.ndarray, elem) -> onnx.ModelProto:
+    return _model(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        [("x", elem, ["batch", c.size])],
+        [("y", elem, ["batch", c.size])],
+        {"c": c},
+    )
+
+
+def test_float16_model_passes_a_tiny_perturbation_and_fails_a_larger_one():
+    c = np.linspace(0.3, 0.7, 16).astype(np.float16)
+    original = _add_constant(c, F16)
+    tiny = check_equivalence(
+        original, _add_constant((c + np.float16(1e-3)).astype(np.float16), F16)
+    )
+    assert tiny.passed, str(tiny)
+    assert tiny.outputs[0].dtype == "float16" and tiny.outputs[0].atol == 2.5e-3
+    assert tiny.outputs[0].max_abs_error > default_tolerance(np.float32)[0]  # too much for f32
+    larger = check_equivalence(
+        original, _add_constant((c + np.float16(0.05)).astype(np.float16), F16)
+    )
+    assert not larger.passed
+
+
+def test_tolerance_overrides_global_and_per_output(linear):
+    w, b = linear
+    original, candidate = _affine(w, b), _affine(w, b + np.float32(0.01))
+    assert check_equivalence(original, candidate, atol=0.02).passed
+    assert check_equivalence(original, candidate, atol={"y": 0.02}).passed
+    report = check_equivalence(original, candidate, atol=0.0, rtol=0.0)
+    assert report.outputs[0].atol == 0.0 and not report.passed
+    with pytest.raises(InputError, match="'nope'"):
+        check_equivalence(original, candidate, atol={"nope": 1.0})
+    with pytest.raises(InputError, match=">= 0"):
+        check_equivalence(original, candidate, rtol=-1.0)
+
+
+def test_the_rule_is_atol_plus_rtol_times_expected():
+    expected = np.array([0.0, 10.0, -10.0])
+    ok = compare_arrays(
+        expected, expected + np.array([1e-3, 1e-3 + 1e-2, -1e-3 - 1e-2]), atol=1e-3, rtol=1e-3
+    )
+    assert ok.passed and ok.tolerance_used == pytest.approx(1.0)
+    bad = compare_arrays(expected, expected + np.array([0, 0.0115, 0]), atol=1e-3, rtol=1e-3)
+    assert not bad.passed and bad.mismatches == 1 and bad.worst_index == (1,)
+    assert bad.worst_expected == 10.0 and bad.max_rel_error == pytest.approx(0.00115)
+
+
+def test_nan_equals_nan_and_same_sign_infinities_are_equal():
+    values = np.array([np.nan, np.inf, -np.inf, 1.0], np.float32)
+    assert compare_arrays(values, values.copy()).passed
+    for wrong in (
+        [0.0, np.inf, -np.inf, 1.0],
+        [np.nan, -np.inf, -np.inf, 1.0],
+        [np.nan, 1e30, -np.inf, 1.0],
+    ):
+        stats = compare_arrays(values, np.array(wrong, np.float32))
+        assert not stats.passed and stats.mismatches == 1 and stats.max_abs_error == np.inf
+
+
+def test_nan_outputs_of_models_compare_equal():
+    report = check_equivalence(_unary("Sqrt"), _unary("Identity", "Sqrt"))  # NaN for x < 0
+    assert report.passed, str(report)
+    assert not check_equivalence(_unary("Sqrt"), _unary("Abs", "Sqrt")).passed
+
+
+def test_integer_outputs_are_exact_whatever_the_tolerance():
+    assert compare_arrays(np.array([1, 2]), np.array([1, 2]), atol=5.0).passed
+    stats = compare_arrays(np.array([1, 2]), np.array([1, 3]), atol=5.0)
+    assert not stats.passed and stats.atol == 0.0
+    assert not compare_arrays(np.array([True]), np.array([False])).passed
+    big = np.array([2**60], np.int64)
+    assert not compare_arrays(big, big + 1).passed  # equal once converted to float64
+    assert not compare_arrays(np.array(["a"], object), np.array(["b"], object)).passed
+
+
+def _to_bfloat16(scale: float) -> onnx.ModelProto:
+    """``y = bfloat16(x * scale)``, plus ``z = x`` to feed and return a bfloat16 input."""
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["xs"]),
+        helper.make_node("Cast", ["xs"], ["y"], to=TensorProto.BFLOAT16),
+        helper.make_node("Identity", ["b"], ["z"]),
+    ]
+    bf16 = TensorProto.BFLOAT16
+    return _model(
+        nodes,
+        [("x", F, ["batch", 8]), ("b", bf16, ["batch"])],
+        [("y", bf16, ["batch", 8]), ("z", bf16, ["batch"])],
+        {"s": np.array(scale, np.float32)},
+    )
+
+
+def test_bfloat16_inputs_and_outputs_are_compared():
+    report = check_equivalence(_to_bfloat16(1.0), _to_bfloat16(1.001))
+    assert report.passed, str(report)
+    assert report.outputs[0].dtype == "bfloat16" and report.outputs[0].atol == 2e-2
+    assert not check_equivalence(_to_bfloat16(1.0), _to_bfloat16(1.1)).passed
+
+
+# --------------------------------------------------------------------------- extra outputs
+
+
+def test_extra_outputs_compare_intermediate_values():
+    original, candidate = _two_layers(), _two_layers(shift_h=True)  # same y, different h
+    assert check_equivalence(original, candidate, atol=1e-4).passed  # y alone agrees
+    report = check_equivalence(original, candidate, atol=1e-4, extra_outputs=["h"])
+    assert not report.passed
+    y, h = report.outputs
+    assert y.passed and not y.intermediate and not h.passed and h.intermediate
+    assert "FAIL h (intermediate)" in str(report)
+    assert [o.name for o in original.graph.output] == ["y"]
+
+
+def test_extra_outputs_must_exist_in_the_original_and_are_flagged_when_absent():
+    with pytest.raises(InputError, match="extra output 'nope'"):
+        check_equivalence(_two_layers(), _two_layers(), extra_outputs=["nope"])
+    report = check_equivalence(_two_layers(), _unary("Identity"), extra_outputs=["h"])
+    assert not report.passed
+    assert report.outputs[-1].reason == "not a value of the candidate model"
+
+
+def test_an_extra_output_that_is_already_an_output_is_not_duplicated():
+    report = check_equivalence(_two_layers(), _two_layers(), extra_outputs=["y", "h"])
+    assert [(s.name, s.intermediate) for s in report.outputs] == [("y", False), ("h", True)]
+
+
+# --------------------------------------------------------------------------- float64 reference
+
+
+def _cancelling_pair(noise: float) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """``y = [x, x] @ [v + u; -v]`` with |v| >> |u| (large cancellation) and the merged
+    ``y = x @ (fl(v + u) - v)``, exact as the float64 sum; ``noise`` spoils the merged weight."""
+    n, k = 512, 4
+    rng = np.random.default_rng(0)
+    v = (rng.standard_normal((n, k)) * 1e3).astype(np.float32)
+    u = rng.standard_normal((n, k)).astype(np.float32)
+    stacked = np.concatenate([(v + u).astype(np.float32), -v])
+    merged = (stacked[:n].astype(np.float64) + stacked[n:]) * (1 + noise)
+    io = ([("x", F, ["batch", n])], [("y", F, ["batch", k])])
+    original = _model(
+        [
+            helper.make_node("Concat", ["x", "x"], ["xx"], axis=-1),
+            helper.make_node("MatMul", ["xx", "w"], ["y"]),
+        ],
+        *io,
+        {"w": stacked},
+    )
+    candidate = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], *io, {"w": merged.astype(np.float32)}
+    )
+    return original, candidate
+
+
+def test_float64_reference_accepts_a_more_accurate_reassociated_candidate():
+    original, candidate = _cancelling_pair(noise=0.0)
+    report = check_equivalence(original, candidate)
+    assert report.passed, str(report)
+    assert report.reference == "used"
+    for stats in report.results:
+        assert stats.mismatches > 0 and stats.accepted_by_reference  # beyond plain tolerance
+        assert stats.candidate_reference_error < stats.original_reference_error
+    assert "fused error" in str(report) and "original error" in str(report)
+
+
+def test_float64_reference_leaves_the_callers_model_alone():
+    original, candidate = _cancelling_pair(noise=0.0)
+    model = ir.serde.deserialize_model(original)
+    assert check_equivalence(model, candidate).reference == "used"
+    assert model.graph.initializers["w"].const_value.dtype == ir.DataType.FLOAT
+    assert model.graph.inputs[0].dtype == model.graph.outputs[0].dtype == ir.DataType.FLOAT
+
+
+def test_float64_reference_does_not_rescue_a_wrong_candidate():
+    original, candidate = _cancelling_pair(noise=0.01)
+    report = check_equivalence(original, candidate)
+    assert not report.passed
+    stats = report.outputs[0]
+    assert stats.candidate_reference_error > 2 * stats.original_reference_error
+    assert "more than 2x" in stats.reason
+
+
+def test_no_reference_when_the_original_has_an_op_without_float64_kernel(linear):
+    report = check_equivalence(_unary("Erf"), _unary("Erf", "Relu"))
+    assert not report.passed
+    assert report.reference.startswith("unavailable") and "Erf" in report.reference
+
+
+def test_reference_not_built_when_every_output_passes(linear, monkeypatch):
+    monkeypatch.setattr(validate, "_float64_model", lambda model: pytest.fail("built"))
+    assert check_equivalence(_affine(*linear), _affine(*linear)).reference == "not needed"
+
+
+# --------------------------------------------------------------------------- real inputs, big files
+
+
+def test_real_inputs_run_one_trial(linear, tmp_path):
+    model = _affine(*linear)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.savez(tmp_path / "in.npz", x=x)
+    report = check_equivalence(model, model, inputs=tmp_path / "in.npz", trials=5)
+    assert report.passed and len(report.trials) == 1 and report.results[0].shape == (3, 3)
+    assert (
+        check_equivalence(model, model, inputs={"x": x}).trials[0]["description"] == "real inputs"
+    )
+    with pytest.raises(InputError, match="'x'"):
+        check_equivalence(model, model, inputs={"x": x.astype(np.float64)})
+
+
+def test_models_with_external_data_and_big_copies_go_through_files(tmp_path, monkeypatch):
+    original = _two_layers()
+    onnx.save(
+        _two_layers(),
+        tmp_path / "a.onnx",
+        save_as_external_data=True,
+        location="a.data",
+        size_threshold=0,
+    )
+    assert check_equivalence(
+        tmp_path / "a.onnx", original, extra_outputs=["h"]
+    ).passed  # bytes + folder
+    monkeypatch.setattr(validate, "_IN_MEMORY_LIMIT", 0)  # as if the weights were over 1.8 GB
+    saved = []
+    real_save = ir.save
+    monkeypatch.setattr(
+        validate.ir, "save", lambda *a, **k: saved.append(a[1]) or real_save(*a, **k)
+    )
+    assert check_equivalence(tmp_path / "a.onnx", original, extra_outputs=["h"]).passed
+    assert len(saved) == 2  # the original and the candidate, both changed by extra_outputs
+
+
+def test_float64_reference_converts_constants_and_casts():
+    def model(constant: onnx.NodeProto) -> onnx.ModelProto:
+        nodes = [
+            constant,
+            helper.make_node("Add", ["x", "c"], ["s"]),
+            helper.make_node("Cast", ["s"], ["y"], to=F16),
+        ]
+        return _model(nodes, [("x", F, ["batch", 4])], [("y", F16, ["batch", 4])])
+
+    original = model(helper.make_node("Constant", [], ["c"], value_float=0.5))
+    tensor = numpy_helper.from_array(np.array(0.6, np.float32))
+    candidate = model(helper.make_node("Constant", [], ["c"], value=tensor))
+    report = check_equivalence(original, candidate)
+    assert not report.passed and report.reference == "used", report.reference
+    assert (
+        report.outputs[0].original_reference_error
+        < 1e-2
+        < report.outputs[0].candidate_reference_error
+    )
