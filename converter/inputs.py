@@ -113,7 +113,7 @@ def describe_input(value: ir.Value) -> str:
         return str(value.type)
     if value.shape is None:
         return f"{dtype}[unknown rank]"
-    dims = ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape)
+    dims = ",".join(str(d) if _fixed(d) else (getattr(d, "value", None) or "?") for d in value.shape)
     return f"{dtype}[{dims}]"
 
 
@@ -258,7 +258,7 @@ def _apply_override(
             f"{describe_input(value)}"
         )
     for axis, (dim, size) in enumerate(zip(value.shape, shape, strict=True)):
-        if isinstance(dim, int) and dim != size:
+        if _fixed(dim) and dim != size:
             raise InputError(
                 f"--input-shape {value.name}: dim {axis} is {size} but the model fixes it to "
                 f"{dim} ({describe_input(value)})"
@@ -269,6 +269,11 @@ def _apply_override(
                 f"another input gives '{dim.value}' = {symbols[dim.value]}"
             )
     return shape
+
+
+def _fixed(dim: int | ir.SymbolicDim) -> bool:
+    """A dimension the model fixes; exporters write -1 (and some 0) for "unknown"."""
+    return isinstance(dim, int) and dim > 0
 
 
 def _is_named(dim: int | ir.SymbolicDim) -> bool:
@@ -286,9 +291,9 @@ def _default_shape(
         )
     shape = []
     for axis, dim in enumerate(value.shape):
-        if isinstance(dim, int):
+        if _fixed(dim):
             shape.append(dim)
-        elif dim.value is None:
+        elif isinstance(dim, int) or dim.value is None:
             shape.append(_BATCH_SIZES[size_set] if axis == 0 else _UNNAMED_SIZES[size_set])
         elif dim.value in symbols:
             shape.append(symbols[dim.value])
@@ -314,7 +319,7 @@ def _index_bound(
         dim = shapes[data.name][axis] if data.name in shapes else data.shape[axis]
         if isinstance(dim, ir.SymbolicDim):
             dim = symbols.get(dim.value) if dim.value is not None else None
-        if isinstance(dim, int):
+        if isinstance(dim, int) and dim > 0:
             bounds.append(dim)
     return min(bounds) if bounds else None
 
@@ -382,7 +387,7 @@ def _check_shape(source: str, value: ir.Value, shape: tuple[int, ...]) -> None:
             f"model expects rank {len(value.shape)}: {describe_input(value)}"
         )
     for axis, (dim, size) in enumerate(zip(value.shape, shape, strict=True)):
-        if isinstance(dim, int) and dim != size:
+        if _fixed(dim) and dim != size:
             raise InputError(
                 f"{source}: input '{value.name}' has shape {shape} but the model expects "
                 f"{describe_input(value)} (dim {axis} must be {dim})"

@@ -579,7 +579,8 @@ def _session_options(folder: str | None = None) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    # Fatal only: run errors reach the user through our one-line message, not ORT's own log.
+    options.log_severity_level = 4
     if folder is not None:
         options.add_session_config_entry(_FOLDER_KEY, folder)
     return options

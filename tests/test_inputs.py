@@ -60,6 +60,15 @@ def test_unnamed_dims_get_the_documented_defaults():
     assert synthesize_inputs(model, trial=1).values["x"].shape == (3, 4, 4)
 
 
+def test_minus_one_dims_are_dynamic_not_fixed():
+    """Paddle and some other exporters write dim_value -1 for an unknown size."""
+    model = _model([("x", F, [-1, 3, -1, -1])])
+    assert synthesize_inputs(model, trial=0).values["x"].shape == (2, 3, 3, 3)
+    real = {"x": np.zeros((1, 3, 48, 192), np.float32)}
+    assert check_inputs(model, real).values["x"].shape == (1, 3, 48, 192)
+    assert describe_input(model.graph.inputs[0]) == "float32[?,3,?,?]"
+
+
 def test_two_trials_use_different_sizes_none_square_or_equal():
     model = _model([("x", F, ["batch", "seq", "hidden"])])
     first, second = (synthesize_inputs(model, trial=i).values["x"].shape for i in (0, 1))
