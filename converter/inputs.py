@@ -113,7 +113,9 @@ def describe_input(value: ir.Value) -> str:
         return str(value.type)
     if value.shape is None:
         return f"{dtype}[unknown rank]"
-    dims = ",".join(str(d) if _fixed(d) else (getattr(d, "value", None) or "?") for d in value.shape)
+    dims = ",".join(
+        str(d) if _fixed(d) else (getattr(d, "value", None) or "?") for d in value.shape
+    )
     return f"{dtype}[{dims}]"
 
 
@@ -271,13 +273,17 @@ def _apply_override(
     return shape
 
 
+_PLACEHOLDER_NAMES = frozenset({None, "", "?", "-1", "unk__", "None"})
+
+
 def _fixed(dim: int | ir.SymbolicDim) -> bool:
     """A dimension the model fixes; exporters write -1 (and some 0) for "unknown"."""
     return isinstance(dim, int) and dim > 0
 
 
 def _is_named(dim: int | ir.SymbolicDim) -> bool:
-    return not isinstance(dim, int) and dim.value is not None
+    # Some exporters (Paddle) write "?" for every unknown dim: a placeholder, not a shared name.
+    return not isinstance(dim, int) and dim.value not in _PLACEHOLDER_NAMES
 
 
 def _default_shape(
@@ -293,7 +299,7 @@ def _default_shape(
     for axis, dim in enumerate(value.shape):
         if _fixed(dim):
             shape.append(dim)
-        elif isinstance(dim, int) or dim.value is None:
+        elif not _is_named(dim):
             shape.append(_BATCH_SIZES[size_set] if axis == 0 else _UNNAMED_SIZES[size_set])
         elif dim.value in symbols:
             shape.append(symbols[dim.value])
@@ -318,7 +324,7 @@ def _index_bound(
         axis = node.attributes.get_int("axis", 0) % len(data.shape)
         dim = shapes[data.name][axis] if data.name in shapes else data.shape[axis]
         if isinstance(dim, ir.SymbolicDim):
-            dim = symbols.get(dim.value) if dim.value is not None else None
+            dim = symbols.get(dim.value) if _is_named(dim) else None
         if isinstance(dim, int) and dim > 0:
             bounds.append(dim)
     return min(bounds) if bounds else None
@@ -401,7 +407,7 @@ def _check_shared_symbols(
     seen: dict[str, tuple[int, str]] = {}
     for value in inputs:
         for dim, size in zip(value.shape or (), values[value.name].shape, strict=False):
-            if isinstance(dim, int) or dim.value is None:
+            if not _is_named(dim):
                 continue
             first = seen.setdefault(dim.value, (size, value.name))
             if first[0] != size:
@@ -415,6 +421,6 @@ def _bound_symbols(model: ir.Model, values: Mapping[str, np.ndarray]) -> dict[st
     symbols: dict[str, int] = {}
     for value in model_inputs(model):
         for dim, size in zip(value.shape or (), values[value.name].shape, strict=False):
-            if not isinstance(dim, int) and dim.value is not None:
+            if _is_named(dim):
                 symbols.setdefault(dim.value, int(size))
     return symbols

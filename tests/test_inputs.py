@@ -69,6 +69,12 @@ def test_minus_one_dims_are_dynamic_not_fixed():
     assert describe_input(model.graph.inputs[0]) == "float32[?,3,?,?]"
 
 
+def test_question_mark_dims_are_placeholders_not_shared_names():
+    model = _model([("x", F, ["?", 3, "?", "?"])])
+    assert check_inputs(model, {"x": np.zeros((1, 3, 48, 192), np.float32)}).dims == {}
+    assert synthesize_inputs(model, trial=0).values["x"].shape == (2, 3, 3, 3)
+
+
 def test_two_trials_use_different_sizes_none_square_or_equal():
     model = _model([("x", F, ["batch", "seq", "hidden"])])
     first, second = (synthesize_inputs(model, trial=i).values["x"].shape for i in (0, 1))
