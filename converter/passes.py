@@ -128,15 +128,20 @@ def _initializer(graph: ir.Graph, names: _Names, base: str, array: np.ndarray) -
     return value
 
 
-def _remove_if_unused(value: ir.Value) -> None:
-    """Drop an initializer or Constant node that nothing uses any more."""
-    if value.uses() or value.is_graph_output() or value.is_graph_input():
+def _remove_if_unused(value: ir.Value | None) -> None:
+    """Drop an initializer, Constant node or weight Transpose that nothing uses any more."""
+    if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
         return
     producer = value.producer()
     if value.is_initializer() and value.graph is not None and value.name:
         value.graph.initializers.pop(value.name, None)
-    elif producer is not None and producer.op_type == "Constant" and producer.graph is not None:
-        producer.graph.remove(producer, safe=True)
+    elif producer is not None and producer.graph is not None:
+        if producer.op_type == "Constant":
+            producer.graph.remove(producer, safe=True)
+        elif producer.op_type == "Transpose":
+            source = producer.inputs[0]  # safe removal detaches the node's inputs
+            producer.graph.remove(producer, safe=True)
+            _remove_if_unused(source)
 
 
 def _merge_segment(

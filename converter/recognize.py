@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from converter import algebra
 
-__all__ = ["LinearOp", "Decline", "recognize", "FLOAT_TYPES"]
+__all__ = ["LinearOp", "Decline", "recognize", "constant_tensor", "FLOAT_TYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,12 @@ def constant_tensor(value: ir.Value | None) -> tuple[np.ndarray | None, str | No
     if value.is_graph_input():
         return None, f"weight '{_label(value)}' is a graph input (it can be overridden at run time)"
     producer = value.producer()
+    if value.const_value is None and _is_transposed_matrix(producer):
+        assert producer is not None
+        array, reason = constant_tensor(producer.inputs[0])
+        if reason is None and array is not None and array.ndim == 2:
+            return array.T, None
+        return None, reason or f"weight '{_label(value)}' is not constant"
     if value.const_value is None and (
         producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx")
     ):
@@ -94,6 +100,14 @@ def constant_tensor(value: ir.Value | None) -> tuple[np.ndarray | None, str | No
     if tensor is None:
         return None, f"weight '{_label(value)}' is not constant"
     return tensor.numpy(), None
+
+
+def _is_transposed_matrix(node: ir.Node | None) -> bool:
+    """``Transpose(W, perm=[1, 0])``: exporters without constant folding write weights this way."""
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return False
+    perm = node.attributes.get_ints("perm", None)
+    return perm is None or list(perm) == [1, 0]
 
 
 def _sole_user(value: ir.Value, node: ir.Node) -> str | None:

@@ -484,3 +484,30 @@ def test_chain_inside_if_branch_is_fused():
     for cond in (True, False):
         assert_equivalent(model, fused, {"cond": np.array(cond), "x": x}, atol=1e-5, rtol=1e-4)
     check(fused)
+
+
+def test_transposed_weights_without_constant_folding_are_constant():
+    """torch's exporters without constant folding write MatMul(x, Transpose(W_out_in))."""
+    r = rng(8)
+    inits = [
+        init("W1", r.standard_normal((6, 4)).astype(np.float32)),
+        init("W2", r.standard_normal((3, 6)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["W1"], ["W1t"], name="t1", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "W1t"], ["h"], name="mm1"),
+        helper.make_node("Transpose", ["W2"], ["W2t"], name="t2"),
+        helper.make_node("MatMul", ["h", "W2t"], ["y"], name="mm2"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", FLOAT, ["b", "s", 4])],
+        [helper.make_tensor_value_info("y", FLOAT, ["b", "s", 3])],
+        inits,
+    )
+    fused, report = fuse_with_report(model)
+    assert len(report.fusions) == 1 and report.fusions[0].widths == [4, 6, 3]
+    assert op_types(fused) == ["MatMul"]  # both Transposes and both weights are gone
+    assert [t.name for t in fused.graph.initializer] == ["fused(mm1+mm2).weight"]
+    assert_equivalent(model, fused, feeds((2, 5, 4)), atol=1e-5, rtol=1e-4)
+    check(fused)
