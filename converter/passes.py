@@ -63,6 +63,8 @@ def _tensor_size(value: ir.Value) -> int:
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
         return _tensor_size_of(producer.attributes["value"].as_tensor())
+    if producer is not None and producer.op_type == "Transpose" and producer.inputs:
+        return _tensor_size(producer.inputs[0])
     shape = value.shape
     return int(np.prod(shape.numpy())) if shape is not None and shape.is_static() else 0
 
@@ -145,23 +147,38 @@ def _remove_if_unused(value: ir.Value | None) -> None:
 
 
 def _merge_segment(
-    graph: ir.Graph, ops: list[LinearOp], names: _Names, opset: int, label: str
+    graph: ir.Graph,
+    ops: list[LinearOp],
+    names: _Names,
+    opset: int,
+    label: str,
+    policy: algebra.Policy,
 ) -> FusionRecord | Declined:
-    """Rewrite one segment of a chain as a single op; decline if the result cannot be stored."""
+    """Rewrite one segment of a chain as a single op; decline if the result cannot be stored,
+    or (``policy="cost"``) if it would hold more parameters than the ops it replaces."""
     all_names = [n for op in ops for n in op.names]
     affine = algebra.compose_all([op.affine for op in ops])
     np_dtype = ops[0].dtype.numpy()
-    as_gemm = _emit_gemm(ops)
     bias = affine.bias
+    # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.
+    as_gemm = _emit_gemm(ops) and (bias is not None or opset >= 11)
     if affine.per_row_bias and not as_gemm:
         return Declined(all_names, "a per-row Gemm bias cannot be emitted as MatMul+Add", label)
-    if as_gemm and bias is None and opset < 11:
-        bias = np.zeros(affine.out_features)  # Gemm before opset 11 requires C
     weight = affine.weight.T if as_gemm else affine.weight
     for array in (weight, bias):
         reason = None if array is None else algebra.overflow_reason(array, np_dtype)
         if reason:
             return Declined(all_names, f"{reason}; chain left as it was", label)
+    weights = [w for op in ops for w in op.weights]
+    params_before = sum(_tensor_size(w) for w in weights)
+    params_after = int(weight.size + (0 if bias is None else bias.size))
+    if policy == "cost" and params_after > params_before:
+        return Declined(
+            all_names,
+            f"cost model: the merged weight and bias would hold {params_after} parameters, "
+            f"more than the {params_before} they replace (--policy always merges anyway)",
+            label,
+        )
 
     base = names.fresh(_fused_name(ops))
     w_value = _initializer(graph, names, f"{base}.weight", algebra.round_to_dtype(weight, np_dtype))
@@ -187,7 +204,6 @@ def _merge_segment(
                 )
             )
     old_nodes = [n for op in ops for n in op.nodes]
-    weights = [w for op in ops for w in op.weights]
     new_out = new_nodes[-1].outputs[0]
     ir.convenience.replace_nodes_and_values(
         graph, old_nodes[-1], old_nodes, new_nodes, [old_out], [new_out]
@@ -207,8 +223,8 @@ def _merge_segment(
         output_shape=_shape_list(new_out),
         macs_before=sum(a * b for a, b in itertools.pairwise(widths)),
         macs_after=widths[0] * widths[-1],
-        params_before=sum(_tensor_size(w) for w in weights),
-        params_after=int(weight.size + (0 if bias is None else bias.size)),
+        params_before=params_before,
+        params_after=params_after,
     )
 
 
@@ -267,7 +283,7 @@ def _fuse_graph(
         plan, split_reasons = chains.plan_chain(chain, policy, label)
         report.declined.extend(split_reasons)
         for i, j in plan.segments:
-            result = _merge_segment(graph, chain[i:j], names, opset, label)
+            result = _merge_segment(graph, chain[i:j], names, opset, label, policy)
             if isinstance(result, Declined):
                 report.declined.append(result)
                 logger.debug("%s", result)

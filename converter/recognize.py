@@ -201,6 +201,10 @@ def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, np.ndarray, 
     assert array is not None
     if any(d != 1 for d in array.shape[:-1]) or array.size not in (1, out_features):
         return None  # broadcasts along another axis: not a per-feature bias
+    x_shape = matmul.inputs[0].shape if matmul.inputs[0] is not None else None
+    out_rank = None if x_shape is None else max(len(x_shape), 1)
+    if array.ndim > 1 and (out_rank is None or array.ndim > out_rank):
+        return None  # the Add would raise the result's rank: more than a bias
     return add, array, other
 
 

@@ -1,0 +1,22 @@
+"""Shared pytest options: ``--corpus=full|sample`` picks how much of the ONNX corpus to run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--corpus",
+        choices=("full", "sample"),
+        default=os.environ.get("ONNX_FUSE_CORPUS", "full"),
+        help="tests/test_corpus.py: run every ONNX conformance case (full, the default) or a "
+        "deterministic sample of them (also settable with ONNX_FUSE_CORPUS=sample)",
+    )
+
+
+@pytest.fixture(scope="session")
+def corpus_mode(request: pytest.FixtureRequest) -> str:
+    return request.config.getoption("--corpus")
