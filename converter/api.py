@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from converter import io
+from converter import io, training
 from converter.algebra import Policy
 from converter.errors import InputError, ValidationError
 from converter.passes import fuse_model
@@ -47,8 +47,9 @@ def fuse(model: ModelT, *, policy: Policy = "cost") -> ModelT:
         # Deserialising only wraps the proto's tensors; the rewrite builds new ones, so the
         # caller's proto is left as it was without paying for a copy.
         ir_model = ir.serde.deserialize_model(model)
+        training.stash(ir_model, model)
         fuse_model(ir_model, policy=policy)
-        return ir.serde.serialize_model(ir_model)
+        return training.restore(ir_model, ir.serde.serialize_model(ir_model))
     raise TypeError(
         f"fuse() takes an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}"
     )

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 import onnx
 import onnx_ir as ir
 
+from converter import training
 from converter.errors import ConverterError, InputError, UnsafeModelError
 
 __all__ = [
@@ -103,6 +104,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as e:  # onnx_ir raises a variety of types on malformed protos
         raise InputError(f"{path}: is not a valid ONNX model ({_one_line(e)})") from None
     _set_base_dir(model, model_dir)
+    training.stash(model, proto)
     logger.debug("loaded %s (%d tensor bytes)", path, model_size_bytes(model))
     return model
 
@@ -580,6 +582,7 @@ def _save(model: ir.Model, path: str, data_name: str | None) -> None:
     """
     with _inlined_external_tensors(model, initializers=data_name is None):
         ir.save(model, path, external_data=data_name)
+    training.restore_file(model, path)
 
 
 @contextlib.contextmanager

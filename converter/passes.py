@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from converter import algebra, chains
+from converter import algebra, chains, training
 from converter.progress import ProgressCallback, no_progress
 from converter.recognize import LinearOp
 from converter.report import Declined, FusionRecord, FusionReport
@@ -252,6 +252,7 @@ def fuse_model(
         )
     else:
         names = _Names(model)
+        training.mark_trained(model)
         graphs = list(iter_graphs(model.graph))
         for i, (graph, label) in enumerate(graphs):
             progress("merging", i, len(graphs))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter import algebra
+from converter import algebra, training
 
 __all__ = ["LinearOp", "Decline", "recognize", "constant_tensor", "FLOAT_TYPES"]
 
@@ -82,6 +82,8 @@ def constant_tensor(value: ir.Value | None) -> tuple[np.ndarray | None, str | No
         return None, "input is missing"
     if value.is_graph_input():
         return None, f"weight '{_label(value)}' is a graph input (it can be overridden at run time)"
+    if value.meta.get(training.TRAINED):
+        return None, f"weight '{_label(value)}' is trained by the model's training_info"
     producer = value.producer()
     if value.const_value is None and _is_transposed_matrix(producer):
         assert producer is not None
