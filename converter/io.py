@@ -562,15 +562,15 @@ def _check_destination(
     if not os.path.isdir(folder):
         raise InputError(f"{dst}: the output folder {folder!r} does not exist")
     if src is not None and not force and is_same_file(src, dst):
-        raise InputError(f"{dst}: is the input model; use force to overwrite it")
+        raise InputError(f"{dst}: is the input model; pass --force (force=True) to overwrite it")
     for target in targets:
         if os.path.isdir(target) and not os.path.islink(target):
             raise InputError(f"{target}: is a directory; choose another output name")
         if force or not os.path.lexists(target):
             continue
         if os.path.islink(target):
-            raise InputError(f"{target}: is a symlink; use force to replace the link itself")
-        raise InputError(f"{target}: already exists; use force to overwrite it")
+            raise InputError(f"{target}: is a symlink; pass --force (force=True) to replace the link itself")
+        raise InputError(f"{target}: already exists; pass --force (force=True) to overwrite it")
 
 
 def _save(model: ir.Model, path: str, data_name: str | None) -> None:

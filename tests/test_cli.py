@@ -162,3 +162,96 @@ def test_python_dash_m_runs_the_same_command(two_layer, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "merged 1 chain(s)" in proc.stdout
     assert out.exists()
+
+
+def _bad_inputs(d: Path) -> dict[str, Path]:
+    """Every kind of bad input the issue lists, as files in ``d``."""
+    good = linear_chain([4, 6, 3])
+    cases = {}
+    cases["empty"] = d / "empty.onnx"
+    cases["empty"].write_bytes(b"")
+    cases["random"] = d / "random.onnx"
+    cases["random"].write_bytes(np.random.default_rng(1).bytes(4096))
+    cases["text"] = d / "text.onnx"
+    cases["text"].write_text("this is not a model\n" * 20)
+    cases["truncated"] = d / "truncated.onnx"
+    cases["truncated"].write_bytes(good.SerializeToString()[:-37])
+    cases["not_a_model"] = d / "tensor.onnx"
+    cases["not_a_model"].write_bytes(onnx.numpy_helper.from_array(np.ones(8)).SerializeToString())
+    old = linear_chain([4, 6, 3])
+    old.opset_import[0].version = 1
+    cases["old_opset"] = d / "old_opset.onnx"
+    cases["old_opset"].write_bytes(old.SerializeToString())
+    external = linear_chain([4, 6, 3])
+    onnx.save(
+        external, d / "ext.onnx", save_as_external_data=True, location="ext.data", size_threshold=0
+    )
+    (d / "ext.data").unlink()
+    cases["missing_external_data"] = d / "ext.onnx"
+    hostile = linear_chain([4, 6, 3])
+    tensor = hostile.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../../etc/passwd")
+    cases["path_traversal"] = d / "hostile.onnx"
+    cases["path_traversal"].write_bytes(hostile.SerializeToString())
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "random",
+        "text",
+        "truncated",
+        "not_a_model",
+        "old_opset",
+        "missing_external_data",
+        "path_traversal",
+    ],
+)
+def test_every_bad_input_exits_2_one_line_input_unchanged_nothing_left(tmp_path, capsys, case):
+    src_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir()
+    out_dir.mkdir()
+    src = _bad_inputs(src_dir)[case]
+    before = {p.name: p.read_bytes() for p in src_dir.iterdir()}
+    assert main([str(src), "-o", str(out_dir / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert src.name in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in src_dir.iterdir()} == before
+    assert list(out_dir.iterdir()) == []
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "converter", str(tmp_path / "missing.onnx"), "--debug"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_output_over_input_needs_force_and_stays_atomic(two_layer, capsys):
+    before = two_layer.read_bytes()
+    assert main([str(two_layer), "-o", str(two_layer)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert two_layer.read_bytes() == before
+    assert main([str(two_layer), "-o", str(two_layer), "--force", "-q"]) == 0
+    assert op_types(onnx.load(two_layer)) == ["Gemm"]
+    assert sorted(p.name for p in two_layer.parent.iterdir()) == ["two_layer.onnx"]
+
+
+def test_keep_on_fail_writes_the_differing_model(two_layer, tmp_path, monkeypatch):
+    real = algebra.compose_all
+    monkeypatch.setattr(
+        algebra,
+        "compose_all",
+        lambda maps: algebra.AffineMap(real(maps).weight, real(maps).bias + 0.5),
+    )
+    out = tmp_path / "out.onnx"
+    assert main([str(two_layer), "-o", str(out), "--keep-on-fail", "-q"]) == 1
+    assert op_types(onnx.load(out)) == ["Gemm"]
