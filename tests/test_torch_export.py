@@ -189,3 +189,26 @@ def test_pass_on_dynamo_program(exported, tmp_path, name):
     _assert_equivalent(name, saved, model.path)
     ir.save(result.model, tmp_path / "ir_saved.onnx")
     _assert_equivalent(name, tmp_path / "ir_saved.onnx", model.path)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_converter_export_writes_a_fused_validated_model(tmp_path, exporter):
+    built = make_models.build_module("four_layer")
+    path = tmp_path / "four_layer.onnx"
+    kwargs = (
+        {"dynamic_shapes": ({0: torch.export.Dim("batch")},)}
+        if EXPORTERS[exporter]
+        else {"input_names": ["x"], "dynamic_axes": {"x": {0: "batch"}}}
+    )
+    report = converter.export(
+        built.module, (built.example_input,), path, dynamo=EXPORTERS[exporter], **kwargs
+    )
+    assert len(report.fusions) == 1 and report.validated is True
+    fused = onnx.load(path)
+    assert _linear_ops(fused) == 1
+    onnx.checker.check_model(fused, full_check=True)
+    x = _input("four_layer")
+    np.testing.assert_allclose(
+        _run(path, x), _torch_output("four_layer", x), **TOLERANCE[np.float32]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["four_layer.onnx"]
