@@ -153,17 +153,29 @@ def _validation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _check_report_path(path: str | None) -> None:
+    """Refuse a report path we could not write, before any work is done."""
+    if path and not Path(path).resolve().parent.is_dir():
+        raise InputError(f"{path}: the report's folder does not exist")
+
+
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
-    if path:
-        tmp = f"{path}.tmp{os.getpid()}"
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, default=str)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write the report ({e.strerror})") from None
 
 
 def _run_fuse(argv: Sequence[str]) -> int:
     args = _fuse_parser().parse_args(argv)
     _configure_logging(args)
+    _check_report_path(args.report)
     src = Path(args.model)
     dst = Path(args.output) if args.output else src.with_name(src.stem + ".fused.onnx")
     show_progress = not args.quiet and sys.stderr.isatty()
@@ -188,6 +200,7 @@ def _run_fuse(argv: Sequence[str]) -> int:
 def _run_check(argv: Sequence[str]) -> int:
     args = _check_parser().parse_args(argv)
     _configure_logging(args)
+    _check_report_path(args.report)
     result = validate.check_equivalence(args.original, args.candidate, **_validation_kwargs(args))
     _write_json(args.report, result.to_dict())
     if not args.quiet or not result.passed:

@@ -255,3 +255,11 @@ def test_keep_on_fail_writes_the_differing_model(two_layer, tmp_path, monkeypatc
     out = tmp_path / "out.onnx"
     assert main([str(two_layer), "-o", str(out), "--keep-on-fail", "-q"]) == 1
     assert op_types(onnx.load(out)) == ["Gemm"]
+
+
+def test_report_in_a_missing_folder_is_refused_before_any_work(two_layer, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    args = [str(two_layer), "-o", str(out), "--report", str(tmp_path / "no" / "r.json")]
+    assert main(args) == 2
+    assert "report's folder does not exist" in capsys.readouterr().err
+    assert not out.exists()
