@@ -3,20 +3,8 @@
 Loading (:func:`load_model`) turns every bad input into one :class:`~converter.errors.InputError`
 line naming the file: missing, a directory, empty, not protobuf, protobuf but not a model (no
 graph, no ``ai.onnx`` opset), an unsupported IR version or opset, or external data that is missing
-or unsafe. Weights kept in external data stay lazy (onnx_ir memory-maps them on first use).
-
-External data is checked (:func:`check_external_data`) on *every* tensor of the model -- graph
-initializers, sparse initializers, tensors in node attributes (``Constant.value``), subgraphs,
-training graphs and model-local functions -- before any weight is read. A tensor is refused
-(:class:`~converter.errors.UnsafeModelError`) when its ``location`` is empty, absolute or has a
-``..`` component, when it resolves (through symlinks, including a symlinked parent folder) outside
-the model's folder, when it is not a regular file or has more than one hard link, when an
-``external_data`` key is not one of ``location``, ``offset``, ``length``, ``checksum`` or is
-repeated, or when ``offset``/``length`` is not a non-negative integer, disagrees with the tensor's
-size or lies beyond the end of the file (CVE-2022-25882, CVE-2024-27318: path traversal;
-CVE-2026-27489, CVE-2026-34446, CVE-2026-34447: symlink and hard-link escapes). Paths resolve
-against the model's folder, never the current directory. ``checksum`` is not verified: that would
-read the data.
+or unsafe (:func:`~converter.external_data.check_external_data`, run on every tensor before any
+weight is read). Weights kept in external data stay lazy (onnx_ir memory-maps them on first use).
 
 Writing (:func:`write_model`) is atomic: the model is saved into a fresh temporary folder inside
 the destination folder (same filesystem, final file names), and only :meth:`PendingOutput.commit`
@@ -29,24 +17,6 @@ its data file is replaced by rename, never rewritten in place.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import logging
-import math
-import os
-import re
-import shutil
-import stat
-import tempfile
-from collections.abc import Callable, Iterator
-
-import onnx
-import onnx_ir as ir
-
-from converter import training
-from converter.errors import ConverterError, InputError, UnsafeModelError
-
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
     "PendingOutput",
@@ -57,6 +27,23 @@ __all__ = [
     "write_model",
 ]
 
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+
+import onnx
+import onnx_ir as ir
+
+from converter import training
+from converter.errors import ConverterError, InputError
+from converter.external_data import check_external_data
+from converter.tensors import ir_tensors, tensor_attrs
+
 logger = logging.getLogger(__name__)
 
 #: Above this many tensor bytes, ``write_model(external_data=None)`` writes external data
@@ -66,7 +53,6 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 _MIN_OPSET = 7
 _MIN_IR_VERSION = 3  # the first IR version with opset_import
 _MAX_MODEL_FILE_BYTES = 2**31 - 1  # protobuf's hard limit on one message
-_ALLOWED_EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 _TEMP_PREFIX = ".onnx-fuse-"
 
@@ -167,232 +153,12 @@ def _check_model_proto(proto: onnx.ModelProto, path: str) -> None:
         )
 
 
-# ----------------------------------------------------------------- external data checks
-
-
-@dataclasses.dataclass(frozen=True)
-class _ExternalRef:
-    """One tensor's external-data entries, from a TensorProto or an ``ir.ExternalTensor``."""
-
-    tensor: str
-    entries: tuple[tuple[str, str], ...]
-    nbytes: int | None  # the size the tensor's dtype and shape need, when known
-
-
-def check_external_data(model: onnx.ModelProto | ir.Model, model_dir: str | os.PathLike) -> None:
-    """Refuse external data that would be unsafe to read; read nothing.
-
-    Works on an ``onnx.ModelProto`` (the thorough form, used by :func:`load_model`: it sees
-    every ``external_data`` key, sparse tensors and training graphs) or an ``ir.Model``
-    (onnx_ir keeps only ``location``, ``offset`` and ``length``, so unknown keys are invisible
-    there). Every location resolves against ``model_dir``, the folder of the ``.onnx`` file.
-
-    Raises:
-        UnsafeModelError: one line naming the tensor, its location and the reason.
-        InputError: an external data file that does not exist.
-    """
-    model_dir = os.path.abspath(os.fspath(model_dir))
-    real_dir = os.path.realpath(model_dir)
-    for ref in _external_refs(model):
-        _check_external_ref(ref, model_dir, real_dir)
-
-
-def _check_external_ref(ref: _ExternalRef, model_dir: str, real_dir: str) -> None:
-    """Check one tensor's entries, its path and its byte range; stat only, never open."""
-    entries = dict(ref.entries)
-    location = entries.get("location", "")
-
-    def refuse(reason: str, error: type[InputError] = UnsafeModelError) -> InputError:
-        return error(f"tensor {ref.tensor!r} external data {location!r}: {reason}")
-
-    _check_keys(ref, refuse)
-    reason = _location_problem(location)
-    if reason:
-        raise refuse(reason)
-    offset = _parse_count(entries.get("offset"), "offset", refuse)
-    length = _parse_count(entries.get("length"), "length", refuse)
-    real = os.path.realpath(os.path.join(model_dir, location))
-    if os.path.commonpath([real_dir, real]) != real_dir:
-        raise refuse(f"resolves to {real!r}, outside the model folder {real_dir!r}")
-    size = _stat_data_file(real, model_dir, refuse)
-    _check_range(ref, offset or 0, length, size, refuse)
-
-
-def _check_keys(ref: _ExternalRef, refuse: Callable[..., InputError]) -> None:
-    """Refuse unknown or repeated ``external_data`` keys."""
-    seen: set[str] = set()
-    for key, _ in ref.entries:
-        if key not in _ALLOWED_EXTERNAL_KEYS:
-            allowed = ", ".join(sorted(_ALLOWED_EXTERNAL_KEYS))
-            raise refuse(f"unknown external_data key {key!r} (allowed: {allowed})")
-        if key in seen:
-            raise refuse(f"external_data key {key!r} is repeated")
-        seen.add(key)
-
-
-def _location_problem(location: str) -> str | None:
-    """Return why ``location`` is not a safe relative path, or None."""
-    if not location:
-        return "the location is empty"
-    if "\0" in location:
-        return "the location contains a NUL byte"
-    if os.path.isabs(location) or location[0] in "/\\" or re.match(r"[A-Za-z]:", location):
-        return "the location is an absolute path; it must be relative to the model folder"
-    if ".." in re.split(r"[/\\]", location):
-        return "the location has a '..' component"
-    return None
-
-
-def _parse_count(value: str | None, key: str, refuse: Callable[..., InputError]) -> int | None:
-    """Parse an ``offset``/``length`` entry: a plain non-negative decimal integer."""
-    if value is None:
-        return None
-    if not re.fullmatch(r"[0-9]+", value):
-        raise refuse(f"{key} {value!r} is not a non-negative integer")
-    return int(value)
-
-
-def _stat_data_file(real: str, model_dir: str, refuse: Callable[..., InputError]) -> int:
-    """Return the size of the data file at ``real``; refuse a missing, odd or linked file."""
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise refuse(f"file not found in {model_dir!r}", InputError) from None
-    except OSError as e:
-        raise refuse(f"cannot stat the file ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise refuse("is not a regular file (a directory, fifo, device or socket)")
-    if st.st_nlink > 1:
-        raise refuse(
-            f"the file has {st.st_nlink} hard links; copy it to a file of its own to load it"
-        )
-    return st.st_size
-
-
-def _check_range(
-    ref: _ExternalRef,
-    offset: int,
-    length: int | None,
-    size: int,
-    refuse: Callable[..., InputError],
-) -> None:
-    """Refuse an ``offset``/``length`` outside the file or disagreeing with the tensor size."""
-    if offset > size:
-        raise refuse(f"offset {offset} is beyond the end of the file ({size} bytes)")
-    if length is not None and ref.nbytes is not None and length != ref.nbytes:
-        raise refuse(f"length {length} does not match the tensor's size ({ref.nbytes} bytes)")
-    needed = length if length is not None else ref.nbytes
-    if needed is not None and offset + needed > size:
-        raise refuse(
-            f"offset {offset} + length {needed} is beyond the end of the file ({size} bytes)"
-        )
-
-
-def _external_refs(model: onnx.ModelProto | ir.Model) -> Iterator[_ExternalRef]:
-    """Yield every external tensor reference of ``model``, in a proto or an ir.Model."""
-    if isinstance(model, onnx.ModelProto):
-        for tensor in _proto_tensors(model):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                entries = tuple((e.key, e.value) for e in tensor.external_data)
-                yield _ExternalRef(tensor.name, entries, _proto_nbytes(tensor))
-    elif isinstance(model, ir.Model):
-        for tensor in _ir_tensors(model):
-            if isinstance(tensor, ir.ExternalTensor):
-                yield _ExternalRef(tensor.name, _ir_entries(tensor), tensor.nbytes)
-    else:
-        raise TypeError(f"expected onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
-
-
-def _ir_entries(tensor: ir.ExternalTensor) -> tuple[tuple[str, str], ...]:
-    """The ``external_data`` entries onnx_ir would serialize for ``tensor``."""
-    entries = [("location", os.fspath(tensor.location))]
-    entries += [
-        (k, str(v))
-        for k, v in (("offset", tensor.offset), ("length", tensor.length))
-        if v is not None
-    ]
-    return tuple(entries)
-
-
-def _proto_nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the tensor's dtype and dims need (sub-byte types packed), or None if unknown."""
-    try:
-        bits = ir.DataType(tensor.data_type).bitwidth
-    except (ValueError, TypeError):
-        return None
-    if any(d < 0 for d in tensor.dims):
-        return None
-    return (math.prod(tensor.dims) * bits + 7) // 8
-
-
-def _proto_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto in the model: graphs, subgraphs, training graphs, functions."""
-    yield from _proto_graph_tensors(model.graph)
-    for info in model.training_info:
-        yield from _proto_graph_tensors(info.initialization)
-        yield from _proto_graph_tensors(info.algorithm)
-    for function in model.functions:
-        for node in function.node:
-            yield from _proto_node_tensors(node)
-
-
-def _proto_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        yield from _proto_node_tensors(node)
-
-
-def _proto_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
-        for s in [*sparse, *attr.sparse_tensors]:
-            yield from (s.values, s.indices)
-        if attr.HasField("g"):
-            yield from _proto_graph_tensors(attr.g)
-        for graph in attr.graphs:
-            yield from _proto_graph_tensors(graph)
-
-
-# ------------------------------------------------------------------ onnx_ir traversal
-
-
-def _graph_likes(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
-    """The main graph, its subgraphs, and every model-local function with its subgraphs."""
-    yield from model.graphs()
-    for function in model.functions.values():
-        yield function
-        yield from function.subgraphs()
-
-
-def _tensor_attrs(model: ir.Model) -> Iterator[tuple[ir.Node, str, ir.Attr]]:
-    """Every (node, name, attribute) holding a TENSOR or TENSORS value, functions included."""
-    tensor_types = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS)
-    for graph in _graph_likes(model):
-        for node in graph:
-            for name, attr in node.attributes.items():
-                if not attr.is_ref() and attr.type in tensor_types and attr.value is not None:
-                    yield node, name, attr
-
-
-def _ir_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    """Every tensor of ``model``: initializers and attribute tensors, functions included."""
-    for graph in _graph_likes(model):
-        if isinstance(graph, ir.Graph):
-            for value in graph.initializers.values():
-                if value.const_value is not None:
-                    yield value.const_value
-    for _, _, attr in _tensor_attrs(model):
-        yield from (attr.value,) if attr.type == ir.AttributeType.TENSOR else attr.value
+# --------------------------------------------------------------------------- helpers
 
 
 def _set_base_dir(model: ir.Model, model_dir: str) -> None:
     """Point every external tensor at ``model_dir`` (onnx_ir's own helper skips functions)."""
-    for tensor in _ir_tensors(model):
+    for tensor in ir_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             tensor.base_dir = model_dir
 
@@ -401,7 +167,7 @@ def model_size_bytes(model: ir.Model) -> int:
     """Total bytes of every tensor in ``model``, from dtypes and shapes; no data is read."""
     seen: set[int] = set()
     total = 0
-    for tensor in _ir_tensors(model):
+    for tensor in ir_tensors(model):
         if id(tensor) not in seen:
             seen.add(id(tensor))
             total += tensor.nbytes
@@ -569,7 +335,9 @@ def _check_destination(
         if force or not os.path.lexists(target):
             continue
         if os.path.islink(target):
-            raise InputError(f"{target}: is a symlink; pass --force (force=True) to replace the link itself")
+            raise InputError(
+                f"{target}: is a symlink; pass --force (force=True) to replace the link itself"
+            )
         raise InputError(f"{target}: already exists; pass --force (force=True) to overwrite it")
 
 
@@ -596,7 +364,7 @@ def _inlined_external_tensors(model: ir.Model, *, initializers: bool) -> Iterato
                     if isinstance(value.const_value, ir.ExternalTensor):
                         undo.append(functools.partial(_set_const, value, value.const_value))
                         value.const_value = _in_memory(value.const_value)
-        for node, name, attr in list(_tensor_attrs(model)):
+        for node, name, attr in list(tensor_attrs(model)):
             values = (attr.value,) if attr.type == ir.AttributeType.TENSOR else attr.value
             if any(isinstance(t, ir.ExternalTensor) for t in values):
                 undo.append(functools.partial(node.attributes.__setitem__, name, attr))
@@ -629,7 +397,7 @@ def _tensors_reading(model: ir.Model, paths: list[str]) -> list[ir.ExternalTenso
         return []
     return [
         t
-        for t in _ir_tensors(model)
+        for t in ir_tensors(model)
         if isinstance(t, ir.ExternalTensor) and any(is_same_file(t.path, p) for p in existing)
     ]
 

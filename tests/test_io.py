@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from converter import io as cio
 from converter.errors import InputError, UnsafeModelError
+from converter.tensors import ir_tensors
 
 RNG = np.random.default_rng(0)
 IN, OUT = 64, 32  # W is 8 KiB: above ir.save's 256-byte threshold for external data
@@ -418,7 +419,7 @@ def test_external_attribute_tensors_are_written_with_the_output(
         pending.commit()
     np.testing.assert_allclose(_run(dst), EXPECTED, rtol=1e-6, atol=1e-6)
     # the input model still reads from its own file (the attribute swap was undone)
-    assert any(isinstance(t, ir.ExternalTensor) for t in cio._ir_tensors(model))
+    assert any(isinstance(t, ir.ExternalTensor) for t in ir_tensors(model))
 
 
 # -------------------------------------------------------------------- atomic writes

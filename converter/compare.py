@@ -1,0 +1,361 @@
+"""The comparison rule, its default tolerances and the statistics of one output (pure numpy).
+
+Comparison rule, per element, in float64 (``e`` from the original, ``a`` from the candidate)::
+
+    |a - e| <= atol + rtol * |e|        NaN == NaN, +Inf == +Inf, -Inf == -Inf
+
+Integer, bool and string outputs must match exactly. Nothing is broadcast: an output with another
+shape or dtype is a failure with that reason.
+
+Default tolerances, by output dtype (:func:`default_tolerance`):
+
+=====================  ========  ========
+dtype                  atol      rtol
+=====================  ========  ========
+float64, complex128    1e-8      1e-7
+float32, complex64     1e-5      1e-4
+float16                2.5e-3    1e-3
+bfloat16               2e-2      1e-2
+float8 / float4 types  0.125     0.125
+integer, bool, string  exact     exact
+=====================  ========  ========
+
+Float64 reference (:func:`judge_with_reference`). When a floating-point output fails the rule
+above, it is accepted when the candidate's max abs error against a float64 copy of the original
+(see :mod:`converter.reference`) is at most ``2x`` the original's own. Both errors are reported.
+
+Statistics per output and trial: max / mean / median / p99 of the absolute error and of the
+relative error ``|a - e| / max(|e|, atol)`` (``atol`` replaced by the smallest normal float64
+when zero), the fraction of the tolerance used, and the index of the worst element (the one
+closest to, or furthest beyond, its tolerance). Statistics are ``nan`` when nothing could be
+compared (a missing output, a shape mismatch, a string output).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OutputStats",
+    "compare_arrays",
+    "default_tolerance",
+    "dtype_kind",
+    "dtype_name",
+    "ir_dtype",
+    "judge_with_reference",
+    "needs_reference",
+]
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+_DEFAULT_TOLERANCES = {
+    ir.DataType.DOUBLE: (1e-8, 1e-7),
+    ir.DataType.COMPLEX128: (1e-8, 1e-7),
+    ir.DataType.FLOAT: (1e-5, 1e-4),
+    ir.DataType.COMPLEX64: (1e-5, 1e-4),
+    ir.DataType.FLOAT16: (2.5e-3, 1e-3),
+    ir.DataType.BFLOAT16: (2e-2, 1e-2),
+}
+_LOW_PRECISION_TOLERANCE = (0.125, 0.125)  # float8 and float4 types
+_REFERENCE_FACTOR = 2.0
+_NAN = float("nan")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputStats:
+    """How one output (or exposed intermediate value) compared in one trial.
+
+    Error statistics are ``nan`` when nothing could be compared; the reference errors are
+    ``None`` unless the float64 reference was run for this output.
+    """
+
+    name: str
+    trial: int
+    passed: bool
+    intermediate: bool = False
+    reason: str = ""
+    shape: tuple[int, ...] | None = None
+    dtype: str = ""
+    atol: float = 0.0
+    rtol: float = 0.0
+    size: int = 0
+    mismatches: int = 0
+    max_abs_error: float = _NAN
+    mean_abs_error: float = _NAN
+    median_abs_error: float = _NAN
+    p99_abs_error: float = _NAN
+    max_rel_error: float = _NAN
+    mean_rel_error: float = _NAN
+    median_rel_error: float = _NAN
+    p99_rel_error: float = _NAN
+    tolerance_used: float = _NAN
+    worst_index: tuple[int, ...] | None = None
+    worst_expected: Any = None
+    worst_actual: Any = None
+    candidate_reference_error: float | None = None
+    original_reference_error: float | None = None
+    accepted_by_reference: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return every field; JSON-serialisable (``json.dumps`` writes nan/inf as NaN/Infinity)."""
+        data = dataclasses.asdict(self)
+        for key in ("shape", "worst_index"):
+            data[key] = None if data[key] is None else list(data[key])
+        return data
+
+    def __str__(self) -> str:
+        label = f"{self.name} (intermediate)" if self.intermediate else self.name
+        shape = "?" if self.shape is None else list(self.shape)
+        text = (
+            f"{'PASS' if self.passed else 'FAIL'} {label} {shape} {self.dtype}: "
+            f"max abs {self.max_abs_error:.3g}, max rel {self.max_rel_error:.3g}, "
+            f"mean abs {self.mean_abs_error:.3g} (atol {self.atol:g}, rtol {self.rtol:g})"
+        )
+        if self.candidate_reference_error is not None:
+            text += (
+                f"; vs float64 reference: fused error {self.candidate_reference_error:.3g}, "
+                f"original error {self.original_reference_error:.3g}"
+            )
+        return f"{text} -- {self.reason}" if self.reason else text
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def default_tolerance(dtype: ir.DataType | np.dtype | type) -> tuple[float, float]:
+    """Return the default ``(atol, rtol)`` for outputs of ``dtype`` (table in the module doc).
+
+    Integer, bool and string types get ``(0.0, 0.0)``: they are compared exactly.
+    """
+    dt = dtype if isinstance(dtype, ir.DataType) else ir_dtype(np.dtype(dtype))
+    if dt in _DEFAULT_TOLERANCES:
+        return _DEFAULT_TOLERANCES[dt]
+    if dt is not None and dt.is_floating_point():
+        return _LOW_PRECISION_TOLERANCE
+    return (0.0, 0.0)
+
+
+def compare_arrays(
+    expected: np.ndarray,
+    actual: np.ndarray,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    name: str = "",
+    trial: int = 0,
+    intermediate: bool = False,
+) -> OutputStats:
+    """Compare one candidate array with the original's under the module's rule.
+
+    ``atol``/``rtol`` of ``None`` take :func:`default_tolerance`; they are ignored (exact
+    comparison) for integer, bool and string arrays.
+    """
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    kind = dtype_kind(expected.dtype)
+    default = default_tolerance(expected.dtype)
+    exact = kind in ("exact", "string")
+    atol = 0.0 if exact else (default[0] if atol is None else float(atol))
+    rtol = 0.0 if exact else (default[1] if rtol is None else float(rtol))
+    base = OutputStats(
+        name,
+        trial,
+        False,
+        intermediate,
+        shape=tuple(expected.shape),
+        dtype=dtype_name(expected.dtype),
+        atol=atol,
+        rtol=rtol,
+        size=int(expected.size),
+    )
+    problem = _layout_problem(expected, actual)
+    if problem:
+        return dataclasses.replace(base, reason=problem)
+    if kind == "string":
+        return _compare_strings(base, expected, actual)
+    return _compare_numbers(base, expected, actual, exact=exact)
+
+
+def _layout_problem(expected: np.ndarray, actual: np.ndarray) -> str:
+    """Say why two arrays cannot be compared element by element, or return ``""``."""
+    if dtype_name(expected.dtype) != dtype_name(actual.dtype):
+        return (
+            f"dtype differs: original {dtype_name(expected.dtype)}, "
+            f"candidate {dtype_name(actual.dtype)}"
+        )
+    if expected.shape != actual.shape:
+        return f"shape differs: original {list(expected.shape)}, candidate {list(actual.shape)}"
+    return ""
+
+
+def _compare_strings(base: OutputStats, expected: np.ndarray, actual: np.ndarray) -> OutputStats:
+    differs = expected.astype(str) != actual.astype(str)
+    count = int(differs.sum())
+    if not count:
+        return dataclasses.replace(base, passed=True)
+    index = np.unravel_index(int(np.argmax(differs)), differs.shape)
+    return dataclasses.replace(
+        base,
+        mismatches=count,
+        reason=f"{count} of {base.size} strings differ",
+        worst_index=tuple(int(i) for i in index),
+        worst_expected=str(expected[index]),
+        worst_actual=str(actual[index]),
+    )
+
+
+def _compare_numbers(
+    base: OutputStats, expected: np.ndarray, actual: np.ndarray, *, exact: bool
+) -> OutputStats:
+    """Apply ``|a - e| <= atol + rtol * |e|`` (``a == e`` if ``exact``), collect statistics."""
+    abs_err = _abs_error(expected, actual)
+    magnitude = np.abs(_as_float64(expected))
+    with np.errstate(invalid="ignore", over="ignore"):
+        bound = np.where(np.isfinite(magnitude), base.atol + base.rtol * magnitude, 0.0)
+        floor = base.atol if base.atol > 0 else np.finfo(np.float64).tiny
+        rel_err = _safe_ratio(abs_err, np.maximum(magnitude, floor))
+        used = _safe_ratio(abs_err, bound)
+    violated = expected != actual if exact else abs_err > bound  # int64 beyond 2**53 too
+    if exact:
+        used = np.where(violated, np.inf, 0.0)
+    mismatches = int(violated.sum())
+    stats = dataclasses.replace(
+        base,
+        passed=mismatches == 0,
+        mismatches=mismatches,
+        **_summary("abs", abs_err),
+        **_summary("rel", rel_err),
+        tolerance_used=float(used.max()) if used.size else 0.0,
+    )
+    if not used.size:
+        return stats
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(used)), used.shape))
+    stats = dataclasses.replace(
+        stats,
+        worst_index=index,
+        worst_expected=_scalar(expected[index]),
+        worst_actual=_scalar(actual[index]),
+    )
+    if mismatches:
+        reason = (
+            f"{mismatches} of {base.size} elements beyond tolerance; worst at {list(index)}: "
+            f"expected {_fmt(stats.worst_expected)}, got {_fmt(stats.worst_actual)}"
+        )
+        stats = dataclasses.replace(stats, reason=reason)
+    return stats
+
+
+def _abs_error(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """``|a - e|`` in float64 with NaN == NaN and same-sign Inf == Inf; other NaNs become Inf."""
+    e, a = _as_float64(expected), _as_float64(actual)
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.abs(a - e)
+    same = (np.isnan(e) & np.isnan(a)) | (np.isinf(e) & (a == e))
+    err[same] = 0.0
+    err[np.isnan(err)] = np.inf
+    return err
+
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``n / d`` with ``0 / anything = 0`` and ``x / 0 = inf``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = numerator / denominator
+    ratio[numerator == 0] = 0.0
+    ratio[np.isnan(ratio)] = np.inf
+    return ratio
+
+
+def _summary(kind: str, errors: np.ndarray) -> dict[str, float]:
+    if not errors.size:
+        return {f"{s}_{kind}_error": 0.0 for s in ("max", "mean", "median", "p99")}
+    return {
+        f"max_{kind}_error": float(errors.max()),
+        f"mean_{kind}_error": float(errors.mean()),
+        f"median_{kind}_error": float(np.median(errors)),
+        f"p99_{kind}_error": float(np.quantile(errors, 0.99, method="higher")),
+    }
+
+
+def _max_abs_error(expected: np.ndarray, actual: np.ndarray) -> float:
+    return float(_abs_error(expected, actual).max()) if expected.size else 0.0
+
+
+def judge_with_reference(
+    stats: OutputStats, reference: np.ndarray, expected: np.ndarray, actual: np.ndarray
+) -> OutputStats:
+    """Accept a float output beyond tolerance if it is within 2x the original's own error."""
+    if reference.shape != expected.shape:
+        return stats
+    fused_error = _max_abs_error(reference, actual)
+    original_error = _max_abs_error(reference, expected)
+    stats = dataclasses.replace(
+        stats, candidate_reference_error=fused_error, original_reference_error=original_error
+    )
+    accepted = math.isfinite(original_error) and fused_error <= _REFERENCE_FACTOR * original_error
+    if not accepted:
+        return dataclasses.replace(
+            stats,
+            reason=f"{stats.reason}; more than {_REFERENCE_FACTOR:g}x the original's "
+            "error against the float64 reference",
+        )
+    return dataclasses.replace(
+        stats,
+        passed=True,
+        accepted_by_reference=True,
+        reason=f"{stats.reason}; accepted: fused error {fused_error:.3g} <= "
+        f"{_REFERENCE_FACTOR:g} x original error {original_error:.3g} (float64 reference)",
+    )
+
+
+def needs_reference(stats: OutputStats, expected: np.ndarray) -> bool:
+    """A float output that failed on its elements (not its layout): worth a float64 reference."""
+    return not stats.passed and stats.mismatches > 0 and dtype_kind(expected.dtype) == "float"
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def ir_dtype(dtype: np.dtype) -> ir.DataType | None:
+    """The ONNX type of a numpy dtype (ml_dtypes' bfloat16, float8 too), or ``None``."""
+    try:
+        return ir.DataType.from_numpy(dtype)
+    except TypeError:
+        return None
+
+
+def dtype_kind(dtype: np.dtype) -> str:
+    """``"float"``, ``"complex"``, ``"string"`` or ``"exact"`` (integers, bool)."""
+    if dtype.kind in "OUS":
+        return "string"
+    if dtype.kind == "c":
+        return "complex"
+    dt = ir_dtype(dtype)
+    return "float" if dt is not None and dt.is_floating_point() else "exact"
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The dtype's name for reports; every string or object dtype is ``"string"``."""
+    return "string" if dtype.kind in "OUS" else dtype.name
+
+
+def _as_float64(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.complex128 if array.dtype.kind == "c" else np.float64)
+
+
+def _scalar(value: Any) -> Any:
+    """A JSON-friendly Python scalar for one element."""
+    kind = dtype_kind(np.asarray(value).dtype)
+    if kind == "float":
+        return float(value)
+    if kind == "complex":
+        return str(complex(value))
+    return value.item() if hasattr(value, "item") else value
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.7g}" if isinstance(value, float) else repr(value)

@@ -1,0 +1,124 @@
+"""The float64 reference: a copy of the original computing in float64, built and run on demand.
+
+Merging ``y = (x @ W1) @ W2`` into ``x @ (W1 @ W2)`` reassociates sums, so on wide layers the
+candidate can differ from the original by more than a fixed tolerance while being *closer* to
+the exact result. When a floating-point output fails the comparison rule, a float64 copy of the
+original is run (float initializers, ``Constant`` values and ``Cast``/``dtype`` targets turned
+into float64, float inputs cast to float64) and :func:`converter.compare.judge_with_reference`
+decides with it. The reference is built once, only when needed; if onnxruntime cannot build or
+run it (an op without a float64 kernel, say) :attr:`Reference.note` says why and nothing is
+rescued.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Reference"]
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from converter.compare import dtype_kind
+from converter.runtime import Runner, Side, all_nodes, one_line, open_session
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_ATTRIBUTES = ("to", "dtype", "output_dtype")
+
+
+class Reference:
+    """The float64 copy of the original, built on first use and reused across trials."""
+
+    def __init__(self, side: Side, workdir: str) -> None:
+        self._side, self._workdir = side, workdir
+        self._runner: Runner | None = None
+        self._built = False
+        self.note = "not needed"
+
+    def run(self, feeds: Mapping[str, np.ndarray], trial: int) -> dict[str, np.ndarray] | None:
+        """Return the float64 outputs for ``feeds``, or ``None`` (and a note) if impossible."""
+        if not self._built:
+            self._built = True
+            try:
+                model = _float64_model(self._side.model)
+                self._runner = open_session(
+                    Side("reference", model, None, []), self._workdir, "reference"
+                )
+            except Exception as e:  # onnxruntime and onnx_ir raise many types
+                self.note = f"unavailable: onnxruntime cannot build it ({one_line(e)})"
+                logger.info("float64 reference %s", self.note)
+        if self._runner is None:
+            return None
+        try:
+            outputs = self._runner.run({k: _widen(v) for k, v in feeds.items()})
+        except Exception as e:  # onnxruntime raises many types
+            self.note = f"unavailable: it fails to run on trial {trial} ({one_line(e)})"
+            return None
+        if self.note == "not needed":
+            self.note = "used"
+        return outputs
+
+
+def _widen(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float64) if dtype_kind(array.dtype) == "float" else array
+
+
+def _float64_model(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` computing in float64 wherever it computed in another float type."""
+    ref = model.clone()
+    for graph in ref.graphs():
+        _retype_values(graph)
+        for value in graph.initializers.values():
+            if value.const_value is not None and _is_float(value.const_value.dtype):
+                value.const_value = _float64_tensor(value.const_value)
+    for node in all_nodes(ref):
+        _retype_attributes(node)
+    return ref
+
+
+def _retype_values(graph: ir.Graph) -> None:
+    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+    values.extend(output for node in graph for output in node.outputs)
+    for value in values:
+        if isinstance(value.type, ir.TensorType) and _is_float(value.dtype):
+            value.type = ir.TensorType(ir.DataType.DOUBLE)  # a new object: types may be shared
+
+
+def _float64_tensor(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    return ir.LazyTensor(
+        lambda: ir.tensor(tensor.numpy().astype(np.float64), name=tensor.name),
+        dtype=ir.DataType.DOUBLE,
+        shape=tensor.shape,
+        name=tensor.name,
+    )
+
+
+def _retype_attributes(node: ir.Node) -> None:
+    """Turn float tensor attributes and float dtype attributes (``Cast.to``...) into float64."""
+    if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        for key in ("value_float", "value_floats"):
+            if key in node.attributes:
+                array = np.asarray(node.attributes.pop(key).value, dtype=np.float64)
+                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
+    for key, attr in list(node.attributes.items()):
+        if attr.is_ref():
+            continue
+        if attr.type == ir.AttributeType.TENSOR and _is_float(attr.as_tensor().dtype):
+            node.attributes[key] = ir.AttrTensor(key, _float64_tensor(attr.as_tensor()))
+        elif key in _DTYPE_ATTRIBUTES and _is_float_dtype_attr(attr):
+            node.attributes[key] = ir.AttrInt64(key, ir.DataType.DOUBLE)
+
+
+def _is_float_dtype_attr(attr: ir.Attr) -> bool:
+    if attr.type != ir.AttributeType.INT:
+        return False
+    try:
+        return _is_float(ir.DataType(attr.as_int()))
+    except ValueError:
+        return False
+
+
+def _is_float(dtype: ir.DataType | None) -> bool:
+    return dtype is not None and dtype.is_floating_point()

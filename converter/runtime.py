@@ -1,0 +1,193 @@
+"""Run models in onnxruntime exactly as given: one session per model, reused across trials.
+
+Runtime: onnxruntime CPU provider, graph optimisations disabled (``ORT_DISABLE_ALL``), one
+thread, fatal-only logging. A model given as a path is loaded by onnxruntime from that path when
+it needs no change (a :class:`Side` keeps its path until :func:`expose` adds outputs); otherwise
+the model is serialised to bytes (external data stays where it is) or, above ~1.8 GB of in-memory
+weights, saved with external data into a temporary folder. Types numpy lacks (bfloat16, float8)
+go in and come out as raw OrtValues.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ModelLike",
+    "Runner",
+    "Side",
+    "all_nodes",
+    "expose",
+    "load_side",
+    "one_line",
+    "open_session",
+]
+
+import ctypes
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from converter import io
+from converter.compare import ir_dtype
+
+logger = logging.getLogger(__name__)
+
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+_IN_MEMORY_LIMIT = io.EXTERNAL_DATA_THRESHOLD_BYTES
+_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+_PROVIDERS = ["CPUExecutionProvider"]
+_NO_NUMPY_TYPES = frozenset(
+    f"tensor({t})"
+    for t in ("bfloat16", "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz")
+)
+_MAX_MESSAGE = 500
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class Side:
+    """One model under comparison: its IR copy and, while unchanged, the file it came from."""
+
+    label: str
+    model: ir.Model
+    path: str | None
+    outputs: list[str]
+
+
+def load_side(model: ModelLike, role: str) -> Side:
+    """Wrap ``model`` without ever mutating the caller's object."""
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        loaded = io.load_model(path)
+        return Side(f"{role} model {path}", loaded, path, [v.name for v in loaded.graph.outputs])
+    if isinstance(model, onnx.ModelProto):
+        copy = ir.serde.deserialize_model(model)  # wraps the proto's tensors, copies nothing
+    elif isinstance(model, ir.Model):
+        copy = model.clone()  # tensors are shared, never modified
+    else:
+        raise TypeError(
+            f"{role} must be a path, an onnx.ModelProto or an onnx_ir.Model, "
+            f"not {type(model).__name__}"
+        )
+    return Side(f"{role} model", copy, None, [v.name for v in copy.graph.outputs])
+
+
+def expose(side: Side, names: Sequence[str]) -> list[str]:
+    """Add the named values as graph outputs; return the names the model does not have."""
+    values = ir.convenience.create_value_mapping(side.model.graph, include_subgraphs=False)
+    missing = []
+    for name in names:
+        value = values.get(name)
+        if value is None:
+            missing.append(name)
+        elif not value.is_graph_output():
+            side.model.graph.outputs.append(value)
+            side.path = None
+    return missing
+
+
+def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    for graph in model.graphs():
+        yield from (v.const_value for v in graph.initializers.values() if v.const_value is not None)
+    for node in all_nodes(model):
+        for attr in node.attributes.values():
+            if not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
+                yield attr.as_tensor()
+
+
+def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node of the main graph, its subgraphs and the model-local functions."""
+    yield from model.graph.all_nodes()
+    for function in model.functions.values():
+        yield from function.all_nodes()
+
+
+# --------------------------------------------------------------------------- onnxruntime
+
+
+def _session_options(folder: str | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    # Fatal only: run errors reach the user through our one-line message, not ORT's own log.
+    options.log_severity_level = 4
+    if folder is not None:
+        options.add_session_config_entry(_FOLDER_KEY, folder)
+    return options
+
+
+def _serialise(model: ir.Model, workdir: str, stem: str) -> tuple[bytes | str, str | None]:
+    """Bytes plus the folder of any external data, or a saved file when too big for bytes."""
+    tensors = {id(t): t for t in _all_tensors(model)}.values()
+    external = [t for t in tensors if isinstance(t, ir.ExternalTensor)]
+    folders = {os.path.abspath(t.base_dir) for t in external}
+    in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
+    if in_memory < _IN_MEMORY_LIMIT and len(folders) <= 1:
+        return ir.to_proto(model).SerializeToString(), (folders.pop() if folders else None)
+    path = os.path.join(workdir, f"{stem}.onnx")
+    logger.info("saving the %s copy with external data to %s", stem, path)
+    ir.save(model, path, external_data=f"{stem}.onnx.data")
+    return path, None
+
+
+def open_session(side: Side, workdir: str, stem: str) -> Runner:
+    """Create the onnxruntime session for ``side`` (from its file when it is unchanged)."""
+    if side.path is not None:
+        return Runner(ort.InferenceSession(side.path, _session_options(), providers=_PROVIDERS))
+    source, folder = _serialise(side.model, workdir, stem)
+    return Runner(ort.InferenceSession(source, _session_options(folder), providers=_PROVIDERS))
+
+
+class Runner:
+    """One onnxruntime session, created once and run for every trial."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self._raw_outputs = any(o.type in _NO_NUMPY_TYPES for o in session.get_outputs())
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``feeds`` and return output name -> array."""
+        ort_feeds = {name: _ort_input(feeds[name], self._raw_outputs) for name in self.input_names}
+        if self._raw_outputs:
+            values = self.session.run_with_ort_values(self.output_names, ort_feeds)
+            arrays = [_ortvalue_to_numpy(v) for v in values]
+        else:
+            arrays = self.session.run(self.output_names, ort_feeds)
+        return dict(zip(self.output_names, arrays, strict=True))
+
+
+def _ort_input(array: np.ndarray, as_ortvalue: bool) -> Any:
+    """Numpy arrays pass as they are; types numpy lacks (bfloat16, float8) go as raw OrtValues."""
+    dtype = ir_dtype(array.dtype)
+    if array.dtype.kind == "V" and dtype is not None:
+        raw = np.ascontiguousarray(array).view(f"u{array.dtype.itemsize}")
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, int(dtype))
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) if as_ortvalue else array
+
+
+def _ortvalue_to_numpy(value: ort.OrtValue) -> np.ndarray:
+    """Copy an output out of onnxruntime, also for 8/16-bit types numpy does not have."""
+    if value.data_type() not in _NO_NUMPY_TYPES:
+        return value.numpy()
+    dtype = np.dtype(ir.DataType(value.element_type()).numpy())
+    count = value.tensor_size_in_bytes()
+    raw = np.frombuffer((ctypes.c_uint8 * count).from_address(value.data_ptr()), np.uint8)
+    return raw.copy().view(dtype).reshape(value.shape())
+
+
+def one_line(error: object) -> str:
+    """An onnxruntime error on one line of at most 500 characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
