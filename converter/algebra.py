@@ -204,12 +204,16 @@ def overflow_reason(a: np.ndarray, dtype: np.dtype | type) -> str | None:
     return None
 
 
-def plan_segments(widths: Sequence[int], policy: Policy = "cost") -> list[tuple[int, int]]:
+def plan_segments(
+    widths: Sequence[int], policy: Policy = "cost", *, alone: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
     """Partition a chain of ``len(widths) - 1`` ops into merged segments ``[start, stop)``.
 
     ``policy="always"`` merges the whole chain. ``policy="cost"`` minimises the total
     multiply-adds per row, ``sum(widths[i] * widths[j])`` over segments, with a dynamic program
-    over split points (O(k^2)); ties go to fewer segments, i.e. fewer ops.
+    over split points (O(k^2)); ties go to fewer segments, i.e. fewer ops. ``alone[i]`` is the
+    cost of op ``i`` left as it is, when that is not ``widths[i] * widths[i + 1]`` (a diagonal
+    scale costs its width).
     """
     k = len(widths) - 1
     if k < 1:
@@ -222,7 +226,9 @@ def plan_segments(widths: Sequence[int], policy: Policy = "cost") -> list[tuple[
     best: list[tuple[int, int]] = [(0, 0)] + [(0, 0)] * k
     split = [0] * (k + 1)
     for j in range(1, k + 1):
-        candidates = ((best[i][0] + widths[i] * widths[j], best[i][1] + 1, i) for i in range(j))
+        candidates = (
+            (best[i][0] + _segment_cost(widths, alone, i, j), best[i][1] + 1, i) for i in range(j)
+        )
         macs, count, i = min(candidates)
         best[j], split[j] = (macs, count), i
     segments = []
@@ -233,6 +239,17 @@ def plan_segments(widths: Sequence[int], policy: Policy = "cost") -> list[tuple[
     return segments[::-1]
 
 
-def segments_macs(widths: Sequence[int], segments: Sequence[tuple[int, int]]) -> int:
+def _segment_cost(widths: Sequence[int], alone: Sequence[int] | None, i: int, j: int) -> int:
+    if j - i == 1 and alone is not None:
+        return alone[i]
+    return widths[i] * widths[j]
+
+
+def segments_macs(
+    widths: Sequence[int],
+    segments: Sequence[tuple[int, int]],
+    *,
+    alone: Sequence[int] | None = None,
+) -> int:
     """Multiply-adds per row of the chain when ``segments`` are each merged into one op."""
-    return sum(widths[i] * widths[j] for i, j in segments)
+    return sum(_segment_cost(widths, alone, i, j) for i, j in segments)

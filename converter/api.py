@@ -44,10 +44,12 @@ def fuse(model: ModelT, *, policy: Policy = "cost") -> ModelT:
         fuse_model(model, policy=policy)
         return model
     if isinstance(model, onnx.ModelProto):
-        # Deserialising only wraps the proto's tensors; the rewrite builds new ones, so the
-        # caller's proto is left as it was without paying for a copy.
-        ir_model = ir.serde.deserialize_model(model)
-        training.stash(ir_model, model)
+        # onnx-ir wraps the proto's tensors rather than copying them, and serialising can write
+        # back into them (a Constant's tensor gets its output's name): work on a copy.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        ir_model = ir.serde.deserialize_model(copy)
+        training.stash(ir_model, copy)
         fuse_model(ir_model, policy=policy)
         return training.restore(ir_model, ir.serde.serialize_model(ir_model))
     raise TypeError(

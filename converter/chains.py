@@ -19,6 +19,7 @@ import onnx_ir as ir
 from converter import algebra
 from converter.recognize import Decline, LinearOp, recognize
 from converter.report import Declined
+from converter.steps import STEP_OPS, recognize_step
 
 __all__ = ["ChainPlan", "find_chains", "plan_chain"]
 
@@ -68,11 +69,15 @@ def find_chains(graph: ir.Graph, label: str) -> tuple[list[list[LinearOp]], list
     ops: list[LinearOp] = []
     refused: list[Decline] = []
     absorbed: set[ir.Node] = set()
+    widths: dict[ir.Value, int] = {}
     for node in graph:
         if node in absorbed:
             continue
         found = recognize(node)
+        if found is None and node.op_type in STEP_OPS:
+            found = recognize_step(node, widths.get)
         if isinstance(found, LinearOp):
+            widths[found.output] = found.out_features
             ops.append(found)
             absorbed.update(found.nodes[1:])
         elif isinstance(found, Decline):
@@ -132,12 +137,20 @@ def _refused_neighbours(
 def plan_chain(
     chain: list[LinearOp], policy: algebra.Policy, label: str
 ) -> tuple[ChainPlan, list[Declined]]:
-    """Choose which segments of ``chain`` to merge, recording why any split was made."""
+    """Choose which segments of ``chain`` to merge, recording why any split was made.
+
+    Only segments holding a Gemm or MatMul are merged: elementwise steps alone stay as they are.
+    """
+    if all(op.elementwise for op in chain):
+        return ChainPlan(chain, []), []
     widths = [chain[0].in_features] + [op.out_features for op in chain]
-    segments = algebra.plan_segments(widths, policy)
+    alone = [op.macs for op in chain]
+    segments = algebra.plan_segments(widths, policy, alone=alone)
     declined = []
     for (i, j), (_, k) in itertools.pairwise(segments):
-        separate = widths[i] * widths[j] + widths[j] * widths[k]
+        if all(op.elementwise for op in chain[i:k]):
+            continue
+        separate = algebra.segments_macs(widths, [(i, j), (j, k)], alone=alone)
         merged = widths[i] * widths[k]
         declined.append(
             Declined(
@@ -147,5 +160,7 @@ def plan_chain(
                 label,
             )
         )
-    merged_segments = [(i, j) for i, j in segments if j - i >= 2]
+    merged_segments = [
+        (i, j) for i, j in segments if j - i >= 2 and not all(op.elementwise for op in chain[i:j])
+    ]
     return ChainPlan(chain, merged_segments), declined

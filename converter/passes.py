@@ -15,7 +15,6 @@ downstream, graph outputs included, is untouched. Weights the chain alone used a
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -221,7 +220,7 @@ def _merge_segment(
         widths=widths,
         input_shape=_shape_list(x),
         output_shape=_shape_list(new_out),
-        macs_before=sum(a * b for a, b in itertools.pairwise(widths)),
+        macs_before=sum(op.macs for op in ops),
         macs_after=widths[0] * widths[-1],
         params_before=params_before,
         params_after=params_after,

@@ -57,6 +57,12 @@ class LinearOp:
     weights: tuple[ir.Value, ...]
     make_affine: Callable[[], algebra.AffineMap]
     trans_a: int = 0
+    elementwise: bool = False
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per row when the op runs alone (a diagonal step costs its width)."""
+        return self.out_features if self.elementwise else self.in_features * self.out_features
 
     @property
     def affine(self) -> algebra.AffineMap:

@@ -322,6 +322,11 @@ def _assert_outputs(case: Case, fused: onnx.ModelProto, merged: bool) -> None:
         assert err <= bound, f"{out.name}: error {err:.3g} > {bound:.3g} (original {err_orig:.3g})"
 
 
+def _merged(fused: onnx.ModelProto) -> bool:
+    """Whether fuse() rewrote anything (every merged node says so in its doc_string)."""
+    return any(n.doc_string.startswith("onnx-fuse merged") for n in fused.graph.node)
+
+
 def _io(model: onnx.ModelProto) -> list[bytes]:
     """Graph inputs then outputs, each with its name, type and shape, in order."""
     return [v.SerializeToString() for v in [*model.graph.input, *model.graph.output]]
@@ -335,7 +340,7 @@ def _check(case: Case, policy: str) -> onnx.ModelProto:
     onnx.checker.check_model(fused, full_check=True)
     assert _io(fused) == _io(case.model), "graph inputs/outputs changed"
     assert _linear_ops(fused) <= _linear_ops(case.model)
-    _assert_outputs(case, fused, merged=_linear_ops(fused) < _linear_ops(case.model))
+    _assert_outputs(case, fused, merged=_merged(fused))
     return fused
 
 
