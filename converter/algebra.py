@@ -23,7 +23,7 @@ segments that minimises total multiply-adds per row, ``sum(d_i * d_j)`` over seg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,12 +106,17 @@ def compose(first: AffineMap, second: AffineMap) -> AffineMap:
     return AffineMap(weight, bias)
 
 
-def compose_all(maps: Sequence[AffineMap]) -> AffineMap:
-    """Compose ``maps`` in order of application (``maps[0]`` is applied first)."""
-    if not maps:
+def compose_all(maps: Iterable[AffineMap]) -> AffineMap:
+    """Compose ``maps`` in order of application (the first is applied first).
+
+    ``maps`` may be a generator: each map is then built only when it is folded in, so a chain
+    of k float64 maps needs memory for about three of them, not k.
+    """
+    it = iter(maps)
+    result = next(it, None)
+    if result is None:
         raise ValueError("compose_all needs at least one map")
-    result = maps[0]
-    for m in maps[1:]:
+    for m in it:
         result = compose(result, m)
     return result
 
@@ -145,7 +150,9 @@ def gemm_affine(
     weight = _f64(b)
     if weight.ndim != 2:
         raise ValueError(f"Gemm B must be 2-D, got shape {weight.shape}")
-    weight = alpha * (weight.T if trans_b else weight)
+    weight = weight.T if trans_b else weight
+    if alpha != 1.0:
+        weight = alpha * weight  # a float64 copy of the whole weight: only when needed
     bias = None if c is None else beta * _f64(c)
     return AffineMap(weight, _normalise_bias(bias, weight.shape[1]))
 

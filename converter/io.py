@@ -231,7 +231,11 @@ class PendingOutput:
         try:
             for src, dst in moves:
                 _keep_mode(dst, src)
-                _fsync(src)
+                # Flush to disk before a rename that replaces a file (--force): after a power
+                # loss the old file must not be gone with the new one still unwritten. A new
+                # output replaces nothing, so it skips the flush (seconds on multi-GB models).
+                if os.path.lexists(dst):
+                    _fsync(src)
             for src, dst in moves:
                 os.replace(src, dst)
             _fsync(os.path.dirname(self.dst))

@@ -156,7 +156,7 @@ def _merge_segment(
     """Rewrite one segment of a chain as a single op; decline if the result cannot be stored,
     or (``policy="cost"``) if it would hold more parameters than the ops it replaces."""
     all_names = [n for op in ops for n in op.names]
-    affine = algebra.compose_all([op.affine for op in ops])
+    affine = algebra.compose_all(op.affine for op in ops)  # one float64 map at a time
     np_dtype = ops[0].dtype.numpy()
     bias = affine.bias
     # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.

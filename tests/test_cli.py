@@ -247,11 +247,12 @@ def test_output_over_input_needs_force_and_stays_atomic(two_layer, capsys):
 
 def test_keep_on_fail_writes_the_differing_model(two_layer, tmp_path, monkeypatch):
     real = algebra.compose_all
-    monkeypatch.setattr(
-        algebra,
-        "compose_all",
-        lambda maps: algebra.AffineMap(real(maps).weight, real(maps).bias + 0.5),
-    )
+
+    def wrong_bias(maps):
+        merged = real(maps)
+        return algebra.AffineMap(merged.weight, merged.bias + 0.5)
+
+    monkeypatch.setattr(algebra, "compose_all", wrong_bias)
     out = tmp_path / "out.onnx"
     assert main([str(two_layer), "-o", str(out), "--keep-on-fail", "-q"]) == 1
     assert op_types(onnx.load(out)) == ["Gemm"]
