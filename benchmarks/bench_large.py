@@ -27,9 +27,7 @@ process would start with this process's RSS as its mark). A thread also samples 
 ``RssAnon``/``RssFile`` from ``/proc`` every 20 ms, to show what the peak is made of. Short commands
 run ``--rounds`` times, interleaved with their reference, and the fastest round is kept (the
 machine is shared). The files just built are in the page cache, so every command reads warm data;
-``os.sync()`` before each command keeps one command's write-back out of the next one's time. As
-onnx-fuse calls ``fsync`` on its output before the atomic rename and ``ir.save`` does not, case 1
-also prints, for information, the ratio to onnx_ir's load+save followed by an ``fsync``.
+``os.sync()`` before each command keeps one command's write-back out of the next one's time.
 Below 1.8 GB of weights (``--width`` under about 3500) onnx-fuse would write one self-contained file
 by default; the scaled-down runs pass ``--external-data`` so that both sides write the same.
 The script prints the ratios, asserts nothing and exits 0 (1 if a command fails or the disk is
@@ -81,17 +79,11 @@ with open(sys.argv[1], "w") as f:
 """
 
 # onnx_ir's own load+save: the I/O reference.
-# With "fsync", also flush both files to disk, as onnx-fuse does before its atomic rename.
 _IO_SNIPPET = """
-import os, sys
+import sys
 import onnx_ir as ir
 model = ir.load(sys.argv[1])
 ir.save(model, sys.argv[2], external_data=sys.argv[3])
-if sys.argv[4:] == ["fsync"]:
-    for path in (sys.argv[2], os.path.join(os.path.dirname(sys.argv[2]), sys.argv[3])):
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
 """
 
 # The float64 products a merge of the chain needs: W = B1.T @ B2.T @ ... (weights (out, in)).
@@ -268,8 +260,8 @@ def _fuse_cmd(model: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "converter", str(model), "-o", str(out), *extra]
 
 
-def _io_cmd(model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", _IO_SNIPPET, str(model), str(out), f"{out.name}.data", *extra]
+def _io_cmd(model: Path, out: Path) -> list[str]:
+    return [sys.executable, "-c", _IO_SNIPPET, str(model), str(out), f"{out.name}.data"]
 
 
 def _best_of(
@@ -301,11 +293,10 @@ def _case_nothing(work: Path, model: Path, rounds: int, title: str) -> None:
         {
             "io": _io_cmd(model, work / "nothing_io.onnx"),
             "fuse": _fuse_cmd(model, work / "nothing_out.onnx"),
-            "io_fsync": _io_cmd(model, work / "nothing_iofs.onnx", "fsync"),
         },
-        {"io": "nothing_io", "fuse": "nothing_out", "io_fsync": "nothing_iofs"},
+        {"io": "nothing_io", "fuse": "nothing_out"},
     )
-    io_run, fuse, io_fsync = runs["io"], runs["fuse"], runs["io_fsync"]
+    io_run, fuse = runs["io"], runs["fuse"]
     ratio = fuse.wall / io_run.wall
     print(f"nothing to fuse ({title}):")
     print(
@@ -317,11 +308,6 @@ def _case_nothing(work: Path, model: Path, rounds: int, title: str) -> None:
         f"{_verdict(fuse.peak_rss < NOTHING_RSS_TARGET_GB * GB)}"
     )
     print(f"  onnx_ir load+save peak RSS {io_run.rss_text}")
-    print(
-        f"  for information: onnx_ir load+save+fsync {io_fsync.wall:.1f} s -> ratio "
-        f"{fuse.wall / io_fsync.wall:.2f} (onnx-fuse fsyncs its output before the atomic rename; "
-        "ir.save does not)"
-    )
     print(f"  onnx-fuse: {_summary(fuse.stdout, 'merged', 'linear ops', 'validation')}")
 
 
