@@ -557,3 +557,18 @@ def test_is_same_file(tmp_path: Path) -> None:
 def test_public_names() -> None:
     for name in cio.__all__:
         assert hasattr(cio, name), name
+
+
+def test_files_are_flushed_to_disk_only_when_they_replace_one(tmp_path: Path, monkeypatch) -> None:
+    """A rename over an existing file must not lose it to a power cut: flush first. A new output
+    replaces nothing, so it skips the (multi-second, on large models) flush."""
+    flushed: list[str] = []
+    monkeypatch.setattr(cio, "_fsync", flushed.append)
+    model = cio.load_model(_save_linear(tmp_path / "in", external=True))
+    out = tmp_path / "out"
+    out.mkdir()
+    cio.write_model(model, out / "m.onnx", external_data="m.data").commit()
+    assert [Path(p).name for p in flushed] == ["out"]  # the folder, for the renames themselves
+    flushed.clear()
+    cio.write_model(model, out / "m.onnx", external_data="m.data", force=True).commit()
+    assert sorted(Path(p).name for p in flushed) == ["m.data", "m.onnx", "out"]
