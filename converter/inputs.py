@@ -254,17 +254,8 @@ def _apply_override(
         raise InputError(f"--input-shape {value.name}: dimensions must be >= 0, got {shape}")
     if value.shape is None:
         return shape
-    if len(shape) != len(value.shape):
-        raise InputError(
-            f"--input-shape {value.name} has rank {len(shape)} but the model expects "
-            f"{describe_input(value)}"
-        )
+    _check_shape("--input-shape", value, shape)
     for axis, (dim, size) in enumerate(zip(value.shape, shape, strict=True)):
-        if _fixed(dim) and dim != size:
-            raise InputError(
-                f"--input-shape {value.name}: dim {axis} is {size} but the model fixes it to "
-                f"{dim} ({describe_input(value)})"
-            )
         if _is_named(dim) and symbols.setdefault(dim.value, size) != size:
             raise InputError(
                 f"--input-shape {value.name}: dim {axis} ('{dim.value}') is {size} but "

@@ -7,8 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from converter.passes import fuse_model
 
 __all__ = [
     "rng",
@@ -21,6 +24,7 @@ __all__ = [
     "op_types",
     "check",
     "assert_same_graph",
+    "fuse_with_report",
 ]
 
 FLOAT = TensorProto.FLOAT
@@ -92,6 +96,13 @@ def linear_chain(
     x = helper.make_tensor_value_info("x", elem, [*lead, widths[0]])
     y = helper.make_tensor_value_info("y", elem, [*lead, widths[-1]])
     return make_model(nodes, [x], [y], inits, opset=opset)
+
+
+def fuse_with_report(model: onnx.ModelProto, policy: str = "cost"):
+    """``converter.fuse`` that also returns the :class:`FusionReport` (via the pass itself)."""
+    ir_model = ir.serde.deserialize_model(model)
+    report = fuse_model(ir_model, policy=policy)
+    return ir.serde.serialize_model(ir_model), report
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:

@@ -81,14 +81,18 @@ def test_default_output_name_and_policy_always(tmp_path):
     assert op_types(onnx.load(tmp_path / "low_rank.fused.onnx")) == ["Gemm"]
 
 
-def test_validation_failure_exits_1_and_writes_nothing(two_layer, tmp_path, monkeypatch, capsys):
-    real = algebra.compose_all
+def _wrong_bias(compose_all):
+    """A broken merge: the right weight with the bias off by 0.5, for validation to catch."""
 
     def wrong_bias(maps):
-        merged = real(maps)
+        merged = compose_all(maps)
         return algebra.AffineMap(merged.weight, merged.bias + 0.5)
 
-    monkeypatch.setattr(algebra, "compose_all", wrong_bias)
+    return wrong_bias
+
+
+def test_validation_failure_exits_1_and_writes_nothing(two_layer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(algebra, "compose_all", _wrong_bias(algebra.compose_all))
     out = tmp_path / "out.onnx"
     assert main([str(two_layer), "-o", str(out)]) == 1
     err = capsys.readouterr().err.strip()
@@ -246,13 +250,7 @@ def test_output_over_input_needs_force_and_stays_atomic(two_layer, capsys):
 
 
 def test_keep_on_fail_writes_the_differing_model(two_layer, tmp_path, monkeypatch):
-    real = algebra.compose_all
-
-    def wrong_bias(maps):
-        merged = real(maps)
-        return algebra.AffineMap(merged.weight, merged.bias + 0.5)
-
-    monkeypatch.setattr(algebra, "compose_all", wrong_bias)
+    monkeypatch.setattr(algebra, "compose_all", _wrong_bias(algebra.compose_all))
     out = tmp_path / "out.onnx"
     assert main([str(two_layer), "-o", str(out), "--keep-on-fail", "-q"]) == 1
     assert op_types(onnx.load(out)) == ["Gemm"]

@@ -17,6 +17,7 @@ from builders import (
     assert_equivalent,
     assert_same_graph,
     check,
+    fuse_with_report,
     gemm_node,
     init,
     linear_chain,
@@ -27,15 +28,9 @@ from builders import (
 from onnx import TensorProto, helper
 
 import converter
-from converter.passes import FuseLinearChainsPass, fuse_model
+from converter.passes import FuseLinearChainsPass
 
 FLOAT = TensorProto.FLOAT
-
-
-def fuse_with_report(model: onnx.ModelProto, policy: str = "cost"):
-    ir_model = ir.serde.deserialize_model(model)
-    report = fuse_model(ir_model, policy=policy)
-    return ir.serde.serialize_model(ir_model), report
 
 
 def feeds(shape, seed=0, dtype=np.float32):

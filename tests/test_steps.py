@@ -7,21 +7,20 @@ with explicit tolerances, and ``onnx.checker.check_model(full_check=True)``.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 import pytest
-from builders import assert_equivalent, check, gemm_node, init, make_model, op_types, rng
+from builders import (
+    assert_equivalent,
+    check,
+    fuse_with_report,
+    gemm_node,
+    init,
+    make_model,
+    op_types,
+    rng,
+)
 from onnx import TensorProto, helper
 
-from converter.passes import fuse_model
-
 FLOAT = TensorProto.FLOAT
-
-
-def fuse_with_report(model: onnx.ModelProto, policy: str = "cost"):
-    ir_model = ir.serde.deserialize_model(model)
-    report = fuse_model(ir_model, policy=policy)
-    return ir.serde.serialize_model(ir_model), report
 
 
 def _io(x_shape, y_shape):
