@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -110,6 +110,13 @@ class _Names:
         return name
 
 
+def _ticking(ops: list[LinearOp], tick: Callable[[], None]) -> Iterator[algebra.AffineMap]:
+    """Each op's float64 map, built only when the fold reaches it; ``tick`` after each."""
+    for op in ops:
+        yield op.affine
+        tick()
+
+
 def _fused_name(ops: list[LinearOp]) -> str:
     names = [n for op in ops for n in op.names[:1]]
     if len(names) > 4:
@@ -152,11 +159,12 @@ def _merge_segment(
     opset: int,
     label: str,
     policy: algebra.Policy,
+    tick: Callable[[], None] = lambda: None,
 ) -> FusionRecord | Declined:
     """Rewrite one segment of a chain as a single op; decline if the result cannot be stored,
     or (``policy="cost"``) if it would hold more parameters than the ops it replaces."""
     all_names = [n for op in ops for n in op.names]
-    affine = algebra.compose_all(op.affine for op in ops)  # one float64 map at a time
+    affine = algebra.compose_all(_ticking(ops, tick))  # one float64 map at a time
     np_dtype = ops[0].dtype.numpy()
     bias = affine.bias
     # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.
@@ -252,11 +260,8 @@ def fuse_model(
     else:
         names = _Names(model)
         training.mark_trained(model)
-        graphs = list(iter_graphs(model.graph))
-        for i, (graph, label) in enumerate(graphs):
-            progress("merging", i, len(graphs))
-            _fuse_graph(graph, label, policy, names, opset, report)
-        progress("merging", len(graphs), len(graphs))
+        segments = _plan(model, policy, report, progress)
+        _merge_all(segments, names, opset, policy, report, progress)
     report.linear_ops_after, report.macs_after, report.params_after = _model_totals(model)
     report.seconds = time.perf_counter() - start
     logger.info(
@@ -269,27 +274,51 @@ def fuse_model(
     return report
 
 
-def _fuse_graph(
-    graph: ir.Graph,
-    label: str,
-    policy: algebra.Policy,
+_Segment = tuple[ir.Graph, str, list[LinearOp]]
+
+
+def _plan(
+    model: ir.Model, policy: algebra.Policy, report: FusionReport, progress: ProgressCallback
+) -> list[_Segment]:
+    """Find and plan every chain in every graph; segments are disjoint, so merging one leaves
+    the others' nodes and values as they were."""
+    graphs = list(iter_graphs(model.graph))
+    segments: list[_Segment] = []
+    for n, (graph, label) in enumerate(graphs):
+        progress("analysing", n, len(graphs))
+        found, declined = chains.find_chains(graph, label)
+        report.declined.extend(declined)
+        for chain in found:
+            plan, split_reasons = chains.plan_chain(chain, policy, label)
+            report.declined.extend(split_reasons)
+            segments.extend((graph, label, chain[i:j]) for i, j in plan.segments)
+    return segments
+
+
+def _merge_all(
+    segments: list[_Segment],
     names: _Names,
     opset: int,
+    policy: algebra.Policy,
     report: FusionReport,
+    progress: ProgressCallback,
 ) -> None:
-    found, declined = chains.find_chains(graph, label)
-    report.declined.extend(declined)
-    for chain in found:
-        plan, split_reasons = chains.plan_chain(chain, policy, label)
-        report.declined.extend(split_reasons)
-        for i, j in plan.segments:
-            result = _merge_segment(graph, chain[i:j], names, opset, label, policy)
-            if isinstance(result, Declined):
-                report.declined.append(result)
-                logger.debug("%s", result)
-            else:
-                report.fusions.append(result)
-                logger.debug("merged %s", result.nodes)
+    """Merge the planned segments, counting composed ops for the progress line."""
+    total, done = sum(len(ops) for _, _, ops in segments), 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        progress("merging", done, total)
+
+    for graph, label, ops in segments:
+        result = _merge_segment(graph, ops, names, opset, label, policy, tick)
+        if isinstance(result, Declined):
+            report.declined.append(result)
+            logger.debug("%s", result)
+        else:
+            report.fusions.append(result)
+            logger.debug("merged %s", result.nodes)
 
 
 class FuseLinearChainsPass(ir.passes.InPlacePass):

@@ -36,3 +36,20 @@ def test_drawn_after_the_delay_and_cleared():
     out = stream.getvalue()
     assert "onnx-fuse: validating" in out
     assert out.endswith("\r\033[K")
+
+
+def test_fuse_file_reports_every_stage(tmp_path):
+    from pathlib import Path
+
+    import converter
+
+    calls = []
+    models = Path(__file__).resolve().parent.parent / "models"
+    converter.fuse_file(
+        models / "four_layer.onnx",
+        tmp_path / "o.onnx",
+        progress=lambda stage, done=None, total=None: calls.append((stage, done, total)),
+    )
+    stages = list(dict.fromkeys(stage for stage, _, _ in calls))
+    assert stages == ["loading", "analysing", "merging", "writing", "validating"]
+    assert ("merging", 4, 4) in calls  # four ops composed, counted one by one
