@@ -34,6 +34,8 @@ __all__ = [
     "AffineMap",
     "compose",
     "compose_all",
+    "add_maps",
+    "identity_map",
     "gemm_affine",
     "matmul_affine",
     "scale_affine",
@@ -104,6 +106,24 @@ def compose(first: AffineMap, second: AffineMap) -> AffineMap:
     if second.bias is not None:
         bias = second.bias if bias is None else bias + second.bias
     return AffineMap(weight, bias)
+
+
+def add_maps(first: AffineMap, second: AffineMap) -> AffineMap:
+    """The map ``first(x) + second(x)``: ``W = W1 + W2``, ``b = b1 + b2`` (parallel branches)."""
+    if first.weight.shape != second.weight.shape:
+        raise ValueError(
+            f"cannot add maps of shapes {first.weight.shape} and {second.weight.shape}"
+        )
+    if first.bias is None or second.bias is None:
+        bias = first.bias if second.bias is None else second.bias
+    else:
+        bias = first.bias + second.bias
+    return AffineMap(first.weight + second.weight, bias)
+
+
+def identity_map(width: int) -> AffineMap:
+    """``y = x``: the skip side of a residual connection."""
+    return AffineMap(np.eye(width))
 
 
 def compose_all(maps: Iterable[AffineMap]) -> AffineMap:

@@ -60,8 +60,10 @@ def _link_reason(prev: LinearOp, op: LinearOp) -> str | None:
     return None
 
 
-def find_chains(graph: ir.Graph, label: str) -> tuple[list[list[LinearOp]], list[Declined]]:
-    """All maximal chains of two or more linear ops in ``graph`` (not its subgraphs).
+def find_chains(
+    graph: ir.Graph, label: str, *, min_length: int = 2
+) -> tuple[list[list[LinearOp]], list[Declined]]:
+    """All maximal chains of ``min_length`` or more linear ops in ``graph`` (not its subgraphs).
 
     Returns the chains, each in order of application, and a record for every link refused between
     two linear ops, or between a linear op and a Gemm/MatMul that cannot be merged.
@@ -101,12 +103,13 @@ def find_chains(graph: ir.Graph, label: str) -> tuple[list[list[LinearOp]], list
 
     chains = []
     for op in ops:
-        if id(op) in has_predecessor or id(op) not in successor:
+        if id(op) in has_predecessor:
             continue
         chain = [op]
         while id(chain[-1]) in successor:
             chain.append(successor[id(chain[-1])])
-        chains.append(chain)
+        if len(chain) >= min_length:
+            chains.append(chain)
     return chains, declined
 
 

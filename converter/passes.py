@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from converter import algebra, chains, training
+from converter import algebra, branches, chains, training
 from converter.progress import ProgressCallback, no_progress
 from converter.recognize import LinearOp
 from converter.report import Declined, FusionRecord, FusionReport
@@ -152,6 +153,37 @@ def _remove_if_unused(value: ir.Value | None) -> None:
             _remove_if_unused(source)
 
 
+@dataclass
+class _Rewrite:
+    """What one merge replaces: linear ops (and any joining node) from ``x`` to ``out``."""
+
+    ops: list[LinearOp]
+    joins: list[ir.Node]
+    x: ir.Value
+    out: ir.Value
+    widths: list[int]
+    macs_before: int
+
+    @classmethod
+    def segment(cls, ops: list[LinearOp]) -> _Rewrite:
+        widths = [ops[0].in_features] + [op.out_features for op in ops]
+        return cls(ops, [], ops[0].input, ops[-1].output, widths, sum(op.macs for op in ops))
+
+    @classmethod
+    def parallel(cls, p: branches.Parallel) -> _Rewrite:
+        widths = [p.left[0].in_features, p.left[-1].out_features]
+        macs = sum(op.macs for op in p.ops) + widths[-1]
+        return cls(p.ops, [p.add], p.x, p.add.outputs[0], widths, macs)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for op in self.ops for n in op.names] + [n.name or n.op_type for n in self.joins]
+
+    @property
+    def old_nodes(self) -> list[ir.Node]:
+        return [n for op in self.ops for n in op.nodes] + self.joins
+
+
 def _merge_segment(
     graph: ir.Graph,
     ops: list[LinearOp],
@@ -161,10 +193,24 @@ def _merge_segment(
     policy: algebra.Policy,
     tick: Callable[[], None] = lambda: None,
 ) -> FusionRecord | Declined:
-    """Rewrite one segment of a chain as a single op; decline if the result cannot be stored,
-    or (``policy="cost"``) if it would hold more parameters than the ops it replaces."""
-    all_names = [n for op in ops for n in op.names]
+    """Rewrite one segment of a chain as a single op (see :func:`_emit`)."""
     affine = algebra.compose_all(_ticking(ops, tick))  # one float64 map at a time
+    return _emit(graph, _Rewrite.segment(ops), affine, names, opset, label, policy)
+
+
+def _emit(
+    graph: ir.Graph,
+    rewrite: _Rewrite,
+    affine: algebra.AffineMap,
+    names: _Names,
+    opset: int,
+    label: str,
+    policy: algebra.Policy,
+) -> FusionRecord | Declined:
+    """Replace ``rewrite``'s nodes by one op computing ``affine``; decline if the result cannot be
+    stored, or (``policy="cost"``) if it would hold more parameters than the ops it replaces."""
+    ops = rewrite.ops
+    all_names = rewrite.names
     np_dtype = ops[0].dtype.numpy()
     bias = affine.bias
     # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.
@@ -193,7 +239,7 @@ def _merge_segment(
     if bias is not None:
         b_value = _initializer(graph, names, f"{base}.bias", algebra.round_to_dtype(bias, np_dtype))
     doc = "onnx-fuse merged: " + ", ".join(all_names)
-    x, old_out = ops[0].input, ops[-1].output
+    x, old_out = rewrite.x, rewrite.out
     if as_gemm:
         attrs = {"transB": 1} | ({"transA": 1} if ops[0].trans_a else {})
         inputs = [x, w_value] + ([b_value] if b_value is not None else [])
@@ -210,7 +256,7 @@ def _merge_segment(
                     doc_string=doc,
                 )
             )
-    old_nodes = [n for op in ops for n in op.nodes]
+    old_nodes = rewrite.old_nodes
     new_out = new_nodes[-1].outputs[0]
     ir.convenience.replace_nodes_and_values(
         graph, old_nodes[-1], old_nodes, new_nodes, [old_out], [new_out]
@@ -218,17 +264,17 @@ def _merge_segment(
     for w in weights:
         _remove_if_unused(w)
 
-    widths = [ops[0].in_features] + [op.out_features for op in ops]
+    widths = rewrite.widths
     return FusionRecord(
         nodes=all_names,
-        op_types=[n.op_type for op in ops for n in op.nodes],
+        op_types=[n.op_type for n in old_nodes],
         new_nodes=[n.name or n.op_type for n in new_nodes],
         graph=label,
         output=new_out.name or "",
         widths=widths,
         input_shape=_shape_list(x),
         output_shape=_shape_list(new_out),
-        macs_before=sum(op.macs for op in ops),
+        macs_before=rewrite.macs_before,
         macs_after=widths[0] * widths[-1],
         params_before=params_before,
         params_after=params_after,
@@ -260,6 +306,7 @@ def fuse_model(
     else:
         names = _Names(model)
         training.mark_trained(model)
+        _merge_parallel_branches(model, policy, names, opset, report)
         segments = _plan(model, policy, report, progress)
         _merge_all(segments, names, opset, policy, report, progress)
     report.linear_ops_after, report.macs_after, report.params_after = _model_totals(model)
@@ -272,6 +319,21 @@ def fuse_model(
         report.linear_ops_after,
     )
     return report
+
+
+def _merge_parallel_branches(
+    model: ir.Model, policy: algebra.Policy, names: _Names, opset: int, report: FusionReport
+) -> None:
+    """Merge every ``Add`` of two linear branches of one input (LoRA, residual) into one op,
+    before chains are looked for: the merged op can then join the chain around it."""
+    for graph, label in list(iter_graphs(model.graph)):
+        found, _ = chains.find_chains(graph, label, min_length=1)
+        parallels, declined = branches.find_parallel(found, policy, label)
+        report.declined.extend(declined)
+        for parallel in parallels:
+            rewrite = _Rewrite.parallel(parallel)
+            result = _emit(graph, rewrite, parallel.affine(), names, opset, label, policy)
+            (report.declined if isinstance(result, Declined) else report.fusions).append(result)
 
 
 _Segment = tuple[ir.Graph, str, list[LinearOp]]
