@@ -209,7 +209,8 @@ def _run_check(argv: Sequence[str]) -> int:
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    # --verbose adds the report's records to stdout; the library's own log is for --debug.
+    level = logging.DEBUG if args.debug else logging.WARNING
     logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr)
 
 
