@@ -1,9 +1,14 @@
 """FuseLinearChainsPass: merge chains of linear ops into one op each, in place.
 
-For each chain found by :mod:`converter.chains` (in the main graph and every ``If``/``Loop``/``Scan``
-body), each segment the cost model chose is composed in float64 (:func:`algebra.compose_all`:
-``W = W1 @ W2 @ ...``, ``b = (b1 @ W2 + b2) @ W3 + ...``), rounded once to the model's dtype, and
-emitted in the form the chain came in:
+In every graph (the main graph and every ``If``/``Loop``/``Scan`` body), two phases:
+
+1. parallel branches (:mod:`converter.branches`): ``Add(A(x), B(x))`` of linear chains of one
+   input (a LoRA adapter, a residual) becomes one op, ``W = Wa + Wb``, ``b = ba + bb``;
+2. chains (:mod:`converter.chains`, elementwise steps of :mod:`converter.steps` included): each
+   segment the cost model chose is composed in float64 (:func:`algebra.compose_all`:
+   ``W = W1 @ W2 @ ...``, ``b = (b1 @ W2 + b2) @ W3 + ...``).
+
+Each result is rounded once to the model's dtype and emitted in the form the ops came in:
 
 - 2-D input (any Gemm in the segment, or a rank-2 input): ``Gemm(x, W_t, b, transB=1)`` with the
   weight in torch's ``(out, in)`` layout, keeping the first op's ``transA``;
