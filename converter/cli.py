@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from converter import api, validate
+from converter import __version__, api, validate
 from converter.errors import ConverterError, InputError
 from converter.progress import ProgressLine
 
@@ -94,6 +94,7 @@ def _fuse_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 success; 1 outputs differ (nothing written); 2 bad usage or input; "
         "3 internal error",
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("model", help="the .onnx file to fuse (never modified)")
     p.add_argument("-o", "--output", help="where to write the result (default MODEL.fused.onnx)")
     p.add_argument(

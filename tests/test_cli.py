@@ -262,3 +262,10 @@ def test_report_in_a_missing_folder_is_refused_before_any_work(two_layer, tmp_pa
     assert main(args) == 2
     assert "report's folder does not exist" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("onnx-fuse 0.")
