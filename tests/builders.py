@@ -25,6 +25,8 @@ __all__ = [
     "check",
     "assert_same_graph",
     "fuse_with_report",
+    "xy_io",
+    "feeds",
 ]
 
 FLOAT = TensorProto.FLOAT
@@ -96,6 +98,19 @@ def linear_chain(
     x = helper.make_tensor_value_info("x", elem, [*lead, widths[0]])
     y = helper.make_tensor_value_info("y", elem, [*lead, widths[-1]])
     return make_model(nodes, [x], [y], inits, opset=opset)
+
+
+def xy_io(x_shape, y_shape, elem: int = FLOAT) -> tuple[list, list]:
+    """Value infos for a graph with one input ``x`` and one output ``y``."""
+    return (
+        [helper.make_tensor_value_info("x", elem, x_shape)],
+        [helper.make_tensor_value_info("y", elem, y_shape)],
+    )
+
+
+def feeds(shape, seed: int = 0, dtype: type = np.float32) -> dict[str, np.ndarray]:
+    """A seeded input ``x`` uniform in [-1, 1) (signed, so sign mistakes show)."""
+    return {"x": rng(seed).uniform(-1, 1, shape).astype(dtype)}
 
 
 def fuse_with_report(model: onnx.ModelProto, policy: str = "cost"):

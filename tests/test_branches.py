@@ -12,27 +12,18 @@ import pytest
 from builders import (
     assert_equivalent,
     check,
+    feeds,
     fuse_with_report,
     gemm_node,
     init,
     make_model,
     op_types,
     rng,
+    xy_io,
 )
 from onnx import TensorProto, helper
 
 FLOAT = TensorProto.FLOAT
-
-
-def _io(x_shape, y_shape):
-    return (
-        [helper.make_tensor_value_info("x", FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", FLOAT, y_shape)],
-    )
-
-
-def _feeds(shape, seed=0):
-    return {"x": rng(seed).uniform(-1, 1, shape).astype(np.float32)}
 
 
 def _lora(d_in=32, d_out=24, rank=4, *, three_d=False, tail=None) -> onnx.ModelProto:
@@ -74,7 +65,7 @@ def _lora(d_in=32, d_out=24, rank=4, *, three_d=False, tail=None) -> onnx.ModelP
         nodes.append(gemm_node("tail", "h", "T", None, "y", transB=1))
         out_width = tail
     lead = ["b", "s"] if three_d else ["n"]
-    return make_model(nodes, *_io([*lead, d_in], [*lead, out_width]), inits)
+    return make_model(nodes, *xy_io([*lead, d_in], [*lead, out_width]), inits)
 
 
 def test_lora_adapter_merges_into_its_base_layer():
@@ -86,7 +77,7 @@ def test_lora_adapter_merges_into_its_base_layer():
     assert record.macs_before == 32 * 24 + 32 * 4 + 4 * 24 + 24 + 24
     assert record.macs_after == 32 * 24
     assert report.params_after == 32 * 24 + 24
-    assert_equivalent(model, fused, _feeds((5, 32)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((5, 32)), atol=1e-5, rtol=1e-4)
     check(fused)
 
 
@@ -95,7 +86,7 @@ def test_lora_adapter_on_a_3d_matmul_base():
     fused, report = fuse_with_report(model)
     assert len(report.fusions) == 1
     assert op_types(fused) == ["MatMul", "Add"]
-    assert_equivalent(model, fused, _feeds((2, 3, 32)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((2, 3, 32)), atol=1e-5, rtol=1e-4)
     check(fused)
 
 
@@ -104,7 +95,7 @@ def test_merged_branches_then_join_the_chain_after_them():
     fused, report = fuse_with_report(model)
     assert [len(r.nodes) for r in report.fusions] == [5, 2]  # branches, then (merged, tail)
     assert op_types(fused) == ["Gemm"]
-    assert_equivalent(model, fused, _feeds((4, 16)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((4, 16)), atol=1e-5, rtol=1e-4)
     check(fused)
 
 
@@ -118,11 +109,11 @@ def test_residual_connection_around_a_linear_layer():
         init("W", r.standard_normal((8, 8)).astype(np.float32)),
         init("b", r.standard_normal(8).astype(np.float32)),
     ]
-    model = make_model(nodes, *_io(["n", 8], ["n", 8]), inits)
+    model = make_model(nodes, *xy_io(["n", 8], ["n", 8]), inits)
     fused, report = fuse_with_report(model)
     assert [r.nodes for r in report.fusions] == [["fc", "residual"]]
     assert op_types(fused) == ["Gemm"]
-    assert_equivalent(model, fused, _feeds((3, 8)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((3, 8)), atol=1e-5, rtol=1e-4)
     check(fused)
 
 
@@ -140,14 +131,14 @@ def test_two_low_rank_branches_of_a_wide_layer_stay_apart():
         helper.make_node("MatMul", ["a2", "B2"], ["q"], name="b2"),
         helper.make_node("Add", ["p", "q"], ["y"], name="sum"),
     ]
-    model = make_model(nodes, *_io(["n", 256], ["n", 256]), inits)
+    model = make_model(nodes, *xy_io(["n", 256], ["n", 256]), inits)
     fused, report = fuse_with_report(model)
     assert report.fusions == [] and op_types(fused) == op_types(model)
     reasons = [d.reason for d in report.declined]
     assert any(reason.startswith("cost model: merging the parallel branches") for reason in reasons)
     fused_always, _ = fuse_with_report(model, policy="always")
     assert op_types(fused_always) == ["Gemm"]
-    assert_equivalent(model, fused_always, _feeds((2, 256)), atol=1e-4, rtol=1e-4)
+    assert_equivalent(model, fused_always, feeds((2, 256)), atol=1e-4, rtol=1e-4)
 
 
 def test_branch_result_used_elsewhere_is_left_intact():
@@ -156,7 +147,7 @@ def test_branch_result_used_elsewhere_is_left_intact():
     fused, report = fuse_with_report(model)
     assert "Add" in op_types(fused)
     assert all("merge" not in r.nodes for r in report.fusions)
-    assert_equivalent(model, fused, _feeds((3, 32)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((3, 32)), atol=1e-5, rtol=1e-4)
     check(fused)
 
 
@@ -203,7 +194,7 @@ def test_branches_of_scales_alone_are_not_made_a_matrix(policy):
         helper.make_node("Add", ["x", "xs"], ["y"], name="residual"),
     ]
     model = make_model(
-        nodes, *_io(["n", 8], ["n", 8]), [init("s", r.standard_normal(8).astype(np.float32))]
+        nodes, *xy_io(["n", 8], ["n", 8]), [init("s", r.standard_normal(8).astype(np.float32))]
     )
     fused, report = fuse_with_report(model, policy=policy)
     assert report.fusions == [] and report.declined == []

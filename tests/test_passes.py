@@ -17,6 +17,7 @@ from builders import (
     assert_equivalent,
     assert_same_graph,
     check,
+    feeds,
     fuse_with_report,
     gemm_node,
     init,
@@ -31,10 +32,6 @@ import converter
 from converter.passes import FuseLinearChainsPass
 
 FLOAT = TensorProto.FLOAT
-
-
-def feeds(shape, seed=0, dtype=np.float32):
-    return {"x": rng(seed).uniform(-1, 1, shape).astype(dtype)}
 
 
 # --- Gemm: every attribute combination -------------------------------------------------------

@@ -11,27 +11,18 @@ import pytest
 from builders import (
     assert_equivalent,
     check,
+    feeds,
     fuse_with_report,
     gemm_node,
     init,
     make_model,
     op_types,
     rng,
+    xy_io,
 )
 from onnx import TensorProto, helper
 
 FLOAT = TensorProto.FLOAT
-
-
-def _io(x_shape, y_shape):
-    return (
-        [helper.make_tensor_value_info("x", FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", FLOAT, y_shape)],
-    )
-
-
-def _feeds(shape, seed=0):
-    return {"x": rng(seed).uniform(-1, 1, shape).astype(np.float32)}
 
 
 def _two_gemms_around(step_nodes, step_inits, width=6):
@@ -49,7 +40,7 @@ def _two_gemms_around(step_nodes, step_inits, width=6):
         *step_nodes,
         gemm_node("fc1", "s", "W1", "b1", "y", transB=1),
     ]
-    return make_model(nodes, *_io(["n", 4], ["n", 3]), inits)
+    return make_model(nodes, *xy_io(["n", 4], ["n", 3]), inits)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +65,7 @@ def test_scale_and_shift_between_linear_layers_merge(op, inputs, const):
         "fused(fc0+step+fc1).weight",
         "fused(fc0+step+fc1).bias",
     ]
-    assert_equivalent(model, fused, _feeds((5, 4)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((5, 4)), atol=1e-5, rtol=1e-4)
     check(fused)
 
 
@@ -94,7 +85,7 @@ def test_batch_norm_between_linear_layers_merges():
     assert len(report.fusions) == 1 and report.fusions[0].nodes == ["fc0", "bn", "fc1"]
     assert op_types(fused) == ["Gemm"]
     assert len(fused.graph.initializer) == 2
-    assert_equivalent(model, fused, _feeds((5, 4)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((5, 4)), atol=1e-5, rtol=1e-4)
     check(fused)
 
 
@@ -113,12 +104,12 @@ def test_steps_before_a_matmul_chain_on_3d_input():
         helper.make_node("MatMul", ["xt", "W"], ["m"], name="mm"),
         helper.make_node("Add", ["m", "b"], ["y"], name="bias"),
     ]
-    model = make_model(nodes, *_io(["b", "s", 4], ["b", "s", 5]), inits)
+    model = make_model(nodes, *xy_io(["b", "s", 4], ["b", "s", 5]), inits)
     fused, report = fuse_with_report(model)
     assert len(report.fusions) == 1
     assert report.fusions[0].nodes == ["scale", "shift", "mm", "bias"]
     assert op_types(fused) == ["MatMul", "Add"]
-    assert_equivalent(model, fused, _feeds((2, 3, 4)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((2, 3, 4)), atol=1e-5, rtol=1e-4)
     check(fused)
 
 
@@ -130,7 +121,7 @@ def test_steps_alone_are_left_as_they_are():
     ]
     inits = [init("s", r.standard_normal(4).astype(np.float32))]
     inits.append(init("t", r.standard_normal(4).astype(np.float32)))
-    model = make_model(nodes, *_io(["n", 4], ["n", 4]), inits)
+    model = make_model(nodes, *xy_io(["n", 4], ["n", 4]), inits)
     fused, report = fuse_with_report(model, policy="always")
     assert report.fusions == [] and report.declined == []
     assert op_types(fused) == ["Mul", "Add"]
@@ -151,7 +142,7 @@ def test_what_is_not_a_step(op, inputs, const, why):
     model = _two_gemms_around([step], inits)
     if why == "broadcasts along the rows":  # make the graph valid for a (2, 6) constant
         model = make_model(
-            list(model.graph.node), *_io([2, 4], [2, 3]), list(model.graph.initializer)
+            list(model.graph.node), *xy_io([2, 4], [2, 3]), list(model.graph.initializer)
         )
     fused, report = fuse_with_report(model)
     assert report.fusions == [], why
@@ -169,7 +160,7 @@ def test_scalar_times_a_width_one_input_is_not_taken_for_a_wide_step():
         helper.make_node("Mul", ["x", "c"], ["xc"], name="spread"),
         helper.make_node("MatMul", ["xc", "W"], ["y"], name="mm"),
     ]
-    model = make_model(nodes, *_io(["n", 1], ["n", 3]), inits)
+    model = make_model(nodes, *xy_io(["n", 1], ["n", 3]), inits)
     fused, report = fuse_with_report(model)
     assert report.fusions == [] and op_types(fused) == ["Mul", "MatMul"]
 
@@ -187,11 +178,11 @@ def test_cost_model_puts_a_step_with_the_cheaper_neighbour():
         helper.make_node("Mul", ["h", "s"], ["hs"], name="scale"),
         gemm_node("up", "hs", "W1", None, "y", transB=1),
     ]
-    model = make_model(nodes, *_io(["n", 256], ["n", 256]), inits)
+    model = make_model(nodes, *xy_io(["n", 256], ["n", 256]), inits)
     fused, report = fuse_with_report(model)
     # Either neighbour costs the same (256*32 multiply-adds); the tie goes to the later one.
     assert [r.nodes for r in report.fusions] == [["scale", "up"]]
     assert op_types(fused) == ["Gemm", "Gemm"]
     assert any(d.reason.startswith("cost model") for d in report.declined)
-    assert_equivalent(model, fused, _feeds((3, 256)), atol=1e-5, rtol=1e-4)
+    assert_equivalent(model, fused, feeds((3, 256)), atol=1e-5, rtol=1e-4)
     check(fused)
