@@ -121,6 +121,9 @@ def _session_options(folder: str | None = None) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     # Fatal only: run errors reach the user through our one-line message, not ORT's own log.
     options.log_severity_level = 4
+    # Prepacking copies every Gemm/MatMul weight into the kernel's layout: a second copy of the
+    # model in memory, for runs that only happen a few times here.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if folder is not None:
         options.add_session_config_entry(_FOLDER_KEY, folder)
     return options
