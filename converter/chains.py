@@ -94,11 +94,11 @@ def find_chains(
         if prev is None:
             continue
         reason = _link_reason(prev, op)
-        if reason:
-            declined.append(Declined(prev.names + op.names, reason, label))
-        else:
+        if reason is None:
             successor[id(prev)] = op
             has_predecessor.add(id(op))
+        elif not (prev.elementwise and op.elementwise):  # two steps alone would not merge anyway
+            declined.append(Declined(prev.names + op.names, reason, label))
     declined.extend(_refused_neighbours(refused, ops, label))
 
     chains = []

@@ -186,3 +186,21 @@ def test_cost_model_puts_a_step_with_the_cheaper_neighbour():
     assert any(d.reason.startswith("cost model") for d in report.declined)
     assert_equivalent(model, fused, feeds((3, 256)), atol=1e-5, rtol=1e-4)
     check(fused)
+
+
+def test_refused_links_between_two_steps_are_not_reported():
+    """Two scales with a fan-out between them would never merge: no reason to report."""
+    r = rng(7)
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["xs"], name="scale"),
+        helper.make_node("Add", ["xs", "t"], ["y"], name="shift"),
+        helper.make_node("Relu", ["xs"], ["z"], name="relu"),
+    ]
+    inits = [init("s", r.standard_normal(4).astype(np.float32))]
+    inits.append(init("t", r.standard_normal(4).astype(np.float32)))
+    inputs, outputs = xy_io(["n", 4], ["n", 4])
+    outputs.append(helper.make_tensor_value_info("z", FLOAT, ["n", 4]))
+    model = make_model(nodes, inputs, outputs, inits)
+    fused, report = fuse_with_report(model)
+    assert report.fusions == [] and report.declined == []
+    assert op_types(fused) == ["Mul", "Add", "Relu"]
