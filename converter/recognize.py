@@ -92,6 +92,10 @@ def constant_tensor(value: ir.Value | None) -> tuple[np.ndarray | None, str | No
     if value.meta.get(training.TRAINED):
         return None, f"weight '{_label(value)}' is trained by the model's training_info"
     producer = value.producer()
+    if value.const_value is None and _is_identity(producer):
+        # torch's exporter deduplicates equal initializers and hands them out through Identity.
+        assert producer is not None
+        return constant_tensor(producer.inputs[0] if producer.inputs else None)
     if value.const_value is None and _is_transposed_matrix(producer):
         assert producer is not None
         array, reason = constant_tensor(producer.inputs[0])
@@ -109,6 +113,10 @@ def constant_tensor(value: ir.Value | None) -> tuple[np.ndarray | None, str | No
     if tensor is None:
         return None, f"weight '{_label(value)}' is not constant"
     return tensor.numpy(), None
+
+
+def _is_identity(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx")
 
 
 def _is_transposed_matrix(node: ir.Node | None) -> bool:

@@ -93,7 +93,7 @@ def _initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) ->
 
 
 def _remove_if_unused(value: ir.Value | None) -> None:
-    """Drop an initializer, Constant node or weight Transpose that nothing uses any more."""
+    """Drop an initializer, Constant node, or weight Transpose/Identity that nothing uses any more."""
     if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
         return
     producer = value.producer()
@@ -102,7 +102,7 @@ def _remove_if_unused(value: ir.Value | None) -> None:
     elif producer is not None and producer.graph is not None:
         if producer.op_type == "Constant":
             producer.graph.remove(producer, safe=True)
-        elif producer.op_type == "Transpose":
+        elif producer.op_type in ("Transpose", "Identity"):
             source = producer.inputs[0]  # safe removal detaches the node's inputs
             producer.graph.remove(producer, safe=True)
             _remove_if_unused(source)

@@ -125,10 +125,11 @@ def _batch_norm(node: ir.Node) -> LinearOp | None:
         array, reason = constant_tensor(value)
         if reason or array is None or array.ndim != 1 or not _sole_user(value, node):
             return None
-        arrays.append(array.astype(np.float64))
-    scale, bias, mean, var = arrays
+        arrays.append(array)
+    # X and scale share a type unless the model says otherwise (opset 15 lets them differ).
+    dtype = data.dtype or node.inputs[1].dtype or ir.DataType.from_numpy(arrays[0].dtype)
+    scale, bias, mean, var = (a.astype(np.float64) for a in arrays)
     width = scale.size
-    dtype = data.dtype or node.inputs[1].dtype
     if dtype not in FLOAT_TYPES or any(a.size != width for a in arrays):
         return None
     epsilon = node.attributes.get_float("epsilon", 1e-5)

@@ -204,3 +204,29 @@ def test_refused_links_between_two_steps_are_not_reported():
     fused, report = fuse_with_report(model)
     assert report.fusions == [] and report.declined == []
     assert op_types(fused) == ["Mul", "Add", "Relu"]
+
+
+def test_batch_norm_with_parameters_behind_identity_nodes():
+    """torch's legacy exporter deduplicates equal initializers and passes them through Identity
+    (untyped values): BatchNorm1d's zero mean and unit variance often arrive that way."""
+    r = rng(8)
+    bn_inits = [
+        init("ones", np.ones(6, np.float32)),
+        init("zeros", np.zeros(6, np.float32)),
+        init("bias", r.standard_normal(6).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["ones"], ["scale"], name="id_scale"),
+        helper.make_node("Identity", ["zeros"], ["mean"], name="id_mean"),
+        helper.make_node("Identity", ["ones"], ["var"], name="id_var"),
+        helper.make_node(
+            "BatchNormalization", ["h0", "scale", "bias", "mean", "var"], ["s"], name="bn"
+        ),
+    ]
+    model = _two_gemms_around(nodes, bn_inits)
+    fused, report = fuse_with_report(model)
+    assert len(report.fusions) == 1 and report.fusions[0].nodes == ["fc0", "bn", "fc1"]
+    assert op_types(fused) == ["Gemm"]  # the Identity nodes and their sources are gone too
+    assert len(fused.graph.initializer) == 2
+    assert_equivalent(model, fused, feeds((5, 4)), atol=1e-5, rtol=1e-4)
+    check(fused)
