@@ -19,6 +19,7 @@ from builders import (
     make_model,
     op_types,
     rng,
+    run,
     xy_io,
 )
 from onnx import TensorProto, helper
@@ -179,8 +180,6 @@ def test_torch_lora_module_exports_and_merges(tmp_path):
     assert [len(r.nodes) for r in report.fusions] == [5, 2]
     with torch.no_grad():
         expected = module(x).numpy()
-    from builders import run
-
     (got,) = run(fused, {"x": x.numpy()})
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
     check(fused)

@@ -7,6 +7,7 @@ with explicit tolerances, and ``onnx.checker.check_model(full_check=True)``.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from builders import (
     assert_equivalent,
@@ -18,6 +19,7 @@ from builders import (
     make_model,
     op_types,
     rng,
+    run,
     xy_io,
 )
 from onnx import TensorProto, helper
@@ -229,4 +231,30 @@ def test_batch_norm_with_parameters_behind_identity_nodes():
     assert op_types(fused) == ["Gemm"]  # the Identity nodes and their sources are gone too
     assert len(fused.graph.initializer) == 2
     assert_equivalent(model, fused, feeds((5, 4)), atol=1e-5, rtol=1e-4)
+    check(fused)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_linear_batchnorm_linear_head_merges(tmp_path, dynamo):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 4)
+    )
+    with torch.no_grad():  # non-trivial running statistics
+        head[1].running_mean.uniform_(-1, 1)
+        head[1].running_var.uniform_(0.5, 2)
+    head.eval()
+    x = torch.randn(5, 16)
+    path = tmp_path / "head.onnx"
+    if dynamo:
+        torch.onnx.export(head, (x,), str(path), dynamo=True)
+    else:
+        torch.onnx.export(head, (x,), str(path), dynamo=False, input_names=["x"])
+    model = onnx.load(path)
+    fused, report = fuse_with_report(model)
+    assert len(report.fusions) == 1 and op_types(fused) == ["Gemm"]
+    (got,) = run(fused, {model.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, head(x).numpy(), atol=1e-5, rtol=1e-4)
     check(fused)
