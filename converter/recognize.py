@@ -24,7 +24,15 @@ import onnx_ir as ir
 
 from converter import algebra, training
 
-__all__ = ["LinearOp", "Decline", "recognize", "constant_tensor", "FLOAT_TYPES"]
+__all__ = [
+    "LinearOp",
+    "Decline",
+    "recognize",
+    "constant_tensor",
+    "shared_with_others",
+    "broadcasts_along_last_axis",
+    "FLOAT_TYPES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +135,7 @@ def _is_transposed_matrix(node: ir.Node | None) -> bool:
     return perm is None or list(perm) == [1, 0]
 
 
-def _sole_user(value: ir.Value, node: ir.Node) -> str | None:
+def shared_with_others(value: ir.Value, node: ir.Node) -> str | None:
     """Reason the weight ``value`` is shared beyond ``node``, or None if ``node`` is its only user."""
     others = [u.node for u in value.uses() if u.node is not node]
     if others:
@@ -146,7 +154,7 @@ def _weights(node: ir.Node, indices: tuple[int, ...]) -> tuple[list[np.ndarray |
             arrays.append(None)
             continue
         array, reason = constant_tensor(value)
-        reason = reason or _sole_user(value, node)
+        reason = reason or shared_with_others(value, node)
         if reason:
             return [None] * len(indices), reason
         arrays.append(array)
@@ -233,6 +241,15 @@ def _gemm_bias_reason(c: np.ndarray | None, out_features: int) -> str | None:
     return None
 
 
+def broadcasts_along_last_axis(c: np.ndarray, data: ir.Value, width: int) -> bool:
+    """``c`` is a scalar or ``(1, ..., 1, width)`` and does not raise ``data``'s rank (a bias or
+    scale per feature, not a broadcast along another axis or up a rank)."""
+    if c.size not in (1, width) or any(d != 1 for d in c.shape[:-1]):
+        return False
+    rank = None if data.shape is None else len(data.shape)
+    return c.ndim <= 1 if rank is None else c.ndim <= max(rank, 1)
+
+
 def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, np.ndarray, ir.Value] | None:
     """The ``Add`` after ``matmul`` that adds a constant last-axis bias, with the bias, if any."""
     out = matmul.outputs[0]
@@ -246,15 +263,12 @@ def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, np.ndarray, 
     if other is None or other is out:
         return None
     array, reason = constant_tensor(other)
-    if reason or _sole_user(other, add):
+    if reason or shared_with_others(other, add):
         return None
     assert array is not None
-    if any(d != 1 for d in array.shape[:-1]) or array.size not in (1, out_features):
-        return None  # broadcasts along another axis: not a per-feature bias
-    x_shape = matmul.inputs[0].shape if matmul.inputs[0] is not None else None
-    out_rank = None if x_shape is None else max(len(x_shape), 1)
-    if array.ndim > 1 and (out_rank is None or array.ndim > out_rank):
-        return None  # the Add would raise the result's rank: more than a bias
+    # MatMul(x, W) with a 2-D W has x's rank, so x stands for the Add's data.
+    if not broadcasts_along_last_axis(array, matmul.inputs[0], out_features):
+        return None
     return add, array, other
 
 

@@ -23,7 +23,13 @@ import numpy as np
 import onnx_ir as ir
 
 from converter import algebra
-from converter.recognize import FLOAT_TYPES, LinearOp, constant_tensor
+from converter.recognize import (
+    FLOAT_TYPES,
+    LinearOp,
+    broadcasts_along_last_axis,
+    constant_tensor,
+    shared_with_others,
+)
 
 __all__ = ["STEP_OPS", "recognize_step"]
 
@@ -44,18 +50,6 @@ def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
-def _broadcasts_along_last_axis(c: np.ndarray, data: ir.Value, width: int) -> bool:
-    """``c`` is a scalar or ``(1, ..., 1, width)`` and does not raise ``data``'s rank."""
-    if c.size not in (1, width) or any(d != 1 for d in c.shape[:-1]):
-        return False
-    rank = _rank(data)
-    return c.ndim <= 1 if rank is None else c.ndim <= max(rank, 1)
-
-
-def _sole_user(value: ir.Value, node: ir.Node) -> bool:
-    return all(u.node is node for u in value.uses())
-
-
 def recognize_step(node: ir.Node, width_of: WidthOf) -> LinearOp | None:
     """The step ``node`` computes as a :class:`LinearOp` (``elementwise=True``), or None.
 
@@ -72,14 +66,14 @@ def recognize_step(node: ir.Node, width_of: WidthOf) -> LinearOp | None:
     data_index = 0 if constant_tensor(right)[1] is None else 1
     data, const = (left, right) if data_index == 0 else (right, left)
     c, reason = constant_tensor(const)
-    if reason or c is None or constant_tensor(data)[1] is None or not _sole_user(const, node):
+    if reason or c is None or constant_tensor(data)[1] is None or shared_with_others(const, node):
         return None  # not exactly one constant operand (both constant is constant folding)
     if node.op_type == "Div" and data_index == 1:
         return None  # c / x is not affine
     # The data's own width, never the constant's: x[N, 1] * c[d] broadcasts x up to d columns.
     width = _static_last_dim(data) or width_of(data)
     dtype = data.dtype or ir.DataType.from_numpy(c.dtype)
-    if width is None or dtype not in FLOAT_TYPES or not _broadcasts_along_last_axis(c, data, width):
+    if width is None or dtype not in FLOAT_TYPES or not broadcasts_along_last_axis(c, data, width):
         return None
     if node.op_type == "Div" and not np.all(c != 0):
         return None
@@ -123,7 +117,7 @@ def _batch_norm(node: ir.Node) -> LinearOp | None:
     arrays = []
     for value in node.inputs[1:]:
         array, reason = constant_tensor(value)
-        if reason or array is None or array.ndim != 1 or not _sole_user(value, node):
+        if reason or array is None or array.ndim != 1 or shared_with_others(value, node):
             return None
         arrays.append(array)
     # X and scale share a type unless the model says otherwise (opset 15 lets them differ).
