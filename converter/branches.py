@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from converter import algebra
-from converter.recognize import LinearOp, constant_tensor
+from converter.recognize import LinearOp, constant_tensor, is_onnx
 from converter.report import Declined
 
 __all__ = ["Parallel", "find_parallel"]
@@ -69,7 +69,7 @@ def _feeds_only(value: ir.Value, node: ir.Node) -> bool:
 
 def _match(add: ir.Node, by_output: dict[ir.Value, list[LinearOp]]) -> Parallel | None:
     """The two branches ``add`` sums, when both are linear chains of one input."""
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+    if not is_onnx(add, "Add") or len(add.inputs) != 2:
         return None
     p, q = add.inputs
     if p is None or q is None or p is q or constant_tensor(p)[1] is None:

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from converter import algebra, branches, chains, rewrite, training
 from converter.progress import ProgressCallback, no_progress
-from converter.recognize import LinearOp
+from converter.recognize import LinearOp, is_onnx
 from converter.report import Declined, FusionRecord, FusionReport
 
 __all__ = ["FuseLinearChainsPass", "fuse_model", "iter_graphs"]
@@ -55,7 +55,7 @@ def _model_totals(model: ir.Model) -> tuple[int, int, int]:
     for graph, _ in iter_graphs(model.graph):
         params += sum(rewrite.tensor_size(v) for v in graph.initializers.values())
         for node in graph:
-            if node.domain not in ("", "ai.onnx"):
+            if not is_onnx(node):
                 continue
             if node.op_type == "Constant" and "value" in node.attributes:
                 params += rewrite.tensor_size_of(node.attributes["value"].as_tensor())

@@ -31,6 +31,7 @@ __all__ = [
     "constant_tensor",
     "shared_with_others",
     "broadcasts_along_last_axis",
+    "is_onnx",
     "FLOAT_TYPES",
 ]
 
@@ -87,6 +88,15 @@ class LinearOp:
         return [n.name or f"<{n.op_type}>" for n in self.nodes]
 
 
+def is_onnx(node: ir.Node | None, op_type: str | None = None) -> bool:
+    """``node`` is a standard ONNX op (default domain), of ``op_type`` if given."""
+    return (
+        node is not None
+        and node.domain in ("", "ai.onnx")
+        and (op_type is None or node.op_type == op_type)
+    )
+
+
 def _label(value: ir.Value) -> str:
     return value.name or "<unnamed>"
 
@@ -110,9 +120,7 @@ def constant_tensor(value: ir.Value | None) -> tuple[np.ndarray | None, str | No
         if reason is None and array is not None and array.ndim == 2:
             return array.T, None
         return None, reason or f"weight '{_label(value)}' is not constant"
-    if value.const_value is None and (
-        producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx")
-    ):
+    if value.const_value is None and not is_onnx(producer, "Constant"):
         return None, f"weight '{_label(value)}' is not constant"
     try:
         tensor = ir.convenience.get_const_tensor(value)
@@ -124,12 +132,12 @@ def constant_tensor(value: ir.Value | None) -> tuple[np.ndarray | None, str | No
 
 
 def _is_identity(node: ir.Node | None) -> bool:
-    return node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx")
+    return is_onnx(node, "Identity")
 
 
 def _is_transposed_matrix(node: ir.Node | None) -> bool:
     """``Transpose(W, perm=[1, 0])``: exporters without constant folding write weights this way."""
-    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+    if not is_onnx(node, "Transpose"):
         return False
     perm = node.attributes.get_ints("perm", None)
     return perm is None or list(perm) == [1, 0]
@@ -257,7 +265,7 @@ def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, np.ndarray, 
     if len(uses) != 1 or out.is_graph_output():
         return None
     add = next(iter(uses)).node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+    if not is_onnx(add, "Add") or len(add.inputs) != 2:
         return None
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     if other is None or other is out:
@@ -311,7 +319,7 @@ def recognize(node: ir.Node) -> LinearOp | Decline | None:
 
     None means the node is not a Gemm/MatMul at all, so it is simply not part of any chain.
     """
-    if node.domain not in ("", "ai.onnx"):
+    if not is_onnx(node):
         return None
     if node.op_type == "Gemm":
         return _recognize_gemm(node)

@@ -28,6 +28,7 @@ from converter.recognize import (
     LinearOp,
     broadcasts_along_last_axis,
     constant_tensor,
+    is_onnx,
     shared_with_others,
 )
 
@@ -56,7 +57,7 @@ def recognize_step(node: ir.Node, width_of: WidthOf) -> LinearOp | None:
     ``width_of`` gives the width of a value produced by an op already recognised, for steps whose
     input shape is unknown.
     """
-    if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+    if not is_onnx(node) or len(node.outputs) != 1:
         return None
     if node.op_type == "BatchNormalization":
         return _batch_norm(node)
