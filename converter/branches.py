@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from converter import algebra
+from converter import algebra, chains
 from converter.recognize import LinearOp, constant_tensor, is_onnx
 from converter.report import Declined
 
@@ -56,10 +56,10 @@ class Parallel:
 
 def _best_macs(chain: list[LinearOp]) -> int:
     """Multiply-adds per row of ``chain`` at the cost model's best segmentation."""
-    widths = [chain[0].in_features] + [op.out_features for op in chain]
+    dims = chains.widths(chain)
     alone = [op.macs for op in chain]
     return algebra.segments_macs(
-        widths, algebra.plan_segments(widths, "cost", alone=alone), alone=alone
+        dims, algebra.plan_segments(dims, "cost", alone=alone), alone=alone
     )
 
 
@@ -97,12 +97,12 @@ def _match(add: ir.Node, by_output: dict[ir.Value, list[LinearOp]]) -> Parallel 
 
 
 def find_parallel(
-    chains: list[list[LinearOp]], policy: algebra.Policy, label: str
+    runs: list[list[LinearOp]], policy: algebra.Policy, label: str
 ) -> tuple[list[Parallel], list[Declined]]:
-    """Every ``Add`` of two linear branches of one input, among ``chains`` (from
+    """Every ``Add`` of two linear branches of one input, among the chains ``runs`` (from
     :func:`converter.chains.find_chains`, chains of one op included), that is worth merging."""
-    by_output = {chain[-1].output: chain for chain in chains}
-    adds = dict.fromkeys(u.node for chain in chains for u in chain[-1].output.uses())
+    by_output = {run[-1].output: run for run in runs}
+    adds = dict.fromkeys(u.node for run in runs for u in run[-1].output.uses())
     found, declined = [], []
     for add in adds:
         parallel = _match(add, by_output)

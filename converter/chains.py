@@ -21,7 +21,7 @@ from converter.recognize import Decline, LinearOp, recognize
 from converter.report import Declined
 from converter.steps import STEP_OPS, recognize_step
 
-__all__ = ["ChainPlan", "find_chains", "plan_chain"]
+__all__ = ["ChainPlan", "find_chains", "plan_chain", "widths"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,10 @@ class ChainPlan:
     ops: list[LinearOp]
     segments: list[tuple[int, int]]
 
-    @property
-    def widths(self) -> list[int]:
-        return [self.ops[0].in_features] + [op.out_features for op in self.ops]
+
+def widths(ops: list[LinearOp]) -> list[int]:
+    """The widths ``d0 -> d1 -> ... -> dk`` a run of ops maps through."""
+    return [ops[0].in_features] + [op.out_features for op in ops]
 
 
 def _name(node: ir.Node) -> str:
@@ -146,19 +147,19 @@ def plan_chain(
     """
     if all(op.elementwise for op in chain):
         return ChainPlan(chain, []), []
-    widths = [chain[0].in_features] + [op.out_features for op in chain]
+    dims = widths(chain)
     alone = [op.macs for op in chain]
-    segments = algebra.plan_segments(widths, policy, alone=alone)
+    segments = algebra.plan_segments(dims, policy, alone=alone)
     declined = []
     for (i, j), (_, k) in itertools.pairwise(segments):
         if all(op.elementwise for op in chain[i:k]):
             continue
-        separate = algebra.segments_macs(widths, [(i, j), (j, k)], alone=alone)
-        merged = widths[i] * widths[k]
+        separate = algebra.segments_macs(dims, [(i, j), (j, k)], alone=alone)
+        merged = dims[i] * dims[k]
         declined.append(
             Declined(
                 chain[j - 1].names + chain[j].names,
-                f"cost model: merging widths {widths[i]}->{widths[j]}->{widths[k]} would take "
+                f"cost model: merging widths {dims[i]}->{dims[j]}->{dims[k]} would take "
                 f"multiply-adds per row from {separate} to {merged} (--policy always merges anyway)",
                 label,
             )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter import algebra, branches
+from converter import algebra, branches, chains
 from converter.recognize import LinearOp
 from converter.report import Declined, FusionRecord
 
@@ -121,7 +121,7 @@ class Rewrite:
 
     @classmethod
     def segment(cls, ops: list[LinearOp]) -> Rewrite:
-        widths = [ops[0].in_features] + [op.out_features for op in ops]
+        widths = chains.widths(ops)
         return cls(ops, [], ops[0].input, ops[-1].output, widths, sum(op.macs for op in ops))
 
     @classmethod
