@@ -53,7 +53,7 @@ import onnx_ir as ir
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, if not installed
 
-from converter.io import EXTERNAL_DATA_THRESHOLD_BYTES
+from converter.model_io.files import EXTERNAL_DATA_THRESHOLD_BYTES
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # ``python -m converter`` runs from here
 GB = 1e9

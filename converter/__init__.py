@@ -30,6 +30,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 from converter.api import export, fuse, fuse_file
+from converter.equivalence.validate import EquivalenceReport, check_equivalence
 from converter.errors import (
     ConverterError,
     InputError,
@@ -37,6 +38,5 @@ from converter.errors import (
     UnsafeModelError,
     ValidationError,
 )
-from converter.passes import FuseLinearChainsPass
+from converter.fusion.passes import FuseLinearChainsPass
 from converter.report import Declined, FusionRecord, FusionReport
-from converter.validate import EquivalenceReport, check_equivalence

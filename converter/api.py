@@ -19,13 +19,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from converter import io, training
-from converter.algebra import Policy
+from converter.equivalence.validate import check_equivalence
 from converter.errors import InputError, ValidationError
-from converter.passes import fuse_model
-from converter.progress import ProgressCallback, no_progress
+from converter.fusion.algebra import Policy
+from converter.fusion.passes import fuse_model
+from converter.model_io import files as io
+from converter.model_io import training
+from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import FusionReport
-from converter.validate import check_equivalence
 
 __all__ = ["fuse", "fuse_file", "export"]
 

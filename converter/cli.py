@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from converter import __version__, api, validate
+from converter import __version__, api
+from converter.equivalence import validate
 from converter.errors import ConverterError, InputError
-from converter.progress import ProgressLine
+from converter.model_io.progress import ProgressLine
 
 __all__ = ["main"]
 

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.passes import fuse_model
+from converter.fusion.passes import fuse_model
 
 __all__ = [
     "rng",

@@ -14,8 +14,8 @@ import onnx
 import pytest
 from builders import assert_same_graph, linear_chain, op_types
 
-from converter import algebra
 from converter.cli import main
+from converter.fusion import algebra
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -29,7 +29,7 @@ from builders import (
 from onnx import TensorProto, helper
 
 import converter
-from converter.passes import FuseLinearChainsPass
+from converter.fusion.passes import FuseLinearChainsPass
 
 FLOAT = TensorProto.FLOAT
 

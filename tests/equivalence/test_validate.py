@@ -1,4 +1,4 @@
-"""Tests of converter.validate: onnxruntime equivalence checks, tolerances, reference, reports."""
+"""Tests of converter.equivalence.validate: onnxruntime equivalence checks, tolerances, reference, reports."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import compare, reference, runtime, validate
-from converter.errors import InputError, OriginalModelError
-from converter.validate import (
+from converter.equivalence import compare, reference, runtime, validate
+from converter.equivalence.validate import (
     EquivalenceReport,
     OutputStats,
     check_equivalence,
     default_tolerance,
 )
+from converter.errors import InputError, OriginalModelError
 
 F, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter import algebra, training
+from converter.fusion import algebra
+from converter.model_io import training
 
 __all__ = [
     "LinearOp",

@@ -1,7 +1,7 @@
 """Rewriting one merge into the graph: new initializers, the merged op, and clean-up.
 
 :func:`emit` replaces a :class:`Rewrite` (a segment of a chain, or two parallel branches and the
-``Add`` joining them) by one op computing a given :class:`~converter.algebra.AffineMap`, rounded
+``Add`` joining them) by one op computing a given :class:`~converter.fusion.algebra.AffineMap`, rounded
 once to the model's dtype, in the form the ops came in:
 
 - 2-D input (any Gemm among the ops, or a rank-2 input): ``Gemm(x, W_t, b, transB=1)`` with the
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter import algebra, branches, chains
-from converter.recognize import LinearOp
+from converter.fusion import algebra, branches, chains
+from converter.fusion.recognize import LinearOp
 from converter.report import Declined, FusionRecord
 
 __all__ = ["Names", "Rewrite", "emit", "tensor_size"]

@@ -2,13 +2,13 @@
 
 In every graph (the main graph and every ``If``/``Loop``/``Scan`` body), two phases:
 
-1. parallel branches (:mod:`converter.branches`): ``Add(A(x), B(x))`` of linear chains of one
+1. parallel branches (:mod:`converter.fusion.branches`): ``Add(A(x), B(x))`` of linear chains of one
    input (a LoRA adapter, a residual) becomes one op, ``W = Wa + Wb``, ``b = ba + bb``;
-2. chains (:mod:`converter.chains`, elementwise steps of :mod:`converter.steps` included): each
+2. chains (:mod:`converter.fusion.chains`, elementwise steps of :mod:`converter.fusion.steps` included): each
    segment the cost model chose is composed in float64 (:func:`algebra.compose_all`:
    ``W = W1 @ W2 @ ...``, ``b = (b1 @ W2 + b2) @ W3 + ...``).
 
-Each result is written into the graph by :func:`converter.rewrite.emit`: rounded once to the
+Each result is written into the graph by :func:`converter.fusion.rewrite.emit`: rounded once to the
 model's dtype, as ``Gemm(transB=1)`` for 2-D inputs or ``MatMul`` + ``Add`` for N-D inputs, taking
 over the old output value so that everything downstream is untouched.
 """
@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
 
-from converter import algebra, branches, chains, rewrite, training
-from converter.progress import ProgressCallback, no_progress
-from converter.recognize import LinearOp, is_onnx
+from converter.fusion import algebra, branches, chains, rewrite
+from converter.fusion.recognize import LinearOp, is_onnx
+from converter.model_io import training
+from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import Declined, FusionRecord, FusionReport
 
 __all__ = ["FuseLinearChainsPass", "fuse_model", "iter_graphs"]
@@ -82,7 +83,7 @@ def _merge_segment(
     policy: algebra.Policy,
     tick: Callable[[], None] = lambda: None,
 ) -> FusionRecord | Declined:
-    """Rewrite one segment of a chain as a single op (see :func:`converter.rewrite.emit`)."""
+    """Rewrite one segment of a chain as a single op (see :func:`converter.fusion.rewrite.emit`)."""
     affine = algebra.compose_all(_ticking(ops, tick))  # one float64 map at a time
     return rewrite.emit(graph, rewrite.Rewrite.segment(ops), affine, names, opset, label, policy)
 

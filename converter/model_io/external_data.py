@@ -2,7 +2,7 @@
 
 External data is checked (:func:`check_external_data`) on *every* tensor of the model -- graph
 initializers, sparse initializers, tensors in node attributes (``Constant.value``), subgraphs,
-training graphs and model-local functions (see :mod:`converter.tensors`). A tensor is refused
+training graphs and model-local functions (see :mod:`converter.model_io.tensors`). A tensor is refused
 (:class:`~converter.errors.UnsafeModelError`) when its ``location`` is empty, absolute or has a
 ``..`` component, when it resolves (through symlinks, including a symlinked parent folder) outside
 the model's folder, when it is not a regular file or has more than one hard link, when an
@@ -29,7 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from converter.errors import InputError, UnsafeModelError
-from converter.tensors import ir_tensors, proto_tensors
+from converter.model_io.tensors import ir_tensors, proto_tensors
 
 _ALLOWED_EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
 

@@ -33,8 +33,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from converter import io
-from converter.compare import ir_dtype
+from converter.equivalence.compare import ir_dtype
+from converter.model_io import files as io
 
 logger = logging.getLogger(__name__)
 

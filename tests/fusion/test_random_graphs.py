@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import converter
-from converter.passes import fuse_model
+from converter.fusion.passes import fuse_model
 
 BATCH = 3  # the value a symbolic batch dimension takes at run time
 WIDTHS = (1, 2, 3, 4, 6, 8)

@@ -1,4 +1,4 @@
-"""Tests for ``converter.io``: refusing bad and unsafe input, lazy loading, atomic output.
+"""Tests for ``converter.model_io.files``: refusing bad and unsafe input, lazy loading, atomic output.
 
 Every refusal is checked the same way: the right error type, a one-line message naming the
 file, the input bytes unchanged and nothing left in the destination folder.
@@ -19,9 +19,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import io as cio
 from converter.errors import InputError, UnsafeModelError
-from converter.tensors import ir_tensors
+from converter.model_io import files as cio
+from converter.model_io.tensors import ir_tensors
 
 RNG = np.random.default_rng(0)
 IN, OUT = 64, 32  # W is 8 KiB: above ir.save's 256-byte threshold for external data

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from converter import algebra, chains
-from converter.recognize import LinearOp, constant_tensor, is_onnx
+from converter.fusion import algebra, chains
+from converter.fusion.recognize import LinearOp, constant_tensor, is_onnx
 from converter.report import Declined
 
 __all__ = ["Parallel", "find_parallel"]
@@ -100,7 +100,7 @@ def find_parallel(
     runs: list[list[LinearOp]], policy: algebra.Policy, label: str
 ) -> tuple[list[Parallel], list[Declined]]:
     """Every ``Add`` of two linear branches of one input, among the chains ``runs`` (from
-    :func:`converter.chains.find_chains`, chains of one op included), that is worth merging."""
+    :func:`converter.fusion.chains.find_chains`, chains of one op included), that is worth merging."""
     by_output = {run[-1].output: run for run in runs}
     adds = dict.fromkeys(u.node for run in runs for u in run[-1].output.uses())
     found, declined = [], []

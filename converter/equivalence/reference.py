@@ -4,7 +4,7 @@ Merging ``y = (x @ W1) @ W2`` into ``x @ (W1 @ W2)`` reassociates sums, so on wi
 candidate can differ from the original by more than a fixed tolerance while being *closer* to
 the exact result. When a floating-point output fails the comparison rule, a float64 copy of the
 original is run (float initializers, ``Constant`` values and ``Cast``/``dtype`` targets turned
-into float64, float inputs cast to float64) and :func:`converter.compare.judge_with_reference`
+into float64, float inputs cast to float64) and :func:`converter.equivalence.compare.judge_with_reference`
 decides with it. The reference is built once, only when needed; if onnxruntime cannot build or
 run it (an op without a float64 kernel, say) :attr:`Reference.note` says why and nothing is
 rescued.
@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from converter.compare import dtype_kind
-from converter.runtime import Runner, Side, all_nodes, one_line, open_session
+from converter.equivalence.compare import dtype_kind
+from converter.equivalence.runtime import Runner, Side, all_nodes, one_line, open_session
 
 logger = logging.getLogger(__name__)
 

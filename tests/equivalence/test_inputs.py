@@ -1,4 +1,4 @@
-"""Tests of converter.inputs: synthetic trial inputs and real inputs from .npz files."""
+"""Tests of converter.equivalence.inputs: synthetic trial inputs and real inputs from .npz files."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.errors import InputError
-from converter.inputs import (
+from converter.equivalence.inputs import (
     TrialInputs,
     check_inputs,
     describe_input,
     load_inputs_npz,
     synthesize_inputs,
 )
+from converter.errors import InputError
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from converter import algebra
-from converter.recognize import Decline, LinearOp, recognize
+from converter.fusion import algebra
+from converter.fusion.recognize import Decline, LinearOp, recognize
+from converter.fusion.steps import STEP_OPS, recognize_step
 from converter.report import Declined
-from converter.steps import STEP_OPS, recognize_step
 
 __all__ = ["ChainPlan", "find_chains", "plan_chain", "widths"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 
-from converter.progress import ProgressLine
+from converter.model_io.progress import ProgressLine
 
 
 def test_render_shows_stage_count_and_bar():
@@ -44,7 +44,7 @@ def test_fuse_file_reports_every_stage(tmp_path):
     import converter
 
     calls = []
-    models = Path(__file__).resolve().parent.parent / "models"
+    models = Path(__file__).resolve().parents[2] / "models"
     converter.fuse_file(
         models / "four_layer.onnx",
         tmp_path / "o.onnx",

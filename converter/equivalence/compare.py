@@ -22,7 +22,7 @@ integer, bool, string  exact     exact
 
 Float64 reference (:func:`judge_with_reference`). When a floating-point output fails the rule
 above, it is accepted when the candidate's max abs error against a float64 copy of the original
-(see :mod:`converter.reference`) is at most ``2x`` the original's own. Both errors are reported.
+(see :mod:`converter.equivalence.reference`) is at most ``2x`` the original's own. Both errors are reported.
 
 Statistics per output and trial: max / mean / median / p99 of the absolute error and of the
 relative error ``|a - e| / max(|e|, atol)`` (``atol`` replaced by the smallest normal float64

@@ -1,4 +1,4 @@
-"""Tests of converter.compare: the comparison rule, default tolerances and statistics."""
+"""Tests of converter.equivalence.compare: the comparison rule, default tolerances and statistics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from converter.compare import compare_arrays, default_tolerance
+from converter.equivalence.compare import compare_arrays, default_tolerance
 
 
 def test_dtype_and_shape_mismatches_in_compare_arrays():

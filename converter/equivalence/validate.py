@@ -1,20 +1,20 @@
 """Prove with onnxruntime that a rewritten model computes what the original computes.
 
 :func:`check_equivalence` runs both models on the same inputs -- several seeded synthetic trials
-(see :mod:`converter.inputs`) or real inputs from an ``.npz`` file -- and compares every output,
+(see :mod:`converter.equivalence.inputs`) or real inputs from an ``.npz`` file -- and compares every output,
 plus any intermediate values named in ``extra_outputs`` (exposed as graph outputs on copies).
 
-Each output is compared by the rule of :mod:`converter.compare` (``|a - e| <= atol + rtol * |e|``,
+Each output is compared by the rule of :mod:`converter.equivalence.compare` (``|a - e| <= atol + rtol * |e|``,
 per-dtype default tolerances, error statistics); float outputs beyond tolerance are judged again
-against the float64 reference of :mod:`converter.reference`; the models run as
-:mod:`converter.runtime` describes. An output missing, extra or reordered, or inputs that
+against the float64 reference of :mod:`converter.equivalence.reference`; the models run as
+:mod:`converter.equivalence.runtime` describes. An output missing, extra or reordered, or inputs that
 differ, are failures with that reason. The report keeps every output in every trial and, per
 output, the worst trial.
 """
 
 from __future__ import annotations
 
-# OutputStats, compare_arrays and default_tolerance live in converter.compare; re-exported here.
+# OutputStats, compare_arrays and default_tolerance live in converter.equivalence.compare; re-exported here.
 __all__ = [
     "EquivalenceReport",
     "OutputStats",
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from converter.compare import (
+from converter.equivalence.compare import (
     OutputStats,
     compare_arrays,
     default_tolerance,
@@ -42,8 +42,7 @@ from converter.compare import (
     judge_with_reference,
     needs_reference,
 )
-from converter.errors import InputError, OriginalModelError
-from converter.inputs import (
+from converter.equivalence.inputs import (
     TrialInputs,
     check_inputs,
     describe_input,
@@ -51,8 +50,17 @@ from converter.inputs import (
     model_inputs,
     synthesize_inputs,
 )
-from converter.reference import Reference
-from converter.runtime import ModelLike, Runner, Side, expose, load_side, one_line, open_session
+from converter.equivalence.reference import Reference
+from converter.equivalence.runtime import (
+    ModelLike,
+    Runner,
+    Side,
+    expose,
+    load_side,
+    one_line,
+    open_session,
+)
+from converter.errors import InputError, OriginalModelError
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +146,7 @@ def check_equivalence(
         atol: ``None`` (per-dtype default), one float for every output, or output name -> float
             (outputs not named keep the default). Ignored for integer, bool and string outputs.
         rtol: Same as ``atol``.
-        trials: Number of synthetic trials (see :mod:`converter.inputs`).
+        trials: Number of synthetic trials (see :mod:`converter.equivalence.inputs`).
         seed: Seed of the synthetic inputs.
         extra_outputs: Intermediate values present in both models, compared like outputs and
             reported as intermediate.

@@ -3,7 +3,7 @@
 Loading (:func:`load_model`) turns every bad input into one :class:`~converter.errors.InputError`
 line naming the file: missing, a directory, empty, not protobuf, protobuf but not a model (no
 graph, no ``ai.onnx`` opset), an unsupported IR version or opset, or external data that is missing
-or unsafe (:func:`~converter.external_data.check_external_data`, run on every tensor before any
+or unsafe (:func:`~converter.model_io.external_data.check_external_data`, run on every tensor before any
 weight is read). Weights kept in external data stay lazy (onnx_ir memory-maps them on first use).
 
 Writing (:func:`write_model`) is atomic: the model is saved into a fresh temporary folder inside
@@ -39,10 +39,10 @@ from collections.abc import Callable, Iterator
 import onnx
 import onnx_ir as ir
 
-from converter import training
 from converter.errors import ConverterError, InputError
-from converter.external_data import check_external_data
-from converter.tensors import ir_tensors, tensor_attrs
+from converter.model_io import training
+from converter.model_io.external_data import check_external_data
+from converter.model_io.tensors import ir_tensors, tensor_attrs
 
 logger = logging.getLogger(__name__)
 

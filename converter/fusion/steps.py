@@ -22,8 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from converter import algebra
-from converter.recognize import (
+from converter.fusion import algebra
+from converter.fusion.recognize import (
     FLOAT_TYPES,
     LinearOp,
     broadcasts_along_last_axis,

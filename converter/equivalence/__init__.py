@@ -1,0 +1,1 @@
+"""Equivalence: synthesised or real inputs, onnxruntime sessions, the float64 reference, comparison."""

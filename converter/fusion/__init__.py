@@ -1,0 +1,1 @@
+"""Fusion: constants, recognition, float64 algebra, chains and branches, the engine and its pass."""

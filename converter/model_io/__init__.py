@@ -1,0 +1,1 @@
+"""Model I/O: load safely, check external data, write atomically, keep training_info, progress."""
