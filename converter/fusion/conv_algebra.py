@@ -559,7 +559,8 @@ def _compose_padding_reason(
     r = first.rank
     if not any(second.pads):
         return None
-    if first_bias is not None and np.any(first_bias):
+    unknown = first.has_bias and first_bias is None  # a bias whose values we were not shown
+    if unknown or (first_bias is not None and np.any(first_bias)):
         return (
             f"the first conv's bias meets the second conv's zero padding (pads "
             f"{list(second.pads)}): a bias pushed through zero padding becomes non-uniform at "
@@ -585,7 +586,8 @@ def plan_compose(
 
     Stride ``s1*s2``, pads ``pb1 + s1*pb2`` / ``pe1 + s1*pe2``, groups ``gcd(G1, G2)``, taps
     ``j2*d2*s1 + j1*d1`` (see the module docstring). ``first_bias`` (the values, when the first
-    conv has a bias) decides whether a padded second conv composes.
+    conv has a bias) decides whether a padded second conv composes; a first conv with
+    ``has_bias`` and no ``first_bias`` given counts as having a nonzero bias.
     """
     if first.rank != second.rank or first.out_channels != second.in_channels:
         raise ValueError(f"{second.describe()} cannot follow {first.describe()}")
