@@ -96,12 +96,15 @@ def fuse_file(
     model = io.load_model(src)
     report = fuse_model(model, policy=policy, progress=progress)
     report.source, report.destination = os.fspath(src), os.fspath(dst)
+    options = {"inputs": inputs, "input_shapes": input_shapes, "trials": trials}
+    options.update(atol=0.0 if strict else atol, rtol=0.0 if strict else rtol)
+    if validate and report.fusions and determinism.random_nodes(model):
+        # A model that may disagree with itself is run twice before anything is written.
+        determinism.check_deterministic(src, seed=seed, **options)
     progress("writing", None, None)
     with _write(model, src, dst, report, external_data=external_data, force=force) as pending:
         if validate and report.fusions:
             progress("validating", None, None)
-            options = {"inputs": inputs, "input_shapes": input_shapes, "trials": trials}
-            options.update(atol=0.0 if strict else atol, rtol=0.0 if strict else rtol)
             _validate_into(report, src, pending.path, seed=seed, **options)
             if strict:
                 _require_bit_exact(report)
@@ -135,6 +138,10 @@ def check_inputs_file(inputs: object) -> None:
         )
 
 
+def _strict_reason(reason: str | None) -> str:
+    return "not bit-exact (--strict)" + (f"; {reason}" if reason else "")
+
+
 def _require_bit_exact(report: FusionReport) -> None:
     """``strict``: an output passes only if equal bit for bit (no float64 acceptance)."""
     validation = report.validation or {}
@@ -142,7 +149,7 @@ def _require_bit_exact(report: FusionReport) -> None:
         exact = output.get("passed") and not output.get("accepted_by_reference")
         if not output.get("intermediate") and not exact:
             output["passed"] = False
-            output["reason"] = output.get("reason") or "not bit-exact (--strict)"
+            output["reason"] = _strict_reason(output.get("reason"))
             report.validated = False
     validation["passed"] = bool(report.validated)
 
@@ -261,7 +268,7 @@ def _bit_exact(result: EquivalenceReport) -> EquivalenceReport:
     def exact(s: OutputStats) -> OutputStats:
         if s.passed and not s.accepted_by_reference:
             return s
-        return dataclasses.replace(s, passed=False, reason=s.reason or "not bit-exact (--strict)")
+        return dataclasses.replace(s, passed=False, reason=_strict_reason(s.reason))
 
     outputs = tuple(exact(s) for s in result.outputs)
     results = tuple(exact(s) for s in result.results)
