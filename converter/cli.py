@@ -268,7 +268,7 @@ def _batch_lines(result: batch.BatchReport) -> list[str]:
             for k in ("linear_ops", "macs", "params")
         ]
         chains = str(len(r["fusions"])) if r else "-"
-        detail = f.error or ("validated" if r.get("validated") else "not validated")
+        detail = f.error or _detail(r)
         rows.append((f.source, f.status, chains, *figures, f"{f.seconds:.2f}", detail))
     t = result.totals()
     total = [
@@ -284,9 +284,17 @@ def _batch_lines(result: batch.BatchReport) -> list[str]:
             f"exit code {result.exit_code}",
         )
     )
-    widths = [max(len(row[i]) for row in rows[:-1]) for i in range(len(rows[0]))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def _detail(report: dict[str, Any]) -> str:
+    if not report["fusions"]:
+        return "nothing merged"
+    return {True: "validated", False: "validation failed", None: "not validated"}[
+        report["validated"]
     ]
 
 

@@ -19,7 +19,9 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 M, K, N = 5, 7, 3  # rows, in features, out features
 
 
-def _gemm_model(trans_a: int, trans_b: int, alpha: float, beta: float, bias: str) -> onnx.ModelProto:
+def _gemm_model(
+    trans_a: int, trans_b: int, alpha: float, beta: float, bias: str
+) -> onnx.ModelProto:
     r = rng(trans_a * 8 + trans_b * 4 + len(bias))
     b = r.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
     c = {
@@ -31,10 +33,10 @@ def _gemm_model(trans_a: int, trans_b: int, alpha: float, beta: float, bias: str
         "Mx1": r.standard_normal((M, 1)),
     }[bias]
     inits = [init("B", b)] + ([] if c is None else [init("C", np.asarray(c, np.float32))])
-    node = gemm_node(
-        "g", "a", "B", None if c is None else "C", "y", transA=trans_a, transB=trans_b
+    node = gemm_node("g", "a", "B", None if c is None else "C", "y", transA=trans_a, transB=trans_b)
+    node.attribute.extend(
+        [helper.make_attribute("alpha", alpha), helper.make_attribute("beta", beta)]
     )
-    node.attribute.extend([helper.make_attribute("alpha", alpha), helper.make_attribute("beta", beta)])
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [K, M] if trans_a else [M, K])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [M, N])
     return make_model([node], [a], [y], inits)
@@ -105,7 +107,13 @@ def test_recurrent_example_lists_five_layers_and_why_nothing_merges(capsys):
     assert main(["inspect", str(MODELS / "recurrent.onnx"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     shapes = [(op["in_features"], op["out_features"], op["bias"]) for op in data["ops"]]
-    assert shapes == [(12, 100, [100]), (100, 100, None), (12, 100, [100]), (100, 100, None), (100, 6, [6])]
+    assert shapes == [
+        (12, 100, [100]),
+        (100, 100, None),
+        (12, 100, [100]),
+        (100, 100, None),
+        (100, 6, [6]),
+    ]
     assert data["merges"] == [] and data["totals"]["linear_ops"] == [5, 5]
 
 
