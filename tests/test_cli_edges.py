@@ -40,11 +40,15 @@ def _one_error_line(capsys) -> str:
 # ---------------------------------------------------------------- destinations
 
 
-def test_force_never_replaces_a_device(two_layer, capsys):
-    assert main([str(two_layer), "-o", "/dev/null", "--force"]) == 2
+def test_force_only_replaces_regular_files(two_layer, tmp_path, capsys):
+    # A FIFO stands for /dev/null and other special files: a test that failed on /dev/null
+    # itself would replace the machine's /dev/null with a model.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert main([str(two_layer), "-o", str(fifo), "--force"]) == 2
     assert "not a regular file" in _one_error_line(capsys)
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
-    assert not any(p.name.startswith(".onnx-fuse-") for p in Path("/dev").iterdir())
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "two_layer.onnx"]
 
 
 def test_dash_as_output_is_refused_not_written_as_a_file(two_layer, tmp_path, capsys, monkeypatch):
