@@ -12,6 +12,7 @@ __all__ = [
     "UnsafeModelError",
     "ValidationError",
     "OriginalModelError",
+    "EngineError",
 ]
 
 
@@ -39,3 +40,9 @@ class ValidationError(ConverterError):
     """The rewritten model's outputs differ from the original's beyond tolerance."""
 
     exit_code = 1
+
+
+class EngineError(ConverterError):
+    """The fusion engine produced an inconsistent model (a bug in onnx-fuse); nothing is written."""
+
+    exit_code = 3

@@ -22,7 +22,7 @@ class FusionRecord:
     op_types: list[str]
     new_nodes: list[str]
     graph: str
-    output: str
+    output: str | None
     widths: list[int]
     input_shape: list[int | str | None] | None
     output_shape: list[int | str | None] | None
@@ -31,6 +31,8 @@ class FusionRecord:
     params_before: int
     params_after: int
     max_error: float | None = None
+    note: str | None = None
+    merged_into: str | None = None
 
     @property
     def macs_saved(self) -> int:

@@ -1,18 +1,18 @@
-"""Parallel branches: ``Add(A(x), B(x))`` where A and B are chains of linear ops on the same input.
+"""Parallel branches: a tree of ``Add``/``Sub``/``Sum`` over linear chains of one input.
 
-A sum of affine maps of one input is one affine map::
+A signed sum of affine maps of one input is one affine map::
 
-    (x @ Wa + ba) + (x @ Wb + bb) = x @ (Wa + Wb) + (ba + bb)
+    sum_k s_k * (x @ W_k + b_k) = x @ (sum_k s_k * W_k) + sum_k s_k * b_k        (s_k = +1 or -1)
 
-This is how a LoRA adapter sits beside its base layer (``base(x) + scale * B(A(x))``), and, with
-an empty branch (the identity), a residual connection around a linear chain::
+This is how a LoRA adapter sits beside its base layer (``base(x) + scale * B(A(x))``, the scale
+being a step of the adapter's chain: ``W = W0 + s * A @ B``), and, with an empty chain (the
+identity, ``W = I``), a residual connection around a linear chain (``x + L(x)``), three or more
+branches (``a(x) + b(x) + x``), or ``torch.stack([...]).sum(0)`` written as ``Sum``.
 
-    x + (x @ W + b) = x @ (I + W) + b
-
-Both branch results must feed only the ``Add`` and not be graph outputs. Under the cost policy the
-merge is made only where the merged op costs no more multiply-adds per row than the branches
-(each at its own best segmentation) plus the ``Add``: a LoRA adapter always merges; two
-low-rank branches of a wide layer may not.
+Every chain result and every inner node of the tree must feed only the tree and not be a graph
+output. Under the cost policy the merge is made only where the merged op costs no more
+multiply-adds per row than the branches (each at its own best segmentation) plus the additions:
+a LoRA adapter always merges; two low-rank branches of a wide layer may not.
 """
 
 from __future__ import annotations
@@ -22,36 +22,78 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from converter.fusion import algebra, chains
-from converter.fusion.recognize import LinearOp, constant_tensor, is_onnx
+from converter.fusion.constants import Constant, is_onnx, resolve
+from converter.fusion.recognize import LinearOp
 from converter.report import Declined
 
-__all__ = ["Parallel", "find_parallel"]
+__all__ = ["Term", "BranchSum", "find_sums", "JOIN_OPS"]
+
+JOIN_OPS = frozenset({"Add", "Sub", "Sum"})
 
 
 @dataclass
-class Parallel:
-    """``add`` sums the chains ``left`` and ``right`` of the input ``x`` (``right`` may be empty)."""
+class Term:
+    """One summand: ``sign * chain(x)``; an empty chain is ``x`` itself."""
 
-    add: ir.Node
-    left: list[LinearOp]
-    right: list[LinearOp]
-    x: ir.Value
+    sign: float
+    chain: list[LinearOp]
+
+
+@dataclass
+class BranchSum:
+    """The tree ``joins`` (its root last) sums ``terms``, all chains of one input."""
+
+    joins: list[ir.Node]
+    terms: list[Term]
+    width_in: int
+    width_out: int
 
     @property
     def ops(self) -> list[LinearOp]:
-        return self.left + self.right
+        return [op for term in self.terms for op in term.chain]
 
     @property
     def names(self) -> list[str]:
-        return [n for op in self.ops for n in op.names] + [self.add.name or "<Add>"]
+        return [n for op in self.ops for n in op.names] + [j.name or j.op_type for j in self.joins]
+
+    @property
+    def macs_before(self) -> int:
+        """Multiply-adds per row of the branches at their best segmentation, plus the sums."""
+        chains_cost = sum(_best_macs(t.chain) for t in self.terms if t.chain)
+        return chains_cost + (len(self.terms) - 1) * self.width_out
 
     def affine(self) -> algebra.AffineMap:
-        """The sum of both branches as one map, in float64."""
-        width = self.left[0].in_features
-        left = algebra.compose_all(op.affine for op in self.left)
-        if not self.right:
-            return algebra.add_maps(left, algebra.identity_map(width))
-        return algebra.add_maps(left, algebra.compose_all(op.affine for op in self.right))
+        """The signed sum of every branch as one map, in float64."""
+        total: algebra.AffineMap | None = None
+        for term in self.terms:
+            if term.chain:
+                m = algebra.compose_all(op.affine for op in term.chain)
+            else:
+                m = algebra.identity_map(self.width_in)
+            if term.sign < 0:
+                m = algebra.AffineMap(-m.weight, None if m.bias is None else -m.bias)
+            total = m if total is None else algebra.add_maps(total, m)
+        assert total is not None
+        return total
+
+    def note(self) -> str | None:
+        """A readable name for well-known shapes of sum (a LoRA adapter, a residual)."""
+        matrices = [t for t in self.terms if t.chain and not all(op.elementwise for op in t.chain)]
+        low_rank = [t for t in matrices if _rank_of(t.chain) < min(self.width_in, self.width_out)]
+        if len(self.terms) == 2 and len(matrices) == 2 and len(low_rank) == 1:
+            base = next(t for t in matrices if t not in low_rank)
+            adapter = low_rank[0]
+            return (
+                f"LoRA {'/'.join(adapter.chain[0].names[:1] + adapter.chain[-1].names[:1])} "
+                f"merged into {base.chain[0].names[0]}"
+            )
+        if any(not t.chain for t in self.terms):
+            return "residual connection merged into its branch"
+        return None
+
+
+def _rank_of(chain: list[LinearOp]) -> int:
+    return min(chains.widths(chain))
 
 
 def _best_macs(chain: list[LinearOp]) -> int:
@@ -63,64 +105,138 @@ def _best_macs(chain: list[LinearOp]) -> int:
     )
 
 
-def _feeds_only(value: ir.Value, node: ir.Node) -> bool:
-    return not value.is_graph_output() and all(u.node is node for u in value.uses())
+def _is_join(node: ir.Node | None) -> bool:
+    """An ``Add``/``Sub``/``Sum`` of values none of which is constant (those are biases/steps)."""
+    if not is_onnx(node) or node.op_type not in JOIN_OPS or len(node.outputs) != 1:
+        return False
+    arity_ok = len(node.inputs) >= 1 if node.op_type == "Sum" else len(node.inputs) == 2
+    if not arity_ok or None in node.inputs:
+        return False
+    return not any(isinstance(resolve(v), Constant) for v in node.inputs)
 
 
-def _match(add: ir.Node, by_output: dict[ir.Value, list[LinearOp]]) -> Parallel | None:
-    """The two branches ``add`` sums, when both are linear chains of one input."""
-    if not is_onnx(add, "Add") or len(add.inputs) != 2:
+def _inner(value: ir.Value) -> bool:
+    """``value`` is computed by a join whose only consumer is one join: part of a larger tree."""
+    if value.is_graph_output():
+        return False
+    users = {u.node for u in value.uses()}
+    return len(users) == 1 and _is_join(next(iter(users))) and _is_join(value.producer())
+
+
+def _leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
+    """The joins of the tree under ``root`` (root last) and its signed leaves."""
+    joins: list[ir.Node] = []
+    leaves: list[tuple[float, ir.Value]] = []
+
+    def walk(node: ir.Node, sign: float) -> None:
+        for i, value in enumerate(node.inputs):
+            assert value is not None
+            s = -sign if node.op_type == "Sub" and i == 1 else sign
+            producer = value.producer()
+            if _is_join(producer) and _inner(value):
+                assert producer is not None
+                walk(producer, s)
+            else:
+                leaves.append((s, value))
+        joins.append(node)
+
+    walk(root, 1.0)
+    return joins, leaves
+
+
+def _feeds_only(value: ir.Value, nodes: set[ir.Node]) -> bool:
+    return not value.is_graph_output() and all(u.node in nodes for u in value.uses())
+
+
+def _match(root: ir.Node, by_output: dict[ir.Value, list[LinearOp]]) -> BranchSum | None:
+    """The branch sum rooted at ``root``, when every leaf is a chain of one input or the input."""
+    joins, leaves = _leaves(root)
+    if len(leaves) < 2:
         return None
-    p, q = add.inputs
-    if p is None or q is None or p is q or constant_tensor(p)[1] is None:
+    if len({id(v) for _, v in leaves}) != len(leaves):
+        return None  # one value summed twice (2 * L(x)): not a set of branches
+    runs = [by_output.get(v) for _, v in leaves]
+    inputs = {id(run[0].input): run[0].input for run in runs if run is not None}
+    if len(inputs) != 1:
         return None
-    left, right = by_output.get(p), by_output.get(q)
-    if left is None and right is not None:
-        left, right, p, q = right, left, q, p
-    if left is None or not _feeds_only(p, add):
-        return None
-    x = left[0].input
-    if right is None:
-        if q is not x or left[0].in_features != left[-1].out_features:
-            return None  # not a residual around this chain
-        right = []
-    elif right[0].input is not x or not _feeds_only(q, add):
-        return None
-    ops = left + right
+    (x,) = inputs.values()
+    members = set(joins)
+    terms: list[Term] = []
+    for (sign, value), run in zip(leaves, runs, strict=True):
+        if run is None and value is not x:
+            return None
+        if run is not None and not _feeds_only(value, members):
+            return None
+        terms.append(Term(sign, run or []))
+    return _checked(joins, terms, x)
+
+
+def _checked(joins: list[ir.Node], terms: list[Term], x: ir.Value) -> BranchSum | None:
+    ops = [op for t in terms for op in t.chain]
     if all(op.elementwise for op in ops):
         return None  # only scales and shifts: as a matrix it would cost d*d, not d
     if any(op.trans_a for op in ops) or len({op.dtype for op in ops}) != 1:
         return None
-    if right and right[-1].out_features != left[-1].out_features:
+    if x.dtype is not None and x.dtype != ops[0].dtype:
         return None
-    return Parallel(add, left, right, x)
+    width_in = next(t.chain[0].in_features for t in terms if t.chain)
+    outs = {t.chain[-1].out_features if t.chain else width_in for t in terms}
+    if len(outs) != 1:
+        return None
+    return BranchSum(joins, terms, width_in, outs.pop())
 
 
-def find_parallel(
+def _roots(runs: list[list[LinearOp]]) -> list[ir.Node]:
+    """Joins that read a chain's result and are not inside a larger tree, in a stable order."""
+    roots: dict[ir.Node, None] = {}
+    for run in runs:
+        for use in run[-1].output.uses():
+            node = use.node
+            while _is_join(node) and _inner(node.outputs[0]):
+                node = next(iter(node.outputs[0].uses())).node
+            if _is_join(node):
+                roots[node] = None
+    return list(roots)
+
+
+def _subtrees(root: ir.Node) -> list[ir.Node]:
+    """Inner joins under ``root``, tried when the whole tree is not one branch sum."""
+    joins, _ = _leaves(root)
+    return joins[-2::-1]
+
+
+def find_sums(
     runs: list[list[LinearOp]], policy: algebra.Policy, label: str
-) -> tuple[list[Parallel], list[Declined]]:
-    """Every ``Add`` of two linear branches of one input, among the chains ``runs`` (from
-    :func:`converter.fusion.chains.find_chains`, chains of one op included), that is worth merging."""
+) -> tuple[list[BranchSum], list[Declined]]:
+    """Every tree of sums over linear branches of one input among ``runs`` (chains from
+    :func:`converter.fusion.chains.find_chains`, one-op chains included) worth merging."""
     by_output = {run[-1].output: run for run in runs}
-    adds = dict.fromkeys(u.node for run in runs for u in run[-1].output.uses())
-    found, declined = [], []
-    for add in adds:
-        parallel = _match(add, by_output)
-        if parallel is None:
-            continue
-        width_in, width_out = parallel.left[0].in_features, parallel.left[-1].out_features
-        before = _best_macs(parallel.left) + (_best_macs(parallel.right) if parallel.right else 0)
-        before += width_out  # the Add itself
-        merged = width_in * width_out
-        if policy == "cost" and merged > before:
-            declined.append(
-                Declined(
-                    parallel.names,
-                    f"cost model: merging the parallel branches would take multiply-adds per row "
-                    f"from {before} to {merged} (--policy always merges anyway)",
-                    label,
-                )
-            )
-            continue
-        found.append(parallel)
+    found: list[BranchSum] = []
+    declined: list[Declined] = []
+    taken: set[ir.Node] = set()
+    for root in _roots(runs):
+        for candidate in [root, *_subtrees(root)]:
+            if candidate in taken:
+                continue
+            branch_sum = _match(candidate, by_output)
+            if branch_sum is None:
+                continue
+            taken.update(branch_sum.joins)
+            reason = _cost_reason(branch_sum, policy)
+            if reason:
+                declined.append(Declined(branch_sum.names, reason, label))
+            else:
+                found.append(branch_sum)
+            break
     return found, declined
+
+
+def _cost_reason(branch_sum: BranchSum, policy: algebra.Policy) -> str | None:
+    before = branch_sum.macs_before
+    merged = branch_sum.width_in * branch_sum.width_out
+    if policy == "cost" and merged > before:
+        return (
+            f"cost model: merging the parallel branches would take multiply-adds per row "
+            f"from {before} to {merged} (--policy always merges anyway)"
+        )
+    return None

@@ -117,25 +117,40 @@ def find_chains(
 def _refused_neighbours(
     refused: Iterable[Decline], ops: list[LinearOp], label: str
 ) -> list[Declined]:
-    """Records for Gemm/MatMul nodes that could not join a neighbouring Gemm/MatMul."""
+    """Records for nodes that could not join a neighbouring linear op: a Gemm/MatMul next to any
+    linear op or step, or a constant step next to a Gemm/MatMul."""
     refused = list(refused)
-    producers: dict[ir.Value, list[str]] = {op.output: op.names for op in ops}
-    consumers: dict[ir.Value, list[str]] = {}
+    producers: dict[ir.Value, list[LinearOp | Decline]] = {op.output: [op] for op in ops}
+    consumers: dict[ir.Value, list[LinearOp | Decline]] = {}
     for op in ops:
-        consumers.setdefault(op.input, []).extend(op.names)
+        consumers.setdefault(op.input, []).append(op)
     for d in refused:
-        producers[d.node.outputs[0]] = [_name(d.node)]
-        if d.node.inputs and d.node.inputs[0] is not None:
-            consumers.setdefault(d.node.inputs[0], []).append(_name(d.node))
+        producers[d.node.outputs[0]] = [d]
+        for value in d.node.inputs:
+            if value is not None:
+                consumers.setdefault(value, []).append(d)
     records = []
     for decline in refused:
         node = decline.node
-        before = producers.get(node.inputs[0], []) if node.inputs else []
+        before = [p for v in node.inputs if v is not None for p in producers.get(v, [])]
         after = consumers.get(node.outputs[0], [])
-        if not before and not after:
-            continue  # a lone Gemm/MatMul: there was nothing to merge it with
-        records.append(Declined([*before, _name(node), *after], decline.reason, label))
+        neighbours = [n for n in before + after if n is not decline]
+        if node.op_type in ("Gemm", "MatMul"):
+            wanted = neighbours
+        else:  # a step matters only beside a matrix op
+            wanted = [n for n in neighbours if isinstance(n, LinearOp) and not n.elementwise]
+        if not wanted:
+            continue
+        names = [_names(n) for n in before if n is not decline]
+        later = [_names(n) for n in after if n is not decline]
+        flat = [x for group in names for x in group] + [_name(node)]
+        flat += [x for group in later for x in group]
+        records.append(Declined(flat, decline.reason, label))
     return records
+
+
+def _names(item: LinearOp | Decline) -> list[str]:
+    return item.names if isinstance(item, LinearOp) else [_name(item.node)]
 
 
 def plan_chain(

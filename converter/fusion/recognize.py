@@ -1,4 +1,4 @@
-"""What counts as a linear op: ``ir.Node -> LinearOp | Declined-reason | None``.
+"""What counts as a linear op: ``ir.Node -> LinearOp | Decline | None``.
 
 A *linear op* is an affine map along the last axis with constant weights:
 
@@ -7,30 +7,41 @@ A *linear op* is an affine map along the last axis with constant weights:
 - ``MatMul(x, W)`` with a constant 2-D right operand, optionally followed by ``Add`` of a
   constant bias (on either side) that broadcasts along the last axis only.
 
-A weight is constant only if it is an initializer that is *not* also a graph input (a caller could
-override those at run time) or the output of a ``Constant`` node. A weight that other nodes also
-use is not taken: merging would keep the old copy alive and add a new one.
+What is constant is :mod:`converter.fusion.constants`' answer. A weight that other nodes also read
+stays where it is for them; the merge then cannot free it, so a *large* shared weight (bigger than
+the op's output width: a weight matrix, say a tied embedding) is refused, since merging would keep
+the old copy alive beside the new one. A small shared constant (a bias, a scale, a BatchNorm
+statistic, which exporters deduplicate into one initializer) is simply read: the merge writes its
+own copy of what it needs.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from converter.fusion import algebra
-from converter.model_io import training
+from converter.fusion.constants import (
+    Constant,
+    NotConstant,
+    constant_array,
+    is_onnx,
+    label,
+    other_users,
+    resolve,
+)
 
 __all__ = [
     "LinearOp",
     "Decline",
     "recognize",
     "constant_tensor",
-    "shared_with_others",
+    "usable_constant",
     "broadcasts_along_last_axis",
     "is_onnx",
     "FLOAT_TYPES",
@@ -42,10 +53,12 @@ FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
 
+constant_tensor = constant_array  # the name earlier callers use
+
 
 @dataclass(frozen=True)
 class Decline:
-    """A Gemm/MatMul that cannot take part in a merge, and why (in words a user can act on)."""
+    """A node that cannot take part in a merge, and why (in words a user can act on)."""
 
     node: ir.Node
     reason: str
@@ -53,22 +66,39 @@ class Decline:
 
 @dataclass
 class LinearOp:
-    """One recognised linear op: its nodes, data input/output, widths, and its map.
+    """One recognised linear op: its nodes, widths, constants, and its map.
 
-    The float64 map is built only when asked for (``affine``), so that recognising every op of a
-    multi-gigabyte model reads shapes, not weights.
+    ``input`` and ``output`` are read from the live nodes (``nodes[0].inputs[input_index]``,
+    ``nodes[-1].outputs[0]``), so an op found before another merge rewired its input still names
+    the value it reads now. The float64 map is built only when asked for (``affine``), so that
+    recognising every op of a multi-gigabyte model reads shapes, not weights.
     """
 
     nodes: tuple[ir.Node, ...]
-    input: ir.Value
-    output: ir.Value
+    input_index: int
     in_features: int
     out_features: int
     dtype: ir.DataType
-    weights: tuple[ir.Value, ...]
+    constants: tuple[Constant, ...]
     make_affine: Callable[[], algebra.AffineMap]
     trans_a: int = 0
     elementwise: bool = False
+    has_bias: bool = False
+    per_row_bias: bool = False
+
+    @property
+    def input(self) -> ir.Value:
+        value = self.nodes[0].inputs[self.input_index]
+        assert value is not None
+        return value
+
+    @property
+    def output(self) -> ir.Value:
+        return self.nodes[-1].outputs[0]
+
+    @property
+    def weights(self) -> tuple[ir.Value, ...]:
+        return tuple(c.value for c in self.constants)
 
     @property
     def macs(self) -> int:
@@ -88,130 +118,103 @@ class LinearOp:
     def names(self) -> list[str]:
         return [n.name or f"<{n.op_type}>" for n in self.nodes]
 
-
-def is_onnx(node: ir.Node | None, op_type: str | None = None) -> bool:
-    """``node`` is a standard ONNX op (default domain), of ``op_type`` if given."""
-    return (
-        node is not None
-        and node.domain in ("", "ai.onnx")
-        and (op_type is None or node.op_type == op_type)
-    )
+    def alive(self, graph: ir.Graph) -> bool:
+        """All of the op's nodes are still in ``graph`` (no other merge took them)."""
+        return all(n.graph is graph for n in self.nodes)
 
 
-def _label(value: ir.Value) -> str:
-    return value.name or "<unnamed>"
+def usable_constant(
+    value: ir.Value | None, owners: Iterable[ir.Node], small: int
+) -> Constant | str:
+    """The constant behind ``value`` for a merge of the nodes ``owners``, or why it is not usable.
 
-
-def constant_tensor(value: ir.Value | None) -> tuple[np.ndarray | None, str | None]:
-    """The constant array behind ``value``, or ``(None, reason)`` if it is not a usable constant."""
-    if value is None:
-        return None, "input is missing"
-    if value.is_graph_input():
-        return None, f"weight '{_label(value)}' is a graph input (it can be overridden at run time)"
-    if value.meta.get(training.TRAINED):
-        return None, f"weight '{_label(value)}' is trained by the model's training_info"
-    producer = value.producer()
-    if value.const_value is None and _is_identity(producer):
-        # torch's exporter deduplicates equal initializers and hands them out through Identity.
-        assert producer is not None
-        return constant_tensor(producer.inputs[0] if producer.inputs else None)
-    if value.const_value is None and _is_transposed_matrix(producer):
-        assert producer is not None
-        array, reason = constant_tensor(producer.inputs[0])
-        if reason is None and array is not None and array.ndim == 2:
-            return array.T, None
-        return None, reason or f"weight '{_label(value)}' is not constant"
-    if value.const_value is None and not is_onnx(producer, "Constant"):
-        return None, f"weight '{_label(value)}' is not constant"
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-    except ValueError as e:
-        return None, f"weight '{_label(value)}' is a malformed Constant: {e}"
-    if tensor is None:
-        return None, f"weight '{_label(value)}' is not constant"
-    return tensor.numpy(), None
-
-
-def _is_identity(node: ir.Node | None) -> bool:
-    return is_onnx(node, "Identity")
-
-
-def _is_transposed_matrix(node: ir.Node | None) -> bool:
-    """``Transpose(W, perm=[1, 0])``: exporters without constant folding write weights this way."""
-    if not is_onnx(node, "Transpose"):
-        return False
-    perm = node.attributes.get_ints("perm", None)
-    return perm is None or list(perm) == [1, 0]
-
-
-def shared_with_others(value: ir.Value, node: ir.Node) -> str | None:
-    """Reason the weight ``value`` is shared beyond ``node``, or None if ``node`` is its only user."""
-    others = [u.node for u in value.uses() if u.node is not node]
-    if others:
+    A constant that nodes outside ``owners`` also read is usable only when it holds at most
+    ``small`` elements (the op's width): the merge copies it, and the original stays for them.
+    """
+    found = resolve(value)
+    if isinstance(found, NotConstant):
+        return found.reason
+    others = other_users(found, set(owners))
+    if others and found.size > small:
+        other = others[0]
         return (
-            f"weight '{_label(value)}' is shared with node '{others[0].name or others[0].op_type}'"
+            f"weight '{label(value)}' is shared with node '{other.name or other.op_type}' "
+            f"(merging would keep both copies)"
         )
-    return None
+    return found
 
 
-def _weights(node: ir.Node, indices: tuple[int, ...]) -> tuple[list[np.ndarray | None], str | None]:
-    """The constant arrays at ``indices`` (None where the optional input is absent), or a reason."""
-    arrays: list[np.ndarray | None] = []
-    for i in indices:
-        value = node.inputs[i] if i < len(node.inputs) else None
-        if value is None:
-            arrays.append(None)
-            continue
-        array, reason = constant_tensor(value)
-        reason = reason or shared_with_others(value, node)
-        if reason:
-            return [None] * len(indices), reason
-        arrays.append(array)
-    return arrays, None
-
-
-def _float_type(value: ir.Value, array: np.ndarray) -> ir.DataType | None:
-    dtype = value.dtype or ir.DataType.from_numpy(array.dtype)
+def _float_type(dtype: ir.DataType | None) -> ir.DataType | None:
     return dtype if dtype in FLOAT_TYPES else None
+
+
+def _dtype_name(dtype: ir.DataType) -> str:
+    try:
+        return np.dtype(dtype.numpy()).name
+    except TypeError:
+        return dtype.name.lower()
 
 
 def _recognize_gemm(node: ir.Node) -> LinearOp | Decline:
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return Decline(node, "Gemm is missing an input")
-    (b, c), reason = _weights(node, (1, 2))
-    if reason:
-        return Decline(node, reason)
-    assert b is not None
-    dtype = _float_type(node.inputs[1], b)
-    if dtype is None:
-        return Decline(node, f"weight dtype {b.dtype} is not a float type")
-    if b.ndim != 2:
-        return Decline(node, f"Gemm weight has rank {b.ndim}, expected 2")
+    b = resolve(node.inputs[1])
+    if isinstance(b, NotConstant):
+        return Decline(node, b.reason)
+    if len(b.shape) != 2:
+        return Decline(node, f"Gemm weight has rank {len(b.shape)}, expected 2")
     attrs = node.attributes
     trans_b = attrs.get_int("transB", 0)
     in_features, out_features = b.shape[::-1] if trans_b else b.shape
+    found = _constants(node, (1, 2), out_features)
+    if isinstance(found, str):
+        return Decline(node, found)
+    b, c = found
+    assert b is not None
+    dtype = _float_type(node.inputs[1].dtype or b.dtype)
+    if dtype is None:
+        return Decline(node, f"weight dtype {_dtype_name(b.dtype)} is not a float type")
     reason = _gemm_bias_reason(c, out_features)
     if reason:
         return Decline(node, reason)
     alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
-    weights = tuple(v for v in node.inputs[1:3] if v is not None)
+    constants = tuple(x for x in (b, c) if x is not None)
+
+    def make() -> algebra.AffineMap:
+        c_array = None if c is None else c.array()
+        return algebra.gemm_affine(b.array(), c_array, trans_b=trans_b, alpha=alpha, beta=beta)
+
     return LinearOp(
         (node,),
-        node.inputs[0],
-        node.outputs[0],
+        0,
         int(in_features),
         int(out_features),
         dtype,
-        weights,
-        _unmapping(
-            lambda: algebra.gemm_affine(b, c, trans_b=trans_b, alpha=alpha, beta=beta), weights
-        ),
+        constants,
+        _unmapping(make, constants),
         trans_a=attrs.get_int("transA", 0),
+        has_bias=c is not None,
+        per_row_bias=c is not None and len(c.shape) == 2 and c.shape[0] > 1,
     )
 
 
+def _constants(node: ir.Node, indices: tuple[int, ...], small: int) -> list[Constant | None] | str:
+    """The constants at ``indices`` (None where an optional input is absent), or a reason."""
+    found: list[Constant | None] = []
+    for i in indices:
+        value = node.inputs[i] if i < len(node.inputs) else None
+        if value is None:
+            found.append(None)
+            continue
+        constant = usable_constant(value, (node,), small)
+        if isinstance(constant, str):
+            return constant
+        found.append(constant)
+    return found
+
+
 def _unmapping(
-    make: Callable[[], algebra.AffineMap], weights: tuple[ir.Value, ...]
+    make: Callable[[], algebra.AffineMap], constants: tuple[Constant, ...]
 ) -> Callable[[], algebra.AffineMap]:
     """``make``, then drop from this process the pages of the weights' memory maps it touched.
 
@@ -225,8 +228,8 @@ def _unmapping(
         try:
             return make()
         finally:
-            for value in weights:
-                _drop_mapped_pages(value.const_value)
+            for constant in constants:
+                _drop_mapped_pages(constant.chain[-1].const_value)
 
     return make_and_unmap
 
@@ -241,25 +244,26 @@ def _drop_mapped_pages(tensor: ir.TensorProtocol | None) -> None:
         raw.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
-def _gemm_bias_reason(c: np.ndarray | None, out_features: int) -> str | None:
+def _gemm_bias_reason(c: Constant | None, out_features: int) -> str | None:
     """Why Gemm's ``C`` cannot be normalised to ``(N,)`` or ``(M, N)``, or None if it can."""
-    if c is None or c.ndim == 0:
+    if c is None or len(c.shape) == 0:
         return None
-    if c.ndim > 2 or c.shape[-1] not in (1, out_features):
+    if len(c.shape) > 2 or c.shape[-1] not in (1, out_features):
         return f"Gemm bias C of shape {list(c.shape)} does not broadcast to (M, {out_features})"
     return None
 
 
-def broadcasts_along_last_axis(c: np.ndarray, data: ir.Value, width: int) -> bool:
-    """``c`` is a scalar or ``(1, ..., 1, width)`` and does not raise ``data``'s rank (a bias or
-    scale per feature, not a broadcast along another axis or up a rank)."""
-    if c.size not in (1, width) or any(d != 1 for d in c.shape[:-1]):
+def broadcasts_along_last_axis(shape: tuple[int, ...], data: ir.Value, width: int) -> bool:
+    """A constant of ``shape`` is a scalar or ``(1, ..., 1, width)`` and does not raise
+    ``data``'s rank (a bias or scale per feature, not a broadcast along another axis)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if size not in (1, width) or any(d != 1 for d in shape[:-1]):
         return False
     rank = None if data.shape is None else len(data.shape)
-    return c.ndim <= 1 if rank is None else c.ndim <= max(rank, 1)
+    return len(shape) <= 1 if rank is None else len(shape) <= max(rank, 1)
 
 
-def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, np.ndarray, ir.Value] | None:
+def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, Constant] | None:
     """The ``Add`` after ``matmul`` that adds a constant last-axis bias, with the bias, if any."""
     out = matmul.outputs[0]
     uses = out.uses()
@@ -271,47 +275,51 @@ def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, np.ndarray, 
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     if other is None or other is out:
         return None
-    array, reason = constant_tensor(other)
-    if reason or shared_with_others(other, add):
-        return None
-    assert array is not None
+    bias = usable_constant(other, (add,), out_features)
     # MatMul(x, W) with a 2-D W has x's rank, so x stands for the Add's data.
-    if not broadcasts_along_last_axis(array, matmul.inputs[0], out_features):
+    if isinstance(bias, str) or not broadcasts_along_last_axis(
+        bias.shape, matmul.inputs[0], out_features
+    ):
         return None
-    return add, array, other
+    return add, bias
 
 
 def _recognize_matmul(node: ir.Node) -> LinearOp | Decline:
     if len(node.inputs) != 2 or node.inputs[0] is None or node.inputs[1] is None:
         return Decline(node, "MatMul is missing an input")
-    (w,), reason = _weights(node, (1,))
-    if reason:
-        left, _ = constant_tensor(node.inputs[0])
-        if left is not None:
+    w = resolve(node.inputs[1])
+    if isinstance(w, NotConstant):
+        if isinstance(resolve(node.inputs[0]), Constant):
             return Decline(node, "the constant is the left operand (x @ W needs W on the right)")
-        return Decline(node, reason)
-    assert w is not None
-    if w.ndim != 2:
-        return Decline(node, f"MatMul weight has rank {w.ndim}, expected 2")
-    dtype = _float_type(node.inputs[1], w)
+        return Decline(node, w.reason)
+    if len(w.shape) != 2:
+        return Decline(node, f"MatMul weight has rank {len(w.shape)}, expected 2")
+    found = usable_constant(node.inputs[1], (node,), w.shape[1])
+    if isinstance(found, str):
+        return Decline(node, found)
+    dtype = _float_type(node.inputs[1].dtype or w.dtype)
     if dtype is None:
-        return Decline(node, f"weight dtype {w.dtype} is not a float type")
+        return Decline(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
     nodes: tuple[ir.Node, ...] = (node,)
-    weights: tuple[ir.Value, ...] = (node.inputs[1],)
+    constants: tuple[Constant, ...] = (w,)
     bias = None
-    found = _bias_add(node, w.shape[1])
-    if found is not None:
-        add, bias, bias_value = found
-        nodes, weights = (node, add), (*weights, bias_value)
+    found_bias = _bias_add(node, w.shape[1])
+    if found_bias is not None:
+        add, bias = found_bias
+        nodes, constants = (node, add), (w, bias)
+
+    def make() -> algebra.AffineMap:
+        return algebra.matmul_affine(w.array(), None if bias is None else bias.array())
+
     return LinearOp(
         nodes,
-        node.inputs[0],
-        nodes[-1].outputs[0],
+        0,
         int(w.shape[0]),
         int(w.shape[1]),
         dtype,
-        weights,
-        _unmapping(lambda: algebra.matmul_affine(w, bias), weights),
+        constants,
+        _unmapping(make, constants),
+        has_bias=bias is not None,
     )
 
 

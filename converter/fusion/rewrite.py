@@ -1,54 +1,40 @@
-"""Rewriting one merge into the graph: new initializers, the merged op, and clean-up.
+"""One merge, in three steps taken once each: decide (from shapes), compute (float64), write.
 
-:func:`emit` replaces a :class:`Rewrite` (a segment of a chain, or two parallel branches and the
-``Add`` joining them) by one op computing a given :class:`~converter.fusion.algebra.AffineMap`, rounded
-once to the model's dtype, in the form the ops came in:
+A :class:`Rewrite` is what one merge replaces: a segment of a chain, or a tree of sums over
+branches of one input (:class:`~converter.fusion.branches.BranchSum`). Its input ``x`` and its
+output are read from the live nodes when the merge is made, so an earlier merge that rewired them
+is seen, and a rewrite whose nodes another merge took is not made at all (:meth:`Rewrite.alive`).
 
-- 2-D input (any Gemm among the ops, or a rank-2 input): ``Gemm(x, W_t, b, transB=1)`` with the
-  weight in torch's ``(out, in)`` layout, keeping the first op's ``transA``;
-- N-D input: ``MatMul(x, W)`` with an ``(in, out)`` weight, then ``Add(., b)`` if there is a bias.
+1. :func:`decide` refuses, from shapes alone, a merge whose result would hold more parameters
+   than the constants it frees (``policy="cost"``), or that the target form cannot express;
+2. the map is composed in float64 (``W = W1 @ W2 @ ...``, ``b = (b1 @ W2 + b2) @ W3 + ...``;
+   for sums ``W = sum s_k W_k``) and refused if the dtype cannot store it;
+3. :func:`write` rounds it once to the model's dtype and emits it in the form the ops came in:
 
-The merged op takes over the old output value (same name, type and shape), so everything
-downstream, graph outputs included, is untouched. Weights only the replaced ops used are removed.
-It declines (returns a :class:`~converter.report.Declined`) a result the dtype cannot store, or,
-under the cost policy, one holding more parameters than the ops it replaces.
+   - 2-D input (any Gemm among the ops, or a rank-2 input): ``Gemm(x, W_t, b, transB=1)`` with the
+     weight in torch's ``(out, in)`` layout, keeping the first op's ``transA``;
+   - N-D input: ``MatMul(x, W)`` with an ``(in, out)`` weight, then ``Add(., b)`` if there is a bias.
+
+   The merged op takes over the old output value (same name, type and shape), so everything
+   downstream, graph outputs included, is untouched; constants only the replaced ops read are
+   removed (:func:`converter.fusion.constants.remove_if_unused`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra, branches, chains
+from converter.fusion import algebra, chains
+from converter.fusion.branches import BranchSum
+from converter.fusion.constants import Constant, other_users, remove_if_unused
 from converter.fusion.recognize import LinearOp
 from converter.report import Declined, FusionRecord
 
-__all__ = ["Names", "Rewrite", "emit", "tensor_size"]
-
-
-def _shape_list(value: ir.Value) -> list[int | str | None] | None:
-    if value.shape is None:
-        return None
-    return [d if isinstance(d, int) else d.value for d in value.shape]
-
-
-def tensor_size(value: ir.Value) -> int:
-    if value.const_value is not None:
-        return tensor_size_of(value.const_value)
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return tensor_size_of(producer.attributes["value"].as_tensor())
-    if producer is not None and producer.op_type == "Transpose" and producer.inputs:
-        return tensor_size(producer.inputs[0])
-    shape = value.shape
-    return int(np.prod(shape.numpy())) if shape is not None and shape.is_static() else 0
-
-
-def tensor_size_of(tensor: ir.TensorProtocol) -> int:
-    return int(np.prod(tensor.shape.numpy()))
+__all__ = ["Names", "Rewrite", "Decision", "decide", "write"]
 
 
 class Names:
@@ -73,62 +59,43 @@ class Names:
         return name
 
 
-def _fused_name(ops: list[LinearOp]) -> str:
-    names = [n for op in ops for n in op.names[:1]]
-    if len(names) > 4:
-        names = [names[0], f"...{len(names) - 2} more...", names[-1]]
-    return "fused(" + "+".join(names) + ")"
-
-
-def _emit_gemm(ops: list[LinearOp]) -> bool:
-    shape = ops[0].input.shape
-    return any(op.is_gemm for op in ops) or (shape is not None and len(shape) == 2)
-
-
-def _initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
-    name = names.fresh(base)
-    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def _remove_if_unused(value: ir.Value | None) -> None:
-    """Drop an initializer, Constant node, or weight Transpose/Identity that nothing uses any more."""
-    if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-        return
-    producer = value.producer()
-    if value.is_initializer() and value.graph is not None and value.name:
-        value.graph.initializers.pop(value.name, None)
-    elif producer is not None and producer.graph is not None:
-        if producer.op_type == "Constant":
-            producer.graph.remove(producer, safe=True)
-        elif producer.op_type in ("Transpose", "Identity"):
-            source = producer.inputs[0]  # safe removal detaches the node's inputs
-            producer.graph.remove(producer, safe=True)
-            _remove_if_unused(source)
-
-
 @dataclass
 class Rewrite:
-    """What one merge replaces: linear ops (and any joining node) from ``x`` to ``out``."""
+    """What one merge replaces: linear ops, and the joining nodes of a sum (root last)."""
 
     ops: list[LinearOp]
     joins: list[ir.Node]
-    x: ir.Value
-    out: ir.Value
     widths: list[int]
     macs_before: int
+    make_affine: Callable[[], algebra.AffineMap]
+    note: str | None = None
 
     @classmethod
-    def segment(cls, ops: list[LinearOp]) -> Rewrite:
-        widths = chains.widths(ops)
-        return cls(ops, [], ops[0].input, ops[-1].output, widths, sum(op.macs for op in ops))
+    def segment(cls, ops: list[LinearOp], tick: Callable[[], None] = lambda: None) -> Rewrite:
+        def maps() -> Iterator[algebra.AffineMap]:
+            for op in ops:  # one float64 map at a time, built when the fold reaches it
+                yield op.affine
+                tick()
+
+        def make() -> algebra.AffineMap:
+            return algebra.compose_all(maps())
+
+        return cls(ops, [], chains.widths(ops), sum(op.macs for op in ops), make)
 
     @classmethod
-    def parallel(cls, p: branches.Parallel) -> Rewrite:
-        widths = [p.left[0].in_features, p.left[-1].out_features]
-        macs = sum(op.macs for op in p.ops) + widths[-1]
-        return cls(p.ops, [p.add], p.x, p.add.outputs[0], widths, macs)
+    def branch_sum(cls, found: BranchSum) -> Rewrite:
+        widths = [found.width_in, found.width_out]
+        macs = sum(op.macs for op in found.ops) + (len(found.terms) - 1) * found.width_out
+        return cls(found.ops, found.joins, widths, macs, found.affine, found.note())
+
+    @property
+    def x(self) -> ir.Value:
+        """The input the merged op reads (live: after any earlier merge rewired it)."""
+        return self.ops[0].input
+
+    @property
+    def out(self) -> ir.Value:
+        return (self.joins[-1] if self.joins else self.ops[-1].nodes[-1]).outputs[0]
 
     @property
     def names(self) -> list[str]:
@@ -138,85 +105,157 @@ class Rewrite:
     def old_nodes(self) -> list[ir.Node]:
         return [n for op in self.ops for n in op.nodes] + self.joins
 
+    def alive(self, graph: ir.Graph) -> bool:
+        """Every node is still in ``graph`` and every chain still reads the same input."""
+        if not all(n.graph is graph for n in self.old_nodes):
+            return False
+        firsts = [op for op in self.ops if op is self.ops[0] or self._starts_term(op)]
+        return all(op.input is self.x for op in firsts)
 
-def emit(
-    graph: ir.Graph,
-    rewrite: Rewrite,
-    affine: algebra.AffineMap,
-    names: Names,
-    opset: int,
-    label: str,
-    policy: algebra.Policy,
-) -> FusionRecord | Declined:
-    """Replace ``rewrite``'s nodes by one op computing ``affine``; decline if the result cannot be
-    stored, or (``policy="cost"``) if it would hold more parameters than the ops it replaces."""
+    def _starts_term(self, op: LinearOp) -> bool:
+        return bool(self.joins) and op.input not in {o.output for o in self.ops}
+
+
+@dataclass
+class Decision:
+    """A merge :func:`decide` accepted: the form to write and the sizes, known from shapes."""
+
+    as_gemm: bool
+    has_bias: bool
+    params_before: int
+    params_after: int
+    freed: list[Constant] = field(default_factory=list)
+
+
+def _freed(rewrite: Rewrite) -> list[Constant]:
+    """The constants no node outside the rewrite reads (each once): what the merge frees."""
+    owners = set(rewrite.old_nodes)
+    seen: dict[int, Constant] = {}
+    for op in rewrite.ops:
+        for constant in op.constants:
+            root = constant.chain[-1]
+            if id(root) not in seen and not other_users(constant, owners):
+                seen[id(root)] = constant
+    return list(seen.values())
+
+
+def decide(rewrite: Rewrite, opset: int, policy: algebra.Policy, label: str) -> Decision | Declined:
+    """Accept or refuse ``rewrite`` from shapes alone (no weight is read)."""
     ops = rewrite.ops
-    all_names = rewrite.names
-    np_dtype = ops[0].dtype.numpy()
-    bias = affine.bias
+    has_bias = any(op.has_bias for op in ops)
+    shape = rewrite.x.shape
+    as_gemm = any(op.is_gemm for op in ops) or (shape is not None and len(shape) == 2)
     # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.
-    as_gemm = _emit_gemm(ops) and (bias is not None or opset >= 11)
-    if affine.per_row_bias and not as_gemm:
-        return Declined(all_names, "a per-row Gemm bias cannot be emitted as MatMul+Add", label)
-    weight = affine.weight.T if as_gemm else affine.weight
-    for array in (weight, bias):
-        reason = None if array is None else algebra.overflow_reason(array, np_dtype)
-        if reason:
-            return Declined(all_names, f"{reason}; chain left as it was", label)
-    weights = [w for op in ops for w in op.weights]
-    params_before = sum(tensor_size(w) for w in weights)
-    params_after = int(weight.size + (0 if bias is None else bias.size))
+    as_gemm = as_gemm and (has_bias or opset >= 11)
+    per_row = [op for op in ops if op.per_row_bias]
+    if per_row and not as_gemm:
+        return Declined(rewrite.names, "a per-row Gemm bias cannot be emitted as MatMul+Add", label)
+    width_in, width_out = rewrite.widths[0], rewrite.widths[-1]
+    bias_size = 0
+    if has_bias:
+        rows = max((op.constants[-1].shape[0] for op in per_row), default=1)
+        bias_size = rows * width_out
+    freed = _freed(rewrite)
+    params_before = sum(c.size for c in freed)
+    params_after = width_in * width_out + bias_size
     if policy == "cost" and params_after > params_before:
         return Declined(
-            all_names,
+            rewrite.names,
             f"cost model: the merged weight and bias would hold {params_after} parameters, "
             f"more than the {params_before} they replace (--policy always merges anyway)",
             label,
         )
+    return Decision(as_gemm, has_bias, params_before, params_after, freed)
 
-    base = names.fresh(_fused_name(ops))
-    w_value = _initializer(graph, names, f"{base}.weight", algebra.round_to_dtype(weight, np_dtype))
-    b_value = None
+
+def overflow(affine: algebra.AffineMap, dtype: np.dtype, names: list[str], label: str):
+    """A :class:`Declined` when the merged map cannot be stored in ``dtype``, else None."""
+    for array in (affine.weight, affine.bias):
+        reason = None if array is None else algebra.overflow_reason(array, dtype)
+        if reason:
+            return Declined(names, f"{reason}; chain left as it was", label)
+    return None
+
+
+def _fused_name(ops: list[LinearOp]) -> str:
+    names = [n for op in ops for n in op.names[:1]]
+    if len(names) > 4:
+        names = [names[0], f"...{len(names) - 2} more...", names[-1]]
+    return "fused(" + "+".join(names) + ")"
+
+
+def _initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
+    name = names.fresh(base)
+    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _new_nodes(
+    rewrite: Rewrite, decision: Decision, weight: ir.Value, bias: ir.Value | None, names: Names
+) -> list[ir.Node]:
+    """The merged op: ``Gemm(transB=1)``, or ``MatMul`` then ``Add`` of the bias."""
+    base = weight.name.removesuffix(".weight") if weight.name else names.fresh("fused")
+    doc = "onnx-fuse merged: " + ", ".join(rewrite.names)
+    if decision.as_gemm:
+        attrs = {"transB": 1} | ({"transA": 1} if rewrite.ops[0].trans_a else {})
+        inputs = [rewrite.x, weight] + ([bias] if bias is not None else [])
+        return [ir.node("Gemm", inputs, attributes=attrs, name=base, doc_string=doc)]
+    nodes = [ir.node("MatMul", [rewrite.x, weight], name=base, doc_string=doc)]
     if bias is not None:
-        b_value = _initializer(graph, names, f"{base}.bias", algebra.round_to_dtype(bias, np_dtype))
-    doc = "onnx-fuse merged: " + ", ".join(all_names)
-    x, old_out = rewrite.x, rewrite.out
-    if as_gemm:
-        attrs = {"transB": 1} | ({"transA": 1} if ops[0].trans_a else {})
-        inputs = [x, w_value] + ([b_value] if b_value is not None else [])
-        new_nodes = [ir.node("Gemm", inputs, attributes=attrs, name=base, doc_string=doc)]
-    else:
-        new_nodes = [ir.node("MatMul", [x, w_value], name=base, doc_string=doc)]
-        if b_value is not None:
-            new_nodes[0].outputs[0].name = names.fresh(f"{base}.matmul")
-            new_nodes.append(
-                ir.node(
-                    "Add",
-                    [new_nodes[0].outputs[0], b_value],
-                    name=names.fresh(f"{base}.add"),
-                    doc_string=doc,
-                )
-            )
-    old_nodes = rewrite.old_nodes
-    new_out = new_nodes[-1].outputs[0]
-    ir.convenience.replace_nodes_and_values(
-        graph, old_nodes[-1], old_nodes, new_nodes, [old_out], [new_out]
-    )
-    for w in weights:
-        _remove_if_unused(w)
+        nodes[0].outputs[0].name = names.fresh(f"{base}.matmul")
+        add = ir.node("Add", [nodes[0].outputs[0], bias], name=names.fresh(f"{base}.add"))
+        add.doc_string = doc
+        nodes.append(add)
+    return nodes
 
-    widths = rewrite.widths
-    return FusionRecord(
-        nodes=all_names,
+
+def write(
+    graph: ir.Graph,
+    rewrite: Rewrite,
+    decision: Decision,
+    affine: algebra.AffineMap,
+    names: Names,
+    label: str,
+) -> tuple[FusionRecord, list[ir.Node]]:
+    """Replace ``rewrite``'s nodes by one op computing ``affine`` rounded once to the model's
+    dtype; return the record and the new nodes (the last computes the merged output)."""
+    np_dtype = rewrite.ops[0].dtype.numpy()
+    base = names.fresh(_fused_name(rewrite.ops))
+    w = affine.weight.T if decision.as_gemm else affine.weight
+    w_value = _initializer(graph, names, f"{base}.weight", algebra.round_to_dtype(w, np_dtype))
+    b_value = None
+    if affine.bias is not None:
+        b_value = _initializer(
+            graph, names, f"{base}.bias", algebra.round_to_dtype(affine.bias, np_dtype)
+        )
+    new_nodes = _new_nodes(rewrite, decision, w_value, b_value, names)
+    old_nodes, old_out, x = rewrite.old_nodes, rewrite.out, rewrite.x
+    new_out = new_nodes[-1].outputs[0]
+    record = FusionRecord(
+        nodes=rewrite.names,
         op_types=[n.op_type for n in old_nodes],
         new_nodes=[n.name or n.op_type for n in new_nodes],
         graph=label,
-        output=new_out.name or "",
-        widths=widths,
+        output=old_out.name or "",
+        widths=rewrite.widths,
         input_shape=_shape_list(x),
-        output_shape=_shape_list(new_out),
+        output_shape=_shape_list(old_out),
         macs_before=rewrite.macs_before,
-        macs_after=widths[0] * widths[-1],
-        params_before=params_before,
-        params_after=params_after,
+        macs_after=rewrite.widths[0] * rewrite.widths[-1],
+        params_before=decision.params_before,
+        params_after=decision.params_after,
+        note=rewrite.note,
     )
+    ir.convenience.replace_nodes_and_values(
+        graph, old_nodes[-1], old_nodes, new_nodes, [old_out], [new_out]
+    )
+    for constant in (c for op in rewrite.ops for c in op.constants):
+        remove_if_unused(constant.value)
+    return record, new_nodes
+
+
+def _shape_list(value: ir.Value) -> list[int | str | None] | None:
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else d.value for d in value.shape]

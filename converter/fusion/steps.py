@@ -1,4 +1,4 @@
-"""Elementwise affine steps that can join a chain: scale, shift and BatchNormalization.
+"""Elementwise affine steps that can join a chain: scales, shifts, BatchNormalization, no-ops.
 
 Each step acts on the last axis with a constant ``c`` that broadcasts along it (a scalar, ``(d,)``
 or ``(1, ..., 1, d)``, never raising the rank), so it is an affine map with a diagonal weight::
@@ -6,13 +6,15 @@ or ``(1, ..., 1, d)``, never raising the rank), so it is an affine map with a di
     Mul(x, c)  ->  W = diag(c)            Add(x, c)  ->  W = I,        b = c
     Sub(x, c)  ->  W = I,  b = -c         Sub(c, x)  ->  W = -I,       b = c
     Div(x, c)  ->  W = diag(1 / c)        (c nonzero)
+    Neg(x)     ->  W = -I                 Identity(x), Dropout(x) in inference  ->  W = I
 
     BatchNormalization(x, scale, B, mean, var) on a 2-D input (channels are the last axis):
         s = scale / sqrt(var + epsilon),  W = diag(s),  b = B - mean * s
 
 A step alone is never rewritten (as a matrix it would cost ``d*d`` multiply-adds instead of
 ``d``); it is merged only into a segment that holds a Gemm or MatMul, which it never makes more
-expensive.
+expensive. A step that looks affine but cannot be used says why (:class:`Decline`), and the
+reason is reported when it sits next to a linear op.
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion import algebra
+from converter.fusion.constants import Constant, NotConstant, resolve
 from converter.fusion.recognize import (
     FLOAT_TYPES,
+    Decline,
     LinearOp,
     broadcasts_along_last_axis,
-    constant_tensor,
     is_onnx,
-    shared_with_others,
+    usable_constant,
 )
 
 __all__ = ["STEP_OPS", "recognize_step"]
 
-STEP_OPS = frozenset({"Mul", "Add", "Sub", "Div", "BatchNormalization"})
+BINARY_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
+STEP_OPS = BINARY_OPS | {"BatchNormalization", "Neg", "Identity", "Dropout"}
 
 WidthOf = Callable[[ir.Value], "int | None"]
 
@@ -51,89 +55,145 @@ def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
-def recognize_step(node: ir.Node, width_of: WidthOf) -> LinearOp | None:
-    """The step ``node`` computes as a :class:`LinearOp` (``elementwise=True``), or None.
+def _step(
+    node: ir.Node, index: int, width: int, dtype: ir.DataType, consts, make, *, bias=False
+) -> LinearOp:
+    return LinearOp(
+        (node,), index, width, width, dtype, tuple(consts), make, elementwise=True, has_bias=bias
+    )
+
+
+def recognize_step(node: ir.Node, width_of: WidthOf) -> LinearOp | Decline | None:
+    """The step ``node`` computes as a :class:`LinearOp` (``elementwise=True``), a
+    :class:`Decline` when it is a constant step that cannot join a chain, or None.
 
     ``width_of`` gives the width of a value produced by an op already recognised, for steps whose
     input shape is unknown.
     """
-    if not is_onnx(node) or len(node.outputs) != 1:
+    if not is_onnx(node) or node.op_type not in STEP_OPS or not node.outputs:
         return None
     if node.op_type == "BatchNormalization":
         return _batch_norm(node)
-    if node.op_type not in STEP_OPS or len(node.inputs) != 2 or None in node.inputs:
+    if node.op_type in ("Neg", "Identity", "Dropout"):
+        return _unary(node, width_of)
+    if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
         return None
     left, right = node.inputs
-    data_index = 0 if constant_tensor(right)[1] is None else 1
-    data, const = (left, right) if data_index == 0 else (right, left)
-    c, reason = constant_tensor(const)
-    if reason or c is None or constant_tensor(data)[1] is None or shared_with_others(const, node):
+    right_const = isinstance(resolve(right), Constant)
+    left_const = isinstance(resolve(left), Constant)
+    if right_const == left_const:
         return None  # not exactly one constant operand (both constant is constant folding)
+    data_index = 0 if right_const else 1
+    data, const = (left, right) if data_index == 0 else (right, left)
     if node.op_type == "Div" and data_index == 1:
         return None  # c / x is not affine
     # The data's own width, never the constant's: x[N, 1] * c[d] broadcasts x up to d columns.
     width = _static_last_dim(data) or width_of(data)
-    dtype = data.dtype or ir.DataType.from_numpy(c.dtype)
-    if width is None or dtype not in FLOAT_TYPES or not broadcasts_along_last_axis(c, data, width):
+    if width is None:
         return None
-    if node.op_type == "Div" and not np.all(c != 0):
+    c = usable_constant(const, (node,), width)
+    if isinstance(c, str):
+        return Decline(node, c)
+    dtype = data.dtype or c.dtype
+    if dtype not in FLOAT_TYPES:
         return None
+    if not broadcasts_along_last_axis(c.shape, data, width):
+        return Decline(
+            node,
+            f"{node.op_type} by a constant of shape {list(c.shape)} varies along another axis "
+            f"than the features (width {width})",
+        )
+    if node.op_type == "Div" and not np.all(c.array() != 0):
+        return Decline(node, "Div by a constant that holds a zero")
     make = _elementwise_maker(node.op_type, data_index, c, width)
-    return LinearOp(
-        (node,), data, node.outputs[0], width, width, dtype, (const,), make, elementwise=True
-    )
+    return _step(node, data_index, width, dtype, (c,), make, bias=node.op_type in ("Add", "Sub"))
 
 
 def _elementwise_maker(
-    op_type: str, data_index: int, c: np.ndarray, width: int
+    op_type: str, data_index: int, const: Constant, width: int
 ) -> Callable[[], algebra.AffineMap]:
-    """The map of ``op_type`` with the constant ``c`` on the other side of the data."""
+    """The map of ``op_type`` with the constant on the other side of the data."""
+    c = const.array
     if op_type == "Mul":
-        return lambda: algebra.scale_affine(c, width)
+        return lambda: algebra.scale_affine(c(), width)
     if op_type == "Div":
-        return lambda: algebra.scale_affine(1.0 / c.astype(np.float64), width)
+        return lambda: algebra.scale_affine(1.0 / c().astype(np.float64), width)
     if op_type == "Add":
-        return lambda: algebra.shift_affine(c, width)
+        return lambda: algebra.shift_affine(c(), width)
     if data_index == 0:  # Sub(x, c)
-        return lambda: algebra.shift_affine(-c.astype(np.float64), width)
+        return lambda: algebra.shift_affine(-c().astype(np.float64), width)
 
     def negate_then_shift() -> algebra.AffineMap:  # Sub(c, x)
         return algebra.compose(
-            algebra.scale_affine(np.float64(-1.0), width), algebra.shift_affine(c, width)
+            algebra.scale_affine(np.float64(-1.0), width), algebra.shift_affine(c(), width)
         )
 
     return negate_then_shift
 
 
-def _batch_norm(node: ir.Node) -> LinearOp | None:
+def _unary(node: ir.Node, width_of: WidthOf) -> LinearOp | Decline | None:
+    """``Neg`` (``W = -I``), ``Identity`` and inference ``Dropout`` (``W = I``)."""
+    data = node.inputs[0] if node.inputs else None
+    if data is None or isinstance(resolve(data), Constant):
+        return None
+    if node.op_type == "Dropout":
+        reason = _dropout_reason(node)
+        if reason:
+            return Decline(node, reason)
+    elif len(node.outputs) != 1:
+        return None
+    width = _static_last_dim(data) or width_of(data)
+    if width is None or data.dtype not in FLOAT_TYPES:
+        return None
+    sign = -1.0 if node.op_type == "Neg" else 1.0
+    return _step(node, 0, width, data.dtype, (), lambda: algebra.scale_affine(sign, width))
+
+
+def _dropout_reason(node: ir.Node) -> str | None:
+    """Why ``Dropout`` is not the identity here, or None when it is (inference mode)."""
+    if len(node.outputs) > 1 and node.outputs[1].uses():
+        return "Dropout's mask output is used"
+    if len(node.inputs) >= 3 and node.inputs[2] is not None:
+        mode = resolve(node.inputs[2])
+        if isinstance(mode, NotConstant) or bool(np.asarray(mode.array()).reshape(-1)[0]):
+            return "Dropout runs in training mode (export after model.eval())"
+    return None
+
+
+def _batch_norm(node: ir.Node) -> LinearOp | Decline | None:
     """BatchNormalization in inference mode on a 2-D ``(N, C)`` input."""
-    if len(node.inputs) != 5 or node.attributes.get_int("training_mode", 0) != 0:
+    if len(node.inputs) != 5 or None in node.inputs:
         return None
+    if node.attributes.get_int("training_mode", 0) != 0 or len(node.outputs) != 1:
+        return Decline(node, "BatchNormalization runs in training mode")
     if node.attributes.get_int("spatial", 1) != 1:
-        return None
+        return Decline(node, "BatchNormalization with spatial=0 is not supported")
     data = node.inputs[0]
-    producer = data.producer() if data is not None else None
-    if data is None or (_rank(data) != 2 and (producer is None or producer.op_type != "Gemm")):
-        return None  # channels are axis 1: the last axis only for a 2-D input
-    arrays = []
+    producer = data.producer()
+    if _rank(data) != 2 and not is_onnx(producer, "Gemm"):
+        rank = _rank(data)
+        where = "of unknown rank" if rank is None else f"of rank {rank}"
+        return Decline(
+            node, f"BatchNormalization on an input {where}: channels (axis 1) are not its last axis"
+        )
+    params: list[Constant] = []
     for value in node.inputs[1:]:
-        array, reason = constant_tensor(value)
-        if reason or array is None or array.ndim != 1 or shared_with_others(value, node):
-            return None
-        arrays.append(array)
+        found = usable_constant(value, (node,), 1 << 62)  # all per-channel: small
+        if isinstance(found, str):
+            return Decline(node, found)
+        params.append(found)
+    width = params[0].size
+    if any(len(p.shape) != 1 or p.size != width for p in params):
+        return Decline(node, "BatchNormalization parameters are not vectors of one width")
     # X and scale share a type unless the model says otherwise (opset 15 lets them differ).
-    dtype = data.dtype or node.inputs[1].dtype or ir.DataType.from_numpy(arrays[0].dtype)
-    scale, bias, mean, var = (a.astype(np.float64) for a in arrays)
-    width = scale.size
-    if dtype not in FLOAT_TYPES or any(a.size != width for a in arrays):
+    dtype = data.dtype or node.inputs[1].dtype or params[0].dtype
+    if dtype not in FLOAT_TYPES:
         return None
     epsilon = node.attributes.get_float("epsilon", 1e-5)
 
     def make() -> algebra.AffineMap:
+        scale, bias, mean, var = (p.array().astype(np.float64) for p in params)
         s = scale / np.sqrt(var + epsilon)
         return algebra.AffineMap(np.diag(s), bias - mean * s)
 
-    weights = tuple(v for v in node.inputs[1:] if v is not None)
-    return LinearOp(
-        (node,), data, node.outputs[0], width, width, dtype, weights, make, elementwise=True
-    )
+    return _step(node, 0, width, dtype, params, make, bias=True)

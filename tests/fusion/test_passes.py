@@ -322,7 +322,9 @@ def test_shared_weight_is_declined_and_kept():
     model.graph.node[2].input[1] = "W0"  # fc2 reuses fc0's weight
     fused, report = fuse_with_report(model)
     assert report.fusions == []
-    assert report.declined[0].reason == "weight 'W0' is shared with node 'fc2'"
+    assert report.declined[0].reason == (
+        "weight 'W0' is shared with node 'fc2' (merging would keep both copies)"
+    )
     assert {t.name for t in fused.graph.initializer} >= {"W0"}
 
 

@@ -1,0 +1,228 @@
+"""The one answer to "is this value constant, and what is its array".
+
+A value is constant when it is
+
+- an initializer that is *not* also a graph input (older exporters list initializers as inputs,
+  which lets a caller override them at run time),
+- the output of a ``Constant`` node (``value``, ``value_float(s)``, ``value_int(s)``),
+- ``Identity`` of a constant (torch's exporters deduplicate equal initializers and hand them out
+  through ``Identity``), ``Transpose`` of one (exports without constant folding write weights as
+  ``Transpose(W)``), ``Cast`` of one, or ``Reshape`` of one by a constant shape,
+
+and no training algorithm in ``training_info`` updates it. Sparse constants are not represented:
+onnx-ir cannot load them, so such a model is refused at load time and never reaches this module.
+
+:func:`resolve` reads shapes, not weights: the array is built on demand by
+:meth:`Constant.array`, so recognising every op of a multi-gigabyte model touches no weight.
+Recognition, the cost model, size accounting and clean-up all ask this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from converter.model_io import training
+
+__all__ = [
+    "Constant",
+    "NotConstant",
+    "resolve",
+    "constant_array",
+    "is_onnx",
+    "label",
+    "other_users",
+    "parameter_count",
+    "remove_if_unused",
+]
+
+
+def is_onnx(node: ir.Node | None, op_type: str | None = None) -> bool:
+    """``node`` is a standard ONNX op (default domain), of ``op_type`` if given."""
+    return (
+        node is not None
+        and node.domain in ("", "ai.onnx")
+        and (op_type is None or node.op_type == op_type)
+    )
+
+
+def label(value: ir.Value | None) -> str:
+    """A value's name for messages."""
+    return "<missing>" if value is None else value.name or "<unnamed>"
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A constant value: its shape and dtype, and its array on demand.
+
+    ``chain`` is the value asked about followed by each value it was derived from (through
+    ``Identity``/``Transpose``/``Cast``/``Reshape``), ending at the initializer or ``Constant``
+    output that holds the data. Clean-up walks it; sharing checks look at the uses of all of it.
+    """
+
+    chain: tuple[ir.Value, ...]
+    shape: tuple[int, ...]
+    dtype: ir.DataType
+    load: Callable[[], np.ndarray]
+
+    @property
+    def value(self) -> ir.Value:
+        return self.chain[0]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def array(self) -> np.ndarray:
+        """The constant's array (a memory map for external data: reading it reads the file)."""
+        return self.load()
+
+
+@dataclass(frozen=True)
+class NotConstant:
+    """Why a value is not a usable constant, in words a user can act on."""
+
+    reason: str
+
+
+_DERIVED = ("Identity", "Transpose", "Cast", "Reshape")
+
+
+def resolve(value: ir.Value | None) -> Constant | NotConstant:
+    """The :class:`Constant` behind ``value``, or :class:`NotConstant` with the reason."""
+    if value is None:
+        return NotConstant("input is missing")
+    if value.is_graph_input():
+        return NotConstant(
+            f"weight '{label(value)}' is a graph input (it can be overridden at run time)"
+        )
+    if value.meta.get(training.TRAINED):
+        return NotConstant(f"weight '{label(value)}' is trained by the model's training_info")
+    producer = value.producer()
+    if value.const_value is None and is_onnx(producer) and producer.op_type in _DERIVED:
+        return _derived(value, producer)
+    if value.const_value is None and not is_onnx(producer, "Constant"):
+        return NotConstant(f"weight '{label(value)}' is not constant")
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError as e:
+        return NotConstant(f"weight '{label(value)}' is a malformed Constant: {e}")
+    if tensor is None or tensor.dtype is None or not tensor.shape.is_static():
+        return NotConstant(f"weight '{label(value)}' is not constant")
+    shape = tuple(int(d) for d in tensor.shape)
+    return Constant((value,), shape, tensor.dtype, tensor.numpy)
+
+
+def _derived(value: ir.Value, node: ir.Node) -> Constant | NotConstant:
+    """A constant computed from another by ``Identity``/``Transpose``/``Cast``/``Reshape``."""
+    if not node.inputs or node.inputs[0] is None or len(node.outputs) != 1:
+        return NotConstant(f"weight '{label(value)}' is not constant")
+    source = resolve(node.inputs[0])
+    if isinstance(source, NotConstant):
+        return source
+    derive = {
+        "Identity": _identity,
+        "Transpose": _transpose,
+        "Cast": _cast,
+        "Reshape": _reshape,
+    }[node.op_type]
+    found = derive(node, source)
+    if found is None:
+        return NotConstant(f"weight '{label(value)}' is not constant")
+    shape, dtype, load = found
+    return Constant((value, *source.chain), shape, dtype, load)
+
+
+_Derived = tuple[tuple[int, ...], ir.DataType, Callable[[], np.ndarray]] | None
+
+
+def _identity(node: ir.Node, source: Constant) -> _Derived:
+    return source.shape, source.dtype, source.load
+
+
+def _transpose(node: ir.Node, source: Constant) -> _Derived:
+    rank = len(source.shape)
+    perm = node.attributes.get_ints("perm", None)
+    perm = list(range(rank))[::-1] if perm is None else list(perm)
+    if sorted(perm) != list(range(rank)):
+        return None
+    shape = tuple(source.shape[p] for p in perm)
+    return shape, source.dtype, lambda: np.transpose(source.array(), perm)
+
+
+def _cast(node: ir.Node, source: Constant) -> _Derived:
+    to = node.attributes.get_int("to", None)
+    if to is None or node.attributes.get_int("saturate", 1) != 1:
+        return None
+    dtype = ir.DataType(to)
+    try:
+        np_dtype = dtype.numpy()
+    except TypeError:
+        return None
+    return source.shape, dtype, lambda: source.array().astype(np_dtype)
+
+
+def _reshape(node: ir.Node, source: Constant) -> _Derived:
+    if len(node.inputs) < 2:
+        return None
+    target = resolve(node.inputs[1])
+    if isinstance(target, NotConstant) or target.dtype != ir.DataType.INT64:
+        return None
+    dims = [int(d) for d in np.asarray(target.array()).reshape(-1)]
+    if not node.attributes.get_int("allowzero", 0):
+        dims = [
+            source.shape[i] if d == 0 and i < len(source.shape) else d for i, d in enumerate(dims)
+        ]
+    try:
+        shape = np.empty(source.shape, dtype=np.bool_).reshape(dims).shape
+    except ValueError:
+        return None
+    return shape, source.dtype, lambda: np.reshape(source.array(), shape)
+
+
+def constant_array(value: ir.Value | None) -> tuple[np.ndarray | None, str | None]:
+    """``(array, None)`` for a constant ``value``, else ``(None, reason)``."""
+    found = resolve(value)
+    if isinstance(found, NotConstant):
+        return None, found.reason
+    return found.array(), None
+
+
+def other_users(constant: Constant, owners: set[ir.Node]) -> list[ir.Node]:
+    """Nodes outside ``owners`` (and outside the constant's own derivation) that read it."""
+    derivation = {v.producer() for v in constant.chain}
+    users: list[ir.Node] = []
+    for v in constant.chain:
+        users.extend(u.node for u in v.uses() if u.node not in owners and u.node not in derivation)
+    return users
+
+
+def parameter_count(value: ir.Value | None) -> int:
+    """Elements held by ``value`` as a weight: its constant's size, or its static shape's."""
+    found = resolve(value)
+    if isinstance(found, Constant):
+        return found.size
+    if value is None or value.shape is None or not value.shape.is_static():
+        return 0
+    return int(np.prod(value.shape.numpy(), dtype=np.int64))
+
+
+def remove_if_unused(value: ir.Value | None) -> None:
+    """Drop an initializer, ``Constant`` node, or the ``Identity``/``Transpose``/``Cast``/
+    ``Reshape`` deriving a weight, once nothing uses it any more; then its sources likewise."""
+    if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    producer = value.producer()
+    if value.is_initializer() and value.graph is not None and value.name:
+        value.graph.initializers.pop(value.name, None)
+    elif producer is not None and producer.graph is not None and is_onnx(producer):
+        if producer.op_type == "Constant":
+            producer.graph.remove(producer, safe=True)
+        elif producer.op_type in _DERIVED and len(producer.outputs) == 1:
+            sources = list(producer.inputs)  # safe removal detaches the node's inputs
+            producer.graph.remove(producer, safe=True)
+            for source in sources:
+                remove_if_unused(source)

@@ -1,0 +1,160 @@
+"""The engine: match on the live graph, decide, compute, write; repeat to a fixpoint.
+
+Each graph (the main graph and every ``If``/``Loop``/``Scan`` body) is fused in *rounds*. A round
+analyses the graph as it is now (recognise every linear op and step, link them into maximal
+chains, find the trees of sums over branches of one input) and then merges:
+
+1. every branch sum it found (:mod:`converter.fusion.branches`); if any was merged, the round
+   ends there, because the merged ops change which chains exist;
+2. otherwise every segment the cost model chose in every chain (:mod:`converter.fusion.chains`).
+
+Rounds repeat until one merges nothing; the reasons reported for what was *not* merged are that
+last round's, so they describe the final graph (never a node that a later merge took). A planned
+merge reads its input and output from the live nodes and is skipped if an earlier merge of the
+round took one of its nodes (:meth:`Rewrite.alive`); it is matched again in the next round. Every
+merge removes at least one recognised op or sum node, so the rounds end.
+
+After every merge the nodes it removed and added are checked (:func:`invariants.check_rewrite`);
+with ``check_every_rewrite`` (tests, ``--debug``) the whole model is, and the whole model always
+is at the end. A broken invariant is an :class:`~converter.errors.EngineError` (exit 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from converter.errors import EngineError
+from converter.fusion import chains, invariants
+from converter.fusion.algebra import AffineMap, Policy
+from converter.fusion.branches import find_sums
+from converter.fusion.recognize import LinearOp
+from converter.fusion.rewrite import Decision, Names, Rewrite, decide, overflow, write
+from converter.model_io.progress import ProgressCallback, no_progress
+from converter.report import Declined, FusionRecord
+
+__all__ = ["Context", "fuse_graph"]
+
+logger = logging.getLogger(__name__)
+
+CHECK_ENV = "ONNX_FUSE_CHECK_EVERY_REWRITE"
+
+
+@dataclass
+class Context:
+    """What every step of a run needs: the model, its opset, names, policy, progress, checks."""
+
+    model: ir.Model
+    opset: int
+    policy: Policy
+    names: Names
+    progress: ProgressCallback = no_progress
+    check_every_rewrite: bool = field(
+        default_factory=lambda: (
+            bool(os.environ.get(CHECK_ENV)) or logger.isEnabledFor(logging.DEBUG)
+        )
+    )
+    merged: int = 0
+    # The record of each merged op's output value, so a later merge that consumes it can say so.
+    records: dict[ir.Value, FusionRecord] = field(default_factory=dict)
+
+
+def fuse_graph(
+    ctx: Context, graph: ir.Graph, label: str
+) -> tuple[list[FusionRecord], list[Declined]]:
+    """Merge everything mergeable in ``graph`` (not its subgraphs), to a fixpoint."""
+    fusions: list[FusionRecord] = []
+    limit = sum(1 for _ in graph) + 2  # each productive round removes at least one node's worth
+    for _ in range(limit):
+        made, declined = _round(ctx, graph, label, fusions)
+        if not made:
+            return fusions, declined
+    raise EngineError(f"internal error: fusing {label} did not reach a fixpoint; nothing written")
+
+
+def _round(
+    ctx: Context, graph: ir.Graph, label: str, fusions: list[FusionRecord]
+) -> tuple[int, list[Declined]]:
+    runs, declined = chains.find_chains(graph, label, min_length=1)
+    sums, sum_declined = find_sums(runs, ctx.policy, label)
+    declined.extend(sum_declined)
+    made = 0
+    for found in sums:
+        made += _apply(ctx, graph, label, Rewrite.branch_sum(found), fusions, declined)
+    if made:
+        return made, declined
+    planned: list[list[LinearOp]] = []
+    for run in runs:
+        if len(run) < 2:
+            continue
+        plan, split_reasons = chains.plan_chain(run, ctx.policy, label)
+        declined.extend(split_reasons)
+        planned.extend(run[i:j] for i, j in plan.segments)
+    tick = _ticker(ctx, sum(len(ops) for ops in planned))
+    for ops in planned:
+        made += _apply(ctx, graph, label, Rewrite.segment(ops, tick), fusions, declined)
+    return made, declined
+
+
+def _ticker(ctx: Context, total: int) -> Callable[[], None]:
+    """Progress for the composition of ``total`` ops: ``merging done/total``, one op at a time."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        ctx.progress("merging", done, total)
+
+    return tick
+
+
+def _apply(
+    ctx: Context,
+    graph: ir.Graph,
+    label: str,
+    rewrite: Rewrite,
+    fusions: list[FusionRecord],
+    declined: list[Declined],
+) -> int:
+    """Make one merge if it is still possible and worth it; 1 if made, else 0."""
+    if not rewrite.alive(graph):
+        return 0  # an earlier merge of this round took part of it: matched again next round
+    decision = decide(rewrite, ctx.opset, ctx.policy, label)
+    if isinstance(decision, Declined):
+        declined.append(decision)
+        return 0
+    affine = rewrite.make_affine()  # the one float64 composition of this merge
+    refused = overflow(affine, rewrite.ops[0].dtype.numpy(), rewrite.names, label)
+    if refused:
+        declined.append(refused)
+        return 0
+    _write(ctx, graph, label, rewrite, decision, affine, fusions)
+    return 1
+
+
+def _write(
+    ctx: Context,
+    graph: ir.Graph,
+    label: str,
+    rewrite: Rewrite,
+    decision: Decision,
+    affine: AffineMap,
+    fusions: list[FusionRecord],
+) -> None:
+    old_nodes = rewrite.old_nodes
+    consumed = [ctx.records.pop(v) for n in old_nodes for v in n.outputs if v in ctx.records]
+    record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
+    for earlier in consumed:  # their output value is gone: name the merge that took it
+        earlier.merged_into = record.new_nodes[0]
+        earlier.output = None
+    ctx.records[new_nodes[-1].outputs[0]] = record
+    fusions.append(record)
+    invariants.check_rewrite(graph, label, old_nodes, new_nodes)
+    if ctx.check_every_rewrite:
+        invariants.check_model(ctx.model)
+    ctx.merged += 1
+    logger.debug("merged %s", record.nodes)
