@@ -120,7 +120,6 @@ def test_initializers_as_inputs_count_one_chain_once(tmp_path, capsys):
     assert "2 chain(s)" not in text
 
 
-@pytest.mark.xfail(strict=True, reason="engine, issue 8: a split names the link's both sides")
 def test_partial_merge_never_names_a_node_merged_and_not_merged(tmp_path):
     from builders import fuse_with_report
 
