@@ -19,8 +19,8 @@ Recognition, the cost model, size accounting and clean-up all ask this module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
