@@ -21,7 +21,15 @@ from pathlib import Path
 import onnx
 import torch
 
-__all__ = ["DYNAMO_OPSET", "LEGACY_OPSET", "count_ops", "export_onnx", "free_folds", "randomise"]
+__all__ = [
+    "DYNAMO_OPSET",
+    "LEGACY_OPSET",
+    "count_linear",
+    "count_ops",
+    "export_onnx",
+    "free_folds",
+    "randomise",
+]
 
 LEGACY_OPSET = 17
 DYNAMO_OPSET = 18
@@ -102,6 +110,27 @@ def count_ops(model: str | os.PathLike | onnx.ModelProto) -> collections.Counter
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model), load_external_data=False)
     return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def count_linear(model: str | os.PathLike | onnx.ModelProto) -> int:
+    """Linear ops with a constant weight in the main graph: ``Gemm``, ``MatMul``, ``Conv``.
+
+    A weight is constant when it is an initializer, a ``Constant`` output, or an ``Identity`` of
+    either; ``MatMul`` counts when either operand is (``MatMul(W, x)`` mixes tokens).
+    """
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    const = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in const):
+            const.add(node.output[0])
+    count = 0
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "Conv"):
+            count += node.input[1] in const
+        elif node.op_type == "MatMul":
+            count += any(name in const for name in node.input)
+    return count
 
 
 def _free_folds_module():

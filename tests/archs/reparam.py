@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .export import randomise
-from .vision import Case
+from .vision import Case, seeded
 
 __all__ = [
     "BLOCKS",
@@ -32,13 +32,14 @@ __all__ = [
     "ACBlock",
     "ConvBN",
     "MobileOneBlock",
-    "MobileOneNet",
+    "MobileOneUnit",
+    "mobileone_net",
     "RepCPE",
     "RepConv",
     "RepDW",
     "RepMixer",
     "RepVGGBlock",
-    "RepVGGNet",
+    "repvgg_net",
 ]
 
 
@@ -295,13 +296,13 @@ class RepStack(nn.Module):
         return deploy
 
 
-def RepVGGNet() -> RepStack:  # noqa: N802 - a network constructor, named like a class
+def repvgg_net() -> RepStack:
     """RepVGG-A0-like: 6 RepVGG blocks 3->16->16->32->32->64->64, three with stride 2."""
     widths = [(3, 16, 2), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1)]
     return RepStack([RepVGGBlock(i, o, s) for i, o, s in widths], 64)
 
 
-def MobileOneNet(branches: int = 4) -> RepStack:  # noqa: N802
+def mobileone_net(branches: int = 4) -> RepStack:
     """MobileOne-S0-like: a MobileOne 3x3 stem (stride 2) then 4 units (dw + pw), ``k`` branches."""
     stem = MobileOneBlock(3, 16, 3, 2, branches=1)
     units = [
@@ -322,7 +323,7 @@ def _case(module: nn.Module, channels: int, size: int = 8) -> Case:
     return Case(randomise(module).eval(), (_image(channels, size),))
 
 
-BLOCKS: dict[str, Callable[[], Case]] = {
+_BLOCKS: dict[str, Callable[[], Case]] = {
     "repvgg": lambda: _case(RepVGGBlock(8, 8), 8),
     "repvgg_stride2": lambda: _case(RepVGGBlock(8, 16, 2), 8),
     "repvgg_grouped": lambda: _case(RepVGGBlock(8, 8, groups=2), 8),
@@ -335,7 +336,10 @@ BLOCKS: dict[str, Callable[[], Case]] = {
     "repconv_yolo": lambda: _case(RepConv(8, 8), 8),
 }
 
-NETWORKS: dict[str, Callable[[], Case]] = {
-    "repvgg_a0": lambda: _case(RepVGGNet(), 3, 32),
-    "mobileone_s0": lambda: _case(MobileOneNet(4), 3, 32),
+_NETWORKS: dict[str, Callable[[], Case]] = {
+    "repvgg_a0": lambda: _case(repvgg_net(), 3, 32),
+    "mobileone_s0": lambda: _case(mobileone_net(4), 3, 32),
 }
+
+BLOCKS = {name: seeded(build) for name, build in _BLOCKS.items()}
+NETWORKS = {name: seeded(build) for name, build in _NETWORKS.items()}

@@ -24,6 +24,7 @@ __all__ = [
     "BLOCKS",
     "NETWORKS",
     "Case",
+    "seeded",
     "ClassAttentionBlock",
     "LeViTAttention",
     "LeViTMlp",
@@ -435,7 +436,24 @@ def _case(module: nn.Module, *args: torch.Tensor, seed: int = 0) -> Case:
     return Case(randomise(module, seed).eval(), args)
 
 
-BLOCKS: dict[str, Callable[[], Case]] = {
+def seeded(build: Callable[[], Case], seed: int = 0) -> Callable[[], Case]:
+    """``build`` run under torch's global RNG seeded with ``seed`` (restored afterwards).
+
+    Modules draw their initial weights from the global RNG; seeding it makes every call of a
+    registry entry return the same weights, so a module built twice (export, then reference)
+    computes the same function.
+    """
+
+    def run() -> Case:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return build()
+
+    run.__doc__ = build.__doc__
+    return run
+
+
+_BLOCKS: dict[str, Callable[[], Case]] = {
     "linear_bn_tokens": lambda: _case(LinearBN(C, 2 * C), _tokens()),
     "levit_attention": lambda: _case(Residual(LeViTAttention()), _tokens()),
     "levit_mlp": lambda: _case(Residual(LeViTMlp()), _tokens()),
@@ -461,8 +479,11 @@ BLOCKS: dict[str, Callable[[], Case]] = {
     ),
 }
 
-NETWORKS: dict[str, Callable[[], Case]] = {
+_NETWORKS: dict[str, Callable[[], Case]] = {
     "resmlp": lambda: _case(ResMLP(), _image(size=32)),
     "levit": lambda: _case(LeViT(), _image(size=32)),
     "deit_distilled": lambda: _case(DeiTDistilled(), _image(size=32)),
 }
+
+BLOCKS = {name: seeded(build) for name, build in _BLOCKS.items()}
+NETWORKS = {name: seeded(build) for name, build in _NETWORKS.items()}
