@@ -192,9 +192,7 @@ class _TokensToTensor(torch.nn.Module):
         return out[0]
 
 
-def token_inputs(
-    model: torch.nn.Module, *, dynamo: bool, seed: int = 0
-) -> dict[str, np.ndarray]:
+def token_inputs(model: torch.nn.Module, *, dynamo: bool, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random token ids (batch ``BATCH`` x ``SEQ``), plus an all-ones mask where needed."""
     lm = _transformers_model(model)
     rng = np.random.default_rng(seed)
@@ -266,17 +264,25 @@ def _export_legacy(
 
 
 def _constant_names(graph: onnx.GraphProto) -> set[str]:
-    """Initializers (not graph inputs) and Constant outputs, followed through Identity."""
+    """Initializers (not graph inputs) and Constant outputs, followed through Identity and Transpose.
+
+    torch's legacy exporter writes deduplicated weights as ``Identity``; the dynamo exporter
+    writes a tied ``lm_head`` weight (shared with the embedding ``Gather``) as ``Transpose(W)``.
+    """
     inputs = {i.name for i in graph.input}
     names = {i.name for i in graph.initializer if i.name not in inputs}
-    for node in graph.node:
-        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in names):
+    for node in graph.node:  # topological order: a node's constant inputs are known before it
+        through = node.op_type in ("Identity", "Transpose") and node.input[0] in names
+        if node.op_type == "Constant" or through:
             names.update(node.output)
     return names
 
 
 def count_linear_ops(model: onnx.ModelProto) -> int:
-    """Gemm nodes plus MatMul nodes with a constant operand, in the main graph."""
+    """Gemm nodes plus MatMul nodes with a constant operand, in the main graph.
+
+    The attention products (``q @ k.T``, ``p @ v``) have no constant operand and do not count.
+    """
     constant = _constant_names(model.graph)
     return sum(
         node.op_type == "Gemm"
