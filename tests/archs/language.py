@@ -22,11 +22,12 @@ for packed sequences with ``torch.diff``, which the legacy exporter cannot expor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
             target_modules=list(spec.targets),
             fan_in_fan_out=spec.fan_in_fan_out,
         )
-        model = get_peft_model(base, lora)
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated for v6
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(base, lora)
         _perturb(model)
     return model.eval()
 
@@ -232,7 +235,7 @@ def export_lm(model: torch.nn.Module, path: str | Path, *, dynamo: bool, seed: i
     args = tuple(torch.from_numpy(v) for v in inputs.values())
     wrapper = _TokensToTensor(model).eval()
     output = "last_hidden_state" if not _transformers_model(model).can_generate() else "logits"
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"):
         warnings.simplefilter("ignore")  # torch's and transformers' notices about tracing
         if dynamo:
             program = torch.onnx.export(
@@ -244,6 +247,19 @@ def export_lm(model: torch.nn.Module, path: str | Path, *, dynamo: bool, seed: i
     inputs_path = path.with_suffix(".inputs.npz")
     np.savez(inputs_path, **inputs)
     return Exported(path, inputs_path, inputs)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Only errors from these loggers: the exporters warn about torchvision and constant folding."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _export_legacy(
