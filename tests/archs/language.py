@@ -246,6 +246,9 @@ def export_lm(model: torch.nn.Module, path: str | Path, *, dynamo: bool, seed: i
             _export_legacy(wrapper, args, path, list(inputs), output)
     inputs_path = path.with_suffix(".inputs.npz")
     np.savez(inputs_path, **inputs)
+    log.debug(
+        "exported %s (%s exporter), inputs %s", path, "dynamo" if dynamo else "legacy", list(inputs)
+    )
     return Exported(path, inputs_path, inputs)
 
 

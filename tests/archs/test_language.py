@@ -19,7 +19,6 @@ are ``xfail(strict=True)``, so each flips to a failure when the engine makes it 
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -117,7 +116,6 @@ def _once(directory: Path, done: str, make) -> None:
 @pytest.fixture(scope="module")
 def case(shared_dir):
     """``case(name, exporter)``: the pair exported once per run, read back once per worker."""
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     cases: dict = {}
 
     def get(name: str, exporter: str) -> _Case:
