@@ -20,6 +20,7 @@ Recognition, the cost model, size accounting and clean-up all ask this module.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,23 +93,24 @@ class NotConstant:
 _DERIVED = ("Identity", "Transpose", "Cast", "Reshape")
 
 
-_CACHE = "onnx_fuse.constant"
+# Each value's answer, kept while the value lives (a weak key: it goes with the model).
+_CACHE: weakref.WeakKeyDictionary[ir.Value, Constant | NotConstant] = weakref.WeakKeyDictionary()
 
 
 def resolve(value: ir.Value | None) -> Constant | NotConstant:
     """The :class:`Constant` behind ``value``, or :class:`NotConstant` with the reason.
 
-    The answer is kept in the value's (unserialised) ``meta``: merges never change a constant,
-    they only make new values, and a value whose producer a merge removed is read by nobody.
+    The answer is remembered while the value lives: merges never change a constant, they only
+    make new values, and a value whose producer a merge removed is read by nobody.
     """
     if value is None:
         return NotConstant("input is missing")
-    cached = value.meta.get(_CACHE)
+    cached = _CACHE.get(value)
     if cached is None:
         cached = _resolve(value)
-        value.meta[_CACHE] = cached
+        _CACHE[value] = cached
     if isinstance(cached, Constant):  # training_info may have been read after the cache was made
-        trained = next((v for v in cached.chain if v.meta.get(training.TRAINED)), None)
+        trained = next((v for v in cached.chain if training.is_trained(v)), None)
         if trained is not None:
             return NotConstant(f"weight '{label(trained)}' is trained by the model's training_info")
     return cached
@@ -119,7 +121,7 @@ def _resolve(value: ir.Value) -> Constant | NotConstant:
         return NotConstant(
             f"weight '{label(value)}' is a graph input (it can be overridden at run time)"
         )
-    if value.meta.get(training.TRAINED):
+    if training.is_trained(value):
         return NotConstant(f"weight '{label(value)}' is trained by the model's training_info")
     producer = value.producer()
     if value.const_value is None and is_onnx(producer) and producer.op_type in _DERIVED:

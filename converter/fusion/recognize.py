@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ __all__ = [
     "constant_tensor",
     "usable_constant",
     "broadcasts_along_last_axis",
+    "value_rank",
     "is_onnx",
     "FLOAT_TYPES",
 ]
@@ -253,13 +255,73 @@ def _gemm_bias_reason(c: Constant | None, out_features: int) -> str | None:
     return None
 
 
+_RANKS: weakref.WeakKeyDictionary[ir.Value, int | None] = weakref.WeakKeyDictionary()
+_SAME_RANK = frozenset({"Relu", "Neg", "Identity", "Tanh", "Sigmoid", "BatchNormalization"})
+
+
+def value_rank(value: ir.Value) -> int | None:
+    """The rank of ``value``: from its shape, or else carried back through the linear ops and
+    elementwise steps that produced it (a Gemm gives 2; ``x @ W`` and a step keep ``x``'s rank,
+    a step's constant may raise it). None when nothing says.
+
+    Deciding from the rank a chain's *input* has, rather than from whatever shapes happen to be
+    recorded on its intermediates, makes a decision the same before and after a merge.
+    """
+    pending: list[ir.Value] = []
+    rank: int | None = None
+    current: ir.Value | None = value
+    while current is not None:
+        if current.shape is not None:
+            rank = len(current.shape)
+            break
+        if current in _RANKS:
+            rank = _RANKS[current]
+            break
+        pending.append(current)
+        current, rank = _rank_source(current)
+        if rank is not None:
+            break
+    for v in reversed(pending):  # each value's rank is its source's, or more (a broadcast)
+        rank = _raised(v, rank)
+        _RANKS[v] = rank
+    return _RANKS.get(value, rank) if pending else rank
+
+
+def _rank_source(value: ir.Value) -> tuple[ir.Value | None, int | None]:
+    """The value whose rank ``value`` has (or a fixed rank), from its producer."""
+    node = value.producer()
+    if not is_onnx(node) or not node.inputs or node.inputs[0] is None:
+        return None, None
+    if node.op_type == "Gemm":
+        return None, 2
+    if node.op_type == "MatMul" and len(node.inputs) == 2:
+        w = resolve(node.inputs[1])
+        ok = isinstance(w, Constant) and len(w.shape) == 2
+        return (node.inputs[0], None) if ok else (None, None)
+    if node.op_type in _SAME_RANK:
+        return node.inputs[0], None
+    if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
+        data = [v for v in node.inputs if v is not None and isinstance(resolve(v), NotConstant)]
+        return (data[0], None) if len(data) == 1 else (None, None)
+    return None, None
+
+
+def _raised(value: ir.Value, rank: int | None) -> int | None:
+    """``rank`` raised by the constant operand of the binary step producing ``value``."""
+    node = value.producer()
+    if rank is None or node is None or node.op_type not in ("Add", "Sub", "Mul", "Div"):
+        return rank
+    consts = [resolve(v) for v in node.inputs]
+    return max([rank] + [len(c.shape) for c in consts if isinstance(c, Constant)])
+
+
 def broadcasts_along_last_axis(shape: tuple[int, ...], data: ir.Value, width: int) -> bool:
     """A constant of ``shape`` is a scalar or ``(1, ..., 1, width)`` and does not raise
     ``data``'s rank (a bias or scale per feature, not a broadcast along another axis)."""
     size = int(np.prod(shape, dtype=np.int64))
     if size not in (1, width) or any(d != 1 for d in shape[:-1]):
         return False
-    rank = None if data.shape is None else len(data.shape)
+    rank = value_rank(data)
     return len(shape) <= 1 if rank is None else len(shape) <= max(rank, 1)
 
 

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from converter.fusion import algebra, chains
 from converter.fusion.branches import BranchSum
 from converter.fusion.constants import Constant, other_users, remove_if_unused
-from converter.fusion.recognize import LinearOp
+from converter.fusion.recognize import LinearOp, value_rank
 from converter.report import Declined, FusionRecord
 
 __all__ = ["Names", "Rewrite", "Decision", "decide", "write"]
@@ -43,6 +43,7 @@ class Names:
     def __init__(self, graphs: Iterable[ir.Graph]) -> None:
         """Collect the names already used in ``graphs`` (the model's graph and all subgraphs)."""
         self.used: set[str] = set()
+        self._next: dict[str, int] = {}  # per base, the suffix to try next: O(1) amortised
         for graph in graphs:
             self.used.update(v.name for v in graph.inputs if v.name)
             self.used.update(graph.initializers)
@@ -52,9 +53,11 @@ class Names:
                     self.used.add(node.name)
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
+        """``base``, or ``base_N`` with the smallest N not taken since (unique in the model)."""
+        name, i = base, self._next.get(base, 1)
         while name in self.used:
             name, i = f"{base}_{i}", i + 1
+        self._next[base] = i
         self.used.add(name)
         return name
 
@@ -143,8 +146,7 @@ def decide(rewrite: Rewrite, opset: int, policy: algebra.Policy, label: str) -> 
     """Accept or refuse ``rewrite`` from shapes alone (no weight is read)."""
     ops = rewrite.ops
     has_bias = any(op.has_bias for op in ops)
-    shape = rewrite.x.shape
-    as_gemm = any(op.is_gemm for op in ops) or (shape is not None and len(shape) == 2)
+    as_gemm = any(op.is_gemm for op in ops) or value_rank(rewrite.x) == 2
     # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.
     as_gemm = as_gemm and (has_bias or opset >= 11)
     per_row = [op for op in ops if op.per_row_bias]
@@ -198,13 +200,15 @@ def _new_nodes(
     base = weight.name.removesuffix(".weight") if weight.name else names.fresh("fused")
     doc = "onnx-fuse merged: " + ", ".join(rewrite.names)
     if decision.as_gemm:
-        attrs = {"transB": 1} | ({"transA": 1} if rewrite.ops[0].trans_a else {})
+        attrs = [ir.AttrInt64("transB", 1)]
+        if rewrite.ops[0].trans_a:
+            attrs.append(ir.AttrInt64("transA", 1))
         inputs = [rewrite.x, weight] + ([bias] if bias is not None else [])
-        return [ir.node("Gemm", inputs, attributes=attrs, name=base, doc_string=doc)]
-    nodes = [ir.node("MatMul", [rewrite.x, weight], name=base, doc_string=doc)]
+        return [ir.Node("", "Gemm", inputs, attrs, name=base, doc_string=doc)]
+    nodes = [ir.Node("", "MatMul", [rewrite.x, weight], name=base, doc_string=doc)]
     if bias is not None:
         nodes[0].outputs[0].name = names.fresh(f"{base}.matmul")
-        add = ir.node("Add", [nodes[0].outputs[0], bias], name=names.fresh(f"{base}.add"))
+        add = ir.Node("", "Add", [nodes[0].outputs[0], bias], name=names.fresh(f"{base}.add"))
         add.doc_string = doc
         nodes.append(add)
     return nodes

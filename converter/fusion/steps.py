@@ -33,6 +33,7 @@ from converter.fusion.recognize import (
     broadcasts_along_last_axis,
     is_onnx,
     usable_constant,
+    value_rank,
 )
 
 __all__ = ["STEP_OPS", "recognize_step"]
@@ -52,7 +53,7 @@ def _static_last_dim(value: ir.Value) -> int | None:
 
 
 def _rank(value: ir.Value) -> int | None:
-    return None if value.shape is None else len(value.shape)
+    return value_rank(value)
 
 
 def _step(
@@ -169,8 +170,7 @@ def _batch_norm(node: ir.Node) -> LinearOp | Decline | None:
     if node.attributes.get_int("spatial", 1) != 1:
         return Decline(node, "BatchNormalization with spatial=0 is not supported")
     data = node.inputs[0]
-    producer = data.producer()
-    if _rank(data) != 2 and not is_onnx(producer, "Gemm"):
+    if _rank(data) != 2:
         rank = _rank(data)
         where = "of unknown rank" if rank is None else f"of rank {rank}"
         return Decline(

@@ -8,14 +8,23 @@ protos back on the output proto.
 
 from __future__ import annotations
 
+import weakref
+
 import onnx
 import onnx_ir as ir
 
-__all__ = ["TRAINED", "stash", "mark_trained", "restore", "restore_file"]
+__all__ = ["TRAINED", "stash", "mark_trained", "is_trained", "restore", "restore_file"]
 
 _KEY = "onnx_fuse.training_info"
 #: ``Value.meta`` key set on initializers that a ``training_info`` binding names.
 TRAINED = "onnx_fuse.trained"
+# The same marks, for a fast question: reading ``Value.meta`` builds a store on every value.
+_TRAINED_VALUES: weakref.WeakSet[ir.Value] = weakref.WeakSet()
+
+
+def is_trained(value: ir.Value) -> bool:
+    """``value`` is an initializer that the model's ``training_info`` reads or updates."""
+    return value in _TRAINED_VALUES
 
 
 def stash(model: ir.Model, proto: onnx.ModelProto) -> None:
@@ -48,6 +57,7 @@ def mark_trained(model: ir.Model) -> int:
         value = model.graph.initializers.get(name)
         if value is not None:
             value.meta[TRAINED] = True
+            _TRAINED_VALUES.add(value)
             marked += 1
     return marked
 
