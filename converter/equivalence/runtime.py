@@ -124,6 +124,9 @@ def _session_options(folder: str | None = None) -> ort.SessionOptions:
     # Prepacking copies every Gemm/MatMul weight into the kernel's layout: a second copy of the
     # model in memory, for runs that only happen a few times here.
     options.add_session_config_entry("session.disable_prepacking", "1")
+    # The memory pattern is planned again for every new input shape, and trials change shapes:
+    # on a graph of 30,000 nodes each plan took longer than the run it was made for.
+    options.enable_mem_pattern = False
     if folder is not None:
         options.add_session_config_entry(_FOLDER_KEY, folder)
     return options

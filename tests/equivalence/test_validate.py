@@ -336,28 +336,49 @@ def test_bfloat16_inputs_and_outputs_are_compared():
 # --------------------------------------------------------------------------- extra outputs
 
 
-def test_extra_outputs_compare_intermediate_values():
+def test_intermediate_values_are_diagnostics_never_the_verdict():
     original, candidate = _two_layers(), _two_layers(shift_h=True)  # same y, different h
-    assert check_equivalence(original, candidate, atol=1e-4).passed  # y alone agrees
     report = check_equivalence(original, candidate, atol=1e-4, extra_outputs=["h"])
-    assert not report.passed
-    y, h = report.outputs
-    assert y.passed and not y.intermediate and not h.passed and h.intermediate
+    assert report.passed, str(report)
+    assert [s.name for s in report.outputs] == ["y"] and report.outputs[0].passed
+    (h,) = report.intermediates
+    assert h.intermediate and h.measured and not h.passed
+    assert h.max_abs_error == pytest.approx(1.0, rel=1e-5)
+    assert report.first_divergence is None  # no output failed
     assert "FAIL h (intermediate)" in str(report)
     assert [o.name for o in original.graph.output] == ["y"]
 
 
-def test_extra_outputs_must_exist_in_the_original_and_are_flagged_when_absent():
+def test_extra_outputs_must_exist_in_the_original_and_are_not_measured_when_absent():
     with pytest.raises(InputError, match="extra output 'nope'"):
         check_equivalence(_two_layers(), _two_layers(), extra_outputs=["nope"])
-    report = check_equivalence(_two_layers(), _unary("Identity"), extra_outputs=["h"])
-    assert not report.passed
-    assert report.outputs[-1].reason == "not a value of the candidate model"
+    merged = _affine(np.eye(4, 3, dtype=np.float32), np.zeros(3, np.float32))  # no 'h'
+    report = check_equivalence(_two_layers(), merged, extra_outputs=["h"])
+    (h,) = report.intermediates
+    assert not h.measured and h.trial == -1
+    assert h.reason.startswith("not measured: the value no longer exists in the candidate")
+    assert "NOT MEASURED h" in str(report)
+    assert json.loads(json.dumps(report.to_dict()))["intermediates"][0]["measured"] is False
+
+
+def test_first_divergence_names_the_first_intermediate_beyond_tolerance_in_graph_order():
+    original = _two_layers()
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(original)
+    b1 = next(t for t in candidate.graph.initializer if t.name == "b1")
+    b1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b1) + np.float32(0.5), "b1"))
+    report = check_equivalence(original, candidate, extra_outputs=["m2", "h", "m1"])
+    assert not report.passed and not report.outputs[0].passed
+    by_name = {s.name: s for s in report.intermediates}
+    assert by_name["m1"].passed and not by_name["h"].passed and not by_name["m2"].passed
+    assert report.first_divergence == "h"  # before m2 in the graph, whatever the order given
+    assert "first divergence: 'h'" in str(report)
 
 
 def test_an_extra_output_that_is_already_an_output_is_not_duplicated():
     report = check_equivalence(_two_layers(), _two_layers(), extra_outputs=["y", "h"])
-    assert [(s.name, s.intermediate) for s in report.outputs] == [("y", False), ("h", True)]
+    assert [(s.name, s.intermediate) for s in report.outputs] == [("y", False)]
+    assert [(s.name, s.intermediate) for s in report.intermediates] == [("h", True)]
 
 
 # --------------------------------------------------------------------------- float64 reference
@@ -395,6 +416,7 @@ def test_float64_reference_accepts_a_more_accurate_reassociated_candidate():
     for stats in report.results:
         assert stats.mismatches > 0 and stats.accepted_by_reference  # beyond plain tolerance
         assert stats.candidate_reference_error < stats.original_reference_error
+        assert 0 < stats.tolerance_used <= 1  # the share of the float64 allowance used
     assert "fused error" in str(report) and "original error" in str(report)
 
 
@@ -412,7 +434,7 @@ def test_float64_reference_does_not_rescue_a_wrong_candidate():
     assert not report.passed
     stats = report.outputs[0]
     assert stats.candidate_reference_error > 2 * stats.original_reference_error
-    assert "more than 2x" in stats.reason
+    assert stats.tolerance_used > 1 and "more than 2x" in stats.reason
 
 
 def test_no_reference_when_the_original_has_an_op_without_float64_kernel(linear):
