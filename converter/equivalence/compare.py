@@ -42,8 +42,8 @@ Statistics per output and trial: max / mean / median / p99 of the absolute error
 relative error ``|a - e| / max(|e|, atol)`` (``atol`` replaced by the smallest normal float64
 when zero), ``tolerance_used``, and the index of the worst element (the one closest to, or
 furthest beyond, its allowance). Statistics are ``nan`` when nothing could be compared (a missing
-output, a shape mismatch, a string output); ``summary=False`` skips the mean, median and p99 (left
-``nan``) for cheap diagnostics of intermediate values. Scalar (0-d), empty and size-1 outputs
+output, a shape mismatch, a string output); ``summary=False`` keeps only the max abs error,
+``tolerance_used`` and ``mismatches`` (the rest ``nan``), for cheap diagnostics of many values. Scalar (0-d), empty and size-1 outputs
 compare like any other.
 """
 
@@ -181,8 +181,8 @@ def compare_arrays(
     """Compare one candidate array with the original's under the module's rule.
 
     ``atol``/``rtol`` of ``None`` take :func:`default_tolerance`; they are ignored (exact
-    comparison) for integer, bool and string arrays. ``summary=False`` leaves the mean, median
-    and p99 statistics ``nan`` (they cost more than the rest together on small arrays).
+    comparison) for integer, bool and string arrays. ``summary=False`` computes only the max
+    abs error, ``tolerance_used`` and ``mismatches`` (a sixth of the time on small arrays).
     """
     expected, actual = np.asarray(expected), np.asarray(actual)
     kind = dtype_kind(expected.dtype)
@@ -206,7 +206,9 @@ def compare_arrays(
         return dataclasses.replace(base, reason=problem)
     if kind == "string":
         return _compare_strings(base, expected, actual)
-    return _compare_numbers(base, expected, actual, exact=exact, summary=summary)
+    if not summary:
+        return _measure(base, expected, actual, exact=exact)
+    return _compare_numbers(base, expected, actual, exact=exact)
 
 
 def _layout_problem(expected: np.ndarray, actual: np.ndarray) -> str:
@@ -237,8 +239,31 @@ def _compare_strings(base: OutputStats, expected: np.ndarray, actual: np.ndarray
     )
 
 
+def _measure(
+    base: OutputStats, expected: np.ndarray, actual: np.ndarray, *, exact: bool
+) -> OutputStats:
+    """The rule with only max abs error, ``tolerance_used`` and the count beyond tolerance."""
+    abs_err = _abs_error(expected, actual)
+    if exact:
+        violated = np.asarray(expected != actual)
+        used = np.inf if violated.any() else 0.0
+    else:
+        bound = _allowance(base, expected)[1]
+        violated = abs_err > bound
+        used = float(_safe_ratio(abs_err, bound).max()) if abs_err.size else 0.0
+    mismatches = int(violated.sum())
+    return dataclasses.replace(
+        base,
+        passed=mismatches == 0,
+        mismatches=mismatches,
+        max_abs_error=float(abs_err.max()) if abs_err.size else 0.0,
+        tolerance_used=used,
+        reason=f"{mismatches} of {base.size} elements beyond tolerance" if mismatches else "",
+    )
+
+
 def _compare_numbers(
-    base: OutputStats, expected: np.ndarray, actual: np.ndarray, *, exact: bool, summary: bool
+    base: OutputStats, expected: np.ndarray, actual: np.ndarray, *, exact: bool
 ) -> OutputStats:
     """Apply ``|a - e| <= atol + rtol * |e|`` (``a == e`` if ``exact``), collect statistics."""
     abs_err = _abs_error(expected, actual)
@@ -255,8 +280,8 @@ def _compare_numbers(
         base,
         passed=mismatches == 0,
         mismatches=mismatches,
-        **_summary("abs", abs_err, full=summary),
-        **_summary("rel", rel_err, full=summary),
+        **_summary("abs", abs_err),
+        **_summary("rel", rel_err),
         tolerance_used=float(used.max()) if used.size else 0.0,
     )
     if not used.size:
@@ -298,11 +323,9 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return ratio
 
 
-def _summary(kind: str, errors: np.ndarray, *, full: bool = True) -> dict[str, float]:
+def _summary(kind: str, errors: np.ndarray) -> dict[str, float]:
     if not errors.size:
         return {f"{s}_{kind}_error": 0.0 for s in ("max", "mean", "median", "p99")}
-    if not full:
-        return {f"max_{kind}_error": float(errors.max())}
     return {
         f"max_{kind}_error": float(errors.max()),
         f"mean_{kind}_error": float(errors.mean()),
