@@ -508,3 +508,69 @@ def test_float64_reference_converts_constants_and_casts():
         < 1e-2
         < report.outputs[0].candidate_reference_error
     )
+
+
+# --------------------------------------------------------------------------- shapes and dtypes
+
+
+def _reductions(offset: float = 0.0) -> onnx.ModelProto:
+    """0-d, size-1, empty, int64 and bool outputs of one float input ``x: [batch, 4]``."""
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),  # 0-d
+        helper.make_node("Add", ["total", "offset"], ["scalar"]),
+        helper.make_node("ReduceMax", ["x"], ["one"], keepdims=1),  # [1, 1]
+        helper.make_node("Slice", ["x", "zero", "zero", "one_axis"], ["empty"]),  # [batch, 0]
+        helper.make_node("ArgMax", ["x"], ["index"], axis=1, keepdims=0),  # int64 [batch]
+        helper.make_node("Greater", ["x", "offset"], ["positive"]),  # bool [batch, 4]
+    ]
+    inits = {
+        "offset": np.array(offset, np.float32),
+        "zero": np.array([0], np.int64),
+        "one_axis": np.array([1], np.int64),
+    }
+    outputs = [
+        ("scalar", F, []),
+        ("one", F, [1, 1]),
+        ("empty", F, ["batch", 0]),
+        ("index", I64, ["batch"]),
+        ("positive", TensorProto.BOOL, ["batch", 4]),
+    ]
+    return _model(nodes, [("x", F, ["batch", 4])], outputs, inits)
+
+
+def test_scalar_size_one_empty_int_and_bool_outputs_compare_like_any_other():
+    report = check_equivalence(_reductions(), _reductions())
+    assert report.passed, str(report)
+    shapes = {s.name: (s.shape, s.dtype, s.size) for s in report.results if s.trial == 1}
+    assert shapes == {
+        "scalar": ((), "float32", 1),
+        "one": ((1, 1), "float32", 1),
+        "empty": ((3, 0), "float32", 0),
+        "index": ((3,), "int64", 3),
+        "positive": ((3, 4), "bool", 12),
+    }
+    assert json.loads(json.dumps(report.to_dict()))["outputs"][0]["shape"] == []
+
+
+def test_a_scalar_output_beyond_tolerance_fails_and_int_bool_outputs_are_exact():
+    report = check_equivalence(_reductions(), _reductions(offset=0.01))
+    by_name = {s.name: s for s in report.outputs}
+    assert not report.passed
+    assert not by_name["scalar"].passed and by_name["scalar"].max_abs_error == pytest.approx(0.01)
+    assert by_name["one"].passed and by_name["empty"].passed and by_name["index"].passed
+    assert by_name["positive"].atol == by_name["positive"].rtol == 0.0  # bool: exact
+    # Integer and bool outputs must be equal, whatever tolerance is asked for.
+    ints = check_equivalence(_unary("Neg", elem=I64), _unary("Abs", "Neg", elem=I64), atol=100.0)
+    assert ints.passed  # inputs are in [0, 8): Abs changes nothing
+    ints = check_equivalence(_unary("Neg", elem=I64), _unary("Identity", elem=I64), atol=100.0)
+    assert not ints.passed and "elements differ" in ints.outputs[0].reason
+    bools = check_equivalence(
+        _unary("Not", elem=TensorProto.BOOL), _unary("Identity", elem=TensorProto.BOOL), atol=1.0
+    )
+    assert not bools.passed and bools.outputs[0].mismatches == bools.outputs[0].size
+
+
+def test_a_scalar_intermediate_value_is_measured():
+    report = check_equivalence(_reductions(), _reductions(), extra_outputs=["total"])
+    (total,) = report.intermediates
+    assert total.measured and total.passed and total.shape == ()
