@@ -355,9 +355,13 @@ def _case_chain(work: Path, model: Path, rounds: int, args: argparse.Namespace, 
             ok_codes=(0, 1),  # 1: outputs differ beyond the tolerances, nothing written
         )
         _remove_outputs(work, "chain_val")
+        weights = args.layers * args.width * args.width * 4
+        anon = validated.peak_anon / weights
         print(
             f"  validated run (information only, not a target): wall {validated.wall:.1f} s, "
-            f"peak RSS {validated.rss_text}; {_summary(validated.stdout, 'validation')}"
+            f"peak RSS {validated.rss_text}; {_summary(validated.stdout, 'validation')}\n"
+            f"  validated run anonymous memory {validated.peak_anon / GB:.2f} GB = {anon:.2f}x "
+            f"the weight bytes (target < 0.5x) {_verdict(anon < 0.5)}"
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -30,7 +31,7 @@ from converter.fusion.passes import fuse_model
 from converter.model_io import files as io
 from converter.model_io import training
 from converter.model_io.progress import ProgressCallback, no_progress
-from converter.report import FusionReport
+from converter.report import FusionRecord, FusionReport
 
 __all__ = ["fuse", "fuse_file", "export", "check", "check_inputs_file"]
 
@@ -154,26 +155,56 @@ def _require_bit_exact(report: FusionReport) -> None:
     validation["passed"] = bool(report.validated)
 
 
+_MAIN_GRAPH = "main graph"
+
+
 def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None:
-    """Run the equivalence check, store it in ``report`` and each fusion's own max error."""
-    # Each fused chain's output keeps its name, so comparing it in both models measures that fusion.
-    intermediates = sorted({r.output for r in report.fusions if r.graph == "main graph"})
-    result = check_equivalence(src, candidate, extra_outputs=intermediates, **options)
+    """Check equivalence on the graph outputs; record each fusion's own error as a diagnostic.
+
+    Each fused chain's output keeps its name, so comparing that value in both models measures
+    the fusion, where the value still exists: a later merge may have absorbed it.
+    """
+    outputs = [r.output for r in report.fusions if r.graph == _MAIN_GRAPH]
+    result = check_equivalence(src, candidate, extra_outputs=outputs, **options)
     report.validation = result.to_dict()
+    del report.validation["intermediates"]  # the same facts live in each fusion record
     report.validated = bool(result.passed)
-    errors = {s.name: s.max_abs_error for s in result.outputs}
-    for record in report.fusions:
-        record.max_error = errors.get(record.output)
+    stats = {s.name: s for s in (*result.outputs, *result.intermediates)}
+    for index, record in enumerate(report.fusions):
+        if record.graph != _MAIN_GRAPH:
+            record.error_note = "not measured: the value is inside a subgraph"
+            continue
+        _record_diagnostic(record, stats[record.output])
+        if report.first_divergence is None and record.output == result.first_divergence:
+            report.first_divergence = index
+
+
+def _record_diagnostic(record: FusionRecord, stats: OutputStats) -> None:
+    if stats.measured and math.isfinite(stats.max_abs_error):
+        record.max_error, record.tolerance_used = stats.max_abs_error, stats.tolerance_used
+    else:
+        record.error_note = stats.reason if not stats.measured else f"not measured: {stats.reason}"
 
 
 def _failure_message(report: FusionReport, dst) -> str:
-    failed = [o for o in (report.validation or {}).get("outputs", []) if not o.get("passed", True)]
-    detail = "; ".join(
+    """One line: what differs, and which fusion's output diverged first."""
+    validation = report.validation or {}
+    failed = [o for o in validation.get("outputs", []) if not o.get("passed", True)]
+    details = [
         f"output '{o.get('name')}' differs by up to {o.get('max_abs_error', float('nan')):.3g}"
         + (f" ({o['reason']})" if o.get("reason") else "")
         for o in failed[:3]
+    ]
+    details += validation.get("failures", [])[:2]
+    message = (
+        f"validation failed, nothing written to {dst}: {'; '.join(details) or 'outputs differ'}"
     )
-    return f"validation failed, nothing written to {dst}: {detail or 'outputs differ'}"
+    if (record := report.diverged) is not None:
+        message += (
+            f"; first diverged: the fusion of [{', '.join(record.nodes)}] at its output "
+            f"'{record.output}' (max error {record.max_error:.3g})"
+        )
+    return message
 
 
 def export(

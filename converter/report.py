@@ -16,7 +16,16 @@ __all__ = ["FusionRecord", "Declined", "FusionReport"]
 
 @dataclass
 class FusionRecord:
-    """One merged segment: which nodes became which, and what it saved (multiply-adds per row)."""
+    """One merged segment: which nodes became which, and what it saved (multiply-adds per row).
+
+    The last three fields are validation's diagnostic of this fusion, filled in by
+    :func:`converter.fuse_file`: ``max_error`` is the largest absolute difference at the fusion's
+    ``output`` between the original and the fused model (in the trial that used most of its
+    tolerance), ``tolerance_used`` the same as a share of that value's tolerance (over 1 is
+    worth a look, never a failure by itself: only graph outputs decide), and ``error_note`` says
+    why they are ``None`` when the value could not be measured (a later merge removed it, it
+    lies in a subgraph, validation was skipped).
+    """
 
     nodes: list[str]
     op_types: list[str]
@@ -33,6 +42,8 @@ class FusionRecord:
     max_error: float | None = None
     note: str | None = None
     merged_into: str | None = None
+    tolerance_used: float | None = None
+    error_note: str | None = None
 
     @property
     def macs_saved(self) -> int:
@@ -76,6 +87,12 @@ class FusionReport:
     validation: dict[str, Any] | None = None
     validated: bool | None = None
     seconds: float | None = None
+    first_divergence: int | None = None  # index in ``fusions`` of the first diverged output
+
+    @property
+    def diverged(self) -> FusionRecord | None:
+        """When validation failed, the fusion whose output first differed (graph order)."""
+        return None if self.first_divergence is None else self.fusions[self.first_divergence]
 
     @property
     def modified(self) -> bool:
@@ -104,13 +121,13 @@ class FusionReport:
             lines.append(f"  validation      {'passed' if self.validated else 'FAILED'}")
         if self.seconds is not None:
             lines.append(f"  wall time       {self.seconds:.2f} s")
+        if self.diverged is not None:
+            lines.append(f"  first diverged  {_describe(self.diverged)}{_error(self.diverged)}")
         if verbose:
             for r in self.fusions:
-                err = "" if r.max_error is None else f", max error {r.max_error:.3g}"
                 lines.append(
-                    f"  merged [{', '.join(r.nodes)}] -> {', '.join(r.new_nodes)} "
-                    f"(widths {'->'.join(map(str, r.widths))}, MACs/row "
-                    f"{r.macs_before} -> {r.macs_after}{err})"
+                    f"  merged {_describe(r)} (widths {'->'.join(map(str, r.widths))}, "
+                    f"MACs/row {r.macs_before} -> {r.macs_after}{_error(r)})"
                 )
             lines.extend(f"  {d}" for d in self.declined)
         elif self.declined and self.fusions:
@@ -147,3 +164,15 @@ class FusionReport:
 
     def __str__(self) -> str:
         return "\n".join(self.summary_lines(verbose=True))
+
+
+def _describe(record: FusionRecord) -> str:
+    return f"[{', '.join(record.nodes)}] -> {', '.join(record.new_nodes)}"
+
+
+def _error(record: FusionRecord) -> str:
+    """The validation diagnostic of one fusion, for the summary ("" if validation did not run)."""
+    if record.max_error is not None:
+        used = "" if record.tolerance_used is None else f", {record.tolerance_used:.2g}x tolerance"
+        return f", max error at '{record.output}' {record.max_error:.3g}{used}"
+    return f", error {record.error_note}" if record.error_note else ""

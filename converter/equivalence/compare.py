@@ -20,15 +20,31 @@ float8 / float4 types  0.125     0.125
 integer, bool, string  exact     exact
 =====================  ========  ========
 
-Float64 reference (:func:`judge_with_reference`). When a floating-point output fails the rule
-above, it is accepted when the candidate's max abs error against a float64 copy of the original
-(see :mod:`converter.equivalence.reference`) is at most ``2x`` the original's own. Both errors are reported.
+Float64 reference (:func:`judge_with_reference`). Merging reassociates sums, so on wide layers
+a correct candidate can differ from the original by more than a fixed tolerance while being as
+close to the exact result. When a floating-point output has elements beyond the rule above, the
+original graph is evaluated in float64 (see :mod:`converter.equivalence.reference`) and each such
+element is accepted when the candidate is no further from the float64 value ``r`` than twice the
+original's largest error on that output::
+
+    |a - r| <= 2 * max_j |e_j - r_j|
+
+So an output passes where every element is within tolerance of the original *or* about as close
+as the original to the float64 evaluation of the same graph. Both largest errors are reported.
+
+``tolerance_used`` is the largest, over the elements, of the share of its allowance an element
+uses under the criterion most favourable to it: ``|a - e| / (atol + rtol * |e|)``, or, when the
+float64 reference was consulted, the smaller of that and ``|a - r| / (2 * max_j |e_j - r_j|)``.
+An output compared element by element passes exactly when ``tolerance_used <= 1``. Exact
+comparisons (integer, bool) use 0 (equal) or ``inf`` (different).
 
 Statistics per output and trial: max / mean / median / p99 of the absolute error and of the
 relative error ``|a - e| / max(|e|, atol)`` (``atol`` replaced by the smallest normal float64
-when zero), the fraction of the tolerance used, and the index of the worst element (the one
-closest to, or furthest beyond, its tolerance). Statistics are ``nan`` when nothing could be
-compared (a missing output, a shape mismatch, a string output).
+when zero), ``tolerance_used``, and the index of the worst element (the one closest to, or
+furthest beyond, its allowance). Statistics are ``nan`` when nothing could be compared (a missing
+output, a shape mismatch, a string output); ``summary=False`` keeps only the max abs error,
+``tolerance_used`` and ``mismatches`` (the rest ``nan``), for cheap diagnostics of many values. Scalar (0-d), empty and size-1 outputs
+compare like any other.
 """
 
 from __future__ import annotations
@@ -72,7 +88,9 @@ class OutputStats:
     """How one output (or exposed intermediate value) compared in one trial.
 
     Error statistics are ``nan`` when nothing could be compared; the reference errors are
-    ``None`` unless the float64 reference was run for this output.
+    ``None`` unless the float64 reference was run for this output. ``measured`` is ``False`` for
+    an intermediate value that could not be compared at all (``reason`` says why, e.g. it no
+    longer exists in the candidate); ``trial`` is then ``-1``.
     """
 
     name: str
@@ -101,16 +119,21 @@ class OutputStats:
     candidate_reference_error: float | None = None
     original_reference_error: float | None = None
     accepted_by_reference: bool = False
+    measured: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Return every field; JSON-serialisable (``json.dumps`` writes nan/inf as NaN/Infinity)."""
-        data = dataclasses.asdict(self)
+        # Every field is a scalar or a tuple of ints: no deep copy (asdict) needed, and reports
+        # of many thousand values are built often enough for the difference to show.
+        data = {f.name: getattr(self, f.name) for f in _FIELDS}
         for key in ("shape", "worst_index"):
             data[key] = None if data[key] is None else list(data[key])
         return data
 
     def __str__(self) -> str:
         label = f"{self.name} (intermediate)" if self.intermediate else self.name
+        if not self.measured:
+            return f"NOT MEASURED {label}: {self.reason}"
         shape = "?" if self.shape is None else list(self.shape)
         text = (
             f"{'PASS' if self.passed else 'FAIL'} {label} {shape} {self.dtype}: "
@@ -123,6 +146,9 @@ class OutputStats:
                 f"original error {self.original_reference_error:.3g}"
             )
         return f"{text} -- {self.reason}" if self.reason else text
+
+
+_FIELDS = dataclasses.fields(OutputStats)
 
 
 # --------------------------------------------------------------------------- comparison
@@ -150,11 +176,13 @@ def compare_arrays(
     name: str = "",
     trial: int = 0,
     intermediate: bool = False,
+    summary: bool = True,
 ) -> OutputStats:
     """Compare one candidate array with the original's under the module's rule.
 
     ``atol``/``rtol`` of ``None`` take :func:`default_tolerance`; they are ignored (exact
-    comparison) for integer, bool and string arrays.
+    comparison) for integer, bool and string arrays. ``summary=False`` computes only the max
+    abs error, ``tolerance_used`` and ``mismatches`` (a sixth of the time on small arrays).
     """
     expected, actual = np.asarray(expected), np.asarray(actual)
     kind = dtype_kind(expected.dtype)
@@ -178,6 +206,8 @@ def compare_arrays(
         return dataclasses.replace(base, reason=problem)
     if kind == "string":
         return _compare_strings(base, expected, actual)
+    if not summary:
+        return _measure(base, expected, actual, exact=exact)
     return _compare_numbers(base, expected, actual, exact=exact)
 
 
@@ -209,18 +239,40 @@ def _compare_strings(base: OutputStats, expected: np.ndarray, actual: np.ndarray
     )
 
 
+def _measure(
+    base: OutputStats, expected: np.ndarray, actual: np.ndarray, *, exact: bool
+) -> OutputStats:
+    """The rule with only max abs error, ``tolerance_used`` and the count beyond tolerance."""
+    abs_err = _abs_error(expected, actual)
+    if exact:
+        violated = np.asarray(expected != actual)
+        used = np.inf if violated.any() else 0.0
+    else:
+        bound = _allowance(base, expected)[1]
+        violated = abs_err > bound
+        used = float(_safe_ratio(abs_err, bound).max()) if abs_err.size else 0.0
+    mismatches = int(violated.sum())
+    return dataclasses.replace(
+        base,
+        passed=mismatches == 0,
+        mismatches=mismatches,
+        max_abs_error=float(abs_err.max()) if abs_err.size else 0.0,
+        tolerance_used=used,
+        reason=f"{mismatches} of {base.size} elements beyond tolerance" if mismatches else "",
+    )
+
+
 def _compare_numbers(
     base: OutputStats, expected: np.ndarray, actual: np.ndarray, *, exact: bool
 ) -> OutputStats:
     """Apply ``|a - e| <= atol + rtol * |e|`` (``a == e`` if ``exact``), collect statistics."""
     abs_err = _abs_error(expected, actual)
-    magnitude = np.abs(_as_float64(expected))
+    magnitude, bound = _allowance(base, expected)
     with np.errstate(invalid="ignore", over="ignore"):
-        bound = np.where(np.isfinite(magnitude), base.atol + base.rtol * magnitude, 0.0)
         floor = base.atol if base.atol > 0 else np.finfo(np.float64).tiny
         rel_err = _safe_ratio(abs_err, np.maximum(magnitude, floor))
         used = _safe_ratio(abs_err, bound)
-    violated = expected != actual if exact else abs_err > bound  # int64 beyond 2**53 too
+    violated = np.asarray(expected != actual) if exact else abs_err > bound  # int64 > 2**53 too
     if exact:
         used = np.where(violated, np.inf, 0.0)
     mismatches = int(violated.sum())
@@ -243,7 +295,8 @@ def _compare_numbers(
     )
     if mismatches:
         reason = (
-            f"{mismatches} of {base.size} elements beyond tolerance; worst at {list(index)}: "
+            f"{mismatches} of {base.size} elements {'differ' if exact else 'beyond tolerance'}; "
+            f"worst at {list(index)}: "
             f"expected {_fmt(stats.worst_expected)}, got {_fmt(stats.worst_actual)}"
         )
         stats = dataclasses.replace(stats, reason=reason)
@@ -254,7 +307,7 @@ def _abs_error(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
     """``|a - e|`` in float64 with NaN == NaN and same-sign Inf == Inf; other NaNs become Inf."""
     e, a = _as_float64(expected), _as_float64(actual)
     with np.errstate(invalid="ignore", over="ignore"):
-        err = np.abs(a - e)
+        err = np.asarray(np.abs(a - e))  # an array even for 0-d inputs, so it can be indexed
     same = (np.isnan(e) & np.isnan(a)) | (np.isinf(e) & (a == e))
     err[same] = 0.0
     err[np.isnan(err)] = np.inf
@@ -264,7 +317,7 @@ def _abs_error(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
 def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """``n / d`` with ``0 / anything = 0`` and ``x / 0 = inf``."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = numerator / denominator
+        ratio = np.asarray(numerator / denominator)  # an array even for 0-d inputs
     ratio[numerator == 0] = 0.0
     ratio[np.isnan(ratio)] = np.inf
     return ratio
@@ -281,35 +334,66 @@ def _summary(kind: str, errors: np.ndarray) -> dict[str, float]:
     }
 
 
-def _max_abs_error(expected: np.ndarray, actual: np.ndarray) -> float:
-    return float(_abs_error(expected, actual).max()) if expected.size else 0.0
-
-
 def judge_with_reference(
     stats: OutputStats, reference: np.ndarray, expected: np.ndarray, actual: np.ndarray
 ) -> OutputStats:
-    """Accept a float output beyond tolerance if it is within 2x the original's own error."""
+    """Judge again, element by element, a float output that has elements beyond tolerance.
+
+    An element passes when it is within tolerance of the original (``stats`` says which are
+    not) or no further from the float64 ``reference`` than ``2 x`` the original's largest
+    error on this output; ``tolerance_used`` becomes the share of the more favourable allowance
+    (see the module docstring). ``mismatches`` keeps counting elements beyond plain tolerance.
+    """
     if reference.shape != expected.shape:
         return stats
-    fused_error = _max_abs_error(reference, actual)
-    original_error = _max_abs_error(reference, expected)
+    fused = _abs_error(reference, actual)
+    original_error = float(_abs_error(reference, expected).max()) if expected.size else 0.0
     stats = dataclasses.replace(
-        stats, candidate_reference_error=fused_error, original_reference_error=original_error
+        stats,
+        candidate_reference_error=float(fused.max()) if fused.size else 0.0,
+        original_reference_error=original_error,
     )
-    accepted = math.isfinite(original_error) and fused_error <= _REFERENCE_FACTOR * original_error
-    if not accepted:
+    if not math.isfinite(original_error):
+        return dataclasses.replace(
+            stats, reason=f"{stats.reason}; the original is not finite against float64"
+        )
+    used = np.minimum(
+        _plain_used(stats, expected, actual),
+        _safe_ratio(fused, np.asarray(_REFERENCE_FACTOR * original_error)),
+    )
+    worst = float(used.max()) if used.size else 0.0
+    verdict = (
+        f"fused error {stats.candidate_reference_error:.3g} vs original error "
+        f"{original_error:.3g} against the float64 reference"
+    )
+    if worst > 1.0:
         return dataclasses.replace(
             stats,
-            reason=f"{stats.reason}; more than {_REFERENCE_FACTOR:g}x the original's "
-            "error against the float64 reference",
+            tolerance_used=worst,
+            reason=f"{stats.reason}; beyond tolerance and more than {_REFERENCE_FACTOR:g}x the "
+            f"original's error from the float64 result ({verdict})",
         )
     return dataclasses.replace(
         stats,
         passed=True,
         accepted_by_reference=True,
-        reason=f"{stats.reason}; accepted: fused error {fused_error:.3g} <= "
-        f"{_REFERENCE_FACTOR:g} x original error {original_error:.3g} (float64 reference)",
+        tolerance_used=worst,
+        reason=f"{stats.reason}; accepted: as close to the float64 result as the original "
+        f"({verdict})",
     )
+
+
+def _allowance(stats: OutputStats, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``|e|`` and the plain allowance ``atol + rtol * |e|`` per element (0 where ``e`` is inf)."""
+    magnitude = np.asarray(np.abs(_as_float64(expected)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        bound = np.where(np.isfinite(magnitude), stats.atol + stats.rtol * magnitude, 0.0)
+    return magnitude, np.asarray(bound)
+
+
+def _plain_used(stats: OutputStats, expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Per element, the share of the plain allowance ``atol + rtol * |e|`` used."""
+    return _safe_ratio(_abs_error(expected, actual), _allowance(stats, expected)[1])
 
 
 def needs_reference(stats: OutputStats, expected: np.ndarray) -> bool:

@@ -1,10 +1,11 @@
 """Run models in onnxruntime exactly as given: one session per model, reused across trials.
 
 Runtime: onnxruntime CPU provider, graph optimisations disabled (``ORT_DISABLE_ALL``), one
-thread, fatal-only logging. A model given as a path is loaded by onnxruntime from that path when
-it needs no change (a :class:`Side` keeps its path until :func:`expose` adds outputs); otherwise
-the model is serialised to bytes (external data stays where it is) or, above ~1.8 GB of in-memory
-weights, saved with external data into a temporary folder. Types numpy lacks (bfloat16, float8)
+thread, fatal-only logging, no memory pattern. A model given as a path is loaded by onnxruntime
+from that path when it needs no change; when :func:`expose` added outputs, the file's own proto
+(external data not loaded) gets them and goes to onnxruntime as bytes, with the file's folder for
+its external data. A model given in memory is serialised to bytes (external data stays where it
+is) or, above ~1.8 GB of in-memory weights, saved with external data into a temporary folder. Types numpy lacks (bfloat16, float8)
 go in and come out as raw OrtValues.
 """
 
@@ -55,12 +56,13 @@ _MAX_MESSAGE = 500
 
 @dataclasses.dataclass
 class Side:
-    """One model under comparison: its IR copy and, while unchanged, the file it came from."""
+    """One model under comparison: its IR copy, the file it came from, outputs added to it."""
 
     label: str
     model: ir.Model
     path: str | None
     outputs: list[str]
+    exposed: list[str] = dataclasses.field(default_factory=list)
 
 
 def load_side(model: ModelLike, role: str) -> Side:
@@ -82,7 +84,13 @@ def load_side(model: ModelLike, role: str) -> Side:
 
 
 def expose(side: Side, names: Sequence[str]) -> list[str]:
-    """Add the named values as graph outputs; return the names the model does not have."""
+    """Add the named values as graph outputs; return the names the model does not have.
+
+    The IR copy gets them (the float64 reference is built from it) and :attr:`Side.exposed`
+    lists them, for :func:`open_session` to add to the file's proto.
+    """
+    if not names:
+        return []
     values = ir.convenience.create_value_mapping(side.model.graph, include_subgraphs=False)
     missing = []
     for name in names:
@@ -91,7 +99,7 @@ def expose(side: Side, names: Sequence[str]) -> list[str]:
             missing.append(name)
         elif not value.is_graph_output():
             side.model.graph.outputs.append(value)
-            side.path = None
+            side.exposed.append(name)
     return missing
 
 
@@ -124,6 +132,9 @@ def _session_options(folder: str | None = None) -> ort.SessionOptions:
     # Prepacking copies every Gemm/MatMul weight into the kernel's layout: a second copy of the
     # model in memory, for runs that only happen a few times here.
     options.add_session_config_entry("session.disable_prepacking", "1")
+    # The memory pattern is planned again for every new input shape, and trials change shapes:
+    # on a graph of 30,000 nodes each plan took longer than the run it was made for.
+    options.enable_mem_pattern = False
     if folder is not None:
         options.add_session_config_entry(_FOLDER_KEY, folder)
     return options
@@ -143,11 +154,29 @@ def _serialise(model: ir.Model, workdir: str, stem: str) -> tuple[bytes | str, s
     return path, None
 
 
+def _file_with_outputs(path: str, names: Sequence[str]) -> bytes:
+    """The model file's bytes with ``names`` added as graph outputs (types left to onnxruntime).
+
+    Editing the proto costs milliseconds where serialising the IR copy costs seconds on a graph
+    of many thousand nodes. The file passed :func:`load_side`'s checks when it was loaded.
+    """
+    proto = onnx.load(path, load_external_data=False)
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    return proto.SerializeToString()
+
+
+def _folder(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path))
+
+
 def open_session(side: Side, workdir: str, stem: str) -> Runner:
-    """Create the onnxruntime session for ``side`` (from its file when it is unchanged)."""
-    if side.path is not None:
+    """Create the onnxruntime session for ``side`` (from its file when it has one)."""
+    if side.path is not None and not side.exposed:
         return Runner(ort.InferenceSession(side.path, _session_options(), providers=_PROVIDERS))
-    source, folder = _serialise(side.model, workdir, stem)
+    if side.path is not None:
+        source, folder = _file_with_outputs(side.path, side.exposed), _folder(side.path)
+    else:
+        source, folder = _serialise(side.model, workdir, stem)
     return Runner(ort.InferenceSession(source, _session_options(folder), providers=_PROVIDERS))
 
 

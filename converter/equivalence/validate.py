@@ -1,15 +1,23 @@
 """Prove with onnxruntime that a rewritten model computes what the original computes.
 
 :func:`check_equivalence` runs both models on the same inputs -- several seeded synthetic trials
-(see :mod:`converter.equivalence.inputs`) or real inputs from an ``.npz`` file -- and compares every output,
-plus any intermediate values named in ``extra_outputs`` (exposed as graph outputs on copies).
+(see :mod:`converter.equivalence.inputs`) or real inputs from an ``.npz`` file -- and compares
+every graph output. The verdict rests on the graph outputs alone: what a user of the model sees.
 
-Each output is compared by the rule of :mod:`converter.equivalence.compare` (``|a - e| <= atol + rtol * |e|``,
-per-dtype default tolerances, error statistics); float outputs beyond tolerance are judged again
-against the float64 reference of :mod:`converter.equivalence.reference`; the models run as
-:mod:`converter.equivalence.runtime` describes. An output missing, extra or reordered, or inputs that
-differ, are failures with that reason. The report keeps every output in every trial and, per
-output, the worst trial.
+Each output is compared by the rule of :mod:`converter.equivalence.compare` (``|a - e| <= atol +
+rtol * |e|``, per-dtype default tolerances, integers and bools exactly, error statistics); a float
+output with elements beyond tolerance is judged again against the float64 evaluation of the
+original graph (:mod:`converter.equivalence.reference`), which is built and run only then. The
+models run as :mod:`converter.equivalence.runtime` describes (one session per model, reused by
+every trial). An output missing, extra or reordered, or inputs that differ, are failures with that
+reason. The report keeps every output in every trial and, per output, the worst trial.
+
+Intermediate values named in ``extra_outputs`` (a fusion's output, say) are diagnostics: exposed as
+graph outputs on private copies, compared by the same rule in every trial where they exist in both
+models, reported (worst trial per value) and never a reason to fail. A value the candidate no
+longer has is reported as not measured. When an output fails, the report names the first
+intermediate value, in the original graph's order, that was also beyond tolerance in a failing
+trial (judged against the float64 reference when it ran): where the models first diverged.
 """
 
 from __future__ import annotations
@@ -83,6 +91,10 @@ class EquivalenceReport:
         reference: ``"used"``, ``"not needed"`` or ``"unavailable: <why>"``.
         failures: Model-level failures (the candidate does not load or run, outputs or inputs
             differ in names or order).
+        intermediates: Diagnostics, one per ``extra_outputs`` value: the worst trial, or a
+            ``measured=False`` entry saying why it could not be compared. Never decide ``passed``.
+        first_divergence: When an output failed, the first intermediate value (in the original
+            graph's order) beyond its tolerance in a failing trial; else ``None``.
     """
 
     passed: bool
@@ -92,6 +104,8 @@ class EquivalenceReport:
     seed: int
     reference: str = "not needed"
     failures: tuple[str, ...] = ()
+    intermediates: tuple[OutputStats, ...] = ()
+    first_divergence: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the whole report as JSON-serialisable data."""
@@ -103,6 +117,8 @@ class EquivalenceReport:
             "failures": list(self.failures),
             "outputs": [s.to_dict() for s in self.outputs],
             "results": [s.to_dict() for s in self.results],
+            "first_divergence": self.first_divergence,
+            "intermediates": [s.to_dict() for s in self.intermediates],
         }
 
     def __str__(self) -> str:
@@ -117,6 +133,11 @@ class EquivalenceReport:
             )
             lines.extend(f"  {s}" for s in self.results if s.trial == trial["index"])
         lines.extend(f"FAIL: {failure}" for failure in self.failures)
+        if self.intermediates:
+            lines.append("intermediate values (diagnostics, worst trial; they do not decide):")
+            lines.extend(f"  {s}" for s in self.intermediates)
+        if self.first_divergence is not None:
+            lines.append(f"first divergence: '{self.first_divergence}'")
         return "\n".join(lines)
 
 
@@ -148,8 +169,8 @@ def check_equivalence(
         rtol: Same as ``atol``.
         trials: Number of synthetic trials (see :mod:`converter.equivalence.inputs`).
         seed: Seed of the synthetic inputs.
-        extra_outputs: Intermediate values present in both models, compared like outputs and
-            reported as intermediate.
+        extra_outputs: Intermediate values of the original to compare as diagnostics where
+            the candidate has them too (see the module docstring); they never decide the verdict.
 
     Raises:
         InputError: Unreadable models or inputs, bad options, an unknown ``extra_outputs`` name.
@@ -158,26 +179,29 @@ def check_equivalence(
     if trials < 1:
         raise InputError(f"trials must be at least 1, got {trials}")
     orig, cand = load_side(original, "original"), load_side(candidate, "candidate")
-    intermediates = [n for n in dict.fromkeys(extra_outputs) if n and n not in orig.outputs]
+    graph_outputs = set(orig.outputs)
+    intermediates = [n for n in dict.fromkeys(extra_outputs) if n and n not in graph_outputs]
     if missing := expose(orig, intermediates):
         raise InputError(f"extra output '{missing[0]}' is not a value of the {orig.label}")
-    names = orig.outputs + intermediates
-    _check_tolerances(atol, "atol", names)
-    _check_tolerances(rtol, "rtol", names)
+    _check_tolerances(atol, "atol", orig.outputs + intermediates)
+    _check_tolerances(rtol, "rtol", orig.outputs + intermediates)
     feeds = _trial_inputs(orig.model, inputs, input_shapes, trials, seed)
     failures = _interface_failures(orig, cand)
     absent = set(expose(cand, intermediates))
+    measured = [n for n in intermediates if n not in absent]
     with tempfile.TemporaryDirectory(prefix="onnx-fuse-validate-") as workdir:
         original_runner = _open_original(orig, workdir)
         candidate_runner = _open_candidate(cand, workdir, failures)
         reference = Reference(orig, workdir)
-        results: list[OutputStats] = []
+        runs: list[_TrialResult] = []
         for trial in feeds:
             expected = _run_original(original_runner, orig, trial, synthesised=inputs is None)
             actual = _run_candidate(candidate_runner, trial, failures)
-            run = _TrialRun(trial.index, expected, actual, set(intermediates), absent)
-            results.extend(_compare_trial(run, names, atol, rtol, reference, trial.values))
-    return _make_report(results, names, feeds, seed, reference.note, failures)
+            run = _TrialRun(trial.index, expected, actual, atol, rtol)
+            runs.append(_compare_trial(run, orig.outputs, measured, reference, trial.values))
+    diagnostics = _diagnostics(runs, intermediates, absent, orig.model)
+    report = _make_report(runs, orig.outputs, feeds, seed, reference.note, failures)
+    return dataclasses.replace(report, **diagnostics)
 
 
 @dataclasses.dataclass
@@ -185,8 +209,18 @@ class _TrialRun:
     index: int
     expected: dict[str, np.ndarray]
     actual: dict[str, np.ndarray] | str  # the reason when the candidate did not run
-    intermediates: set[str]
-    absent: set[str]
+    atol: Tolerance
+    rtol: Tolerance
+
+
+@dataclasses.dataclass
+class _TrialResult:
+    outputs: list[OutputStats]  # the graph outputs: the verdict
+    values: list[OutputStats]  # the intermediate values measured: diagnostics
+
+    @property
+    def failed(self) -> bool:
+        return not all(s.passed for s in self.outputs)
 
 
 def _check_tolerances(tolerance: Tolerance, flag: str, names: Sequence[str]) -> None:
@@ -230,7 +264,8 @@ def _trial_inputs(
 def _interface_failures(orig: Side, cand: Side) -> list[str]:
     """Differences in the graph inputs and outputs, which callers would notice."""
     failures = []
-    extra = [n for n in cand.outputs if n not in orig.outputs]
+    known = set(orig.outputs)
+    extra = [n for n in cand.outputs if n not in known]
     if extra:
         failures.append(f"the candidate has outputs the original does not: {', '.join(extra)}")
     if set(cand.outputs) == set(orig.outputs) and cand.outputs != orig.outputs:
@@ -312,38 +347,48 @@ def _run_candidate(
 
 def _compare_trial(
     run: _TrialRun,
-    names: Sequence[str],
-    atol: Tolerance,
-    rtol: Tolerance,
+    outputs: Sequence[str],
+    measured: Sequence[str],
     reference: Reference,
     feeds: Mapping[str, np.ndarray],
-) -> list[OutputStats]:
-    """Compare every output of one trial, asking the float64 reference about float failures."""
-    stats = [_compare_output(run, name, atol, rtol) for name in names]
-    doubtful = [s.name for s in stats if needs_reference(s, run.expected[s.name])]
+) -> _TrialResult:
+    """Compare one trial's outputs (asking the float64 reference about float failures) and,
+    as diagnostics, its intermediate values (against the reference too if an output failed)."""
+    stats = [_compare_output(run, name) for name in outputs]
+    values = [] if isinstance(run.actual, str) else [_compare_value(run, n) for n in measured]
+    doubtful = {s.name for s in stats if needs_reference(s, run.expected[s.name])}
     ref = reference.run(feeds, run.index) if doubtful else None
+    result = _TrialResult(_judge(run, stats, ref, doubtful), values)
+    if ref is not None and result.failed:
+        result.values = _judge(run, values, ref, {s.name for s in values if not s.passed})
+    return result
+
+
+def _judge(
+    run: _TrialRun,
+    stats: list[OutputStats],
+    ref: Mapping[str, np.ndarray] | None,
+    names: set[str],
+) -> list[OutputStats]:
+    """Judge the float values ``names`` again against the float64 reference outputs ``ref``."""
     if ref is None:
         return stats
     return [
         judge_with_reference(s, ref[s.name], run.expected[s.name], run.actual[s.name])
-        if s.name in doubtful
+        if s.name in names and s.name in ref and needs_reference(s, run.expected[s.name])
         else s
         for s in stats
     ]
 
 
-def _compare_output(run: _TrialRun, name: str, atol: Tolerance, rtol: Tolerance) -> OutputStats:
+def _compare_output(run: _TrialRun, name: str) -> OutputStats:
     expected = run.expected[name]
-    intermediate = name in run.intermediates
     if isinstance(run.actual, str) or name not in run.actual:
         reason = run.actual if isinstance(run.actual, str) else "missing from the candidate"
-        if name in run.absent:
-            reason = "not a value of the candidate model"
         return OutputStats(
             name,
             run.index,
             False,
-            intermediate,
             reason=reason,
             shape=tuple(expected.shape),
             dtype=dtype_name(expected.dtype),
@@ -351,23 +396,38 @@ def _compare_output(run: _TrialRun, name: str, atol: Tolerance, rtol: Tolerance)
     return compare_arrays(
         expected,
         run.actual[name],
-        atol=_tolerance_for(atol, name),
-        rtol=_tolerance_for(rtol, name),
+        atol=_tolerance_for(run.atol, name),
+        rtol=_tolerance_for(run.rtol, name),
         name=name,
         trial=run.index,
-        intermediate=intermediate,
+    )
+
+
+def _compare_value(run: _TrialRun, name: str) -> OutputStats:
+    """An intermediate value, by the same rule; only the cheap statistics."""
+    actual = run.actual if isinstance(run.actual, dict) else {}
+    return compare_arrays(
+        run.expected[name],
+        actual[name],
+        atol=_tolerance_for(run.atol, name),
+        rtol=_tolerance_for(run.rtol, name),
+        name=name,
+        trial=run.index,
+        intermediate=True,
+        summary=False,
     )
 
 
 def _make_report(
-    results: list[OutputStats],
+    runs: Sequence[_TrialResult],
     names: Sequence[str],
     trials: Sequence[TrialInputs],
     seed: int,
     reference: str,
     failures: list[str],
 ) -> EquivalenceReport:
-    outputs = tuple(_worst([s for s in results if s.name == name]) for name in names)
+    results = [s for run in runs for s in run.outputs]
+    outputs = tuple(_worst(stats) for stats in _by_name(results, names).values())
     passed = not failures and all(s.passed for s in results)
     for stats in outputs:
         logger.debug("%s", stats)
@@ -381,6 +441,46 @@ def _make_report(
         reference=reference,
         failures=tuple(dict.fromkeys(failures)),
     )
+
+
+def _diagnostics(
+    runs: Sequence[_TrialResult], names: Sequence[str], absent: set[str], model: ir.Model
+) -> dict[str, Any]:
+    """The intermediate values' worst trials (or why not measured) and the first divergence."""
+    by_name = _by_name([s for run in runs for s in run.values], names)
+    values = tuple(
+        _worst(stats) if stats else _not_measured(name, name in absent)
+        for name, stats in by_name.items()
+    )
+    diverged = {s.name for run in runs if run.failed for s in run.values if not s.passed}
+    return {"intermediates": values, "first_divergence": _first_in_graph(model, diverged)}
+
+
+def _not_measured(name: str, absent: bool) -> OutputStats:
+    reason = (
+        "not measured: the value no longer exists in the candidate model (a rewrite removed it)"
+        if absent
+        else "not measured: the candidate did not run"
+    )
+    return OutputStats(name, -1, False, intermediate=True, reason=reason, measured=False)
+
+
+def _first_in_graph(model: ir.Model, names: set[str]) -> str | None:
+    """The value of ``names`` produced first in the main graph's (topological) node order."""
+    if not names:
+        return None
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name in names:
+                return value.name
+    return min(names)  # graph inputs or initializers: no producing node
+
+
+def _by_name(stats: Sequence[OutputStats], names: Sequence[str]) -> dict[str, list[OutputStats]]:
+    grouped: dict[str, list[OutputStats]] = {name: [] for name in names}
+    for s in stats:
+        grouped[s.name].append(s)
+    return grouped
 
 
 def _worst(stats: Sequence[OutputStats]) -> OutputStats:

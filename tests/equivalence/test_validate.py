@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -336,28 +337,49 @@ def test_bfloat16_inputs_and_outputs_are_compared():
 # --------------------------------------------------------------------------- extra outputs
 
 
-def test_extra_outputs_compare_intermediate_values():
+def test_intermediate_values_are_diagnostics_never_the_verdict():
     original, candidate = _two_layers(), _two_layers(shift_h=True)  # same y, different h
-    assert check_equivalence(original, candidate, atol=1e-4).passed  # y alone agrees
     report = check_equivalence(original, candidate, atol=1e-4, extra_outputs=["h"])
-    assert not report.passed
-    y, h = report.outputs
-    assert y.passed and not y.intermediate and not h.passed and h.intermediate
+    assert report.passed, str(report)
+    assert [s.name for s in report.outputs] == ["y"] and report.outputs[0].passed
+    (h,) = report.intermediates
+    assert h.intermediate and h.measured and not h.passed
+    assert h.max_abs_error == pytest.approx(1.0, rel=1e-5)
+    assert report.first_divergence is None  # no output failed
     assert "FAIL h (intermediate)" in str(report)
     assert [o.name for o in original.graph.output] == ["y"]
 
 
-def test_extra_outputs_must_exist_in_the_original_and_are_flagged_when_absent():
+def test_extra_outputs_must_exist_in_the_original_and_are_not_measured_when_absent():
     with pytest.raises(InputError, match="extra output 'nope'"):
         check_equivalence(_two_layers(), _two_layers(), extra_outputs=["nope"])
-    report = check_equivalence(_two_layers(), _unary("Identity"), extra_outputs=["h"])
-    assert not report.passed
-    assert report.outputs[-1].reason == "not a value of the candidate model"
+    merged = _affine(np.eye(4, 3, dtype=np.float32), np.zeros(3, np.float32))  # no 'h'
+    report = check_equivalence(_two_layers(), merged, extra_outputs=["h"])
+    (h,) = report.intermediates
+    assert not h.measured and h.trial == -1
+    assert h.reason.startswith("not measured: the value no longer exists in the candidate")
+    assert "NOT MEASURED h" in str(report)
+    assert json.loads(json.dumps(report.to_dict()))["intermediates"][0]["measured"] is False
+
+
+def test_first_divergence_names_the_first_intermediate_beyond_tolerance_in_graph_order():
+    original = _two_layers()
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(original)
+    b1 = next(t for t in candidate.graph.initializer if t.name == "b1")
+    b1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b1) + np.float32(0.5), "b1"))
+    report = check_equivalence(original, candidate, extra_outputs=["m2", "h", "m1"])
+    assert not report.passed and not report.outputs[0].passed
+    by_name = {s.name: s for s in report.intermediates}
+    assert by_name["m1"].passed and not by_name["h"].passed and not by_name["m2"].passed
+    assert report.first_divergence == "h"  # before m2 in the graph, whatever the order given
+    assert "first divergence: 'h'" in str(report)
 
 
 def test_an_extra_output_that_is_already_an_output_is_not_duplicated():
     report = check_equivalence(_two_layers(), _two_layers(), extra_outputs=["y", "h"])
-    assert [(s.name, s.intermediate) for s in report.outputs] == [("y", False), ("h", True)]
+    assert [(s.name, s.intermediate) for s in report.outputs] == [("y", False)]
+    assert [(s.name, s.intermediate) for s in report.intermediates] == [("h", True)]
 
 
 # --------------------------------------------------------------------------- float64 reference
@@ -395,6 +417,7 @@ def test_float64_reference_accepts_a_more_accurate_reassociated_candidate():
     for stats in report.results:
         assert stats.mismatches > 0 and stats.accepted_by_reference  # beyond plain tolerance
         assert stats.candidate_reference_error < stats.original_reference_error
+        assert 0 < stats.tolerance_used <= 1  # the share of the float64 allowance used
     assert "fused error" in str(report) and "original error" in str(report)
 
 
@@ -412,7 +435,7 @@ def test_float64_reference_does_not_rescue_a_wrong_candidate():
     assert not report.passed
     stats = report.outputs[0]
     assert stats.candidate_reference_error > 2 * stats.original_reference_error
-    assert "more than 2x" in stats.reason
+    assert stats.tolerance_used > 1 and "more than 2x" in stats.reason
 
 
 def test_no_reference_when_the_original_has_an_op_without_float64_kernel(linear):
@@ -461,7 +484,9 @@ def test_models_with_external_data_and_big_copies_go_through_files(tmp_path, mon
         runtime.ir, "save", lambda *a, **k: saved.append(a[1]) or real_save(*a, **k)
     )
     assert check_equivalence(tmp_path / "a.onnx", original, extra_outputs=["h"]).passed
-    assert len(saved) == 2  # the original and the candidate, both changed by extra_outputs
+    # The candidate (in memory, changed by extra_outputs) is saved; the original file gets the
+    # extra output on its own proto and goes as bytes with its folder for the external data.
+    assert [os.path.basename(p) for p in saved] == ["candidate.onnx"]
 
 
 def test_float64_reference_converts_constants_and_casts():
@@ -483,3 +508,69 @@ def test_float64_reference_converts_constants_and_casts():
         < 1e-2
         < report.outputs[0].candidate_reference_error
     )
+
+
+# --------------------------------------------------------------------------- shapes and dtypes
+
+
+def _reductions(offset: float = 0.0) -> onnx.ModelProto:
+    """0-d, size-1, empty, int64 and bool outputs of one float input ``x: [batch, 4]``."""
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),  # 0-d
+        helper.make_node("Add", ["total", "offset"], ["scalar"]),
+        helper.make_node("ReduceMax", ["x"], ["one"], keepdims=1),  # [1, 1]
+        helper.make_node("Slice", ["x", "zero", "zero", "one_axis"], ["empty"]),  # [batch, 0]
+        helper.make_node("ArgMax", ["x"], ["index"], axis=1, keepdims=0),  # int64 [batch]
+        helper.make_node("Greater", ["x", "offset"], ["positive"]),  # bool [batch, 4]
+    ]
+    inits = {
+        "offset": np.array(offset, np.float32),
+        "zero": np.array([0], np.int64),
+        "one_axis": np.array([1], np.int64),
+    }
+    outputs = [
+        ("scalar", F, []),
+        ("one", F, [1, 1]),
+        ("empty", F, ["batch", 0]),
+        ("index", I64, ["batch"]),
+        ("positive", TensorProto.BOOL, ["batch", 4]),
+    ]
+    return _model(nodes, [("x", F, ["batch", 4])], outputs, inits)
+
+
+def test_scalar_size_one_empty_int_and_bool_outputs_compare_like_any_other():
+    report = check_equivalence(_reductions(), _reductions())
+    assert report.passed, str(report)
+    shapes = {s.name: (s.shape, s.dtype, s.size) for s in report.results if s.trial == 1}
+    assert shapes == {
+        "scalar": ((), "float32", 1),
+        "one": ((1, 1), "float32", 1),
+        "empty": ((3, 0), "float32", 0),
+        "index": ((3,), "int64", 3),
+        "positive": ((3, 4), "bool", 12),
+    }
+    assert json.loads(json.dumps(report.to_dict()))["outputs"][0]["shape"] == []
+
+
+def test_a_scalar_output_beyond_tolerance_fails_and_int_bool_outputs_are_exact():
+    report = check_equivalence(_reductions(), _reductions(offset=0.01))
+    by_name = {s.name: s for s in report.outputs}
+    assert not report.passed
+    assert not by_name["scalar"].passed and by_name["scalar"].max_abs_error == pytest.approx(0.01)
+    assert by_name["one"].passed and by_name["empty"].passed and by_name["index"].passed
+    assert by_name["positive"].atol == by_name["positive"].rtol == 0.0  # bool: exact
+    # Integer and bool outputs must be equal, whatever tolerance is asked for.
+    ints = check_equivalence(_unary("Neg", elem=I64), _unary("Abs", "Neg", elem=I64), atol=100.0)
+    assert ints.passed  # inputs are in [0, 8): Abs changes nothing
+    ints = check_equivalence(_unary("Neg", elem=I64), _unary("Identity", elem=I64), atol=100.0)
+    assert not ints.passed and "elements differ" in ints.outputs[0].reason
+    bools = check_equivalence(
+        _unary("Not", elem=TensorProto.BOOL), _unary("Identity", elem=TensorProto.BOOL), atol=1.0
+    )
+    assert not bools.passed and bools.outputs[0].mismatches == bools.outputs[0].size
+
+
+def test_a_scalar_intermediate_value_is_measured():
+    report = check_equivalence(_reductions(), _reductions(), extra_outputs=["total"])
+    (total,) = report.intermediates
+    assert total.measured and total.passed and total.shape == ()
