@@ -164,7 +164,7 @@ def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None
     Each fused chain's output keeps its name, so comparing that value in both models measures
     the fusion, where the value still exists: a later merge may have absorbed it.
     """
-    outputs = [r.output for r in report.fusions if r.graph == _MAIN_GRAPH]
+    outputs = [r.output for r in report.fusions if r.graph == _MAIN_GRAPH and r.output]
     result = check_equivalence(src, candidate, extra_outputs=outputs, **options)
     report.validation = result.to_dict()
     del report.validation["intermediates"]  # the same facts live in each fusion record
@@ -173,6 +173,9 @@ def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None
     for index, record in enumerate(report.fusions):
         if record.graph != _MAIN_GRAPH:
             record.error_note = "not measured: the value is inside a subgraph"
+            continue
+        if not record.output:  # a later merge took this one's output in (engine: merged_into)
+            record.error_note = f"not measured: merged on into '{record.merged_into}'"
             continue
         _record_diagnostic(record, stats[record.output])
         if report.first_divergence is None and record.output == result.first_divergence:
