@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from converter.fusion import algebra, invariants
+from converter.fusion import algebra, invariants, shapes
 from converter.fusion.constants import is_onnx, parameter_count
 from converter.fusion.engine import Context, fuse_graph
 from converter.fusion.rewrite import Names
@@ -86,13 +86,12 @@ def fuse_model(
         report.declined.append(Declined([], reason, "model"))
     else:
         training.mark_trained(model)
-        graphs = list(iter_graphs(model.graph))
-        ctx = Context(model, opset, policy, Names(g for g, _ in graphs), progress)
-        for n, (graph, label) in enumerate(graphs):
-            progress("analysing", n, len(graphs))
-            fusions, declined = fuse_graph(ctx, graph, label)
-            report.fusions.extend(fusions)
-            report.declined.extend(declined)
+        restore = shapes.infer_missing(model) if shapes.needs_inference(model) else None
+        try:
+            _fuse_graphs(model, opset, policy, progress, report)
+        finally:
+            if restore is not None:
+                restore()
         invariants.check_model(model)
     report.linear_ops_after, report.macs_after, report.params_after = _model_totals(model)
     report.seconds = time.perf_counter() - start
@@ -104,6 +103,22 @@ def fuse_model(
         report.linear_ops_after,
     )
     return report
+
+
+def _fuse_graphs(
+    model: ir.Model,
+    opset: int,
+    policy: algebra.Policy,
+    progress: ProgressCallback,
+    report: FusionReport,
+) -> None:
+    graphs = list(iter_graphs(model.graph))
+    ctx = Context(model, opset, policy, Names(g for g, _ in graphs), progress)
+    for n, (graph, label) in enumerate(graphs):
+        progress("analysing", n, len(graphs))
+        fusions, declined = fuse_graph(ctx, graph, label)
+        report.fusions.extend(fusions)
+        report.declined.extend(declined)
 
 
 @dataclasses.dataclass
