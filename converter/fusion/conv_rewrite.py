@@ -94,7 +94,10 @@ def _new_conv(
 ) -> ir.Node:
     dtype = merge.dtype.numpy()
     base = ctx.names.fresh(_fused_name(merge))
-    inputs = [x, _initializer(graph, ctx, f"{base}.weight", algebra.round_to_dtype(conv.weight, dtype))]
+    inputs = [
+        x,
+        _initializer(graph, ctx, f"{base}.weight", algebra.round_to_dtype(conv.weight, dtype)),
+    ]
     if conv.bias is not None:
         inputs.append(
             _initializer(graph, ctx, f"{base}.bias", algebra.round_to_dtype(conv.bias, dtype))

@@ -217,9 +217,7 @@ def _with_bias(g: ca.ConvGeometry, has_bias: bool) -> ca.ConvGeometry:
 
 def _roots(graph: ir.Graph) -> list[ir.Node]:
     """Joins not inside a larger tree of joins, in graph order."""
-    return [
-        n for n in graph if is_join(n) and not is_join(sole_consumer(n.outputs[0]) or None)
-    ]
+    return [n for n in graph if is_join(n) and not is_join(sole_consumer(n.outputs[0]) or None)]
 
 
 def _find_sums(graph, convs, refused, label, reasons) -> list[ConvMerge]:

@@ -27,13 +27,28 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import (
+    assert_equivalent,
+    assert_same_graph,
+    check,
+    feeds,
+    fuse_with_report,
+    init,
+    make_model,
+    op_types,
+    xy_io,
+)
+from onnx import helper
 from torch import nn
 
 import converter
-from converter.fusion.passes import fuse_model
 
 RTOL, ATOL = 1e-4, 1e-5
-DIM = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
+DIM = {
+    1: (nn.Conv1d, nn.BatchNorm1d),
+    2: (nn.Conv2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.BatchNorm3d),
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,10 +152,14 @@ class RepBlock(nn.Module):
 
     def merged(self) -> nn.Module:
         first = self.branches[0].conv
-        kernel = tuple(max(b.conv.kernel_size[i] for b in self.branches) for i in range(first.weight.dim() - 2))
+        kernel = tuple(
+            max(b.conv.kernel_size[i] for b in self.branches) for i in range(first.weight.dim() - 2)
+        )
         w, b = map(sum, zip(*(branch.fold(kernel) for branch in self.branches), strict=True))
         if self.identity is not None:
-            iw, ib = _fold(_Weight(_identity_kernel(first.out_channels, self.groups, kernel)), self.identity)
+            iw, ib = _fold(
+                _Weight(_identity_kernel(first.out_channels, self.groups, kernel)), self.identity
+            )
             w, b = w + iw, b + ib
         return _deploy_conv(first, w, b)
 
@@ -296,3 +315,199 @@ def test_block_reaches_deploy_form(name, exporter, tmp_path):
     got = _run(fused, x.numpy())
     np.testing.assert_allclose(got, _run(original, x.numpy()), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+# --- Hand-built graphs: each fold, composition and refusal on its own -------------------------
+
+R = np.random.default_rng(11)
+
+
+def _conv(name, x, y, w, b=None, **attrs) -> list:
+    """A Conv node and its initializers."""
+    inits = [init(f"{name}.w", w.astype(np.float32))]
+    inputs = [x, f"{name}.w"]
+    if b is not None:
+        inits.append(init(f"{name}.b", b.astype(np.float32)))
+        inputs.append(f"{name}.b")
+    return [helper.make_node("Conv", inputs, [y], name=name, **attrs)], inits
+
+
+def _model(parts, x_shape, y_shape) -> onnx.ModelProto:
+    nodes = [n for p in parts for n in p[0]]
+    inits = [t for p in parts for t in p[1]]
+    return make_model(nodes, *xy_io(x_shape, y_shape), inits)
+
+
+def _step(op: str, x: str, y: str, const: np.ndarray | None, *, const_first=False) -> tuple:
+    if op == "BatchNormalization":
+        c = const.shape[0]
+        names = [f"{y}.{k}" for k in ("g", "b", "m", "v")]
+        arrays = [
+            R.uniform(0.5, 1.5, c),
+            R.normal(size=c),
+            R.normal(size=c),
+            R.uniform(0.5, 1.5, c),
+        ]
+        node = helper.make_node(op, [x, *names], [y], name=y, epsilon=1e-3)
+        return [node], [init(n, a.astype(np.float32)) for n, a in zip(names, arrays, strict=True)]
+    if const is None:
+        return [helper.make_node(op, [x], [y], name=y)], []
+    inputs = [f"{y}.c", x] if const_first else [x, f"{y}.c"]
+    return [helper.make_node(op, inputs, [y], name=y)], [init(f"{y}.c", const.astype(np.float32))]
+
+
+def _check_fused(model, fusions, ops, policy="cost", atol=1e-5):
+    fused, report = fuse_with_report(model, policy)
+    assert len(report.fusions) == fusions, report
+    assert op_types(fused) == ops, report
+    check(fused)
+    x_shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert_equivalent(model, fused, feeds(x_shape), atol=atol)
+    return fused, report
+
+
+STEPS = [
+    ("BatchNormalization", np.ones(4), False),
+    ("Mul", R.uniform(0.5, 2, (1, 4, 1, 1)), False),
+    ("Mul", np.array(1.5), True),
+    ("Div", R.uniform(0.5, 2, (4, 1, 1)), False),
+    ("Add", R.normal(size=(1, 4, 1, 1)), True),
+    ("Sub", R.normal(size=(4, 1, 1)), False),
+    ("Sub", R.normal(size=(4, 1, 1)), True),
+    ("Neg", None, False),
+]
+
+
+@pytest.mark.parametrize("op, const, const_first", STEPS)
+def test_channel_affine_after_conv_folds(op, const, const_first):
+    conv = _conv("conv", "x", "h", R.normal(size=(4, 3, 3, 3)), R.normal(size=4), pads=[1] * 4)
+    model = _model(
+        [conv, _step(op, "h", "y", const, const_first=const_first)], [1, 3, 6, 6], [1, 4, 6, 6]
+    )
+    _, report = _check_fused(model, 1, ["Conv"])
+    assert report.fusions[0].note == f"{op} folded into the Conv before it"
+
+
+@pytest.mark.parametrize(
+    "op, const, pads",
+    [
+        ("Mul", R.uniform(0.5, 2, (1, 3, 1, 1)), [1] * 4),  # a scale folds before any conv
+        ("Add", R.normal(size=(3, 1, 1)), [0] * 4),
+        ("BatchNormalization", np.ones(3), [0] * 4),
+    ],
+)
+def test_channel_affine_before_conv_folds(op, const, pads):
+    out = 6 if any(pads) else 4
+    conv = _conv("conv", "h", "y", R.normal(size=(4, 3, 3, 3)), None, pads=pads)
+    model = _model([_step(op, "x", "h", const), conv], [1, 3, 6, 6], [1, 4, out, out])
+    _, report = _check_fused(model, 1, ["Conv"])
+    assert report.fusions[0].note == f"{op} folded into the Conv after it"
+
+
+def test_shift_before_padded_conv_is_refused():
+    conv = _conv("conv", "h", "y", R.normal(size=(4, 3, 3, 3)), None, pads=[1] * 4)
+    model = _model(
+        [_step("Add", "x", "h", R.normal(size=(1, 3, 1, 1))), conv], [1, 3, 6, 6], [1, 4, 6, 6]
+    )
+    fused, report = fuse_with_report(model)
+    assert not report.fusions
+    assert_same_graph(model, fused)
+    (declined,) = report.declined
+    assert declined.nodes == ["h", "conv"]
+    assert "the padding contributes zeros, not the shift" in declined.reason
+
+
+def test_branches_with_different_strides_are_refused():
+    # A 1x1 conv at stride 2 and a 5x5 conv at stride 1 both give 4x4 from 8x8, but are not one conv.
+    a = _conv("a", "x", "ha", R.normal(size=(4, 4, 1, 1)), strides=[2, 2])
+    b = _conv("b", "x", "hb", R.normal(size=(4, 4, 5, 5)))
+    join = ([helper.make_node("Add", ["ha", "hb"], ["y"], name="join")], [])
+    fused, report = fuse_with_report(_model([a, b, join], [1, 4, 8, 8], [1, 4, 4, 4]))
+    assert not report.fusions and op_types(fused) == ["Conv", "Conv", "Add"]
+    (declined,) = report.declined
+    assert declined.nodes == ["a", "b", "join"]
+    assert declined.reason.startswith("the branches have different strides")
+
+
+def test_cost_model_keeps_expansion_then_depthwise():
+    expand = _conv("expand", "x", "h", R.normal(size=(16, 4, 1, 1)))
+    dw = _conv(
+        "dw", "h", "y", R.normal(size=(16, 1, 3, 3)), R.normal(size=16), pads=[1] * 4, group=16
+    )
+    model = _model([expand, dw], [1, 4, 6, 6], [1, 16, 6, 6])
+    fused, report = fuse_with_report(model)
+    assert not report.fusions and op_types(fused) == ["Conv", "Conv"]
+    (declined,) = report.declined
+    assert declined.nodes == ["expand", "dw"]
+    assert "cost model: merging would take multiply-adds per output position from 208 to 576" in (
+        declined.reason
+    )
+    fused, _ = _check_fused(model, 1, ["Conv"], policy="always")
+    assert [a.i for a in fused.graph.node[0].attribute if a.name == "group"] == [1]
+
+
+def test_kxk_then_1x1_composes():
+    first = _conv("k3", "x", "h", R.normal(size=(8, 4, 3, 3)), R.normal(size=8), pads=[1] * 4)
+    second = _conv("pw", "h", "y", R.normal(size=(4, 8, 1, 1)), R.normal(size=4))
+    _, report = _check_fused(_model([first, second], [1, 4, 6, 6], [1, 4, 6, 6]), 1, ["Conv"])
+    assert report.fusions[0].note == "sequential convs composed: 3x3 then 1x1"
+    assert (report.fusions[0].macs_before, report.fusions[0].macs_after) == (320, 144)
+
+
+def test_bias_then_padded_conv_is_refused():
+    first = _conv("pw", "x", "h", R.normal(size=(4, 4, 1, 1)), R.normal(size=4))
+    second = _conv("k3", "h", "y", R.normal(size=(4, 4, 3, 3)), None, pads=[1] * 4)
+    fused, report = fuse_with_report(_model([first, second], [1, 4, 6, 6], [1, 4, 6, 6]), "always")
+    assert not report.fusions and op_types(fused) == ["Conv", "Conv"]
+    assert "a bias pushed through zero padding becomes non-uniform" in report.declined[0].reason
+
+
+def test_conv_transpose_is_refused_with_reason():
+    w = init("up.w", R.normal(size=(4, 4, 2, 2)).astype(np.float32))
+    up = ([helper.make_node("ConvTranspose", ["x", "up.w"], ["h"], name="up", strides=[2, 2])], [w])
+    model = _model(
+        [up, _step("Mul", "h", "y", R.uniform(0.5, 2, (1, 4, 1, 1)))], [1, 4, 4, 4], [1, 4, 8, 8]
+    )
+    fused, report = fuse_with_report(model)
+    assert not report.fusions
+    assert_same_graph(model, fused)
+    assert [(d.nodes, d.reason) for d in report.declined] == [
+        (["up", "y"], "ConvTranspose is not re-parameterised (only Conv is)")
+    ]
+
+
+def test_auto_pad_same_conv_with_identity_merges():
+    conv = _conv(
+        "dw",
+        "x",
+        "h",
+        R.normal(size=(4, 1, 3, 3)),
+        R.normal(size=4),
+        auto_pad="SAME_UPPER",
+        group=4,
+    )
+    join = ([helper.make_node("Add", ["x", "h"], ["y"], name="join")], [])
+    fused, _ = _check_fused(_model([conv, join], [1, 4, 5, 5], [1, 4, 5, 5]), 1, ["Conv"])
+    attrs = {a.name: list(a.ints) or a.i for a in fused.graph.node[0].attribute}
+    assert attrs["pads"] == [1, 1, 1, 1] and attrs["group"] == 4
+
+
+def test_shared_conv_weight_is_refused():
+    w = R.normal(size=(4, 4, 3, 3))
+    a = _conv("a", "x", "h", w, pads=[1] * 4)
+    b = ([helper.make_node("Conv", ["h2", "a.w"], ["y"], name="b", pads=[1] * 4)], [])
+    mul = _step("Mul", "h", "h2", R.uniform(0.5, 2, (1, 4, 1, 1)))
+    fused, report = fuse_with_report(_model([a, mul, b], [1, 4, 6, 6], [1, 4, 6, 6]))
+    assert not report.fusions and op_types(fused) == ["Conv", "Mul", "Conv"]
+    assert "weight 'a.w' is shared with node 'b'" in report.declined[0].reason
+
+
+def test_nothing_to_merge_leaves_the_model_unchanged():
+    a = _conv("a", "x", "h", R.normal(size=(4, 4, 3, 3)), R.normal(size=4), pads=[1] * 4)
+    relu = ([helper.make_node("Relu", ["h"], ["r"], name="relu")], [])
+    b = _conv("b", "r", "h2", R.normal(size=(4, 4, 3, 3)), R.normal(size=4), pads=[1] * 4)
+    join = ([helper.make_node("Add", ["x", "h2"], ["y"], name="residual")], [])
+    model = _model([a, relu, b, join], [1, 4, 6, 6], [1, 4, 6, 6])
+    fused, report = fuse_with_report(model)
+    assert not report.fusions and not report.declined
+    assert_same_graph(model, fused)
