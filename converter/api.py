@@ -7,10 +7,12 @@ only then move the result into place); ``export`` runs ``torch.onnx.export`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import tempfile
+import shutil
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +21,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from converter.equivalence.validate import check_equivalence
+from converter import determinism
+from converter.equivalence.compare import OutputStats
+from converter.equivalence.validate import EquivalenceReport, check_equivalence
 from converter.errors import InputError, ValidationError
 from converter.fusion.algebra import Policy
 from converter.fusion.passes import fuse_model
@@ -28,7 +32,7 @@ from converter.model_io import training
 from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import FusionReport
 
-__all__ = ["fuse", "fuse_file", "export"]
+__all__ = ["fuse", "fuse_file", "export", "check", "check_inputs_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ def fuse_file(
     rtol: float | Mapping[str, float] | None = None,
     trials: int = 3,
     seed: int = 0,
+    strict: bool = False,
     external_data: str | None = None,
     force: bool = False,
     keep_on_fail: bool = False,
@@ -79,34 +84,74 @@ def fuse_file(
 
     The output is written into a temporary folder beside ``dst`` and moved into place only when
     complete and (with ``validate``) proven equivalent by onnxruntime; the input is never touched.
-    Raises :class:`InputError` for unreadable input or a refused destination and
-    :class:`ValidationError` when outputs differ (nothing is written unless ``keep_on_fail``).
+    A model with nothing to merge is copied byte for byte. ``strict`` requires bit-exact outputs
+    (no tolerance, no float64 acceptance).
+    Raises :class:`InputError` for unreadable input, a refused destination or an original model
+    that disagrees with itself, and :class:`ValidationError` when outputs differ (nothing is
+    written unless ``keep_on_fail``).
     """
     start = time.perf_counter()
+    check_inputs_file(inputs)
     progress("loading", None, None)
     model = io.load_model(src)
     report = fuse_model(model, policy=policy, progress=progress)
     report.source, report.destination = os.fspath(src), os.fspath(dst)
+    options = {"inputs": inputs, "input_shapes": input_shapes, "trials": trials}
+    options.update(atol=0.0 if strict else atol, rtol=0.0 if strict else rtol)
+    if validate and report.fusions and determinism.random_nodes(model):
+        # A model that may disagree with itself is run twice before anything is written.
+        determinism.check_deterministic(src, seed=seed, **options)
     progress("writing", None, None)
-    with io.write_model(model, dst, external_data=external_data, force=force, src=src) as pending:
+    with _write(model, src, dst, report, external_data=external_data, force=force) as pending:
         if validate and report.fusions:
             progress("validating", None, None)
-            _validate_into(
-                report,
-                src,
-                pending.path,
-                inputs=inputs,
-                input_shapes=input_shapes,
-                atol=atol,
-                rtol=rtol,
-                trials=trials,
-                seed=seed,
-            )
+            _validate_into(report, src, pending.path, seed=seed, **options)
+            if strict:
+                _require_bit_exact(report)
+            if not report.validated:
+                determinism.check_deterministic(src, seed=seed, **options)
             if not report.validated and not keep_on_fail:
                 raise ValidationError(_failure_message(report, dst))
         pending.commit()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _write(model: ir.Model, src, dst, report: FusionReport, **options: Any) -> io.PendingOutput:
+    """The rewritten model, or (nothing merged, one file) the input copied byte for byte."""
+    if not report.fusions and options["external_data"] is None and not io.has_external_data(model):
+        return io.write_copy(src, dst, force=options["force"])
+    return io.write_model(model, dst, src=src, **options)
+
+
+def check_inputs_file(inputs: object) -> None:
+    """Refuse an ``inputs`` path that is not an ``.npz`` archive, in those words."""
+    if not isinstance(inputs, (str, os.PathLike)):
+        return
+    path = os.fspath(inputs)
+    if not os.path.isfile(path):
+        raise InputError(f"inputs file {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise InputError(
+            f"inputs file {path}: not an .npz file (write one array per input name with "
+            "numpy.savez(path, NAME=array, ...))"
+        )
+
+
+def _strict_reason(reason: str | None) -> str:
+    return "not bit-exact (--strict)" + (f"; {reason}" if reason else "")
+
+
+def _require_bit_exact(report: FusionReport) -> None:
+    """``strict``: an output passes only if equal bit for bit (no float64 acceptance)."""
+    validation = report.validation or {}
+    for output in validation.get("outputs", []):
+        exact = output.get("passed") and not output.get("accepted_by_reference")
+        if not output.get("intermediate") and not exact:
+            output["passed"] = False
+            output["reason"] = _strict_reason(output.get("reason"))
+            report.validated = False
+    validation["passed"] = bool(report.validated)
 
 
 def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None:
@@ -154,7 +199,78 @@ def export(
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"{path}: output folder {path.parent} does not exist")
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-fuse-export-") as tmp:
+    tmp = io.make_temp_dir(str(path.parent))
+    try:
         raw = Path(tmp) / path.name
         torch.onnx.export(module, args, str(raw), dynamo=dynamo, **export_kwargs)
-        return fuse_file(raw, path, policy=policy, validate=validate, force=force)
+        report = fuse_file(raw, path, policy=policy, validate=validate, force=force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # The summary names what the user asked for, not the temporary file torch wrote.
+    report.source = f"torch.onnx.export({type(module).__name__})"
+    return report
+
+
+def check(
+    original: str | os.PathLike,
+    candidate: str | os.PathLike,
+    *,
+    strict: bool = False,
+    match_inputs: str = "name",
+    **options: Any,
+) -> EquivalenceReport:
+    """``onnx-fuse check``: :func:`check_equivalence` of two model files, with the CLI's extras.
+
+    Inputs named differently are refused first, naming both lists, unless ``match_inputs`` is
+    ``"position"`` (the candidate's inputs are then renamed, in memory, to the original's, in
+    order). ``strict`` requires bit-exact outputs.
+    """
+    check_inputs_file(options.get("inputs"))
+    if match_inputs not in ("name", "position"):
+        raise InputError(f"match_inputs must be 'name' or 'position', not {match_inputs!r}")
+    cand = _matched_inputs(original, candidate, by_position=match_inputs == "position")
+    if strict:
+        options.update(atol=0.0, rtol=0.0)
+    result = check_equivalence(original, cand, **options)
+    return _bit_exact(result) if strict else result
+
+
+def _input_names(model: ir.Model) -> list[str]:
+    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+def _matched_inputs(original, candidate, *, by_position: bool) -> str | os.PathLike | ir.Model:
+    """``candidate``, or its model with inputs renamed to the original's (``by_position``)."""
+    want = _input_names(io.load_model(original))
+    cand = io.load_model(candidate)
+    have = _input_names(cand)
+    if want == have:
+        return candidate
+    if not by_position:
+        raise InputError(
+            f"input names differ: {os.fspath(original)} has {want}, {os.fspath(candidate)} has "
+            f"{have}; pass --match-inputs position to feed them in order"
+        )
+    if len(want) != len(have):
+        raise InputError(
+            f"inputs differ in number: {os.fspath(original)} has {len(want)} {want}, "
+            f"{os.fspath(candidate)} has {len(have)} {have}"
+        )
+    values = [v for v in cand.graph.inputs if v.name not in cand.graph.initializers]
+    for value, name in zip(values, want, strict=True):
+        value.name = name
+    return cand
+
+
+def _bit_exact(result: EquivalenceReport) -> EquivalenceReport:
+    """``result`` with every output that is not equal bit for bit marked as failed."""
+
+    def exact(s: OutputStats) -> OutputStats:
+        if s.passed and not s.accepted_by_reference:
+            return s
+        return dataclasses.replace(s, passed=False, reason=_strict_reason(s.reason))
+
+    outputs = tuple(exact(s) for s in result.outputs)
+    results = tuple(exact(s) for s in result.results)
+    passed = result.passed and all(s.passed for s in results)
+    return dataclasses.replace(result, outputs=outputs, results=results, passed=passed)

@@ -1,29 +1,37 @@
 """The ``onnx-fuse`` command: parse, call the API with keyword arguments, map errors to exit codes.
 
 Exit codes: 0 success; 1 validation found a difference (nothing written); 2 bad usage or
-unreadable input (one line on stderr); 3 an internal error (a bug: ``--debug`` shows the traceback).
-This is the only module that prints.
+unreadable input (one line on stderr); 3 an internal error (a bug: ``--debug`` shows the traceback);
+130 interrupted by Ctrl-C (SIGINT) and 143 stopped by SIGTERM, both after removing any partial
+output. With several models the exit code is the worst of theirs. This is the only module that
+prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from converter import __version__, api
-from converter.equivalence import validate
+import numpy as np
+
+from converter import __version__, api, batch, inspection
 from converter.errors import ConverterError, InputError
+from converter.model_io import files as io
 from converter.model_io.progress import ProgressLine
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
 PROG = "onnx-fuse"
 
 
@@ -78,6 +86,11 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
         )
     g.add_argument("--trials", type=int, default=3, help="seeded trials (default 3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first trial (default 0)")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="require bit-exact outputs: no tolerance, no float64 acceptance",
+    )
 
 
 def _add_common_options(p: argparse.ArgumentParser) -> None:
@@ -93,11 +106,19 @@ def _fuse_parser() -> argparse.ArgumentParser:
         description="Merge chains of linear layers in an ONNX model and prove the result equal. "
         f"'{PROG} check A B' compares two models.",
         epilog="exit codes: 0 success; 1 outputs differ (nothing written); 2 bad usage or input; "
-        "3 internal error",
+        "3 internal error; 130 Ctrl-C; 143 SIGTERM. "
+        f"'{PROG} inspect MODEL' lists the linear ops and what would be merged.",
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    p.add_argument("model", help="the .onnx file to fuse (never modified)")
-    p.add_argument("-o", "--output", help="where to write the result (default MODEL.fused.onnx)")
+    p.add_argument("model", nargs="+", help="the .onnx file(s) to fuse (never modified)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="where to write the result (default MODEL.fused.onnx); a folder for several models",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="several models: fuse N at a time (default 1)"
+    )
     p.add_argument(
         "--policy",
         choices=("cost", "always"),
@@ -127,6 +148,12 @@ def _check_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("original")
     p.add_argument("candidate")
+    p.add_argument(
+        "--match-inputs",
+        choices=("name", "position"),
+        default="name",
+        help="pair the models' inputs by name (default) or by position",
+    )
     _add_validation_options(p)
     _add_common_options(p)
     return p
@@ -152,6 +179,7 @@ def _validation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "rtol": _tolerances(args.rtol),
         "trials": args.trials,
         "seed": args.seed,
+        "strict": args.strict,
     }
 
 
@@ -178,36 +206,165 @@ def _run_fuse(argv: Sequence[str]) -> int:
     args = _fuse_parser().parse_args(argv)
     _configure_logging(args)
     _check_report_path(args.report)
-    src = Path(args.model)
-    dst = Path(args.output) if args.output else src.with_name(src.stem + ".fused.onnx")
+    if len(args.model) > 1:
+        return _run_batch(args)
+    src = Path(args.model[0])
+    dst = _destination(src, args.output)
     show_progress = not args.quiet and sys.stderr.isatty()
     with ProgressLine(enabled=show_progress) as progress:
-        report = api.fuse_file(
-            src,
-            dst,
-            policy=args.policy,
-            validate=not args.no_validate,
-            external_data=args.external_data,
-            force=args.force,
-            keep_on_fail=args.keep_on_fail,
-            progress=progress,
-            **_validation_kwargs(args),
-        )
+        report = api.fuse_file(src, dst, progress=progress, **_fuse_kwargs(args))
     _write_json(args.report, report.to_dict())
     if not args.quiet:
         print("\n".join(report.summary_lines(verbose=args.verbose)))
     return EXIT_OK if report.validated is not False else EXIT_DIFFERENT
 
 
+def _destination(src: Path, output: str | None) -> Path:
+    if output is None:
+        return src.with_name(src.stem + ".fused.onnx")
+    if output.endswith(os.sep) or Path(output).is_dir():
+        return Path(output) / src.name
+    return Path(output)
+
+
+def _fuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "policy": args.policy,
+        "validate": not args.no_validate,
+        "external_data": args.external_data,
+        "force": args.force,
+        "keep_on_fail": args.keep_on_fail,
+        **_validation_kwargs(args),
+    }
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    """Several models: one row per file, a total, the worst exit code."""
+    from tqdm import tqdm  # only batch runs draw a bar
+
+    if args.output is not None and not Path(args.output).is_dir():
+        raise InputError(f"{args.output}: with several models, -o must be an existing folder")
+    show = not args.quiet and sys.stderr.isatty()
+    with tqdm(total=len(args.model), disable=not show, unit="file", file=sys.stderr) as bar:
+        result = batch.fuse_files(
+            args.model,
+            args.output,
+            jobs=args.jobs,
+            on_done=lambda _: bar.update(),
+            **_fuse_kwargs(args),
+        )
+    _write_json(args.report, result.to_dict())
+    if not args.quiet or result.exit_code:
+        print("\n".join(_batch_lines(result)))
+    return result.exit_code
+
+
+def _batch_lines(result: batch.BatchReport) -> list[str]:
+    rows = [("file", "result", "chains", "linear ops", "MACs/row", "params", "seconds", "detail")]
+    for f in result.files:
+        r = f.report or {}
+        figures = [
+            f"{r[k + '_before']:,} -> {r[k + '_after']:,}" if r else "-"
+            for k in ("linear_ops", "macs", "params")
+        ]
+        chains = str(len(r["fusions"])) if r else "-"
+        detail = f.error or _detail(r)
+        rows.append((f.source, f.status, chains, *figures, f"{f.seconds:.2f}", detail))
+    t = result.totals()
+    total = [
+        f"{t[k + '_before']:,} -> {t[k + '_after']:,}" for k in ("linear_ops", "macs", "params")
+    ]
+    rows.append(
+        (
+            f"total: {t['files']} file(s)",
+            f"{t['ok']} ok, {t['failed']} failed",
+            str(t["chains_merged"]),
+            *total,
+            "",
+            f"exit code {result.exit_code}",
+        )
+    )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def _detail(report: dict[str, Any]) -> str:
+    if not report["fusions"]:
+        return "nothing merged"
+    return {True: "validated", False: "validation failed", None: "not validated"}[
+        report["validated"]
+    ]
+
+
 def _run_check(argv: Sequence[str]) -> int:
     args = _check_parser().parse_args(argv)
     _configure_logging(args)
     _check_report_path(args.report)
-    result = validate.check_equivalence(args.original, args.candidate, **_validation_kwargs(args))
+    result = api.check(
+        args.original, args.candidate, match_inputs=args.match_inputs, **_validation_kwargs(args)
+    )
     _write_json(args.report, result.to_dict())
     if not args.quiet or not result.passed:
         print(str(result))
     return EXIT_OK if result.passed else EXIT_DIFFERENT
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{PROG} inspect",
+        description="List every linear op of a model (form, features, weight layout) and what "
+        f"{PROG} would merge, with the reasons. Changes nothing.",
+    )
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument(
+        "--weights",
+        metavar="OUT.npz",
+        help="write each linear op's weight as (in, out) and its bias: NODE.weight, NODE.bias",
+    )
+    p.add_argument("--fused", action="store_true", help="--weights of the fused model")
+    p.add_argument("--policy", choices=("cost", "always"), default="cost")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --weights file")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (for bug reports)")
+    return p
+
+
+def _run_inspect(argv: Sequence[str]) -> int:
+    args = _inspect_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    if args.fused and not args.weights:
+        raise InputError("--fused needs --weights OUT.npz")
+    found = inspection.inspect_file(args.model, policy=args.policy)
+    if args.weights:
+        _save_weights(args)
+    if args.json:
+        print(json.dumps(found.to_dict(), indent=2, default=str))
+    else:
+        print(inspection.format_table(found, terminal=sys.stdout.isatty()))
+    return EXIT_OK
+
+
+def _save_weights(args: argparse.Namespace) -> None:
+    """``--weights``: the arrays of the model (or of the fused model) as an ``.npz``."""
+    model = io.load_model(args.model)
+    if args.fused:
+        api.fuse(model, policy=args.policy)
+    arrays = inspection.linear_weights(model)
+    dst = Path(args.weights)
+    if dst.suffix != ".npz":
+        raise InputError(f"{dst}: --weights must name an .npz file")
+    if (dst.exists() or dst.is_symlink()) and not (args.force and dst.is_file()):
+        raise InputError(f"{dst}: already exists; pass --force to overwrite a regular file")
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise InputError(f"{dst}: cannot write the weights ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -216,14 +373,28 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr)
 
 
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """While running, SIGTERM raises like Ctrl-C does, so partial output is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, batch.raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0, 1, 2 or 3, see the module docstring)."""
+    """Run the command line; return the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    commands = {"check": _run_check, "inspect": _run_inspect}
+    run = commands.get(argv[0]) if argv else None
     try:
-        if argv[:1] == ["check"]:
-            return _run_check(argv[1:])
-        return _run_fuse(argv)
+        with _sigterm_as_exception():
+            return run(argv[1:]) if run else _run_fuse(argv)
     except ConverterError as e:
         if debug:
             raise
@@ -231,7 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except batch.Terminated:
+        print(f"{PROG}: terminated (SIGTERM); nothing written", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as e:
         if debug:
             raise

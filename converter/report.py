@@ -94,7 +94,8 @@ class FusionReport:
             f"merged {len(self.fusions)} chain(s)"
             + (f": {self.source} -> {self.destination}" if self.destination else ""),
             f"  linear ops      {self.linear_ops_before} -> {self.linear_ops_after}",
-            f"  MACs per sample {self.macs_before:,} -> {self.macs_after:,}",
+            f"  MACs per row    {self.macs_before:,} -> {self.macs_after:,}"
+            "  (multiply-adds per row of the last axis)",
             f"  weight params   {self.params_before:,} -> {self.params_after:,}",
         ]
         if self.validated is None:
@@ -112,9 +113,37 @@ class FusionReport:
                     f"{r.macs_before} -> {r.macs_after}{err})"
                 )
             lines.extend(f"  {d}" for d in self.declined)
-        elif self.declined:
-            lines.append(f"  {len(self.declined)} chain(s) not merged (--verbose says why)")
+        elif self.declined and self.fusions:
+            lines.append(f"  {self.declined_chains()} chain(s) not merged (--verbose says why)")
+        if not self.fusions:
+            lines.append(f"  nothing merged: {self.why_nothing_merged()}")
         return lines
+
+    def declined_chains(self) -> int:
+        """How many chains the declined records are about: records sharing a node are one chain
+        (a chain whose every weight is a graph input is declined once per weight)."""
+        groups: list[set[str]] = []
+        for record in self.declined:
+            names = {f"{record.graph}/{n}" for n in record.nodes} or {id(record)}
+            touching = [g for g in groups if g & names]
+            merged = names.union(*touching)
+            groups = [g for g in groups if not g & names] + [merged]
+        return len(groups)
+
+    def why_nothing_merged(self) -> str:
+        """One line: why a run merged nothing."""
+        if self.linear_ops_before == 0:
+            return "the model has no Gemm or MatMul"
+        if not self.declined:
+            return (
+                "no two linear ops with constant weights follow each other "
+                "(a non-linear op or a non-constant weight separates them)"
+            )
+        chains = self.declined_chains()
+        reasons = {r.reason.split(":")[0] for r in self.declined}
+        if reasons == {"cost model"}:
+            return f"{chains} chain(s), all declined by the cost model: see --verbose"
+        return f"{chains} chain(s) declined, e.g. {self.declined[0].reason} (see --verbose)"
 
     def __str__(self) -> str:
         return "\n".join(self.summary_lines(verbose=True))

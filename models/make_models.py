@@ -17,7 +17,14 @@ batched_3d  32 -> 64 -> 48 -> 16 on (batch, seq, 32)    one MatMul + Add
 fp16_chain  32 -> 64 -> 64 -> 16, float16, 2-D          one Gemm
 low_rank    Linear(256,16) -> Linear(16,256), 2-D       unchanged: merged it would be 8x bigger
 relu_mlp    Linear -> ReLU -> Linear -> ReLU -> Linear  unchanged: ReLU is not linear
+recurrent   two steps of h = tanh(x W_ih + h W_hh),     unchanged: every pair of linear ops is
+            then Linear(100, 6); inputs x1, x2, h0      separated by tanh or has two inputs
 ==========  ==========================================  =======================================
+
+``recurrent`` (see :class:`Recurrent`) is the ``onnx-fuse inspect`` example: five Linear layers
+(12 -> 100, 100 -> 100 without bias, 12 -> 100, 100 -> 100 without bias, 100 -> 6) of a small
+recurrent network unrolled over two time steps. It has three inputs, so it is built by
+:func:`export_recurrent` rather than listed in ``MODEL_NAMES``.
 
 The builders are importable so tests can export every module with both exporters::
 
@@ -47,6 +54,8 @@ __all__ = [
     "build_module",
     "build_modules",
     "export",
+    "export_recurrent",
+    "Recurrent",
     "main",
 ]
 
@@ -111,6 +120,44 @@ EXPECTED_LINEAR_OPS: dict[str, int] = {
     "low_rank": 2,
     "relu_mlp": 3,
 }
+
+
+class Recurrent(nn.Module):
+    """``h = tanh(x W_ih + h W_hh)`` unrolled over two steps, then ``y = h W_out + b``."""
+
+    def __init__(self, features: int = 12, hidden: int = 100, outputs: int = 6) -> None:
+        super().__init__()
+        self.ih1 = nn.Linear(features, hidden)
+        self.hh1 = nn.Linear(hidden, hidden, bias=False)
+        self.ih2 = nn.Linear(features, hidden)
+        self.hh2 = nn.Linear(hidden, hidden, bias=False)
+        self.out = nn.Linear(hidden, outputs)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        h1 = torch.tanh(self.ih1(x1) + self.hh1(h0))
+        h2 = torch.tanh(self.ih2(x2) + self.hh2(h1))
+        return self.out(h2)
+
+
+def export_recurrent(path: str | Path, seed: int = 0) -> None:
+    """Export :class:`Recurrent` (legacy exporter, opset 17, dynamic ``batch``) to ``path``."""
+    torch.manual_seed(seed)
+    module = Recurrent().eval()
+    inputs = (torch.randn(_BATCH, 12), torch.randn(_BATCH, 12), torch.randn(_BATCH, 100))
+    names = ["x1", "x2", "h0"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=names,
+            output_names=["y"],
+            dynamic_axes={name: {0: "batch"} for name in [*names, "y"]},
+        )
 
 
 def build_module(name: str, seed: int = 0) -> Example:
@@ -182,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out_dir / f"{name}.onnx"
         export(name, path)
         print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
+    path = args.out_dir / "recurrent.onnx"
+    export_recurrent(path)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
     return 0
 
 

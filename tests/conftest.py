@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# Every merge in the suite is followed by a whole-model invariant check (converter.fusion.engine).
+os.environ.setdefault("ONNX_FUSE_CHECK_EVERY_REWRITE", "1")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

@@ -19,8 +19,9 @@ Recognition, the cost model, size accounting and clean-up all ask this module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -67,14 +68,14 @@ class Constant:
     shape: tuple[int, ...]
     dtype: ir.DataType
     load: Callable[[], np.ndarray]
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", math.prod(self.shape))
 
     @property
     def value(self) -> ir.Value:
         return self.chain[0]
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
     def array(self) -> np.ndarray:
         """The constant's array (a memory map for external data: reading it reads the file)."""
@@ -91,10 +92,29 @@ class NotConstant:
 _DERIVED = ("Identity", "Transpose", "Cast", "Reshape")
 
 
+_CACHE = "onnx_fuse.constant"
+
+
 def resolve(value: ir.Value | None) -> Constant | NotConstant:
-    """The :class:`Constant` behind ``value``, or :class:`NotConstant` with the reason."""
+    """The :class:`Constant` behind ``value``, or :class:`NotConstant` with the reason.
+
+    The answer is kept in the value's (unserialised) ``meta``: merges never change a constant,
+    they only make new values, and a value whose producer a merge removed is read by nobody.
+    """
     if value is None:
         return NotConstant("input is missing")
+    cached = value.meta.get(_CACHE)
+    if cached is None:
+        cached = _resolve(value)
+        value.meta[_CACHE] = cached
+    if isinstance(cached, Constant):  # training_info may have been read after the cache was made
+        trained = next((v for v in cached.chain if v.meta.get(training.TRAINED)), None)
+        if trained is not None:
+            return NotConstant(f"weight '{label(trained)}' is trained by the model's training_info")
+    return cached
+
+
+def _resolve(value: ir.Value) -> Constant | NotConstant:
     if value.is_graph_input():
         return NotConstant(
             f"weight '{label(value)}' is a graph input (it can be overridden at run time)"

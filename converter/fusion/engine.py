@@ -8,8 +8,10 @@ chains, find the trees of sums over branches of one input) and then merges:
    ends there, because the merged ops change which chains exist;
 2. otherwise every segment the cost model chose in every chain (:mod:`converter.fusion.chains`).
 
-Rounds repeat until one merges nothing; the reasons reported for what was *not* merged are that
-last round's, so they describe the final graph (never a node that a later merge took). A planned
+Rounds repeat until one merges nothing but chain segments (see :func:`_round` for why no later
+round could find more; tests and ``--debug`` run one more round to check it). The reasons reported
+for what was *not* merged are that last round's, with every node a merge replaced named by the
+merged op, so they describe the final graph (never a node that a later merge took). A planned
 merge reads its input and output from the live nodes and is skipped if an earlier merge of the
 round took one of its nodes (:meth:`Rewrite.alive`); it is matched again in the next round. Every
 merge removes at least one recognised op or sum node, so the rounds end.
@@ -62,6 +64,8 @@ class Context:
     merged: int = 0
     # The record of each merged op's output value, so a later merge that consumes it can say so.
     records: dict[ir.Value, FusionRecord] = field(default_factory=dict)
+    # Each replaced node's name -> the merged op's name, for reasons reported after the merge.
+    renamed: dict[str, str] = field(default_factory=dict)
 
 
 def fuse_graph(
@@ -71,15 +75,43 @@ def fuse_graph(
     fusions: list[FusionRecord] = []
     limit = sum(1 for _ in graph) + 2  # each productive round removes at least one node's worth
     for _ in range(limit):
-        made, declined = _round(ctx, graph, label, fusions)
-        if not made:
-            return fusions, declined
+        sums_made, chains_made, declined = _round(ctx, graph, label, fusions)
+        if sums_made:
+            continue
+        if chains_made and ctx.check_every_rewrite:
+            _assert_fixpoint(ctx, graph, label)
+        return fusions, _renamed(declined, ctx.renamed)
     raise EngineError(f"internal error: fusing {label} did not reach a fixpoint; nothing written")
+
+
+def _assert_fixpoint(ctx: Context, graph: ir.Graph, label: str) -> None:
+    """A round after the chain merges finds nothing more (checked in tests and --debug)."""
+    sums_made, chains_made, _ = _round(ctx, graph, label, [])
+    if sums_made or chains_made:
+        raise EngineError(
+            f"internal error: fusing {label} missed {sums_made + chains_made} merge(s) that a "
+            "further round found; nothing written"
+        )
+
+
+def _renamed(declined: list[Declined], renamed: dict[str, str]) -> list[Declined]:
+    """Reasons name the nodes as they are at the end: a merged node by its merged op's name."""
+    for record in declined:
+        names = [renamed.get(n, n) for n in record.nodes]
+        record.nodes = [n for i, n in enumerate(names) if i == 0 or n != names[i - 1]]
+    return declined
 
 
 def _round(
     ctx: Context, graph: ir.Graph, label: str, fusions: list[FusionRecord]
-) -> tuple[int, list[Declined]]:
+) -> tuple[int, int, list[Declined]]:
+    """One analysis of the live graph, then its branch sums, or else its chain segments.
+
+    Returns (sums merged, segments merged, reasons). A round whose merges were chain segments
+    only ends the fixpoint: the cost model chose every segment of each maximal chain at once,
+    and a merged segment takes the place and the output value of the ops it replaces, so no
+    chain, link or branch sum that a further round could find was not already in this one.
+    """
     runs, declined = chains.find_chains(graph, label, min_length=1)
     made = merge_convs(ctx, graph, label, fusions, declined)
     if made:
@@ -90,7 +122,7 @@ def _round(
     for found in sums:
         made += _apply(ctx, graph, label, Rewrite.branch_sum(found), fusions, declined)
     if made:
-        return made, declined
+        return made, 0, declined
     planned: list[list[LinearOp]] = []
     for run in runs:
         if len(run) < 2:
@@ -101,7 +133,7 @@ def _round(
     tick = _ticker(ctx, sum(len(ops) for ops in planned))
     for ops in planned:
         made += _apply(ctx, graph, label, Rewrite.segment(ops, tick), fusions, declined)
-    return made, declined
+    return 0, made, declined
 
 
 def _ticker(ctx: Context, total: int) -> Callable[[], None]:
@@ -156,6 +188,7 @@ def _write(
         earlier.merged_into = record.new_nodes[0]
         earlier.output = None
     ctx.records[new_nodes[-1].outputs[0]] = record
+    ctx.renamed.update((name, record.new_nodes[0]) for name in record.nodes)
     fusions.append(record)
     invariants.check_rewrite(graph, label, old_nodes, new_nodes)
     if ctx.check_every_rewrite:

@@ -24,6 +24,10 @@ __all__ = [
     "is_same_file",
     "load_model",
     "model_size_bytes",
+    "has_external_data",
+    "make_temp_dir",
+    "remove_leftovers",
+    "write_copy",
     "write_model",
 ]
 
@@ -31,7 +35,9 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -200,7 +206,9 @@ class PendingOutput:
     input with ``force=True``), those external tensors are invalidated: reload the output.
     """
 
-    def __init__(self, model: ir.Model, dst: str, tmp_dir: str, data_name: str | None) -> None:
+    def __init__(
+        self, model: ir.Model | None, dst: str, tmp_dir: str, data_name: str | None
+    ) -> None:
         self._model = model
         self._tmp_dir = tmp_dir
         self._done = False
@@ -227,7 +235,7 @@ class PendingOutput:
         moves = [(self.path, self.dst)]
         if self.data_path is not None:
             moves.insert(0, (self.data_path, self.dst_data_path))
-        stale = _tensors_reading(self._model, [dst for _, dst in moves])
+        stale = [] if self._model is None else _tensors_reading(self._model, [d for _, d in moves])
         try:
             for src, dst in moves:
                 _keep_mode(dst, src)
@@ -272,33 +280,117 @@ def write_model(
         external_data: None writes one file, unless the tensors exceed
             :data:`EXTERNAL_DATA_THRESHOLD_BYTES`, then ``<dst name>.data`` beside it. A plain
             file name always writes tensors larger than 256 bytes to that file.
-        force: allow replacing an existing output, a symlink at the destination (the link
-            itself is replaced, never written through) and the input model ``src``.
+        force: allow replacing an existing regular file, a symlink at the destination (the link
+            itself is replaced, never written through) and the input model ``src``. Anything
+            else (a device such as ``/dev/null``, a pipe, a socket) is never replaced.
         src: the input model path, to refuse overwriting it without ``force``.
 
     Raises:
         InputError: a missing output folder, a bad ``external_data`` name, an existing output or
             the input as output without ``force``, or a failed write (nothing is left behind).
     """
-    dst = os.path.abspath(os.fspath(dst))
+    dst = _absolute_destination(dst)
     data_name = _choose_data_name(model, dst, external_data)
     targets = [dst] + ([os.path.join(os.path.dirname(dst), data_name)] if data_name else [])
     _check_destination(dst, targets, force=force, src=src)
+    pending = PendingOutput(model, dst, make_temp_dir(os.path.dirname(dst)), data_name)
+    _fill(pending, lambda: _save(model, pending.path, data_name))
+    logger.debug("wrote %s (external data: %s), pending commit", pending.path, data_name)
+    return pending
+
+
+def write_copy(
+    src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False
+) -> PendingOutput:
+    """Copy the model file ``src`` byte for byte to a temporary folder beside ``dst``.
+
+    For a model nothing was done to: the output is the input, not a re-serialisation of it
+    (which would add ``value_info`` and reorder fields). Same checks and commit as
+    :func:`write_model`; a model with external data must be written with that instead.
+    """
+    dst = _absolute_destination(dst)
+    _check_destination(dst, [dst], force=force, src=src)
+    pending = PendingOutput(None, dst, make_temp_dir(os.path.dirname(dst)), None)
+    _fill(pending, lambda: shutil.copyfile(src, pending.path))
+    return pending
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """True when any tensor of ``model`` lives in an external data file."""
+    return any(isinstance(t, ir.ExternalTensor) for t in ir_tensors(model))
+
+
+def _absolute_destination(dst: str | os.PathLike) -> str:
+    if os.fspath(dst) == "-":
+        raise InputError(
+            "-: writing the model to stdout is not supported; give a file name "
+            "(./- for a file named '-')"
+        )
+    return os.path.abspath(os.fspath(dst))
+
+
+def _fill(pending: PendingOutput, write: Callable[[], object]) -> None:
+    """Run ``write`` into ``pending``'s folder; on any failure or interrupt, remove the folder."""
     try:
-        tmp_dir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=os.path.dirname(dst))
-    except OSError as e:
-        raise InputError(f"{dst}: cannot write to the output folder ({e.strerror})") from None
-    pending = PendingOutput(model, dst, tmp_dir, data_name)
-    try:
-        _save(model, pending.path, data_name)
+        write()
     except OSError as e:
         pending.discard()
-        raise InputError(f"{dst}: cannot write the output ({_one_line(e)})") from None
+        raise InputError(f"{pending.dst}: cannot write the output ({_one_line(e)})") from None
     except BaseException:
         pending.discard()
         raise
-    logger.debug("wrote %s (external data: %s), pending commit", pending.path, data_name)
-    return pending
+
+
+# ------------------------------------------------------------- temporary folders
+
+
+def _temp_prefix() -> str:
+    """``.onnx-fuse-<pid>@<host>-``: a later run can tell whether the owner is gone."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    return f"{_TEMP_PREFIX}{os.getpid()}@{host}-"
+
+
+_LEFTOVER = re.compile(re.escape(_TEMP_PREFIX) + r"(\d+)@([A-Za-z0-9_]+)-[^/]+$")
+
+
+def make_temp_dir(folder: str) -> str:
+    """A new temporary folder in ``folder`` named after this process (leftovers removed first)."""
+    remove_leftovers(folder)
+    try:
+        return tempfile.mkdtemp(prefix=_temp_prefix(), dir=folder)
+    except OSError as e:
+        raise InputError(f"{folder}: cannot write to the output folder ({e.strerror})") from None
+
+
+def remove_leftovers(folder: str) -> list[str]:
+    """Remove temporary folders in ``folder`` left by onnx-fuse runs on this host that are gone.
+
+    A run killed hard (SIGKILL, the out-of-memory killer) cannot clean up; its folder is named
+    with its pid and host, so a later run removes it once no process of that pid is alive.
+    Folders of other hosts (a shared filesystem) and of live processes are left alone.
+    """
+    host = _temp_prefix().rsplit("@", 1)[1][:-1]
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            match = _LEFTOVER.match(entry.name)
+            if not match or match.group(2) != host or _alive(int(match.group(1))):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+                logger.info("removed %s, left by a run that was killed", entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by someone else
+        return True
+    return True
 
 
 def _choose_data_name(model: ir.Model, dst: str, external_data: str | None) -> str | None:
@@ -336,6 +428,11 @@ def _check_destination(
     for target in targets:
         if os.path.isdir(target) and not os.path.islink(target):
             raise InputError(f"{target}: is a directory; choose another output name")
+        if os.path.exists(target) and not os.path.islink(target) and not os.path.isfile(target):
+            raise InputError(
+                f"{target}: is not a regular file (a device, pipe or socket); onnx-fuse only "
+                "replaces regular files, even with --force"
+            )
         if force or not os.path.lexists(target):
             continue
         if os.path.islink(target):

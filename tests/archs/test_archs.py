@@ -1,0 +1,263 @@
+"""Issue 10's and 11's structures, exported by both torch exporters, checked and measured.
+
+For every block of :mod:`archs.vision` and :mod:`archs.reparam`:
+
+* ``test_deploy_form_equals_training_form``: each ``reparameterize()`` is exact (float64);
+* ``test_export_matches_torch``: both exporters' graphs equal torch under onnxruntime;
+* ``test_fuse_keeps_outputs``: ``converter.fuse_file`` (validation on) writes a model that passes
+  the checker and still equals torch;
+* ``test_fuse_reaches_target``: the fused model has the block's target number of constant-weight
+  linear ops (Gemm/MatMul/Conv; for issue 11 the deploy form's Conv count), no BatchNormalization
+  and no free fold left. Marked ``xfail`` (not strict) where today's engine does not get there: the
+  lead removes a mark once the engine reaches the target.
+
+Exports are cached per run in a folder shared by xdist workers. Every test appends one JSON record
+(name, exporter, op counts, free folds, ...) to ``archs-record.jsonl`` in pytest's base temp
+folder, for reading after a run; nothing is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+import converter  # noqa: E402
+
+from . import reparam, vision  # noqa: E402
+from .export import count_linear, count_ops, export_onnx, free_folds  # noqa: E402
+
+EXPORTERS = {"legacy": False, "dynamo": True}
+BLOCKS = {**vision.BLOCKS, **reparam.BLOCKS}
+ATOL = RTOL = 1e-4
+
+# Constant-weight linear ops a complete engine leaves (issue 10: merged chains and branch sums;
+# issue 11: the deploy form's Conv count, checked against reparameterize() below).
+TARGET_LINEAR = {
+    "linear_bn_tokens": 1,
+    "levit_attention": 2,
+    "levit_mlp": 2,
+    "layer_scale": 1,
+    "class_attention": 6,
+    "affine_linear": 1,
+    "token_mixing": 1,
+    "token_mixing_left": 1,
+    "resmlp_token": 1,
+    "channels_last_mlp": 1,
+    "conv_channels_last_mlp": 1,
+    "gelu_linear": 2,
+    "neg_linear": 1,
+    "identity_dropout": 1,
+    "stack_sum": 1,
+    "three_branches": 1,
+    "scaled_branches": 1,
+    "linear_bn1d": 1,
+    "linear_bn1d_tied": 1,
+    "repvgg": 1,
+    "repvgg_stride2": 1,
+    "repvgg_grouped": 1,
+    "acnet": 1,
+    "mobileone_k2": 2,
+    "mobileone_k4": 2,
+    "repvit_dw": 1,
+    "repmixer": 1,
+    "cpe": 1,
+    "repconv_yolo": 1,
+}
+# (block, exporter) pairs today's engine already brings to the target; every other is xfail.
+REACHED = {
+    ("token_mixing", "legacy"),
+    ("token_mixing", "dynamo"),
+    ("identity_dropout", "legacy"),
+    ("identity_dropout", "dynamo"),
+    ("three_branches", "legacy"),
+    ("three_branches", "dynamo"),
+    ("linear_bn1d", "legacy"),
+    ("linear_bn1d", "dynamo"),
+    ("linear_bn1d_tied", "dynamo"),
+    ("layer_scale", "dynamo"),
+    ("affine_linear", "dynamo"),
+    ("resmlp_token", "legacy"),
+    ("resmlp_token", "dynamo"),
+    ("gelu_linear", "dynamo"),
+}
+# Extra op types that must be gone after fusion (a fold that the free-fold heuristic cannot see).
+GONE = {
+    "affine_linear": ("Mul",),
+    "channels_last_mlp": ("Mul",),
+    "conv_channels_last_mlp": ("Mul",),
+    "neg_linear": ("Neg",),
+    "stack_sum": ("ReduceSum",),
+    "repvgg": ("Add",),
+    "repvgg_grouped": ("Add",),
+    "acnet": ("Add",),
+    "repmixer": ("Sub", "Mul", "Add"),
+    "cpe": ("Add",),
+}
+
+
+def _cases(names):
+    for name in names:
+        for exporter in EXPORTERS:
+            marks = []
+            if (name, exporter) not in REACHED:
+                marks.append(pytest.mark.xfail(reason="issue 10/11: engine", strict=False))
+            yield pytest.param(name, exporter, id=f"{name}-{exporter}", marks=marks)
+
+
+PAIRS = [pytest.param(n, e, id=f"{n}-{e}") for n in BLOCKS for e in EXPORTERS]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One folder per run, shared by xdist workers (their base temps are its children)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "archs-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _record(cache_dir: Path, **fields) -> None:
+    with open(cache_dir.parent / "archs-record.jsonl", "a") as f:
+        f.write(json.dumps(fields, default=str) + "\n")
+
+
+def _exported(cache_dir: Path, name: str, exporter: str) -> Path:
+    """The block exported once per run (written beside and moved into place, so races are safe)."""
+    path = cache_dir / f"{name}-{exporter}.onnx"
+    if path.exists():
+        return path
+    if (cache_dir / f"{name}-{exporter}.skip").exists():
+        pytest.skip((cache_dir / f"{name}-{exporter}.skip").read_text())
+    case = BLOCKS[name]()
+    partial = cache_dir / f"{name}-{exporter}.{os.getpid()}.partial"
+    try:
+        export_onnx(case.module, case.args, partial, dynamo=EXPORTERS[exporter])
+    except Exception as e:  # an exporter that cannot express the structure
+        reason = f"{exporter} exporter cannot export {name}: {type(e).__name__}: {e}"[:500]
+        (cache_dir / f"{name}-{exporter}.skip").write_text(reason)
+        pytest.skip(reason)
+    os.replace(partial, path)
+    return path
+
+
+def _run(path: Path, args: tuple) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
+    return session.run(None, feeds)[0]
+
+
+def _torch(name: str) -> tuple[tuple, np.ndarray]:
+    case = BLOCKS[name]()
+    with torch.no_grad():
+        return case.args, case.module(*case.args).numpy()
+
+
+def _fused(cache_dir: Path, name: str, exporter: str) -> tuple[Path, dict]:
+    """The block fused once per run by ``converter.fuse_file`` (validation on), and its report."""
+    dst = cache_dir / f"{name}-{exporter}.fused.onnx"
+    summary = dst.with_suffix(".json")
+    if summary.exists():
+        return dst, json.loads(summary.read_text())
+    src = _exported(cache_dir, name, exporter)
+    partial = cache_dir / f"{name}-{exporter}.{os.getpid()}.fused.partial"
+    report = converter.fuse_file(src, partial, validate=True, force=True)
+    os.replace(partial, dst)
+    facts = {
+        "validated": report.validated,
+        "fusions": len(report.fusions),
+        "declined": [str(d) for d in report.declined],
+    }
+    partial.with_suffix(".json").write_text(json.dumps(facts))
+    os.replace(partial.with_suffix(".json"), summary)
+    return dst, facts
+
+
+@pytest.mark.parametrize("name", [*reparam.BLOCKS, *reparam.NETWORKS])
+def test_deploy_form_equals_training_form(name):
+    build = reparam.BLOCKS.get(name) or reparam.NETWORKS[name]
+    case = build()
+    training = case.module.double()
+    x = case.args[0].double()
+
+    deploy = training.reparameterize().eval()
+
+    with torch.no_grad():
+        expected, actual = training(x), deploy(x)
+    torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in deploy.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deploy.modules())
+    if name in TARGET_LINEAR:
+        assert convs == TARGET_LINEAR[name], "the target is the deploy form's Conv count"
+
+
+@pytest.mark.parametrize(("name", "exporter"), PAIRS)
+def test_export_matches_torch(cache_dir, name, exporter):
+    path = _exported(cache_dir, name, exporter)
+    args, expected = _torch(name)
+
+    actual = _run(path, args)
+
+    np.testing.assert_allclose(actual, expected, atol=ATOL, rtol=RTOL)
+    folds, bn, where = free_folds(path)
+    _record(
+        cache_dir,
+        test="export",
+        name=name,
+        exporter=exporter,
+        ops=dict(count_ops(path)),
+        linear=count_linear(path),
+        free_folds=folds,
+        batchnorm=bn,
+        where=where,
+        value_info=len(onnx.load(path).graph.value_info),
+    )
+
+
+@pytest.mark.parametrize(("name", "exporter"), PAIRS)
+def test_fuse_keeps_outputs(cache_dir, name, exporter):
+    dst, report = _fused(cache_dir, name, exporter)
+    args, expected = _torch(name)
+
+    assert report["validated"] is not False, "validation ran and failed"
+    fused = onnx.load(dst)
+    onnx.checker.check_model(fused, full_check=True)
+    np.testing.assert_allclose(_run(dst, args), expected, atol=ATOL, rtol=RTOL)
+    folds, bn, where = free_folds(fused)
+    _record(
+        cache_dir,
+        test="fuse",
+        name=name,
+        exporter=exporter,
+        fusions=report["fusions"],
+        ops=dict(count_ops(fused)),
+        linear=count_linear(fused),
+        free_folds=folds,
+        batchnorm=bn,
+        where=where,
+        declined=report["declined"],
+    )
+
+
+@pytest.mark.parametrize(("name", "exporter"), list(_cases(TARGET_LINEAR)))
+def test_fuse_reaches_target(cache_dir, name, exporter):
+    dst, _ = _fused(cache_dir, name, exporter)
+
+    folds, bn, where = free_folds(dst)
+    ops = count_ops(dst)
+
+    assert count_linear(dst) == TARGET_LINEAR[name]
+    assert bn == 0, "BatchNormalization left"
+    assert folds == 0, where
+    assert not {op: ops[op] for op in GONE.get(name, ()) if ops[op]}
