@@ -157,7 +157,9 @@ def _require_bit_exact(report: FusionReport) -> None:
 def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None:
     """Run the equivalence check, store it in ``report`` and each fusion's own max error."""
     # Each fused chain's output keeps its name, so comparing it in both models measures that fusion.
-    intermediates = sorted({r.output for r in report.fusions if r.graph == "main graph" and r.output})
+    intermediates = sorted(
+        {r.output for r in report.fusions if r.graph == "main graph" and r.output}
+    )
     result = check_equivalence(src, candidate, extra_outputs=intermediates, **options)
     report.validation = result.to_dict()
     report.validated = bool(result.passed)

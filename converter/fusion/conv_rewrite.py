@@ -150,6 +150,7 @@ def _write(
         earlier.merged_into = record.new_nodes[0]
         earlier.output = None
     ctx.records[new_out] = record
+    ctx.renamed.update((name, record.new_nodes[0]) for name in record.nodes)
     fusions.append(record)
     invariants.check_rewrite(graph, label, old_nodes, [node])
     if ctx.check_every_rewrite:

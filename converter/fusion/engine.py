@@ -115,7 +115,7 @@ def _round(
     runs, declined = chains.find_chains(graph, label, min_length=1)
     made = merge_convs(ctx, graph, label, fusions, declined)
     if made:
-        return made, declined
+        return made, 0, declined
     sums, sum_declined = find_sums(runs, ctx.policy, label)
     declined.extend(sum_declined)
     made = 0
