@@ -511,3 +511,13 @@ def test_nothing_to_merge_leaves_the_model_unchanged():
     fused, report = fuse_with_report(model)
     assert not report.fusions and not report.declined
     assert_same_graph(model, fused)
+
+
+def test_sum_node_over_grouped_branches_and_identity():
+    """``Sum(grouped 3x3, depthwise 1x1, x)``: the depthwise and identity go block-diagonal."""
+    a = _conv("g3", "x", "ha", R.normal(size=(4, 2, 3, 3)), R.normal(size=4), pads=[1] * 4, group=2)
+    b = _conv("dw1", "x", "hb", R.normal(size=(4, 1, 1, 1)), R.normal(size=4), group=4)
+    join = ([helper.make_node("Sum", ["ha", "hb", "x"], ["y"], name="sum")], [])
+    fused, report = _check_fused(_model([a, b, join], [1, 4, 5, 5], [1, 4, 5, 5]), 1, ["Conv"])
+    assert report.fusions[0].note == "parallel branches merged: 3x3 + depthwise 1x1 + identity"
+    assert {a.name: a.i for a in fused.graph.node[0].attribute}["group"] == 2
