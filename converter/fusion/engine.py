@@ -34,6 +34,7 @@ from converter.errors import EngineError
 from converter.fusion import chains, invariants
 from converter.fusion.algebra import AffineMap, Policy
 from converter.fusion.branches import find_sums
+from converter.fusion.convs import merge_convs
 from converter.fusion.recognize import LinearOp
 from converter.fusion.rewrite import Decision, Names, Rewrite, decide, overflow, write
 from converter.model_io.progress import ProgressCallback, no_progress
@@ -112,6 +113,9 @@ def _round(
     chain, link or branch sum that a further round could find was not already in this one.
     """
     runs, declined = chains.find_chains(graph, label, min_length=1)
+    made = merge_convs(ctx, graph, label, fusions, declined)
+    if made:
+        return made, 0, declined
     sums, sum_declined = find_sums(runs, ctx.policy, label)
     declined.extend(sum_declined)
     made = 0

@@ -1,0 +1,366 @@
+"""What convolutions can merge with, read from the live graph: ``Conv`` ops, channel affines,
+and the three shapes of merge :mod:`converter.fusion.convs` makes.
+
+A *conv op* is an ONNX ``Conv`` whose weight (and bias, if any) is constant
+(:func:`converter.fusion.recognize.usable_constant`), in a float type, with ``auto_pad``
+``NOTSET`` or resolvable to explicit pads (:func:`conv_algebra.resolve_auto_pad`: ``VALID``,
+``SAME_*`` at stride 1, or at any stride when the input's spatial size is known).
+
+A *channel affine* is ``y = x * s + t`` with ``s``, ``t`` per channel (axis 1) of an N-D tensor::
+
+    BatchNormalization (inference)   s = gamma / sqrt(var + eps),  t = beta - mean * s
+    Mul(x, c)  s = c       Div(x, c)  s = 1 / c       Neg(x)  s = -1
+    Add(x, c)  t = c       Sub(x, c)  t = -c          Sub(c, x)  s = -1, t = c
+
+with ``c`` a scalar or of a shape such as ``(1, C, 1, 1)`` or ``(C, 1, 1)`` (varying along axis 1
+only, never raising the rank). A ``(C,)`` constant broadcasts along the *last* axis, so it is not
+a channel affine on an N-D tensor.
+
+Merges, each a :class:`ConvMerge` that names its nodes (the one computing the result last) and
+where it reads its input ``x``:
+
+- ``fold``: a conv then an affine (``scale_out``), or an affine then a conv (``affine_in``);
+- ``sum``: a tree of ``Add``/``Sub``/``Sum`` whose leaves are convs of ``x``, ``x`` itself, or a
+  channel affine of ``x`` (a scaled delta kernel), each feeding only the tree;
+- ``compose``: a conv whose only consumer is another conv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from converter.fusion import conv_algebra as ca
+from converter.fusion.constants import Constant, is_onnx, resolve
+from converter.fusion.recognize import FLOAT_TYPES, usable_constant
+
+__all__ = [
+    "ConvOp",
+    "ChannelAffine",
+    "Term",
+    "ConvMerge",
+    "recognize_conv",
+    "recognize_affine",
+    "AFFINE_OPS",
+    "JOIN_OPS",
+    "is_join",
+    "tree_leaves",
+    "sole_consumer",
+]
+
+AFFINE_OPS = frozenset({"BatchNormalization", "Mul", "Div", "Add", "Sub", "Neg"})
+JOIN_OPS = frozenset({"Add", "Sub", "Sum"})
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or f"<{node.op_type}>"
+
+
+@dataclass
+class ConvOp:
+    """A Conv with constant weights: its node, geometry and constants (weights read on demand)."""
+
+    node: ir.Node
+    geometry: ca.ConvGeometry
+    weight: Constant
+    bias: Constant | None
+    dtype: ir.DataType
+
+    @property
+    def input(self) -> ir.Value | None:
+        return self.node.inputs[0]
+
+    @property
+    def output(self) -> ir.Value:
+        return self.node.outputs[0]
+
+    @property
+    def constants(self) -> list[Constant]:
+        return [c for c in (self.weight, self.bias) if c is not None]
+
+    def conv_map(self) -> ca.ConvMap:
+        """The conv in float64 (reads the weight)."""
+        g = self.geometry
+        bias = None if self.bias is None else self.bias.array().reshape(-1)
+        return ca.ConvMap(self.weight.array(), bias, g.groups, g.strides, g.dilations, g.pads)
+
+
+@dataclass
+class ChannelAffine:
+    """``y = x * s + t`` per channel of the data input ``node.inputs[data_index]``."""
+
+    node: ir.Node
+    data_index: int
+    constants: list[Constant]
+    has_shift: bool
+    vectors: Callable[[int], tuple[np.ndarray | None, np.ndarray | None]]
+
+    @property
+    def data(self) -> ir.Value | None:
+        return self.node.inputs[self.data_index]
+
+    def params(self, channels: int) -> int:
+        """What the step holds: its constants, and at least a vector per channel it applies (a
+        scalar shift becomes a bias of ``channels`` values: counted so, it never looks free)."""
+        vectors = 1 + int(self.has_shift) if self.node.op_type != "Neg" else 0
+        return max(sum(c.size for c in self.constants), vectors * channels)
+
+
+def recognize_conv(node: ir.Node) -> ConvOp | str | None:
+    """``node`` as a :class:`ConvOp`, a reason why this Conv cannot merge, or None (not a Conv)."""
+    if is_onnx(node, "ConvTranspose"):
+        return "ConvTranspose is not re-parameterised (only Conv is)"
+    if not is_onnx(node, "Conv") or len(node.outputs) != 1:
+        return None
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return "Conv is missing an input"
+    w = resolve(node.inputs[1])
+    if not isinstance(w, Constant):
+        return w.reason
+    if len(w.shape) < 3:
+        return f"Conv weight has rank {len(w.shape)}"
+    out_channels = w.shape[0]
+    weight = usable_constant(node.inputs[1], (node,), out_channels)
+    if isinstance(weight, str):
+        return weight
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = usable_constant(node.inputs[2], (node,), out_channels)
+        if isinstance(bias, str):
+            return bias
+        if bias.size != out_channels:
+            return f"Conv bias of shape {list(bias.shape)} does not match {out_channels} outputs"
+    dtype = node.inputs[1].dtype or weight.dtype
+    if dtype not in FLOAT_TYPES or (node.inputs[0].dtype not in (None, dtype)):
+        return f"Conv in {dtype.name.lower()} is not a float conv of one dtype"
+    geometry = _geometry(node, weight.shape, bias is not None)
+    if isinstance(geometry, str):
+        return geometry
+    return ConvOp(node, geometry, weight, bias, dtype)
+
+
+def _geometry(node: ir.Node, shape: tuple[int, ...], has_bias: bool) -> ca.ConvGeometry | str:
+    """The conv's geometry from its attributes and weight shape, or why it has none we trust."""
+    attrs = node.attributes
+    rank = len(shape) - 2
+    kernel = tuple(shape[2:])
+    declared = attrs.get_ints("kernel_shape", None)
+    if declared is not None and tuple(declared) != kernel:
+        return f"Conv kernel_shape {list(declared)} differs from its weight's {list(kernel)}"
+    strides = tuple(attrs.get_ints("strides", None) or (1,) * rank)
+    dilations = tuple(attrs.get_ints("dilations", None) or (1,) * rank)
+    auto_pad = attrs.get_string("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad == "NOTSET":
+        pads = tuple(attrs.get_ints("pads", None) or (0,) * (2 * rank))
+    elif auto_pad in ("VALID", "SAME_UPPER", "SAME_LOWER"):
+        resolved = ca.resolve_auto_pad(auto_pad, kernel, strides, dilations, _spatial(node, rank))
+        if isinstance(resolved, ca.Refusal):
+            return resolved.reason
+        pads = resolved
+    else:
+        return f"Conv auto_pad {auto_pad!r} is not understood"
+    groups = attrs.get_int("group", 1)
+    try:
+        return ca.ConvGeometry(
+            shape[0], shape[1] * groups, kernel, groups, strides, dilations, pads, has_bias
+        )
+    except ValueError as e:
+        return f"Conv attributes are inconsistent: {e}"
+
+
+def _spatial(node: ir.Node, rank: int) -> tuple[int, ...] | None:
+    """The input's static spatial size, if known."""
+    shape = node.inputs[0].shape if node.inputs[0] is not None else None
+    if shape is None or len(shape) != rank + 2:
+        return None
+    dims = list(shape)[2:]
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _per_channel(shape: tuple[int, ...], rank: int, channels: int) -> bool:
+    """A constant of ``shape`` broadcasts along axis 1 of a rank-``rank`` tensor only."""
+    if len(shape) > rank:
+        return False
+    channel_at = 1 - (rank - len(shape))  # the constant's dim aligned with axis 1
+    return all(d == 1 or (i == channel_at and d == channels) for i, d in enumerate(shape))
+
+
+def recognize_affine(node: ir.Node, rank: int, channels: int) -> ChannelAffine | str | None:
+    """``node`` as a channel affine on a rank-``rank`` tensor of ``channels`` channels, a reason
+    why this constant step is not one, or None (not a constant step at all)."""
+    if not is_onnx(node) or node.op_type not in AFFINE_OPS or not node.outputs:
+        return None
+    if node.op_type == "BatchNormalization":
+        return _batch_norm(node, channels)
+    if node.op_type == "Neg":
+        if len(node.inputs) != 1 or node.inputs[0] is None:
+            return None
+        return ChannelAffine(node, 0, [], False, lambda n: (np.full(n, -1.0), None))
+    if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
+        return None
+    consts = [isinstance(resolve(v), Constant) for v in node.inputs]
+    if consts[0] == consts[1]:
+        return None
+    data_index = 1 if consts[0] else 0
+    if node.op_type == "Div" and data_index == 1:
+        return None  # c / x is not affine
+    c = usable_constant(node.inputs[1 - data_index], (node,), channels)
+    if isinstance(c, str):
+        return c
+    if not _per_channel(c.shape, rank, channels):
+        return (
+            f"{node.op_type} by a constant of shape {list(c.shape)} varies along other axes "
+            f"than the channels (axis 1 of {channels})"
+        )
+    if node.op_type == "Div" and not np.all(c.array() != 0):
+        return "Div by a constant that holds a zero"
+    vectors = _vectors(node.op_type, data_index, c)
+    return ChannelAffine(node, data_index, [c], node.op_type in ("Add", "Sub"), vectors)
+
+
+def _vectors(op_type: str, data_index: int, c: Constant):
+    def vec(n: int) -> np.ndarray:
+        return np.broadcast_to(c.array().astype(np.float64).reshape(-1), (n,)).copy()
+
+    if op_type == "Mul":
+        return lambda n: (vec(n), None)
+    if op_type == "Div":
+        return lambda n: (1.0 / vec(n), None)
+    if op_type == "Add":
+        return lambda n: (None, vec(n))
+    if data_index == 0:  # Sub(x, c)
+        return lambda n: (None, -vec(n))
+    return lambda n: (np.full(n, -1.0), vec(n))  # Sub(c, x)
+
+
+def _batch_norm(node: ir.Node, channels: int) -> ChannelAffine | str | None:
+    if len(node.inputs) != 5 or None in node.inputs:
+        return None
+    if node.attributes.get_int("training_mode", 0) != 0 or any(
+        v.uses() or v.is_graph_output() for v in node.outputs[1:]
+    ):
+        return "BatchNormalization runs in training mode (export after model.eval())"
+    if node.attributes.get_int("spatial", 1) != 1:
+        return "BatchNormalization with spatial=0 is not supported"
+    params: list[Constant] = []
+    for value in node.inputs[1:]:
+        found = usable_constant(value, (node,), 1 << 62)  # all per-channel: small
+        if isinstance(found, str):
+            return found
+        params.append(found)
+    if any(p.size != channels for p in params):
+        return f"BatchNormalization parameters are not vectors of {channels} channels"
+    epsilon = node.attributes.get_float("epsilon", 1e-5)
+
+    def vectors(n: int) -> tuple[np.ndarray, np.ndarray]:
+        gamma, beta, mean, var = (p.array().reshape(-1) for p in params)
+        return ca.bn_affine(gamma, beta, mean, var, epsilon)
+
+    return ChannelAffine(node, 0, params, True, vectors)
+
+
+@dataclass
+class Term:
+    """One summand of a branch sum: ``sign * conv(x)``, ``sign * x`` or ``sign * affine(x)``."""
+
+    sign: float
+    conv: ConvOp | None = None
+    affine: ChannelAffine | None = None
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        if self.conv is not None:
+            return [self.conv.node]
+        return [self.affine.node] if self.affine is not None else []
+
+    def reads(self) -> list[tuple[ir.Node, int]]:
+        if self.conv is not None:
+            return [(self.conv.node, 0)]
+        return [(self.affine.node, self.affine.data_index)] if self.affine is not None else []
+
+
+@dataclass
+class ConvMerge:
+    """One planned merge: its nodes (the last computes the result) and where it reads ``x``.
+
+    ``plan`` decides from shapes (and small constants); ``compute`` builds the float64 conv.
+    """
+
+    kind: str
+    nodes: list[ir.Node]
+    reads: list[tuple[ir.Node, int]]
+    dtype: ir.DataType
+    plan: Callable[[], ca.ConvGeometry | ca.Refusal]
+    compute: Callable[[], ca.ConvMap | ca.Refusal]
+    macs_before: int
+    params_before: int
+    note: str
+    constants: list[Constant] = field(default_factory=list)
+    identity_input: ir.Value | None = None  # a sum with an identity term reads x as a leaf too
+
+    @property
+    def x(self) -> ir.Value | None:
+        node, index = self.reads[0]
+        return node.inputs[index]
+
+    @property
+    def out(self) -> ir.Value:
+        return self.nodes[-1].outputs[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [_name(n) for n in self.nodes]
+
+    def alive(self, graph: ir.Graph) -> bool:
+        """All nodes still in ``graph`` and every branch still reads the same input."""
+        if not all(n.graph is graph for n in self.nodes):
+            return False
+        x = self.x
+        return all(node.inputs[i] is x for node, i in self.reads)
+
+
+def is_join(node: ir.Node | None) -> bool:
+    """An ``Add``/``Sub``/``Sum`` of values none of which is constant."""
+    if not is_onnx(node) or node.op_type not in JOIN_OPS or len(node.outputs) != 1:
+        return False
+    arity_ok = len(node.inputs) >= 1 if node.op_type == "Sum" else len(node.inputs) == 2
+    if not arity_ok or None in node.inputs:
+        return False
+    return not any(isinstance(resolve(v), Constant) for v in node.inputs)
+
+
+def sole_consumer(value: ir.Value) -> ir.Node | None:
+    """The one node that reads ``value`` (once), if it is not also a graph output."""
+    if value.is_graph_output():
+        return None
+    uses = list(value.uses())
+    return uses[0].node if len(uses) == 1 else None
+
+
+def _inner(value: ir.Value) -> bool:
+    """``value`` is computed by a join and read only by one join: part of a larger tree."""
+    return is_join(value.producer()) and is_join(sole_consumer(value))
+
+
+def tree_leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
+    """The joins of the tree under ``root`` (root last) and its signed leaves."""
+    joins: list[ir.Node] = []
+    leaves: list[tuple[float, ir.Value]] = []
+
+    def walk(node: ir.Node, sign: float) -> None:
+        for i, value in enumerate(node.inputs):
+            assert value is not None
+            s = -sign if node.op_type == "Sub" and i == 1 else sign
+            producer = value.producer()
+            if _inner(value):
+                assert producer is not None
+                walk(producer, s)
+            else:
+                leaves.append((s, value))
+        joins.append(node)
+
+    walk(root, 1.0)
+    return joins, leaves
