@@ -175,11 +175,20 @@ def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None
             record.error_note = "not measured: the value is inside a subgraph"
             continue
         if not record.output:  # a later merge took this one's output in (engine: merged_into)
-            record.error_note = f"not measured: merged on into '{record.merged_into}'"
+            record.error_note = (
+                "not measured: the value no longer exists in the fused model "
+                f"(merged on into '{record.merged_into}')"
+            )
             continue
         _record_diagnostic(record, stats[record.output])
         if report.first_divergence is None and record.output == result.first_divergence:
             report.first_divergence = index
+    if report.first_divergence is None and not result.passed:
+        # No surviving intermediate diverged: blame the fusion that writes a failing output.
+        failing = {s.name for s in result.outputs if not s.passed}
+        report.first_divergence = next(
+            (i for i, r in enumerate(report.fusions) if r.output in failing), None
+        )
 
 
 def _record_diagnostic(record: FusionRecord, stats: OutputStats) -> None:

@@ -32,10 +32,12 @@ import onnx_ir as ir
 
 from converter.errors import EngineError
 from converter.fusion import chains, invariants
+from converter.fusion.absorb import Absorb, find_absorbs, remove_step
 from converter.fusion.algebra import AffineMap, Policy
 from converter.fusion.branches import find_sums
+from converter.fusion.constants import other_users
 from converter.fusion.convs import merge_convs
-from converter.fusion.recognize import LinearOp
+from converter.fusion.recognize import LinearOp, value_rank
 from converter.fusion.rewrite import Decision, Names, Rewrite, decide, overflow, write
 from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import Declined, FusionRecord
@@ -66,6 +68,8 @@ class Context:
     records: dict[ir.Value, FusionRecord] = field(default_factory=dict)
     # Each replaced node's name -> the merged op's name, for reasons reported after the merge.
     renamed: dict[str, str] = field(default_factory=dict)
+    # A merge dropped one use of a constant other nodes still read: their decisions may change.
+    shared_released: bool = False
 
 
 def fuse_graph(
@@ -75,8 +79,9 @@ def fuse_graph(
     fusions: list[FusionRecord] = []
     limit = sum(1 for _ in graph) + 2  # each productive round removes at least one node's worth
     for _ in range(limit):
+        ctx.shared_released = False
         sums_made, chains_made, declined = _round(ctx, graph, label, fusions)
-        if sums_made:
+        if sums_made or ctx.shared_released:
             continue
         if chains_made and ctx.check_every_rewrite:
             _assert_fixpoint(ctx, graph, label)
@@ -110,7 +115,9 @@ def _round(
     Returns (sums merged, segments merged, reasons). A round whose merges were chain segments
     only ends the fixpoint: the cost model chose every segment of each maximal chain at once,
     and a merged segment takes the place and the output value of the ops it replaces, so no
-    chain, link or branch sum that a further round could find was not already in this one.
+    chain, link or branch sum that a further round could find was not already in this one --
+    unless a merge let go of a constant other nodes share (``ctx.shared_released``): those
+    nodes may now own it alone, so :func:`fuse_graph` runs another round.
     """
     runs, declined = chains.find_chains(graph, label, min_length=1)
     made = merge_convs(ctx, graph, label, fusions, declined)
@@ -121,6 +128,12 @@ def _round(
     made = 0
     for found in sums:
         made += _apply(ctx, graph, label, Rewrite.branch_sum(found), fusions, declined)
+    if made:
+        return made, 0, declined
+    absorbs, absorb_declined = find_absorbs([op for run in runs for op in run], label)
+    declined.extend(absorb_declined)
+    for absorb in absorbs:
+        made += _apply_absorb(ctx, graph, label, absorb, fusions)
     if made:
         return made, 0, declined
     planned: list[list[LinearOp]] = []
@@ -172,6 +185,35 @@ def _apply(
     return 1
 
 
+def _apply_absorb(
+    ctx: Context, graph: ir.Graph, label: str, absorb: Absorb, fusions: list[FusionRecord]
+) -> int:
+    """Fold one step into its linear op across views (never more work, never more weights)."""
+    if not absorb.alive(graph):
+        return 0
+    op = absorb.op
+    rewrite = Rewrite([op], [], [op.in_features, op.out_features], op.macs, absorb.affine)
+    rewrite.note = absorb.note
+    has_bias = op.has_bias or absorb.shift is not None
+    as_gemm = op.is_gemm or value_rank(op.input) == 2
+    decision = Decision(as_gemm and (has_bias or ctx.opset >= 11), has_bias, 0, 0)
+    affine = rewrite.make_affine()
+    if overflow(affine, op.dtype.numpy(), absorb.names, label):
+        return 0
+    old_nodes = [*op.nodes, absorb.step]
+    record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
+    remove_step(absorb)
+    record.nodes = absorb.names
+    record.op_types = [n.op_type for n in (*op.nodes, *absorb.views, absorb.step)]
+    record.macs_after = record.macs_before
+    ctx.renamed.update((name, record.new_nodes[0]) for name in op.names)
+    fusions.append(record)
+    invariants.check_rewrite(graph, label, old_nodes, new_nodes)
+    if ctx.check_every_rewrite:
+        invariants.check_model(ctx.model)
+    return 1
+
+
 def _write(
     ctx: Context,
     graph: ir.Graph,
@@ -182,6 +224,9 @@ def _write(
     fusions: list[FusionRecord],
 ) -> None:
     old_nodes = rewrite.old_nodes
+    owners = set(old_nodes)
+    if any(other_users(c, owners) for op in rewrite.ops for c in op.constants):
+        ctx.shared_released = True
     consumed = [ctx.records.pop(v) for n in old_nodes for v in n.outputs if v in ctx.records]
     record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
     for earlier in consumed:  # their output value is gone: name the merge that took it

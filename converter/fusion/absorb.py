@@ -1,0 +1,185 @@
+"""Constant steps folded into a linear op across views of its output.
+
+``z = step(view(L(x)))`` where ``view`` is a run of shape ops (:mod:`converter.fusion.views`) and
+``step`` a constant ``Mul``/``Div``/``Add``/``Sub``/``Neg`` or an inference
+``BatchNormalization`` that varies only along the axis holding ``L``'s features ``[a, b)``::
+
+    step = y * s + t on those features   ->   W'[:, a:b] = W[:, a:b] * s,  b'[a:b] = b[a:b] * s + t
+
+so ``z = view(L'(x))``: the step is removed, the views stay, and ``L'`` takes over ``L``'s output.
+This is a BatchNorm over tokens after ``Linear -> Flatten``, a layer scale on channels after a
+permute back to channels-first, and an attention scale after ``Reshape -> Transpose`` (after a
+``Split`` of a fused qkv projection, only the q or k columns). A step directly after ``L`` is the
+chain's business (:mod:`converter.fusion.chains`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from converter.fusion import algebra
+from converter.fusion.constants import Constant, is_onnx, remove_if_unused, resolve
+from converter.fusion.recognize import LinearOp, usable_constant, value_rank
+from converter.fusion.views import VIEW_OPS, Features, follow, single_reader
+from converter.report import Declined
+
+__all__ = ["Absorb", "find_absorbs", "STEP_TYPES"]
+
+STEP_TYPES = frozenset({"Mul", "Div", "Add", "Sub", "Neg", "BatchNormalization"})
+
+
+@dataclass
+class Absorb:
+    """The step ``step`` (reading ``data``) folds into ``op`` across the nodes ``views``."""
+
+    op: LinearOp
+    views: list[ir.Node]
+    step: ir.Node
+    data: ir.Value
+    features: Features
+    scale: np.ndarray  # (width,) float64, on the features [start, stop)
+    shift: np.ndarray | None
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.op.names, *(v.name or v.op_type for v in self.views), self.step.name or ""]
+
+    @property
+    def note(self) -> str:
+        through = ", ".join(dict.fromkeys(v.op_type for v in self.views))
+        return f"{self.step.op_type} folded into {self.op.names[0]} through {through}"
+
+    def alive(self, graph: ir.Graph) -> bool:
+        nodes = [*self.op.nodes, *self.views, self.step]
+        return all(n.graph is graph for n in nodes) and self.data in self.step.inputs
+
+    def affine(self) -> algebra.AffineMap:
+        """``op`` then the step on its features, in float64."""
+        base = self.op.affine
+        f = self.features
+        weight = base.weight.copy()
+        weight[:, f.start : f.stop] *= self.scale
+        bias = None if base.bias is None else base.bias.copy()
+        if bias is not None:
+            bias[..., f.start : f.stop] *= self.scale
+        if self.shift is not None:
+            if bias is None:
+                bias = np.zeros(base.out_features)
+            bias[..., f.start : f.stop] += self.shift
+        return algebra.AffineMap(weight, bias)
+
+
+def find_absorbs(ops: list[LinearOp], label: str) -> tuple[list[Absorb], list[Declined]]:
+    """Every step that folds into a Gemm/MatMul of ``ops`` through at least one view."""
+    found: list[Absorb] = []
+    declined: list[Declined] = []
+    for op in ops:
+        if op.elementwise:
+            continue
+        rank = value_rank(op.output) or value_rank(op.input)
+        if rank is None:
+            continue
+        start = Features(rank - 1, rank, 0, op.out_features)
+        for views, step, data, f in _paths(op.output, start):
+            result = _step_map(step, data, f)
+            if isinstance(result, str):
+                names = [*op.names, *(v.name or v.op_type for v in views), step.name or ""]
+                declined.append(Declined(names, result, label))
+                continue
+            scale, shift = result
+            found.append(Absorb(op, views, step, data, f, scale, shift))
+    return found, declined
+
+
+def _paths(value: ir.Value, f: Features, views: tuple[ir.Node, ...] = ()):
+    """(views, step, step's data input, features) for each path of views from ``value``."""
+    reader = single_reader(value)
+    if reader is None or not is_onnx(reader):
+        return
+    if reader.op_type in STEP_TYPES and views and _is_constant_step(reader, value):
+        yield list(views), reader, value, f
+        return
+    if reader.op_type not in VIEW_OPS or reader.inputs[0] is not value or len(views) > 16:
+        return
+    for index, out in enumerate(reader.outputs):
+        g = follow(reader, index, f, value)
+        if g is not None:
+            yield from _paths(out, g, (*views, reader))
+
+
+def _is_constant_step(node: ir.Node, data: ir.Value) -> bool:
+    if node.op_type in ("Neg", "BatchNormalization"):
+        return node.inputs[0] is data
+    others = [v for v in node.inputs if v is not data]
+    return len(node.inputs) == 2 and len(others) == 1 and isinstance(resolve(others[0]), Constant)
+
+
+def _step_map(node: ir.Node, data: ir.Value, f: Features):
+    """``(scale, shift)`` of the step on the features, or the reason it does not fold."""
+    if node.outputs[0].is_graph_output():
+        return f"the {node.op_type} result '{node.outputs[0].name}' is a graph output"
+    ones = np.ones(f.width)
+    if node.op_type == "Neg":
+        return -ones, None
+    if node.op_type == "BatchNormalization":
+        return _batch_norm(node, f)
+    index = 0 if node.inputs[0] is data else 1
+    const = usable_constant(node.inputs[1 - index], (node,), f.width)
+    if isinstance(const, str):
+        return const
+    vector = _along(const, f)
+    if vector is None:
+        return (
+            f"{node.op_type} by a constant of shape {list(const.shape)} varies along another "
+            f"axis than the one holding the features (axis {f.axis} of rank {f.rank})"
+        )
+    op = node.op_type
+    if op == "Mul":
+        return ones * vector, None
+    if op == "Div":
+        if index == 1 or not np.all(vector != 0):
+            return "Div by a constant that holds a zero, or of a constant by the data"
+        return ones / vector, None
+    if op == "Add":
+        return ones, ones * vector
+    return (ones, -ones * vector) if index == 0 else (-ones, ones * vector)  # Sub
+
+
+def _along(const: Constant, f: Features) -> np.ndarray | None:
+    """The constant as a vector on the features (a scalar broadcast), or None."""
+    if const.size == 1:
+        return np.full(f.width, float(np.asarray(const.array()).reshape(-1)[0]))
+    shape = const.shape
+    if len(shape) > f.rank:
+        return None
+    aligned = (1,) * (f.rank - len(shape)) + tuple(shape)
+    if aligned[f.axis] != f.width or any(d != 1 for i, d in enumerate(aligned) if i != f.axis):
+        return None
+    return np.asarray(const.array(), dtype=np.float64).reshape(-1)
+
+
+def _batch_norm(node: ir.Node, f: Features):
+    if len(node.inputs) != 5 or node.attributes.get_int("training_mode", 0) or f.axis != 1:
+        return "BatchNormalization's channel axis is not the one holding the features"
+    params = [usable_constant(v, (node,), 1 << 62) for v in node.inputs[1:]]
+    if any(isinstance(p, str) for p in params):
+        return next(p for p in params if isinstance(p, str))
+    if any(p.size != f.width for p in params):
+        return "BatchNormalization's parameters do not match the features' width"
+    gamma, beta, mean, var = (np.asarray(p.array(), np.float64).reshape(-1) for p in params)
+    s = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
+    return s, beta - mean * s
+
+
+def remove_step(absorb: Absorb) -> None:
+    """Take the folded step out: its readers read its data input instead."""
+    step = absorb.step
+    constants = [v for v in step.inputs if v is not None and v is not absorb.data]
+    ir.convenience.replace_all_uses_with(step.outputs[0], absorb.data)
+    assert step.graph is not None
+    step.graph.remove(step, safe=True)
+    for value in constants:
+        remove_if_unused(value)
