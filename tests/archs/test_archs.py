@@ -8,8 +8,8 @@ For every block of :mod:`archs.vision` and :mod:`archs.reparam`:
   the checker and still equals torch;
 * ``test_fuse_reaches_target``: the fused model has the block's target number of constant-weight
   linear ops (Gemm/MatMul/Conv; for issue 11 the deploy form's Conv count), no BatchNormalization
-  and no free fold left. Marked ``xfail`` (not strict) where today's engine does not get there: the
-  lead removes a mark once the engine reaches the target.
+  and no free fold left. The few pairs the engine does not reach yet (``NOT_YET``) are
+  ``xfail(strict=True)``: each turns into a failure the day it passes, and the mark goes.
 
 Exports are cached per run in a folder shared by xdist workers. Every test appends one JSON record
 (name, exporter, op counts, free folds, ...) to ``archs-record.jsonl`` in pytest's base temp
@@ -72,22 +72,17 @@ TARGET_LINEAR = {
     "cpe": 1,
     "repconv_yolo": 1,
 }
-# (block, exporter) pairs today's engine already brings to the target; every other is xfail.
-REACHED = {
-    ("token_mixing", "legacy"),
-    ("token_mixing", "dynamo"),
-    ("identity_dropout", "legacy"),
-    ("identity_dropout", "dynamo"),
-    ("three_branches", "legacy"),
-    ("three_branches", "dynamo"),
-    ("linear_bn1d", "legacy"),
-    ("linear_bn1d", "dynamo"),
-    ("linear_bn1d_tied", "dynamo"),
-    ("layer_scale", "dynamo"),
-    ("affine_linear", "dynamo"),
-    ("resmlp_token", "legacy"),
-    ("resmlp_token", "dynamo"),
-    ("gelu_linear", "dynamo"),
+# (block, exporter) pairs the engine does not bring to the target yet: xfail, strictly, so that
+# each flips to a failure the day it passes. Everything else must reach its target.
+NOT_YET = {
+    ("class_attention", "legacy"),
+    ("class_attention", "dynamo"),
+    ("conv_channels_last_mlp", "legacy"),
+    ("conv_channels_last_mlp", "dynamo"),
+    ("stack_sum", "legacy"),
+    ("stack_sum", "dynamo"),
+    ("token_mixing_left", "legacy"),
+    ("token_mixing_left", "dynamo"),
 }
 # Extra op types that must be gone after fusion (a fold that the free-fold heuristic cannot see).
 GONE = {
@@ -108,8 +103,8 @@ def _cases(names):
     for name in names:
         for exporter in EXPORTERS:
             marks = []
-            if (name, exporter) not in REACHED:
-                marks.append(pytest.mark.xfail(reason="issue 10/11: engine", strict=False))
+            if (name, exporter) in NOT_YET:
+                marks.append(pytest.mark.xfail(reason="issue 10/11: engine", strict=True))
             yield pytest.param(name, exporter, id=f"{name}-{exporter}", marks=marks)
 
 

@@ -173,7 +173,7 @@ def fused(case, shared_dir):
 
 
 # the legacy LLaMA export merges today: no bias, one Constant scale per adapter, MatMul base
-@pytest.mark.parametrize(("name", "exporter"), _cases("llama-legacy"))
+@pytest.mark.parametrize(("name", "exporter"), _cases("llama-legacy", "llama-dynamo", "bert-legacy", "bert-dynamo"))
 def test_fuse_reaches_merge_and_unload(case, fused, name, exporter):
     c = case(name, exporter)
     code, out = fused(name, exporter)
@@ -184,7 +184,7 @@ def test_fuse_reaches_merge_and_unload(case, fused, name, exporter):
     assert language.count_linear_ops(model) == MERGED_LINEAR_OPS[name]
 
 
-@pytest.mark.parametrize(("name", "exporter"), _cases())
+@pytest.mark.parametrize(("name", "exporter"), _cases("llama-legacy", "llama-dynamo"))
 def test_fuse_leaves_no_free_fold(fused, name, exporter):
     code, out = fused(name, exporter)
     assert code == 0
