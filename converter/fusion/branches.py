@@ -17,13 +17,14 @@ a LoRA adapter always merges; two low-rank branches of a wide layer may not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
 from converter.fusion import algebra, chains
 from converter.fusion.constants import Constant, is_onnx, resolve
 from converter.fusion.recognize import LinearOp
+from converter.fusion.views import static_dims
 from converter.report import Declined
 
 __all__ = ["Term", "BranchSum", "find_sums", "JOIN_OPS"]
@@ -37,6 +38,16 @@ class Term:
 
     sign: float
     chain: list[LinearOp]
+    # Reshape(x) before the chain and Reshape after it, when the chain runs on x's rows
+    # flattened to 2-D (GPT-2's Conv1D as exporters write it): removed with the chain.
+    wrap: list[ir.Node] = field(default_factory=list)
+
+    def x_at(self) -> tuple[ir.Node, int]:
+        """Where this term reads the sum's input."""
+        if self.wrap:
+            return self.wrap[0], 0
+        op = self.chain[0]
+        return op.nodes[0], op.input_index
 
 
 @dataclass
@@ -49,12 +60,18 @@ class BranchSum:
     width_out: int
 
     @property
+    def x_at(self) -> tuple[ir.Node, int]:
+        return next(t for t in self.terms if t.chain).x_at()
+
+    @property
     def ops(self) -> list[LinearOp]:
         return [op for term in self.terms for op in term.chain]
 
     @property
     def names(self) -> list[str]:
-        return [n for op in self.ops for n in op.names] + [j.name or j.op_type for j in self.joins]
+        wraps = [n.name or n.op_type for t in self.terms for n in t.wrap]
+        ops = [n for op in self.ops for n in op.names]
+        return ops + wraps + [j.name or j.op_type for j in self.joins]
 
     @property
     def macs_before(self) -> int:
@@ -155,20 +172,58 @@ def _match(root: ir.Node, by_output: dict[ir.Value, list[LinearOp]]) -> BranchSu
         return None
     if len({id(v) for _, v in leaves}) != len(leaves):
         return None  # one value summed twice (2 * L(x)): not a set of branches
-    runs = [by_output.get(v) for _, v in leaves]
-    inputs = {id(run[0].input): run[0].input for run in runs if run is not None}
+    found = [_branch(v, by_output) for _, v in leaves]
+    inputs = {id(f[2]): f[2] for f in found if f is not None}
     if len(inputs) != 1:
         return None
     (x,) = inputs.values()
     members = set(joins)
     terms: list[Term] = []
-    for (sign, value), run in zip(leaves, runs, strict=True):
-        if run is None and value is not x:
+    for (sign, value), branch in zip(leaves, found, strict=True):
+        if branch is None and value is not x:
             return None
-        if run is not None and not _feeds_only(value, members):
+        if branch is not None and not _feeds_only(value, members):
             return None
-        terms.append(Term(sign, run or []))
+        run, wrap = (branch[0], branch[1]) if branch is not None else ([], [])
+        terms.append(Term(sign, run, wrap))
     return _checked(joins, terms, x)
+
+
+def _branch(
+    value: ir.Value, by_output: dict[ir.Value, list[LinearOp]]
+) -> tuple[list[LinearOp], list[ir.Node], ir.Value] | None:
+    """(chain, wrapping Reshapes, input) of the branch ending in ``value``, if it is one."""
+    run = by_output.get(value)
+    if run is not None:
+        return run, [], run[0].input
+    after = value.producer()
+    if not is_onnx(after, "Reshape") or after.inputs[0] is None:
+        return None
+    run = by_output.get(after.inputs[0])
+    if run is None or not _feeds_only(run[-1].output, {after}):
+        return None
+    before = run[0].input.producer()
+    if not is_onnx(before, "Reshape") or before.inputs[0] is None:
+        return None
+    if not _feeds_only(run[0].input, set(run[0].nodes)):
+        return None
+    x = before.inputs[0]
+    if not _rows_flattened(x, run[0].input, value, run[-1].out_features):
+        return None
+    return run, [before, after], x
+
+
+def _rows_flattened(x: ir.Value, flat: ir.Value, out: ir.Value, width: int) -> bool:
+    """``flat`` is ``x``'s rows as a matrix, and ``out`` has ``x``'s leading shape: the two
+    Reshapes around a chain only regroup rows, so the chain can run on ``x`` itself."""
+    dims_x, dims_flat, dims_out = static_dims(x), static_dims(flat), static_dims(out)
+    if dims_x is None or dims_flat is None or dims_out is None or len(dims_flat) != 2:
+        return False
+    if x.shape is None or out.shape is None or len(x.shape) != len(out.shape):
+        return False
+    if dims_flat[1] != dims_x[-1] or dims_flat[1] is None or dims_out[-1] != width:
+        return False
+    return all(a == b for a, b in zip(list(x.shape)[:-1], list(out.shape)[:-1], strict=True))
 
 
 def _checked(joins: list[ir.Node], terms: list[Term], x: ir.Value) -> BranchSum | None:

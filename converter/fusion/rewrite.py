@@ -72,6 +72,8 @@ class Rewrite:
     macs_before: int
     make_affine: Callable[[], algebra.AffineMap]
     note: str | None = None
+    # Where the merged op's input is read (node, input index), when not the first op's input.
+    x_at: tuple[ir.Node, int] | None = None
 
     @classmethod
     def segment(cls, ops: list[LinearOp], tick: Callable[[], None] = lambda: None) -> Rewrite:
@@ -89,11 +91,19 @@ class Rewrite:
     def branch_sum(cls, found: BranchSum) -> Rewrite:
         widths = [found.width_in, found.width_out]
         macs = sum(op.macs for op in found.ops) + (len(found.terms) - 1) * found.width_out
-        return cls(found.ops, found.joins, widths, macs, found.affine, found.note())
+        wraps = [n for t in found.terms for n in t.wrap]
+        rewrite = cls(found.ops, wraps + found.joins, widths, macs, found.affine, found.note())
+        rewrite.x_at = found.x_at
+        return rewrite
 
     @property
     def x(self) -> ir.Value:
         """The input the merged op reads (live: after any earlier merge rewired it)."""
+        if self.x_at is not None:
+            node, index = self.x_at
+            value = node.inputs[index]
+            assert value is not None
+            return value
         return self.ops[0].input
 
     @property
@@ -109,14 +119,13 @@ class Rewrite:
         return [n for op in self.ops for n in op.nodes] + self.joins
 
     def alive(self, graph: ir.Graph) -> bool:
-        """Every node is still in ``graph`` and every chain still reads the same input."""
-        if not all(n.graph is graph for n in self.old_nodes):
+        """Every node is still in ``graph`` and every op reads ``x`` or a value made inside."""
+        old = self.old_nodes
+        if not all(n.graph is graph for n in old):
             return False
-        firsts = [op for op in self.ops if op is self.ops[0] or self._starts_term(op)]
-        return all(op.input is self.x for op in firsts)
-
-    def _starts_term(self, op: LinearOp) -> bool:
-        return bool(self.joins) and op.input not in {o.output for o in self.ops}
+        inside = {v for n in old for v in n.outputs}
+        x = self.x
+        return x not in inside and all(op.input is x or op.input in inside for op in self.ops)
 
 
 @dataclass
@@ -146,7 +155,8 @@ def decide(rewrite: Rewrite, opset: int, policy: algebra.Policy, label: str) -> 
     """Accept or refuse ``rewrite`` from shapes alone (no weight is read)."""
     ops = rewrite.ops
     has_bias = any(op.has_bias for op in ops)
-    as_gemm = any(op.is_gemm for op in ops) or value_rank(rewrite.x) == 2
+    rank = value_rank(rewrite.x)
+    as_gemm = rank == 2 if rank is not None else any(op.is_gemm for op in ops)
     # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.
     as_gemm = as_gemm and (has_bias or opset >= 11)
     per_row = [op for op in ops if op.per_row_bias]
