@@ -75,6 +75,7 @@ __all__ = [
     "canonical",
     "as_float64",
     "run",
+    "known_cross_graph_bug",
 ]
 
 T = TypeVar("T")
@@ -578,10 +579,10 @@ def assert_close(case: Case, fused: onnx.ModelProto, what: str) -> None:
 
 def _assert_records(report: FusionReport, ir_model: ir.Model) -> None:
     """(f) Records name only live values; consumed ones say which merge took them."""
-    live: dict[str, set[str]] = {}
+    # Labels are not unique (two anonymous If nodes both give "If.then_branch"): union them.
+    live: dict[str, set[str]] = collections.defaultdict(set)
     for graph, label in iter_graphs(ir_model.graph):
-        names = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.outputs}
-        live[label] = names
+        live[label] |= {v.name for n in graph for v in n.outputs} | {v.name for v in graph.outputs}
     merged_nodes = {n for r in report.fusions for n in r.new_nodes}
     claimed: set[tuple[str, str]] = set()
     for r in report.fusions:
@@ -606,6 +607,17 @@ def _loads(model: onnx.ModelProto) -> None:
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def known_cross_graph_bug(first: FusionReport, second: FusionReport) -> bool:
+    """The engine bug of ``test_idempotent_when_a_constant_is_shared_across_graphs``: the second
+    pass's first merge is one the first pass declined by the parameter rule (a constant it
+    needed was still shared with a graph fused later)."""
+    merge = second.fusions[0]
+    return any(
+        d.graph == merge.graph and "parameters" in d.reason and d.nodes == merge.nodes
+        for d in first.declined
+    )
+
+
 def check_case(
     case: Case,
     policy: str,
@@ -624,11 +636,11 @@ def check_case(
         _loads(fused)
     except Exception as e:
         raise AssertionError(f"(a) the fused model is invalid: {e}") from e
+    assert_close(case, fused, "fused")
     via_pass, report, ir_model = fuse_with_report(case.model, policy)
     assert via_pass.SerializeToString() == fused.SerializeToString(), (
         "(a) converter.fuse and the pass give different models"
     )
-    assert_close(case, fused, "fused")
     again, report2, _ = fuse_with_report(fused, policy)
     tolerated = bool(report2.fusions) and tolerate is not None and tolerate(report, report2)
     if not tolerated:

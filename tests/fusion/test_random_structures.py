@@ -26,7 +26,7 @@ graphs, ``always``):
     ``merged_into`` set.
 
 Two engine bugs these graphs found are kept at the end as ``xfail(strict=True)`` reproducers;
-the property tests tolerate exactly the second one (:func:`_known_cross_graph_bug`), and
+the property tests tolerate exactly the second one (:func:`known_cross_graph_bug`), and
 ``benchmarks/fuzz.py`` reports it.
 """
 
@@ -43,7 +43,14 @@ from builders import fuse_with_report, linear_chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from random_structures import BLOCKS, Case, check_case, generate
+from random_structures import (
+    BLOCKS,
+    Case,
+    RngChoices,
+    check_case,
+    generate,
+    known_cross_graph_bug,
+)
 
 import converter
 
@@ -79,7 +86,7 @@ def structures(draw: Any, blocks: Sequence[str] = BLOCKS) -> Case:
 
 
 def _check(case: Case, policy: str, stats: collections.Counter) -> None:
-    outcome = check_case(case, policy, tolerate=_known_cross_graph_bug)
+    outcome = check_case(case, policy, tolerate=known_cross_graph_bug)
     stats["graphs"] += 1
     stats["merged"] += outcome.fusions > 0
     stats["fusions"] += outcome.fusions
@@ -111,17 +118,25 @@ def test_random_structures_in_subgraphs() -> None:
     assert stats["merged"] >= 0.6 * stats["graphs"], stats
 
 
+def test_the_checks_catch_a_wrong_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merged weight off by 1% fails property (b): the checks can fail."""
+    case = next(c for c in (generate(RngChoices(0, i)) for i in range(20)) if "lora" in c.blocks)
+    real_fuse = converter.fuse
+
+    def off_by_one_percent(model: onnx.ModelProto, policy: str = "cost") -> onnx.ModelProto:
+        fused = real_fuse(model, policy=policy)
+        merged = [t for t in fused.graph.initializer if t.name.startswith("fused(")]
+        array = numpy_helper.to_array(merged[0]) * 1.01
+        merged[0].CopyFrom(numpy_helper.from_array(array, merged[0].name))
+        return fused
+
+    check_case(case, "cost")
+    monkeypatch.setattr(converter, "fuse", off_by_one_percent)
+    with pytest.raises(AssertionError, match=r"^\(b\) fused: output"):
+        check_case(case, "cost")
+
+
 # --- engine bugs these graphs found, as minimal reproducers -----------------------------------
-
-
-def _known_cross_graph_bug(report1, report2) -> bool:
-    """The second pass's first merge is one the first pass declined by the parameter rule, in a
-    model with subgraphs: ``test_idempotent_when_a_constant_is_shared_across_graphs``."""
-    first = report2.fusions[0]
-    return any(
-        d.graph == first.graph and "parameters" in d.reason and d.nodes == first.nodes
-        for d in report1.declined
-    )
 
 
 def _shared_zero_across_graphs() -> onnx.ModelProto:
