@@ -19,7 +19,8 @@ running value ``h``:
   (2-D only; its weight and running variance are one initializer, the variance via ``Identity``);
 - ``output``: the current value also becomes a graph output (an intermediate of a later chain);
 - ``if``: an ``If`` on a boolean graph input whose two branches each hold such blocks on the
-  outer ``h``, with weights in the branch or in the outer graph (shared scale and zero included).
+  outer ``h`` (an ``If`` too, one level deep), with weights in the branch or in the outer graph
+  (shared scale and zero included).
 
 Constants are initializers, ``Constant`` nodes, or initializers reached through ``Identity``; a
 zero bias of each width may be one initializer shared by several layers and by ``Max``. Graph
@@ -152,6 +153,7 @@ class _Builder:
     share_scale: bool
     share_zero: bool
     kinds: Sequence[str] = BLOCKS
+    depth: int = 0  # how many If branches the current scope is nested in
     main: _Scope = field(default_factory=_Scope)
     scope: _Scope | None = None
     shared: dict[str, str] = field(default_factory=dict)
@@ -304,8 +306,11 @@ def _batchnorm(b: _Builder, h: _Val) -> _Val:
 def _if(b: _Builder, h: _Val) -> _Val:
     """``If(cond)`` whose branches each apply one to three blocks to the outer ``h``."""
     width = b.ch.pick(WIDTHS)
-    inner = [k for k in b.kinds if k not in ("if", "output")] or ["linear", "residual"]
+    inner = [k for k in b.kinds if k not in ("output", "if")] or ["linear", "residual"]
+    if b.depth == 0 and "if" in b.kinds:
+        inner.append("if")  # an If inside a branch, one level deep
     branches = []
+    b.depth += 1
     for _ in range(2):
         outer, b.scope = b.scope, _Scope()
         cur = h
@@ -316,6 +321,7 @@ def _if(b: _Builder, h: _Val) -> _Val:
         out = helper.make_tensor_value_info(cur.name, _elem(b.dtype), [*b.lead, width])
         scope, b.scope = b.scope, outer
         branches.append(helper.make_graph(scope.nodes, b.fresh("branch"), [], [out], scope.inits))
+    b.depth -= 1
     return b.node("If", ["cond"], width, then_branch=branches[0], else_branch=branches[1])
 
 
