@@ -8,8 +8,9 @@ stacked residual blocks (``h + L(h)``, with ``Add``, ``Sub`` or ``Sum``), LoRA b
 r -> d``), shared constants (one LoRA scale for every adapter, one zero bias per width read by
 several layers and by a ``Max``, a BatchNormalization whose weight and running variance are one
 initializer through ``Identity``), intermediates that are also graph outputs, a 0-d
-``ReduceMean`` output, and ``If`` nodes whose branches hold such blocks and read outer weights;
-float32 and float64, opsets 13 to 21, 2-D (Gemm) and 3-D (MatMul+Add) inputs.
+``ReduceMean`` output, and ``If`` nodes whose branches hold such blocks (an ``If`` too, one level
+deep) and read outer weights; float32 and float64, opsets 13 to 21, 2-D (Gemm) and 3-D
+(MatMul+Add) inputs, node names sometimes empty.
 
 Properties, for every graph (``random_structures.check_case``), under ``cost`` (and, for fewer
 graphs, ``always``):
@@ -17,7 +18,7 @@ graphs, ``always``):
 (a) the result of ``converter.fuse`` passes the full checker and loads in onnxruntime;
 (b) its outputs match the float64 evaluation of the original as closely as twice the original's
     own error, plus the dtype's ``atol + rtol * scale`` (``scale``: the largest output, at least 1);
-(c) fusing the result again makes no fusion and changes nothing (value_info aside, see below);
+(c) fusing the result again makes no fusion and changes nothing but ``value_info`` (see below);
 (d) shuffling the nodes of every graph into another topological order before fusing gives the
     same op-type counts and matching outputs;
 (e) the IR invariants hold after every rewrite (``tests/conftest.py`` sets
@@ -25,9 +26,12 @@ graphs, ``always``):
 (f) report records name only values of the fused model; consumed ones have ``output None`` and
     ``merged_into`` set.
 
-Two engine bugs these graphs found are kept at the end as ``xfail(strict=True)`` reproducers;
-the property tests tolerate exactly the second one (:func:`known_cross_graph_bug`), and
-``benchmarks/fuzz.py`` reports it.
+Two engine bugs these graphs found are kept at the end as ``xfail(strict=True)`` reproducers.
+The property tests tolerate exactly the first (a second pass merging what the first declined
+because a constant was shared with another graph: ``random_structures.known_cross_graph_bug``),
+and ``benchmarks/fuzz.py`` reports it; (c) compares models without the ``value_info`` of
+initializers, which the second bug adds. When the engine is fixed, the strict xfails fail:
+then drop the ``tolerate=`` and ``canonical`` allowances.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def test_random_structures_cost_policy() -> None:
 def test_random_structures_always_policy() -> None:
     stats: collections.Counter = collections.Counter()
     _settings(60)(given(structures())(lambda case: _check(case, "always", stats)))()
-    assert stats["merged"] >= 0.7 * stats["graphs"], stats
+    assert stats["merged"] >= 0.5 * stats["graphs"], stats
 
 
 def test_random_structures_in_subgraphs() -> None:
