@@ -1,4 +1,8 @@
-"""Shared pytest options: ``--corpus=full|sample`` picks how much of the ONNX corpus to run."""
+"""Shared pytest options: ``--corpus=full|sample`` picks how much of the ONNX corpus to run.
+
+Importing this also sets ``ONNX_FUSE_CHECK_EVERY_REWRITE=1`` (unless set): every fusion in the
+suite checks the IR invariants after each merge, not only at the end.
+"""
 
 from __future__ import annotations
 
