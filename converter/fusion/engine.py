@@ -70,6 +70,8 @@ class Context:
     renamed: dict[str, str] = field(default_factory=dict)
     # A merge dropped one use of a constant other nodes still read: their decisions may change.
     shared_released: bool = False
+    # ... and some of those nodes are in another graph (a subgraph, or the graph around one).
+    released_elsewhere: bool = False
 
 
 def fuse_graph(
@@ -225,8 +227,10 @@ def _write(
 ) -> None:
     old_nodes = rewrite.old_nodes
     owners = set(old_nodes)
-    if any(other_users(c, owners) for op in rewrite.ops for c in op.constants):
+    others = [u for op in rewrite.ops for c in op.constants for u in other_users(c, owners)]
+    if others:
         ctx.shared_released = True
+        ctx.released_elsewhere |= any(u.graph is not graph for u in others)
     consumed = [ctx.records.pop(v) for n in old_nodes for v in n.outputs if v in ctx.records]
     record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
     for earlier in consumed:  # their output value is gone: name the merge that took it

@@ -112,13 +112,20 @@ def _fuse_graphs(
     progress: ProgressCallback,
     report: FusionReport,
 ) -> None:
+    """Fuse every graph; again while a merge let go of a constant another graph also reads
+    (that graph's decisions may change), keeping each graph's latest reasons."""
     graphs = list(iter_graphs(model.graph))
     ctx = Context(model, opset, policy, Names(g for g, _ in graphs), progress)
-    for n, (graph, label) in enumerate(graphs):
-        progress("analysing", n, len(graphs))
-        fusions, declined = fuse_graph(ctx, graph, label)
-        report.fusions.extend(fusions)
-        report.declined.extend(declined)
+    declined: dict[int, list[Declined]] = {}
+    for _ in range(len(graphs) + 1):
+        ctx.released_elsewhere = False
+        for n, (graph, label) in enumerate(graphs):
+            progress("analysing", n, len(graphs))
+            fusions, declined[n] = fuse_graph(ctx, graph, label)
+            report.fusions.extend(fusions)
+        if not ctx.released_elsewhere:
+            break
+    report.declined.extend(d for n in sorted(declined) for d in declined[n])
 
 
 @dataclasses.dataclass

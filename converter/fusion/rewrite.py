@@ -198,7 +198,10 @@ def _fused_name(ops: list[LinearOp]) -> str:
 
 def _initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
     name = names.fresh(base)
-    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    tensor = ir.Tensor(array, name=name)
+    value = ir.Value(
+        name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor
+    )
     graph.register_initializer(value)
     return value
 

@@ -40,10 +40,13 @@ def infer_missing(model: ir.Model) -> Callable[[], None]:
             for value in node.outputs:
                 if value.name:
                     saved[value.name] = (value.type, value.shape)
+    orders = [(graph, list(graph.initializers)) for graph in model.graphs()]
     try:
         ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     except Exception as e:  # inference is a help, never a requirement
         logger.info("shape inference failed (%s); deciding from the shapes recorded", e)
+    for graph, order in orders:  # the pass re-registers large initializers at the end
+        _reorder(graph, order)
 
     def restore() -> None:
         for graph in model.graphs():
@@ -53,3 +56,14 @@ def infer_missing(model: ir.Model) -> Callable[[], None]:
                         value.type, value.shape = saved[value.name]
 
     return restore
+
+
+def _reorder(graph: ir.Graph, order: list[str]) -> None:
+    """Put ``graph``'s initializers back in ``order`` (any others after them, as they are)."""
+    if list(graph.initializers)[: len(order)] == order:
+        return
+    values = dict(graph.initializers)
+    graph.initializers.clear()
+    for name in [*order, *(n for n in values if n not in set(order))]:
+        if name in values:
+            graph.initializers.add(values[name])

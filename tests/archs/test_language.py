@@ -173,7 +173,9 @@ def fused(case, shared_dir):
 
 
 # the legacy LLaMA export merges today: no bias, one Constant scale per adapter, MatMul base
-@pytest.mark.parametrize(("name", "exporter"), _cases("llama-legacy", "llama-dynamo", "bert-legacy", "bert-dynamo"))
+@pytest.mark.parametrize(
+    ("name", "exporter"), _cases("llama-legacy", "llama-dynamo", "bert-legacy", "bert-dynamo")
+)
 def test_fuse_reaches_merge_and_unload(case, fused, name, exporter):
     c = case(name, exporter)
     code, out = fused(name, exporter)

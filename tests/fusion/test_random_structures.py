@@ -26,12 +26,9 @@ graphs, ``always``):
 (f) report records name only values of the fused model; consumed ones have ``output None`` and
     ``merged_into`` set.
 
-Two engine bugs these graphs found are kept at the end as ``xfail(strict=True)`` reproducers.
-The property tests tolerate exactly the first (a second pass merging what the first declined
-because a constant was shared with another graph: ``random_structures.known_cross_graph_bug``),
-and ``benchmarks/fuzz.py`` reports it; (c) compares models without the ``value_info`` of
-initializers, which the second bug adds. When the engine is fixed, the strict xfails fail:
-then drop the ``tolerate=`` and ``canonical`` allowances.
+Four engine bugs these graphs found (a merge retried across graphs, merged weights without a
+type, initializers reordered by shape inference, a fixpoint missed when a merge released a shared
+constant) are kept at the end as regression tests, now passing.
 """
 
 from __future__ import annotations
@@ -53,7 +50,6 @@ from random_structures import (
     RngChoices,
     check_case,
     generate,
-    known_cross_graph_bug,
 )
 
 import converter
@@ -90,7 +86,7 @@ def structures(draw: Any, blocks: Sequence[str] = BLOCKS) -> Case:
 
 
 def _check(case: Case, policy: str, stats: collections.Counter) -> None:
-    outcome = check_case(case, policy, tolerate=known_cross_graph_bug)
+    outcome = check_case(case, policy)
     stats["graphs"] += 1
     stats["merged"] += outcome.fusions > 0
     stats["fusions"] += outcome.fusions
@@ -182,37 +178,22 @@ def _shared_zero_across_graphs() -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: graphs are fused one after another, so a merge declined by the "
-    "parameter rule because a constant is shared with another graph is not retried when that "
-    "graph's merge frees it; the second pass then makes it (not idempotent)",
-)
 def test_idempotent_when_a_constant_is_shared_across_graphs() -> None:
     model = _shared_zero_across_graphs()
     fused, report = fuse_with_report(model)
-    assert [r.nodes for r in report.fusions] == [["g1", "g2"]]
+    # The main graph's residual merge waits for the If branch to let go of the shared zero bias;
+    # the engine then fuses the main graph again, so one pass makes both merges.
+    assert sorted(r.nodes for r in report.fusions) == [["g1", "g2"], ["mm", "bias", "residual"]]
     _, again = fuse_with_report(fused)
-    assert again.fusions == [], [r.nodes for r in again.fusions]  # today: [mm, bias, residual]
+    assert again.fusions == [], [r.nodes for r in again.fusions]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a merged weight's ir.Value has no type or shape, so the next "
-    "load/save writes a value_info for it: fusing a fused model changes its bytes",
-)
 def test_fusing_a_fused_model_changes_no_byte() -> None:
     fused = converter.fuse(linear_chain([4, 4, 4]))
     assert len(fused.graph.node) == 1
     assert converter.fuse(fused).SerializeToString() == fused.SerializeToString()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: shape inference for decisions (fusion/shapes.py, onnx-ir's "
-    "ShapeInferencePass) re-adds large initializers at the end, so a model with nothing to "
-    "merge comes back with its initializers reordered",
-)
 def test_nothing_to_merge_keeps_the_initializer_order() -> None:
     r = np.random.default_rng(0)
     inits = [
@@ -235,12 +216,6 @@ def test_nothing_to_merge_keeps_the_initializer_order() -> None:
     assert [t.name for t in fused.graph.initializer] == ["W_big", "W_small"]  # today: reversed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: on this 15-node graph (a residual x - (x @ W1 + zero), a cost-split "
-    "chain 8->2->8->8->2 whose biases are the same shared zero, Relu, then Sum(r, Gemm(r))) "
-    "fuse raises EngineError 'fusing main graph missed 1 merge(s) that a further round found'",
-)
 def test_fixpoint_with_a_zero_bias_shared_along_a_split_chain() -> None:
     case = generate(RngChoices(0, 877))  # the fuzz run's reproducer: seed 0, index 877
     check_case(case, "cost")
