@@ -152,6 +152,8 @@ def _along(const: Constant, f: Features) -> np.ndarray | None:
     """The constant as a vector on the features (a scalar broadcast), or None."""
     if const.size == 1:
         return np.full(f.width, float(np.asarray(const.array()).reshape(-1)[0]))
+    if f.axis is None or f.rank is None:
+        return None
     shape = const.shape
     if len(shape) > f.rank:
         return None
@@ -163,6 +165,8 @@ def _along(const: Constant, f: Features) -> np.ndarray | None:
 
 def _batch_norm(node: ir.Node, f: Features):
     if len(node.inputs) != 5 or node.attributes.get_int("training_mode", 0) or f.axis != 1:
+        if f.axis is None:
+            return "BatchNormalization after a view that regroups the features with other axes"
         return "BatchNormalization's channel axis is not the one holding the features"
     params = [usable_constant(v, (node,), 1 << 62) for v in node.inputs[1:]]
     if any(isinstance(p, str) for p in params):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from converter.fusion import algebra
+from converter.fusion.constants import Constant, resolve
 from converter.fusion.recognize import Decline, LinearOp, recognize
 from converter.fusion.steps import STEP_OPS, recognize_step
 from converter.report import Declined
@@ -136,7 +137,8 @@ def _refused_neighbours(
         after = consumers.get(node.outputs[0], [])
         neighbours = [n for n in before + after if n is not decline]
         if node.op_type in ("Gemm", "MatMul"):
-            wanted = neighbours
+            # A product of two activations (attention's q @ k) is not a linear op: no reason.
+            wanted = neighbours if _has_constant_operand(node) else []
         else:  # a step matters only beside a matrix op
             wanted = [n for n in neighbours if isinstance(n, LinearOp) and not n.elementwise]
         if not wanted:
@@ -147,6 +149,15 @@ def _refused_neighbours(
         flat += [x for group in later for x in group]
         records.append(Declined(flat, decline.reason, label))
     return records
+
+
+def _has_constant_operand(node: ir.Node) -> bool:
+    """An operand is, or could be meant as, a weight: a constant, an initializer, a graph input."""
+    return any(
+        isinstance(resolve(v), Constant) or v.is_graph_input() or v.is_initializer()
+        for v in node.inputs[:2]
+        if v is not None
+    )
 
 
 def _names(item: LinearOp | Decline) -> list[str]:

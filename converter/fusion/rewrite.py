@@ -140,13 +140,18 @@ class Decision:
 
 
 def _freed(rewrite: Rewrite) -> list[Constant]:
-    """The constants no node outside the rewrite reads (each once): what the merge frees."""
+    """The constants the merge replaces (each once): those no node outside the rewrite reads,
+    and the small shared ones (a bias or a scale no wider than an op) it takes its own copy of,
+    so that exporters' deduplication of equal constants does not count against a merge."""
     owners = set(rewrite.old_nodes)
+    small = max(rewrite.widths)
     seen: dict[int, Constant] = {}
     for op in rewrite.ops:
         for constant in op.constants:
             root = constant.chain[-1]
-            if id(root) not in seen and not other_users(constant, owners):
+            if id(root) in seen:
+                continue
+            if constant.size <= small or not other_users(constant, owners):
                 seen[id(root)] = constant
     return list(seen.values())
 

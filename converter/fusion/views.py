@@ -39,10 +39,14 @@ VIEW_OPS = frozenset(
 
 @dataclass(frozen=True)
 class Features:
-    """The op's features ``[start, stop)`` lie along ``axis`` of a value of rank ``rank``."""
+    """The op's features ``[start, stop)`` lie along ``axis`` of a value of rank ``rank``.
 
-    axis: int
-    rank: int
+    ``axis`` None: a view regrouped the features with other axes; every element still comes
+    from the features ``[start, stop)``, so a scalar step still folds, a per-feature one not.
+    """
+
+    axis: int | None
+    rank: int | None
     start: int
     stop: int
 
@@ -84,6 +88,14 @@ def follow(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features 
     op = node.op_type
     if op == "Identity":
         return f
+    if f.axis is None or f.rank is None:  # only a scalar can fold: any regrouping keeps it so
+        if op == "Split":
+            return None
+        return (
+            f
+            if op != "Cast" or follow(node, index, Features(0, 1, f.start, f.stop), value)
+            else None
+        )
     if op == "Cast":
         out = node.outputs[0]
         same = value.dtype is not None and out.dtype == value.dtype
@@ -95,7 +107,7 @@ def follow(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features 
     if op in ("Squeeze", "Unsqueeze"):
         return _squeeze(node, f)
     if op in ("Reshape", "Flatten"):
-        return _regroup(value, node.outputs[0], f)
+        return _regroup(value, node.outputs[0], f) or Features(None, None, f.start, f.stop)
     if op == "Split":
         return _split(node, index, f, value)
     return None
