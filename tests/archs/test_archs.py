@@ -75,8 +75,6 @@ TARGET_LINEAR = {
 # (block, exporter) pairs the engine does not bring to the target yet: xfail, strictly, so that
 # each flips to a failure the day it passes. Everything else must reach its target.
 NOT_YET = {
-    ("class_attention", "legacy"),
-    ("class_attention", "dynamo"),
     ("conv_channels_last_mlp", "legacy"),
     ("conv_channels_last_mlp", "dynamo"),
     ("stack_sum", "legacy"),

@@ -13,8 +13,8 @@ counts (Gemm, and MatMul with a constant operand) are checked against the archit
 Then ``onnx-fuse MODEL --inputs inputs.npz -o OUT`` must exit 0 with the fused model at
 ``merge_and_unload()``'s linear-op count, and with no free fold left: none that
 ``archs.free_folds`` (a verbatim copy of the shared tool) finds, and no scalar scale after a
-projection through a qkv ``Split`` or a float ``Cast`` (``archs.scales``). Cases that fail today
-are ``xfail(strict=True)``, so each flips to a failure when the engine makes it pass.
+projection through a qkv ``Split`` or a float ``Cast`` (``archs.scales``). Every model and
+exporter reaches both.
 """
 
 from __future__ import annotations
@@ -42,24 +42,18 @@ EXPORTERS = {"legacy": False, "dynamo": True}
 ADAPTERS = {"bert": 4, "gpt2": 2, "llama": 6}
 MERGED_LINEAR_OPS = {"bert": 12, "gpt2": 9, "llama": 15}
 ATOL = 1e-4
-LORA_MERGING = pytest.mark.xfail(strict=True, reason="issue 12: LoRA merging")
 
 
-def _cases(*passing_today: str) -> list:
-    """Every model x exporter; those not in ``passing_today`` marked ``LORA_MERGING``."""
+def _cases() -> list:
+    """Every model x exporter."""
     return [
-        pytest.param(
-            name,
-            exporter,
-            id=f"{name}-{exporter}",
-            marks=() if f"{name}-{exporter}" in passing_today else LORA_MERGING,
-        )
+        pytest.param(name, exporter, id=f"{name}-{exporter}")
         for name in language.MODELS
         for exporter in EXPORTERS
     ]
 
 
-CASES = _cases(*(f"{n}-{e}" for n in language.MODELS for e in EXPORTERS))
+CASES = _cases()
 
 
 def _export_case(directory: Path, name: str, exporter: str) -> None:
@@ -173,9 +167,7 @@ def fused(case, shared_dir):
 
 
 # the legacy LLaMA export merges today: no bias, one Constant scale per adapter, MatMul base
-@pytest.mark.parametrize(
-    ("name", "exporter"), _cases("llama-legacy", "llama-dynamo", "bert-legacy", "bert-dynamo")
-)
+@pytest.mark.parametrize(("name", "exporter"), _cases())
 def test_fuse_reaches_merge_and_unload(case, fused, name, exporter):
     c = case(name, exporter)
     code, out = fused(name, exporter)
@@ -186,7 +178,7 @@ def test_fuse_reaches_merge_and_unload(case, fused, name, exporter):
     assert language.count_linear_ops(model) == MERGED_LINEAR_OPS[name]
 
 
-@pytest.mark.parametrize(("name", "exporter"), _cases("llama-legacy", "llama-dynamo"))
+@pytest.mark.parametrize(("name", "exporter"), _cases())
 def test_fuse_leaves_no_free_fold(fused, name, exporter):
     code, out = fused(name, exporter)
     assert code == 0
