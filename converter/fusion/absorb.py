@@ -77,7 +77,7 @@ def find_absorbs(ops: list[LinearOp], label: str) -> tuple[list[Absorb], list[De
     found: list[Absorb] = []
     declined: list[Declined] = []
     for op in ops:
-        if op.elementwise:
+        if op.elementwise or op.axis != -1:
             continue
         rank = value_rank(op.output) or value_rank(op.input)
         if rank is None:

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from converter.fusion import algebra, chains
 from converter.fusion.constants import Constant, is_onnx, resolve
 from converter.fusion.recognize import LinearOp
-from converter.fusion.views import static_dims
+from converter.fusion.views import axes_of, single_reader, static_dims
 from converter.report import Declined
 
 __all__ = ["Term", "BranchSum", "find_sums", "JOIN_OPS"]
@@ -140,8 +140,43 @@ def _inner(value: ir.Value) -> bool:
     return len(users) == 1 and _is_join(next(iter(users))) and _is_join(value.producer())
 
 
+def _stack(node: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]] | None:
+    """``ReduceSum(Concat(Unsqueeze(v_i, a), axis=a), axes=[a], keepdims=0)``, which is how
+    ``torch.stack([...]).sum(0)`` is exported: the sum of the ``v_i``. Its nodes and leaves."""
+    if not is_onnx(node, "ReduceSum") or node.attributes.get_int("keepdims", 1) != 0:
+        return None
+    concat = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if not is_onnx(concat, "Concat") or not _feeds_only(node.inputs[0], {node}):
+        return None
+    axis = concat.attributes.get_int("axis", 0)
+    if axes_of(node) != [axis] or axis < 0:
+        return None
+    joins: list[ir.Node] = []
+    for value in concat.inputs:
+        unsqueeze = value.producer() if value is not None else None
+        if not is_onnx(unsqueeze, "Unsqueeze") or axes_of(unsqueeze) != [axis]:
+            return None
+        if not _feeds_only(value, {concat}):
+            return None
+        joins.append(unsqueeze)
+    leaves = [(1.0, u.inputs[0]) for u in joins]
+    return [*joins, concat, node], leaves
+
+
+def _stack_root(node: ir.Node) -> ir.Node | None:
+    """The ``ReduceSum`` of a stacked sum that ``node`` (an ``Unsqueeze``) feeds, if any."""
+    if not is_onnx(node, "Unsqueeze"):
+        return None
+    concat = single_reader(node.outputs[0])
+    root = single_reader(concat.outputs[0]) if is_onnx(concat, "Concat") else None
+    return root if root is not None and _stack(root) is not None else None
+
+
 def _leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
     """The joins of the tree under ``root`` (root last) and its signed leaves."""
+    stacked = _stack(root)
+    if stacked is not None:
+        return stacked
     joins: list[ir.Node] = []
     leaves: list[tuple[float, ir.Value]] = []
 
@@ -232,6 +267,8 @@ def _checked(joins: list[ir.Node], terms: list[Term], x: ir.Value) -> BranchSum 
         return None  # only scales and shifts: as a matrix it would cost d*d, not d
     if any(op.trans_a for op in ops) or len({op.dtype for op in ops}) != 1:
         return None
+    if len({op.axis for op in ops}) != 1:
+        return None
     if x.dtype is not None and x.dtype != ops[0].dtype:
         return None
     width_in = next(t.chain[0].in_features for t in terms if t.chain)
@@ -247,6 +284,10 @@ def _roots(runs: list[list[LinearOp]]) -> list[ir.Node]:
     for run in runs:
         for use in run[-1].output.uses():
             node = use.node
+            stacked = _stack_root(node)
+            if stacked is not None:
+                roots[stacked] = None
+                continue
             while _is_join(node) and _inner(node.outputs[0]):
                 node = next(iter(node.outputs[0].uses())).node
             if _is_join(node):
@@ -256,6 +297,8 @@ def _roots(runs: list[list[LinearOp]]) -> list[ir.Node]:
 
 def _subtrees(root: ir.Node) -> list[ir.Node]:
     """Inner joins under ``root``, tried when the whole tree is not one branch sum."""
+    if _stack(root) is not None:
+        return []
     joins, _ = _leaves(root)
     return joins[-2::-1]
 

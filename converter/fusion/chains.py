@@ -55,6 +55,8 @@ def _link_reason(prev: LinearOp, op: LinearOp) -> str | None:
         return f"fan-out: intermediate '{label}' feeds {len(users)} nodes"
     if op.trans_a:
         return f"transA=1 on '{op.names[0]}' transposes the rows, so it can only start a chain"
+    if prev.axis != op.axis:
+        return "the ops act on different axes (one is a MatMul with the weight on the left)"
     if prev.dtype != op.dtype:
         return f"dtypes differ ({prev.dtype.name} then {op.dtype.name})"
     if prev.out_features != op.in_features:

@@ -87,6 +87,8 @@ class LinearOp:
     elementwise: bool = False
     has_bias: bool = False
     per_row_bias: bool = False
+    # The axis of the data the map acts on: -1 (x @ W), or -2 for a left MatMul (W @ x).
+    axis: int = -1
 
     @property
     def input(self) -> ir.Value:
@@ -294,10 +296,12 @@ def _rank_source(value: ir.Value) -> tuple[ir.Value | None, int | None]:
         return None, None
     if node.op_type == "Gemm":
         return None, 2
-    if node.op_type == "MatMul" and len(node.inputs) == 2:
-        w = resolve(node.inputs[1])
-        ok = isinstance(w, Constant) and len(w.shape) == 2
-        return (node.inputs[0], None) if ok else (None, None)
+    if node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is not None:
+        for w_at, x_at in ((1, 0), (0, 1)):  # x @ W, or W @ x (a left MatMul)
+            w = resolve(node.inputs[w_at])
+            if isinstance(w, Constant) and len(w.shape) == 2:
+                return node.inputs[x_at], None
+        return None, None
     if node.op_type in _SAME_RANK:
         return node.inputs[0], None
     if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
@@ -352,7 +356,7 @@ def _recognize_matmul(node: ir.Node) -> LinearOp | Decline:
     w = resolve(node.inputs[1])
     if isinstance(w, NotConstant):
         if isinstance(resolve(node.inputs[0]), Constant):
-            return Decline(node, "the constant is the left operand (x @ W needs W on the right)")
+            return _recognize_left_matmul(node)
         return Decline(node, w.reason)
     if len(w.shape) != 2:
         return Decline(node, f"MatMul weight has rank {len(w.shape)}, expected 2")
@@ -383,6 +387,70 @@ def _recognize_matmul(node: ir.Node) -> LinearOp | Decline:
         _unmapping(make, constants),
         has_bias=bias is not None,
     )
+
+
+def _recognize_left_matmul(node: ir.Node) -> LinearOp | Decline:
+    """``MatMul(W, x)``: a map along x's second-to-last axis (token mixing), ``y.T = x.T @ W.T``.
+
+    Normalised like any op on the transposed view: ``weight = W.T`` (``(in, out)``), and a bias
+    ``Add`` of a constant ``(out, 1)`` (or ``(1, ..., out, 1)``) that varies along that axis only.
+    """
+    w = resolve(node.inputs[0])
+    assert isinstance(w, Constant)
+    x = node.inputs[1]
+    assert x is not None
+    rank = value_rank(x)
+    if len(w.shape) != 2:
+        return Decline(node, f"left MatMul weight has rank {len(w.shape)}, expected 2")
+    if rank is None or rank < 2:
+        return Decline(node, "the constant is the left operand and the data's rank is not known")
+    found = usable_constant(node.inputs[0], (node,), w.shape[0])
+    if isinstance(found, str):
+        return Decline(node, found)
+    dtype = _float_type(node.inputs[0].dtype or w.dtype)
+    if dtype is None:
+        return Decline(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
+    nodes: tuple[ir.Node, ...] = (node,)
+    constants: tuple[Constant, ...] = (w,)
+    bias = _column_bias_add(node, int(w.shape[0]), rank)
+    if bias is not None:
+        nodes, constants = (node, bias[0]), (w, bias[1])
+    column = None if bias is None else bias[1]
+
+    def make() -> algebra.AffineMap:
+        b = None if column is None else np.asarray(column.array()).reshape(-1)
+        return algebra.matmul_affine(np.asarray(w.array()).T, b)
+
+    op = LinearOp(
+        nodes,
+        1,
+        int(w.shape[1]),
+        int(w.shape[0]),
+        dtype,
+        constants,
+        _unmapping(make, constants),
+        has_bias=bias is not None,
+    )
+    op.axis = -2
+    return op
+
+
+def _column_bias_add(node: ir.Node, out: int, rank: int) -> tuple[ir.Node, Constant] | None:
+    """The ``Add`` of a constant ``(out, 1)`` after a left MatMul, with the constant, if any."""
+    value = node.outputs[0]
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    add = next(iter(uses)).node
+    if not is_onnx(add, "Add") or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
+    bias = usable_constant(other, (add,), out)
+    if isinstance(bias, str) or len(bias.shape) < 2 or len(bias.shape) > rank:
+        return None
+    if bias.shape[-1] != 1 or bias.shape[-2] != out or any(d != 1 for d in bias.shape[:-2]):
+        return None
+    return add, bias
 
 
 def recognize(node: ir.Node) -> LinearOp | Decline | None:

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from converter.fusion import algebra, chains
 from converter.fusion.branches import BranchSum
-from converter.fusion.constants import Constant, other_users, remove_if_unused
+from converter.fusion.constants import Constant, other_users, remove_if_unused, resolve
 from converter.fusion.recognize import LinearOp, value_rank
 from converter.report import Declined, FusionRecord
 
@@ -162,6 +162,7 @@ def decide(rewrite: Rewrite, opset: int, policy: algebra.Policy, label: str) -> 
     has_bias = any(op.has_bias for op in ops)
     rank = value_rank(rewrite.x)
     as_gemm = rank == 2 if rank is not None else any(op.is_gemm for op in ops)
+    as_gemm = as_gemm and ops[0].axis == -1
     # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.
     as_gemm = as_gemm and (has_bias or opset >= 11)
     per_row = [op for op in ops if op.per_row_bias]
@@ -217,13 +218,16 @@ def _new_nodes(
     """The merged op: ``Gemm(transB=1)``, or ``MatMul`` then ``Add`` of the bias."""
     base = weight.name.removesuffix(".weight") if weight.name else names.fresh("fused")
     doc = "onnx-fuse merged: " + ", ".join(rewrite.names)
-    if decision.as_gemm:
+    if rewrite.ops[0].axis == -2:  # W @ x (+ b as a column), as the ops came
+        nodes = [ir.Node("", "MatMul", [weight, rewrite.x], name=base, doc_string=doc)]
+    elif decision.as_gemm:
         attrs = [ir.AttrInt64("transB", 1)]
         if rewrite.ops[0].trans_a:
             attrs.append(ir.AttrInt64("transA", 1))
         inputs = [rewrite.x, weight] + ([bias] if bias is not None else [])
         return [ir.Node("", "Gemm", inputs, attrs, name=base, doc_string=doc)]
-    nodes = [ir.Node("", "MatMul", [rewrite.x, weight], name=base, doc_string=doc)]
+    else:
+        nodes = [ir.Node("", "MatMul", [rewrite.x, weight], name=base, doc_string=doc)]
     if bias is not None:
         nodes[0].outputs[0].name = names.fresh(f"{base}.matmul")
         add = ir.Node("", "Add", [nodes[0].outputs[0], bias], name=names.fresh(f"{base}.add"))
@@ -244,15 +248,18 @@ def write(
     dtype; return the record and the new nodes (the last computes the merged output)."""
     np_dtype = rewrite.ops[0].dtype.numpy()
     base = names.fresh(_fused_name(rewrite.ops))
-    w = affine.weight.T if decision.as_gemm else affine.weight
+    left = rewrite.ops[0].axis == -2
+    w = affine.weight.T if decision.as_gemm or left else affine.weight
     w_value = _initializer(graph, names, f"{base}.weight", algebra.round_to_dtype(w, np_dtype))
     b_value = None
     if affine.bias is not None:
-        b_value = _initializer(
-            graph, names, f"{base}.bias", algebra.round_to_dtype(affine.bias, np_dtype)
-        )
+        b = affine.bias.reshape(-1, 1) if left else affine.bias
+        b_value = _initializer(graph, names, f"{base}.bias", algebra.round_to_dtype(b, np_dtype))
     new_nodes = _new_nodes(rewrite, decision, w_value, b_value, names)
     old_nodes, old_out, x = rewrite.old_nodes, rewrite.out, rewrite.x
+    join_constants = [
+        v for n in rewrite.joins for v in n.inputs if isinstance(resolve(v), Constant)
+    ]
     new_out = new_nodes[-1].outputs[0]
     record = FusionRecord(
         nodes=rewrite.names,
@@ -274,6 +281,8 @@ def write(
     )
     for constant in (c for op in rewrite.ops for c in op.constants):
         remove_if_unused(constant.value)
+    for value in join_constants:  # e.g. the axes of a stacked sum's Unsqueeze and ReduceSum
+        remove_if_unused(value)
     return record, new_nodes
 
 

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from converter.fusion.constants import Constant, NotConstant, is_onnx, resolve
 
-__all__ = ["Features", "VIEW_OPS", "follow", "single_reader", "static_dims"]
+__all__ = ["Features", "VIEW_OPS", "axes_of", "follow", "single_reader", "static_dims"]
 
 VIEW_OPS = frozenset(
     {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast", "Split"}
@@ -70,7 +70,7 @@ def single_reader(value: ir.Value) -> ir.Node | None:
     return next(iter(readers)) if len(readers) == 1 else None
 
 
-def _axes(node: ir.Node) -> list[int] | None:
+def axes_of(node: ir.Node) -> list[int] | None:
     """``axes`` of Squeeze/Unsqueeze as written, from the input (opset 13+) or the attribute."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         found = resolve(node.inputs[1])
@@ -114,7 +114,7 @@ def follow(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features 
 
 
 def _squeeze(node: ir.Node, f: Features) -> Features | None:
-    axes = _axes(node)
+    axes = axes_of(node)
     if axes is None:
         return None  # Squeeze without axes drops every 1: decided only from shapes, not here
     if node.op_type == "Squeeze":
