@@ -119,8 +119,6 @@ def _is_constant_step(node: ir.Node, data: ir.Value) -> bool:
 
 def _step_map(node: ir.Node, data: ir.Value, f: Features):
     """``(scale, shift)`` of the step on the features, or the reason it does not fold."""
-    if node.outputs[0].is_graph_output():
-        return f"the {node.op_type} result '{node.outputs[0].name}' is a graph output"
     ones = np.ones(f.width)
     if node.op_type == "Neg":
         return -ones, None
@@ -180,9 +178,13 @@ def _batch_norm(node: ir.Node, f: Features):
 
 def remove_step(absorb: Absorb) -> None:
     """Take the folded step out: its readers read its data input instead."""
-    step = absorb.step
-    constants = [v for v in step.inputs if v is not None and v is not absorb.data]
-    ir.convenience.replace_all_uses_with(step.outputs[0], absorb.data)
+    step, data = absorb.step, absorb.data
+    out = step.outputs[0]
+    constants = [v for v in step.inputs if v is not None and v is not data]
+    ir.convenience.replace_all_uses_with(out, data, replace_graph_outputs=True)
+    if data.is_graph_output():  # the step wrote a graph output: its data now does, by that name
+        name, out.name = out.name, None
+        data.name, data.type, data.shape = name, out.type or data.type, out.shape or data.shape
     assert step.graph is not None
     step.graph.remove(step, safe=True)
     for value in constants:

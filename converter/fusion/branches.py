@@ -208,20 +208,26 @@ def _match(root: ir.Node, by_output: dict[ir.Value, list[LinearOp]]) -> BranchSu
     if len({id(v) for _, v in leaves}) != len(leaves):
         return None  # one value summed twice (2 * L(x)): not a set of branches
     found = [_branch(v, by_output) for _, v in leaves]
-    inputs = {id(f[2]): f[2] for f in found if f is not None}
-    if len(inputs) != 1:
-        return None
-    (x,) = inputs.values()
+    candidates = {id(f[2]): f[2] for f in found if f is not None}
     members = set(joins)
+    for x in candidates.values():  # the input every branch starts from (one leaf may be it)
+        terms = _terms(leaves, found, x, members)
+        if terms is not None:
+            return _checked(joins, terms, x)
+    return None
+
+
+def _terms(leaves, found, x: ir.Value, members: set[ir.Node]) -> list[Term] | None:
+    """Each leaf as a term of ``x``: ``x`` itself, or a branch starting at ``x``."""
     terms: list[Term] = []
     for (sign, value), branch in zip(leaves, found, strict=True):
-        if branch is None and value is not x:
+        if value is x:
+            terms.append(Term(sign, []))
+        elif branch is not None and branch[2] is x and _feeds_only(value, members):
+            terms.append(Term(sign, branch[0], branch[1]))
+        else:
             return None
-        if branch is not None and not _feeds_only(value, members):
-            return None
-        run, wrap = (branch[0], branch[1]) if branch is not None else ([], [])
-        terms.append(Term(sign, run, wrap))
-    return _checked(joins, terms, x)
+    return terms
 
 
 def _branch(
