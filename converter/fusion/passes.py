@@ -86,12 +86,8 @@ def fuse_model(
         report.declined.append(Declined([], reason, "model"))
     else:
         training.mark_trained(model)
-        restore = shapes.infer_missing(model) if shapes.needs_inference(model) else None
-        try:
+        with shapes.on_demand(model):
             _fuse_graphs(model, opset, policy, progress, report)
-        finally:
-            if restore is not None:
-                restore()
         invariants.check_model(model)
     report.linear_ops_after, report.macs_after, report.params_after = _model_totals(model)
     report.seconds = time.perf_counter() - start

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra
+from converter.fusion import algebra, shapes
 from converter.fusion.constants import (
     Constant,
     NotConstant,
@@ -262,6 +262,17 @@ _SAME_RANK = frozenset({"Relu", "Neg", "Identity", "Tanh", "Sigmoid", "BatchNorm
 
 
 def value_rank(value: ir.Value) -> int | None:
+    """The rank of ``value`` (see :func:`_value_rank`), asking for inferred shapes if unknown."""
+    rank = _value_rank(value)
+    if rank is None and shapes.request():
+        rank = _value_rank(value)
+    return rank
+
+
+shapes.when_inferred(_RANKS.clear)
+
+
+def _value_rank(value: ir.Value) -> int | None:
     """The rank of ``value``: from its shape, or else carried back through the linear ops and
     elementwise steps that produced it (a Gemm gives 2; ``x @ W`` and a step keep ``x``'s rank,
     a step's constant may raise it). None when nothing says.

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra
+from converter.fusion import algebra, shapes
 from converter.fusion.constants import Constant, NotConstant, resolve
 from converter.fusion.recognize import (
     FLOAT_TYPES,
@@ -45,6 +45,8 @@ WidthOf = Callable[[ir.Value], "int | None"]
 
 
 def _static_last_dim(value: ir.Value) -> int | None:
+    if value.shape is None:
+        shapes.request()  # the model records none: infer shapes (once per run)
     shape = value.shape
     if shape is None or len(shape) == 0:
         return None

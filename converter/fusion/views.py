@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from converter.fusion import shapes
 from converter.fusion.constants import Constant, NotConstant, is_onnx, resolve
 
 __all__ = ["Features", "VIEW_OPS", "axes_of", "follow", "single_reader", "static_dims"]
@@ -57,6 +58,8 @@ class Features:
 
 def static_dims(value: ir.Value) -> list[int | None] | None:
     """The value's dimensions (None where symbolic), or None if its shape is unknown."""
+    if value.shape is None and not shapes.request():
+        return None
     if value.shape is None:
         return None
     return [d if isinstance(d, int) else None for d in value.shape]
@@ -98,6 +101,8 @@ def follow(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features 
         )
     if op == "Cast":
         out = node.outputs[0]
+        if out.dtype is None:
+            shapes.request()
         same = value.dtype is not None and out.dtype == value.dtype
         return f if same and node.attributes.get_int("saturate", 1) == 1 else None
     if op == "Transpose":
