@@ -25,6 +25,7 @@ __all__ = [
     "UnsafeModelError",
     "OriginalModelError",
     "ValidationError",
+    "EngineError",
 ]
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ from converter.api import export, fuse, fuse_file
 from converter.equivalence.validate import EquivalenceReport, check_equivalence
 from converter.errors import (
     ConverterError,
+    EngineError,
     InputError,
     OriginalModelError,
     UnsafeModelError,

@@ -174,11 +174,14 @@ def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None
         if record.graph != _MAIN_GRAPH:
             record.error_note = "not measured: the value is inside a subgraph"
             continue
-        if not record.output:  # a later merge took this one's output in (engine: merged_into)
+        if not record.output and record.merged_into:  # a later merge took this one's output in
             record.error_note = (
                 "not measured: the value no longer exists in the fused model "
                 f"(merged on into '{record.merged_into}')"
             )
+            continue
+        if not record.output:  # a step folded across views: the old name now holds new values
+            record.error_note = "not measured: a step was folded into the op's values"
             continue
         _record_diagnostic(record, stats[record.output])
         if report.first_divergence is None and record.output == result.first_divergence:

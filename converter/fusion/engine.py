@@ -203,8 +203,12 @@ def _apply_absorb(
     if overflow(affine, op.dtype.numpy(), absorb.names, label):
         return 0
     old_nodes = [*op.nodes, absorb.step]
+    consumed = [ctx.records.pop(v) for n in op.nodes for v in n.outputs if v in ctx.records]
     record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
+    for earlier in consumed:  # its output name now carries the folded step too
+        earlier.merged_into, earlier.output = record.new_nodes[0], None
     remove_step(absorb)
+    record.output = None  # the name now holds the op's values with the step folded in
     record.nodes = absorb.names
     record.op_types = [n.op_type for n in (*op.nodes, *absorb.views, absorb.step)]
     record.macs_after = record.macs_before

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from converter.fusion import algebra, invariants, shapes
-from converter.fusion.constants import is_onnx, parameter_count
+from converter.fusion.constants import Constant, is_onnx, parameter_count, resolve
 from converter.fusion.engine import Context, fuse_graph
 from converter.fusion.rewrite import Names
 from converter.model_io import training
@@ -64,6 +64,8 @@ def _model_totals(model: ir.Model) -> tuple[int, int, int]:
                 ops += 1
                 if len(node.inputs) > 1 and node.inputs[1] is not None:
                     macs += parameter_count(node.inputs[1])
+            elif node.op_type == "Conv" and isinstance(resolve(node.inputs[1]), Constant):
+                ops += 1  # counted as a linear op; its MACs are per output position, not per row
     return ops, macs, params
 
 

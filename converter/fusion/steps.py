@@ -7,6 +7,7 @@ or ``(1, ..., 1, d)``, never raising the rank), so it is an affine map with a di
     Sub(x, c)  ->  W = I,  b = -c         Sub(c, x)  ->  W = -I,       b = c
     Div(x, c)  ->  W = diag(1 / c)        (c nonzero)
     Neg(x)     ->  W = -I                 Identity(x), Dropout(x) in inference  ->  W = I
+    Cast(x) to the type x already has  ->  W = I
 
     BatchNormalization(x, scale, B, mean, var) on a 2-D input (channels are the last axis):
         s = scale / sqrt(var + epsilon),  W = diag(s),  b = B - mean * s
@@ -39,7 +40,7 @@ from converter.fusion.recognize import (
 __all__ = ["STEP_OPS", "recognize_step"]
 
 BINARY_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
-STEP_OPS = BINARY_OPS | {"BatchNormalization", "Neg", "Identity", "Dropout"}
+STEP_OPS = BINARY_OPS | {"BatchNormalization", "Neg", "Identity", "Dropout", "Cast"}
 
 WidthOf = Callable[[ir.Value], "int | None"]
 
@@ -77,7 +78,7 @@ def recognize_step(node: ir.Node, width_of: WidthOf) -> LinearOp | Decline | Non
         return None
     if node.op_type == "BatchNormalization":
         return _batch_norm(node)
-    if node.op_type in ("Neg", "Identity", "Dropout"):
+    if node.op_type in ("Neg", "Identity", "Dropout", "Cast"):
         return _unary(node, width_of)
     if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
         return None
@@ -145,11 +146,21 @@ def _unary(node: ir.Node, width_of: WidthOf) -> LinearOp | Decline | None:
             return Decline(node, reason)
     elif len(node.outputs) != 1:
         return None
+    if node.op_type == "Cast" and not _same_type_cast(node, data):
+        return None
     width = _static_last_dim(data) or width_of(data)
     if width is None or data.dtype not in FLOAT_TYPES:
         return None
     sign = -1.0 if node.op_type == "Neg" else 1.0
     return _step(node, 0, width, data.dtype, (), lambda: algebra.scale_affine(sign, width))
+
+
+def _same_type_cast(node: ir.Node, data: ir.Value) -> bool:
+    """A ``Cast`` to the type its input already has (exporters write ``result.to(dtype)``)."""
+    if data.dtype is None:
+        shapes.request()
+    to = node.attributes.get_int("to", None)
+    return data.dtype is not None and to is not None and ir.DataType(to) == data.dtype
 
 
 def _dropout_reason(node: ir.Node) -> str | None:
