@@ -109,7 +109,7 @@ def resolve(value: ir.Value | None) -> Constant | NotConstant:
     if cached is None:
         cached = _resolve(value)
         _CACHE[value] = cached
-    if isinstance(cached, Constant):  # training_info may have been read after the cache was made
+    if isinstance(cached, Constant) and training.any_trained():  # marked after the cache was made
         trained = next((v for v in cached.chain if training.is_trained(v)), None)
         if trained is not None:
             return NotConstant(f"weight '{label(trained)}' is trained by the model's training_info")

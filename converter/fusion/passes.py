@@ -54,7 +54,7 @@ def _model_totals(model: ir.Model) -> tuple[int, int, int]:
     """(linear ops, MACs per row, weight parameters) over all graphs, from shapes alone."""
     ops = macs = params = 0
     for graph, _ in iter_graphs(model.graph):
-        params += sum(parameter_count(v) for v in graph.initializers.values())
+        params += sum(_initializer_size(v) for v in graph.initializers.values())
         for node in graph:
             if not is_onnx(node):
                 continue
@@ -67,6 +67,11 @@ def _model_totals(model: ir.Model) -> tuple[int, int, int]:
             elif node.op_type == "Conv" and isinstance(resolve(node.inputs[1]), Constant):
                 ops += 1  # counted as a linear op; its MACs are per output position, not per row
     return ops, macs, params
+
+
+def _initializer_size(value: ir.Value) -> int:
+    tensor = value.const_value  # read from the tensor's header: nothing resolved, nothing read
+    return parameter_count(value) if tensor is None else tensor.size
 
 
 def fuse_model(

@@ -17,6 +17,7 @@ own copy of what it needs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import weakref
@@ -118,7 +119,7 @@ class LinearOp:
     def is_gemm(self) -> bool:
         return self.nodes[0].op_type == "Gemm"
 
-    @property
+    @functools.cached_property
     def names(self) -> list[str]:
         return [n.name or f"<{n.op_type}>" for n in self.nodes]
 

@@ -22,6 +22,7 @@ is seen, and a rewrite whose nodes another merge took is not made at all (:meth:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -110,7 +111,7 @@ class Rewrite:
     def out(self) -> ir.Value:
         return (self.joins[-1] if self.joins else self.ops[-1].nodes[-1]).outputs[0]
 
-    @property
+    @functools.cached_property
     def names(self) -> list[str]:
         return [n for op in self.ops for n in op.names] + [n.name or n.op_type for n in self.joins]
 

@@ -13,7 +13,15 @@ import weakref
 import onnx
 import onnx_ir as ir
 
-__all__ = ["TRAINED", "stash", "mark_trained", "is_trained", "restore", "restore_file"]
+__all__ = [
+    "TRAINED",
+    "stash",
+    "mark_trained",
+    "is_trained",
+    "any_trained",
+    "restore",
+    "restore_file",
+]
 
 _KEY = "onnx_fuse.training_info"
 #: ``Value.meta`` key set on initializers that a ``training_info`` binding names.
@@ -24,7 +32,12 @@ _TRAINED_VALUES: weakref.WeakSet[ir.Value] = weakref.WeakSet()
 
 def is_trained(value: ir.Value) -> bool:
     """``value`` is an initializer that the model's ``training_info`` reads or updates."""
-    return value in _TRAINED_VALUES
+    return bool(_TRAINED_VALUES) and value in _TRAINED_VALUES
+
+
+def any_trained() -> bool:
+    """Some live model marked a weight as trained (most runs: none, and nothing to check)."""
+    return bool(_TRAINED_VALUES)
 
 
 def stash(model: ir.Model, proto: onnx.ModelProto) -> None:
