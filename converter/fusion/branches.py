@@ -27,7 +27,7 @@ from converter.fusion.recognize import LinearOp
 from converter.fusion.views import axes_of, single_reader, static_dims
 from converter.report import Declined
 
-__all__ = ["Term", "BranchSum", "find_sums", "JOIN_OPS"]
+__all__ = ["Term", "BranchSum", "find_sums", "is_join", "JOIN_OPS"]
 
 JOIN_OPS = frozenset({"Add", "Sub", "Sum"})
 
@@ -122,7 +122,7 @@ def _best_macs(chain: list[LinearOp]) -> int:
     )
 
 
-def _is_join(node: ir.Node | None) -> bool:
+def is_join(node: ir.Node | None) -> bool:
     """An ``Add``/``Sub``/``Sum`` of values none of which is constant (those are biases/steps)."""
     if not is_onnx(node) or node.op_type not in JOIN_OPS or len(node.outputs) != 1:
         return False
@@ -137,7 +137,7 @@ def _inner(value: ir.Value) -> bool:
     if value.is_graph_output():
         return False
     users = {u.node for u in value.uses()}
-    return len(users) == 1 and _is_join(next(iter(users))) and _is_join(value.producer())
+    return len(users) == 1 and is_join(next(iter(users))) and is_join(value.producer())
 
 
 def _stack(node: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]] | None:
@@ -185,7 +185,7 @@ def _leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]
             assert value is not None
             s = -sign if node.op_type == "Sub" and i == 1 else sign
             producer = value.producer()
-            if _is_join(producer) and _inner(value):
+            if is_join(producer) and _inner(value):
                 assert producer is not None
                 walk(producer, s)
             else:
@@ -294,9 +294,9 @@ def _roots(runs: list[list[LinearOp]]) -> list[ir.Node]:
             if stacked is not None:
                 roots[stacked] = None
                 continue
-            while _is_join(node) and _inner(node.outputs[0]):
+            while is_join(node) and _inner(node.outputs[0]):
                 node = next(iter(node.outputs[0].uses())).node
-            if _is_join(node):
+            if is_join(node):
                 roots[node] = None
     return list(roots)
 

@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion import conv_algebra as ca
+from converter.fusion.branches import JOIN_OPS, is_join
 from converter.fusion.constants import Constant, is_onnx, resolve
 from converter.fusion.recognize import FLOAT_TYPES, usable_constant
 
@@ -52,7 +53,6 @@ __all__ = [
 ]
 
 AFFINE_OPS = frozenset({"BatchNormalization", "Mul", "Div", "Add", "Sub", "Neg"})
-JOIN_OPS = frozenset({"Add", "Sub", "Sum"})
 
 
 def _name(node: ir.Node) -> str:
@@ -320,16 +320,6 @@ class ConvMerge:
             return False
         x = self.x
         return all(node.inputs[i] is x for node, i in self.reads)
-
-
-def is_join(node: ir.Node | None) -> bool:
-    """An ``Add``/``Sub``/``Sum`` of values none of which is constant."""
-    if not is_onnx(node) or node.op_type not in JOIN_OPS or len(node.outputs) != 1:
-        return False
-    arity_ok = len(node.inputs) >= 1 if node.op_type == "Sum" else len(node.inputs) == 2
-    if not arity_ok or None in node.inputs:
-        return False
-    return not any(isinstance(resolve(v), Constant) for v in node.inputs)
 
 
 def sole_consumer(value: ir.Value) -> ir.Node | None:
