@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator
 
@@ -70,7 +71,11 @@ def _model_totals(model: ir.Model) -> tuple[int, int, int]:
 
 
 def _initializer_size(value: ir.Value) -> int:
-    tensor = value.const_value  # read from the tensor's header: nothing resolved, nothing read
+    """Elements of an initializer, from the shape onnx-ir recorded (nothing read or resolved)."""
+    dims = value.shape.dims if value.shape is not None else None
+    if dims is not None and all(isinstance(d, int) for d in dims):
+        return math.prod(dims)
+    tensor = value.const_value
     return parameter_count(value) if tensor is None else tensor.size
 
 
