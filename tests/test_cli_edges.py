@@ -261,3 +261,21 @@ def test_export_summary_names_the_destination_not_a_temporary_file(tmp_path):
     first = str(report).splitlines()[0]
     assert first == f"merged 1 chain(s): torch.onnx.export(Sequential) -> {dst}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_model_without_linear_ops_says_so(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    src, out = tmp_path / "relu.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    assert main([str(src), "-o", str(out)]) == 0
+    assert "nothing merged: no linear op (Gemm, MatMul or Conv with a constant weight)" in (
+        capsys.readouterr().out
+    )
