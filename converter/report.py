@@ -150,9 +150,7 @@ class FusionReport:
     def why_nothing_merged(self) -> str:
         """One line: why a run merged nothing."""
         if self.linear_ops_before == 0:
-            return "the model has no Gemm or MatMul"
-        if not self.declined and self.linear_ops_before == 0:
-            return "no linear op (Gemm, MatMul or Conv with a constant weight) in the model"
+            return "the model has no linear op (Gemm, MatMul, or Conv with a constant weight)"
         if not self.declined:
             return (
                 "no two linear ops with constant weights follow each other "

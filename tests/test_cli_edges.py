@@ -276,6 +276,6 @@ def test_a_model_without_linear_ops_says_so(tmp_path, capsys):
     src, out = tmp_path / "relu.onnx", tmp_path / "o.onnx"
     onnx.save(model, src)
     assert main([str(src), "-o", str(out)]) == 0
-    assert "nothing merged: no linear op (Gemm, MatMul or Conv with a constant weight)" in (
+    assert "nothing merged: the model has no linear op (Gemm, MatMul, or Conv with a" in (
         capsys.readouterr().out
     )
