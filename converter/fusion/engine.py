@@ -4,9 +4,12 @@ Each graph (the main graph and every ``If``/``Loop``/``Scan`` body) is fused in 
 analyses the graph as it is now (recognise every linear op and step, link them into maximal
 chains, find the trees of sums over branches of one input) and then merges:
 
-1. every branch sum it found (:mod:`converter.fusion.branches`); if any was merged, the round
-   ends there, because the merged ops change which chains exist;
-2. otherwise every segment the cost model chose in every chain (:mod:`converter.fusion.chains`).
+1. convolutions: folds, summed branches, compositions (:mod:`converter.fusion.convs`);
+2. every branch sum it found (:mod:`converter.fusion.branches`);
+3. every constant step that folds into a linear op across views of its output
+   (:mod:`converter.fusion.absorb`);
+4. if none of these merged anything (they change which chains exist, so the round ends after
+   them), every segment the cost model chose in every chain (:mod:`converter.fusion.chains`).
 
 Rounds repeat until one merges nothing but chain segments (see :func:`_round` for why no later
 round could find more; tests and ``--debug`` run one more round to check it). The reasons reported
@@ -202,21 +205,15 @@ def _apply_absorb(
     affine = rewrite.make_affine()
     if overflow(affine, op.dtype.numpy(), absorb.names, label):
         return 0
-    old_nodes = [*op.nodes, absorb.step]
-    consumed = [ctx.records.pop(v) for n in op.nodes for v in n.outputs if v in ctx.records]
-    record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
-    for earlier in consumed:  # its output name now carries the folded step too
-        earlier.merged_into, earlier.output = record.new_nodes[0], None
-    remove_step(absorb)
-    record.output = None  # the name now holds the op's values with the step folded in
-    record.nodes = absorb.names
-    record.op_types = [n.op_type for n in (*op.nodes, *absorb.views, absorb.step)]
-    record.macs_after = record.macs_before
-    ctx.renamed.update((name, record.new_nodes[0]) for name in op.names)
-    fusions.append(record)
-    invariants.check_rewrite(graph, label, old_nodes, new_nodes)
-    if ctx.check_every_rewrite:
-        invariants.check_model(ctx.model)
+
+    def then(record: FusionRecord) -> None:  # the step goes; the op's name now holds new values
+        remove_step(absorb)
+        record.output = None
+        record.nodes = absorb.names
+        record.op_types = [n.op_type for n in (*op.nodes, *absorb.views, absorb.step)]
+        record.macs_after = record.macs_before
+
+    _write(ctx, graph, label, rewrite, decision, affine, fusions, [absorb.step], then)
     return 1
 
 
@@ -228,20 +225,27 @@ def _write(
     decision: Decision,
     affine: AffineMap,
     fusions: list[FusionRecord],
+    also_removed: list[ir.Node] | None = None,
+    then: Callable[[FusionRecord], None] | None = None,
 ) -> None:
-    old_nodes = rewrite.old_nodes
+    """Write one accepted merge, keep the records and names current, and check the graph."""
+    old_nodes = rewrite.old_nodes + (also_removed or [])
     owners = set(old_nodes)
     others = [u for op in rewrite.ops for c in op.constants for u in other_users(c, owners)]
-    if others:
+    if others:  # those other readers may own the constant alone now: look again
         ctx.shared_released = True
         ctx.released_elsewhere |= any(u.graph is not graph for u in others)
     consumed = [ctx.records.pop(v) for n in old_nodes for v in n.outputs if v in ctx.records]
     record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
+    if then is not None:
+        then(record)
     for earlier in consumed:  # their output value is gone: name the merge that took it
         earlier.merged_into = record.new_nodes[0]
         earlier.output = None
-    ctx.records[new_nodes[-1].outputs[0]] = record
-    ctx.renamed.update((name, record.new_nodes[0]) for name in record.nodes)
+    if record.output is not None:
+        ctx.records[new_nodes[-1].outputs[0]] = record
+    replaced = [*rewrite.names, *(n.name or n.op_type for n in also_removed or [])]
+    ctx.renamed.update((name, record.new_nodes[0]) for name in replaced)
     fusions.append(record)
     invariants.check_rewrite(graph, label, old_nodes, new_nodes)
     if ctx.check_every_rewrite:
