@@ -171,6 +171,7 @@ def test_conv1d_style_base_in_a_reshape_sandwich_merges_with_its_adapter():
     (record,) = report.fusions
     assert record.note == "LoRA lora_A/scaling merged into c_attn"
     assert op_types(fused) == ["MatMul", "Add"]  # on the 3-D input: no Reshape left
+    assert len(fused.graph.initializer) == 2  # the Reshapes' shapes went with them
     assert_equivalent(model, fused, _feed((2, 3, c)), **TOL)
     check(fused)
 
