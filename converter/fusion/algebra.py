@@ -238,7 +238,8 @@ def plan_segments(
 
     ``policy="always"`` merges the whole chain. ``policy="cost"`` minimises the total
     multiply-adds per row, ``sum(widths[i] * widths[j])`` over segments, with a dynamic program
-    over split points (O(k^2)); ties go to fewer segments, i.e. fewer ops. ``alone[i]`` is the
+    over split points (O(k log k), see :class:`_LowerEnvelope`); ties go to fewer segments, i.e.
+    fewer ops, then to the earlier split. ``alone[i]`` is the
     cost of op ``i`` left as it is, when that is not ``widths[i] * widths[i + 1]`` (a diagonal
     scale costs its width).
     """
@@ -249,21 +250,81 @@ def plan_segments(
         return [(0, k)]
     if policy != "cost":
         raise ValueError(f"unknown policy {policy!r}; expected 'cost' or 'always'")
-    # best[j] = (macs, segments) for ops [0, j); compare tuples so ties prefer fewer segments.
-    best: list[tuple[int, int]] = [(0, 0)] + [(0, 0)] * k
+    # One integer orders (macs, segments, split point) as the tuples would: ties prefer fewer
+    # segments, then the earlier split. best[j] is that key for the ops [0, j).
+    scale_count, scale_split = k + 1, k + 1
+    best = [0] * (k + 1)
     split = [0] * (k + 1)
+    hull = _LowerEnvelope(sorted(set(widths)))
     for j in range(1, k + 1):
-        candidates = (
-            (best[i][0] + _segment_cost(widths, alone, i, j), best[i][1] + 1, i) for i in range(j)
-        )
-        macs, count, i = min(candidates)
-        best[j], split[j] = (macs, count), i
+        if j >= 2:  # a merged segment [i, j) costs widths[i] * widths[j]: a line in widths[j]
+            i = j - 2
+            hull.add(
+                widths[i] * scale_count * scale_split,
+                (best[i] + 1) * scale_split + i,
+            )
+        alone_cost = _segment_cost(widths, alone, j - 1, j)
+        key = (best[j - 1] + alone_cost * scale_count + 1) * scale_split + (j - 1)
+        if j >= 2:
+            key = min(key, hull.query(widths[j]))
+        best[j], split[j] = key // scale_split, key % scale_split
     segments = []
     j = k
     while j > 0:
         segments.append((split[j], j))
         j = split[j]
     return segments[::-1]
+
+
+class _LowerEnvelope:
+    """Minimum of lines ``a * x + b`` at given points ``xs`` (a Li Chao tree): O(log n) each.
+
+    The cost model's dynamic program asks, for every op ``j``, the cheapest earlier split ``i``
+    of ``best[i] + widths[i] * widths[j]``: a line in ``widths[j]`` per ``i``, so a chain of
+    ``k`` ops is planned in O(k log k) instead of O(k^2).
+    """
+
+    def __init__(self, xs: Sequence[int]) -> None:
+        self.xs = list(xs)
+        self.lines: list[tuple[int, int] | None] = [None] * (4 * max(len(self.xs), 1))
+
+    def add(self, a: int, b: int) -> None:
+        line, node, lo, hi = (a, b), 1, 0, len(self.xs) - 1
+        while True:
+            current = self.lines[node]
+            if current is None:
+                self.lines[node] = line
+                return
+            mid = (lo + hi) // 2
+            better_lo = _at(line, self.xs[lo]) < _at(current, self.xs[lo])
+            better_mid = _at(line, self.xs[mid]) < _at(current, self.xs[mid])
+            if better_mid:  # the node keeps the line that is lower at mid; the other goes down
+                self.lines[node], line = line, current
+            if lo == hi:
+                return
+            if better_lo != better_mid:  # they cross left of mid
+                node, hi = 2 * node, mid
+            else:
+                node, lo = 2 * node + 1, mid + 1
+
+    def query(self, x: int) -> int:
+        node, lo, hi = 1, 0, len(self.xs) - 1
+        best: int | None = None
+        while True:
+            line = self.lines[node]
+            if line is not None:
+                value = _at(line, x)
+                best = value if best is None else min(best, value)
+            if lo == hi:
+                break
+            mid = (lo + hi) // 2
+            node, lo, hi = (2 * node, lo, mid) if x <= self.xs[mid] else (2 * node + 1, mid + 1, hi)
+        assert best is not None
+        return best
+
+
+def _at(line: tuple[int, int], x: int) -> int:
+    return line[0] * x + line[1]
 
 
 def _segment_cost(widths: Sequence[int], alone: Sequence[int] | None, i: int, j: int) -> int:

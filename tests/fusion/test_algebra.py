@@ -425,3 +425,44 @@ def test_cost_policy_equals_brute_force(widths):
     assert segments_macs(widths, [(i, i + 1) for i in range(k)]) == sum(
         a * b for a, b in itertools.pairwise(widths)
     )
+
+
+def _plan_segments_quadratic(widths, alone=None):
+    """The plain O(k^2) dynamic program the fast one must agree with, tie-breaks included."""
+    k = len(widths) - 1
+    best, split = [(0, 0)] * (k + 1), [0] * (k + 1)
+    for j in range(1, k + 1):
+        costs = (
+            (
+                best[i][0]
+                + (alone[i] if j - i == 1 and alone is not None else widths[i] * widths[j]),
+                best[i][1] + 1,
+                i,
+            )
+            for i in range(j)
+        )
+        macs, count, i = min(costs)
+        best[j], split[j] = (macs, count), i
+    segments, j = [], k
+    while j > 0:
+        segments.append((split[j], j))
+        j = split[j]
+    return segments[::-1]
+
+
+@given(
+    st.lists(st.sampled_from([1, 2, 3, 4, 8, 16, 64, 1024]), min_size=2, max_size=24),
+    st.booleans(),
+)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_plan_segments_equals_the_quadratic_program(widths, with_alone):
+    alone = [w if i % 3 == 0 else widths[i] * widths[i + 1] for i, w in enumerate(widths[1:])]
+    alone = alone if with_alone else None
+    assert plan_segments(widths, alone=alone) == _plan_segments_quadratic(widths, alone)
+
+
+def test_plan_segments_of_a_long_random_chain_equals_the_quadratic_program():
+    r = np.random.default_rng(11)
+    widths = [int(w) for w in r.choice([2, 3, 16, 17, 64, 300], size=601)]
+    alone = [w if i % 5 == 0 else widths[i] * widths[i + 1] for i, w in enumerate(widths[1:])]
+    assert plan_segments(widths, alone=alone) == _plan_segments_quadratic(widths, alone)
