@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from converter import determinism
 from converter.equivalence.compare import OutputStats
+from converter.equivalence.runtime import OnDisk
 from converter.equivalence.validate import EquivalenceReport, check_equivalence
 from converter.errors import InputError, ValidationError
 from converter.fusion.algebra import Policy
@@ -106,7 +107,8 @@ def fuse_file(
     with _write(model, src, dst, report, external_data=external_data, force=force) as pending:
         if validate and report.fusions:
             progress("validating", None, None)
-            _validate_into(report, src, pending.path, seed=seed, **options)
+            # The fused model is already in memory: validation runs its file without reloading it.
+            _validate_into(report, src, OnDisk(model, pending.path), seed=seed, **options)
             if strict:
                 _require_bit_exact(report)
             if not report.validated:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "ModelLike",
+    "OnDisk",
     "Runner",
     "Side",
     "all_nodes",
@@ -39,7 +40,18 @@ from converter.model_io import files as io
 
 logger = logging.getLogger(__name__)
 
-ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+@dataclasses.dataclass(frozen=True)
+class OnDisk:
+    """A model already in memory that is also saved at ``path`` (as ``fuse_file`` writes it):
+    validation runs the file and reads the model as it is, without loading it again. The model
+    is handed over: validation may add graph outputs to it."""
+
+    model: ir.Model
+    path: str
+
+
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model | OnDisk
 
 _IN_MEMORY_LIMIT = io.EXTERNAL_DATA_THRESHOLD_BYTES
 _FOLDER_KEY = "session.model_external_initializers_file_folder_path"
@@ -66,7 +78,11 @@ class Side:
 
 
 def load_side(model: ModelLike, role: str) -> Side:
-    """Wrap ``model`` without ever mutating the caller's object."""
+    """Wrap ``model`` without ever mutating the caller's object (an :class:`OnDisk` is handed
+    over, not copied)."""
+    if isinstance(model, OnDisk):
+        outputs = [v.name for v in model.model.graph.outputs]
+        return Side(f"{role} model {model.path}", model.model, os.fspath(model.path), outputs)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         loaded = io.load_model(path)

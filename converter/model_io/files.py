@@ -97,7 +97,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: is not a valid ONNX model ({_one_line(e)})") from None
     _set_base_dir(model, model_dir)
     training.stash(model, proto)
-    logger.debug("loaded %s (%d tensor bytes)", path, model_size_bytes(model))
+    if logger.isEnabledFor(logging.DEBUG):  # sizing walks every tensor: only when it is shown
+        logger.debug("loaded %s (%d tensor bytes)", path, model_size_bytes(model))
     return model
 
 
