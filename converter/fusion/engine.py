@@ -40,7 +40,7 @@ from converter.fusion.algebra import AffineMap, Policy
 from converter.fusion.branches import find_sums
 from converter.fusion.constants import other_users
 from converter.fusion.convs import merge_convs
-from converter.fusion.recognize import LinearOp, value_rank
+from converter.fusion.recognize import LinearOp, recognize, value_rank
 from converter.fusion.rewrite import Decision, Names, Rewrite, decide, overflow, write
 from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import Declined, FusionRecord
@@ -75,6 +75,8 @@ class Context:
     shared_released: bool = False
     # ... and some of those nodes are in another graph (a subgraph, or the graph around one).
     released_elsewhere: bool = False
+    # The first node of each merged op written in the current round.
+    written: list[ir.Node] = field(default_factory=list)
 
 
 def fuse_graph(
@@ -85,13 +87,21 @@ def fuse_graph(
     limit = sum(1 for _ in graph) + 2  # each productive round removes at least one node's worth
     for _ in range(limit):
         ctx.shared_released = False
+        ctx.written = []
         sums_made, chains_made, declined = _round(ctx, graph, label, fusions)
-        if sums_made or ctx.shared_released:
+        if sums_made or ctx.shared_released or _folds_waiting(ctx.written, label):
             continue
         if chains_made and ctx.check_every_rewrite:
             _assert_fixpoint(ctx, graph, label)
         return fusions, _renamed(declined, ctx.renamed)
     raise EngineError(f"internal error: fusing {label} did not reach a fixpoint; nothing written")
+
+
+def _folds_waiting(written: list[ir.Node], label: str) -> bool:
+    """A merged segment now reaches a constant step through views (``MatMul -> Neg -> Transpose
+    -> Mul``: the chain took the Neg, the Mul folds next): one more round folds it."""
+    ops = [op for n in written if isinstance(op := recognize(n), LinearOp)]
+    return bool(ops) and bool(find_absorbs(ops, label)[0])
 
 
 def _assert_fixpoint(ctx: Context, graph: ir.Graph, label: str) -> None:
@@ -244,6 +254,7 @@ def _write(
         earlier.output = None
     if record.output is not None:
         ctx.records[new_nodes[-1].outputs[0]] = record
+    ctx.written.append(new_nodes[0])
     replaced = [*rewrite.names, *(n.name or n.op_type for n in also_removed or [])]
     ctx.renamed.update((name, record.new_nodes[0]) for name in replaced)
     fusions.append(record)

@@ -258,7 +258,7 @@ def _gemm_bias_reason(c: Constant | None, out_features: int) -> str | None:
     return None
 
 
-_RANKS: weakref.WeakKeyDictionary[ir.Value, int | None] = weakref.WeakKeyDictionary()
+_RANKS: weakref.WeakKeyDictionary[ir.Value, int] = weakref.WeakKeyDictionary()
 _SAME_RANK = frozenset({"Relu", "Neg", "Identity", "Tanh", "Sigmoid", "BatchNormalization"})
 
 
@@ -297,8 +297,9 @@ def _value_rank(value: ir.Value) -> int | None:
             break
     for v in reversed(pending):  # each value's rank is its source's, or more (a broadcast)
         rank = _raised(v, rank)
-        _RANKS[v] = rank
-    return _RANKS.get(value, rank) if pending else rank
+        if rank is not None:  # a known rank never changes; an unknown one may become known
+            _RANKS[v] = rank  # when a merge replaces what produced it
+    return rank
 
 
 def _rank_source(value: ir.Value) -> tuple[ir.Value | None, int | None]:
