@@ -47,19 +47,23 @@ inferred into ``value_info``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx
 import onnx.reference
+from onnx.reference.op_run import OpRun
 import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 import converter
+from converter.fusion.engine import CHECK_ENV
 from converter.fusion.passes import fuse_model, iter_graphs
 from converter.report import FusionRecord, FusionReport
 
@@ -69,6 +73,7 @@ __all__ = [
     "Case",
     "Outcome",
     "BLOCKS",
+    "IMAGE_BLOCKS",
     "generate",
     "check_case",
     "assert_close",
@@ -78,7 +83,8 @@ __all__ = [
     "canonical",
     "as_float64",
     "run",
-    "known_cross_graph_bug",
+    "KNOWN_BUGS",
+    "known_engine_bug",
 ]
 
 T = TypeVar("T")
@@ -139,7 +145,9 @@ class Case:
                 for k, v in self.feeds[index].items()
             }
             if "Conv" in op_counts(self.reference):
-                evaluator = onnx.reference.ReferenceEvaluator(self.reference)
+                evaluator = onnx.reference.ReferenceEvaluator(
+                    self.reference, new_ops=[BatchNormalization]
+                )
                 self.refs[index] = [np.asarray(r) for r in evaluator.run(None, feeds)]
             else:
                 self.refs[index] = run(self.reference, feeds)
@@ -754,14 +762,16 @@ def _elem(dtype: np.dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(dtype)
 
 
-def generate(ch: Choices, blocks: Sequence[str] = BLOCKS) -> Case:
+def generate(ch: Choices, blocks: Sequence[str] = BLOCKS, image: bool | None = None) -> Case:
     """A random model of ``blocks`` (drawn with repetition), its float64 twin, and its feeds.
 
-    With a quarter of the draws (when ``blocks`` has any convolution block) the input is an
-    image ``[N, C, H, W]`` (float32: onnxruntime has no float64 Conv) and convolution blocks are
-    drawn twice as often; other blocks see it channels-last through a ``Transpose``.
+    With ``image`` (by default a quarter of the draws when ``blocks`` has a convolution block)
+    the input is an image ``[N, C, H, W]`` (float32: onnxruntime has no float64 Conv) and
+    convolution blocks are drawn twice as often; other blocks see it channels-last through a
+    ``Transpose``. Without, convolution blocks are not drawn.
     """
-    image = bool(IMAGE_BLOCKS & set(blocks)) and ch.pick((False, False, False, True))
+    if image is None:
+        image = bool(IMAGE_BLOCKS & set(blocks)) and ch.pick((False, False, False, True))
     if not image:
         blocks = [k for k in blocks if k not in IMAGE_BLOCKS]
     else:
@@ -815,6 +825,18 @@ def _finish(b: _Builder, x: _Val, h: _Val, opset: int) -> Case:
     conds = [True, False] if has_if else [None]
     feeds = [{"x": xs} | ({} if c is None else {"cond": np.array(c)}) for c in conds]
     return Case(model, as_float64(model), feeds, b.dtype, b.blocks)
+
+
+class BatchNormalization(OpRun):  # the class name is the op type it replaces
+    """BatchNormalization in inference mode: onnx's reference evaluator computes opsets 9 to 14
+    otherwise (as if in training mode; onnx 1.23)."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, training_mode=0):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        s = scale.reshape(shape) / np.sqrt(var.reshape(shape) + epsilon)
+        return (((x - mean.reshape(shape)) * s + bias.reshape(shape)).astype(x.dtype),)
 
 
 # --- model utilities --------------------------------------------------------------------------
@@ -969,7 +991,6 @@ class Outcome:
     fusions: int
     ops_before: int
     ops_after: int
-    tolerated: bool = False
 
 
 def assert_close(case: Case, fused: onnx.ModelProto, what: str) -> None:
@@ -1039,28 +1060,58 @@ def _loads(model: onnx.ModelProto) -> None:
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def known_cross_graph_bug(first: FusionReport, second: FusionReport) -> bool:
-    """The engine bug of ``test_idempotent_when_a_constant_is_shared_across_graphs``: the second
-    pass's first merge is one the first pass declined by the parameter rule (a constant it
-    needed was still shared with a graph fused later)."""
-    merge = second.fusions[0]
-    return any(
-        d.graph == merge.graph and "parameters" in d.reason and d.nodes == merge.nodes
-        for d in first.declined
-    )
+# Engine bugs with a strict-xfail reproducer in test_random_structures.py: callers may excuse a
+# failure one of them explains (:func:`known_engine_bug`), and count how often they do.
+KNOWN_BUGS = {
+    "absorb": "a step after views that a chain merge made foldable waits for a second pass "
+    "(test_a_step_after_views_of_a_merged_chain_folds_in_one_pass)",
+    "rank": "a left-MatMul chain declined for an unknown rank merges in a second pass "
+    "(test_a_left_matmul_chain_after_a_merged_sum_in_a_branch_merges_in_one_pass)",
+}
 
 
-def check_case(
-    case: Case,
-    policy: str,
-    shuffle_seed: int = 0,
-    tolerate: Callable[[FusionReport, FusionReport], bool] | None = None,
-) -> Outcome:
-    """Assert properties (a) to (f) of the module docstring for ``case`` under ``policy``.
+@contextlib.contextmanager
+def _unchecked() -> Iterator[None]:
+    """Without ``ONNX_FUSE_CHECK_EVERY_REWRITE`` (its fixpoint check raises on a missed merge)."""
+    saved = os.environ.pop(CHECK_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[CHECK_ENV] = saved
 
-    ``tolerate(first_report, second_report)``, if given, may excuse a second pass that merges
-    again (a known engine bug the caller keeps a reproducer of); the outcome says so.
-    """
+
+def known_engine_bug(
+    case: Case, policy: str, error: BaseException, shuffle_seed: int = 0
+) -> str | None:
+    """The known engine bug (:data:`KNOWN_BUGS`) that explains ``error`` from
+    :func:`check_case`, or None: the error is a missed merge (e), (c) or (d), and in both node
+    orders every merge a second pass makes is one of those bugs' (and one is made)."""
+    text = str(error)
+    missed = type(error).__name__ == "EngineError" and "missed" in text
+    if not (missed or text.startswith(("(c)", "(d)"))):
+        return None
+    kinds: set[str] = set()
+    for model in (case.model, shuffled(case.model, np.random.default_rng(shuffle_seed))):
+        with _unchecked():
+            fused, first, _ = fuse_with_report(model, policy)
+            _, second, _ = fuse_with_report(fused, policy)
+        for r in second.fusions:
+            if _absorbed(r):
+                kinds.add("absorb")
+            elif any(
+                "rank is not known" in d.reason and set(d.nodes) <= set(r.nodes)
+                for d in first.declined
+            ):
+                kinds.add("rank")
+            else:
+                return None
+    return "; ".join(KNOWN_BUGS[k] for k in sorted(kinds)) or None
+
+
+def check_case(case: Case, policy: str, shuffle_seed: int = 0) -> Outcome:
+    """Assert properties (a) to (f) of the module docstring for ``case`` under ``policy``
+    (a failure that :func:`known_engine_bug` explains may be excused by the caller)."""
     before = case.model.SerializeToString()
     fused = converter.fuse(case.model, policy=policy)
     assert case.model.SerializeToString() == before, "(a) fuse() mutated its argument"
@@ -1074,11 +1125,9 @@ def check_case(
         "(a) converter.fuse and the pass give different models"
     )
     again, report2, _ = fuse_with_report(fused, policy)
-    tolerated = bool(report2.fusions) and tolerate is not None and tolerate(report, report2)
-    if not tolerated:
-        merged = [r.nodes for r in report2.fusions]
-        assert not merged, f"(c) fusing again merged {merged}"
-        assert canonical(again) == canonical(fused), "(c) fusing again changed the model"
+    merged = [r.nodes for r in report2.fusions]
+    assert not merged, f"(c) fusing again merged {merged}"
+    assert canonical(again) == canonical(fused), "(c) fusing again changed the model"
     other = shuffled(case.model, np.random.default_rng(shuffle_seed))
     fused_other = converter.fuse(other, policy=policy)
     try:
@@ -1092,4 +1141,4 @@ def check_case(
     assert_close(case, fused_other, "fused after shuffling")
     _assert_records(report, ir_model)
     before_ops = sum(op_counts(case.model).values())
-    return Outcome(len(report.fusions), before_ops, sum(op_counts(fused).values()), tolerated)
+    return Outcome(len(report.fusions), before_ops, sum(op_counts(fused).values()))

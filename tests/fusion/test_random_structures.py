@@ -46,13 +46,17 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from random_structures import (
     BLOCKS,
+    IMAGE_BLOCKS,
     Case,
     RngChoices,
+    as_float64,
     check_case,
     generate,
+    known_engine_bug,
 )
 
 import converter
+from converter.errors import EngineError
 
 T = TypeVar("T")
 
@@ -81,17 +85,22 @@ class DrawChoices:
 
 
 @st.composite
-def structures(draw: Any, blocks: Sequence[str] = BLOCKS) -> Case:
-    return generate(DrawChoices(draw), blocks)
+def structures(draw: Any, blocks: Sequence[str] = BLOCKS, image: bool | None = None) -> Case:
+    return generate(DrawChoices(draw), blocks, image)
 
 
 def _check(case: Case, policy: str, stats: collections.Counter) -> None:
-    outcome = check_case(case, policy)
     stats["graphs"] += 1
+    stats.update(case.blocks)
+    try:
+        outcome = check_case(case, policy)
+    except (AssertionError, EngineError) as e:
+        if known_engine_bug(case, policy, e) is None:
+            raise
+        stats["tolerated"] += 1  # a known bug, kept as a strict xfail reproducer below
+        return
     stats["merged"] += outcome.fusions > 0
     stats["fusions"] += outcome.fusions
-    stats["tolerated"] += outcome.tolerated
-    stats.update(case.blocks)
 
 
 def test_random_structures_cost_policy() -> None:
@@ -99,7 +108,7 @@ def test_random_structures_cost_policy() -> None:
     _settings(160)(given(structures())(lambda case: _check(case, "cost", stats)))()
     # The generator must keep producing graphs in which merges happen, of every kind of block.
     assert stats["merged"] >= 0.6 * stats["graphs"], stats
-    assert all(stats[k] > 0 for k in set(BLOCKS)), stats
+    assert all(stats[k] > 0 for k in set(BLOCKS) - IMAGE_BLOCKS), stats
     assert stats["tolerated"] <= 0.05 * stats["graphs"], stats
 
 
@@ -118,16 +127,32 @@ def test_random_structures_in_subgraphs() -> None:
     assert stats["merged"] >= 0.6 * stats["graphs"], stats
 
 
+def test_random_structures_convolutions() -> None:
+    """Images ``[N, C, H, W]``: convolution blocks (a Conv then a BatchNorm or channel affine,
+    RepVGG sums, a scale or shift before a Conv, 1x1 then 3x3) mixed with the others, which see
+    the image channels-last through a ``Transpose`` (and go back with a channel scale)."""
+    stats: collections.Counter = collections.Counter()
+    _settings(50)(given(structures(image=True))(lambda case: _check(case, "cost", stats)))()
+    assert all(stats[k] > 0 for k in IMAGE_BLOCKS), stats
+    assert stats["merged"] >= 0.6 * stats["graphs"], stats
+    assert stats["tolerated"] <= 0.1 * stats["graphs"], stats
+
+
 def test_the_checks_catch_a_wrong_merge(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A merged weight off by 1% fails property (b): the checks can fail."""
-    case = next(c for c in (generate(RngChoices(0, i)) for i in range(20)) if "lora" in c.blocks)
+    """Merged weights off by 1% fail property (b): the checks can fail."""
     real_fuse = converter.fuse
+    case = next(
+        c
+        for c in (generate(RngChoices(0, i)) for i in range(40))
+        if "lora" in c.blocks
+        and any(t.name.startswith("fused(") for t in real_fuse(c.model).graph.initializer)
+    )
 
     def off_by_one_percent(model: onnx.ModelProto, policy: str = "cost") -> onnx.ModelProto:
         fused = real_fuse(model, policy=policy)
-        merged = [t for t in fused.graph.initializer if t.name.startswith("fused(")]
-        array = numpy_helper.to_array(merged[0]) * 1.01
-        merged[0].CopyFrom(numpy_helper.from_array(array, merged[0].name))
+        for merged in [t for t in fused.graph.initializer if t.name.startswith("fused(")]:
+            array = numpy_helper.to_array(merged) * 1.01
+            merged.CopyFrom(numpy_helper.from_array(array, merged.name))
         return fused
 
     check_case(case, "cost")
@@ -216,9 +241,52 @@ def test_nothing_to_merge_keeps_the_initializer_order() -> None:
     assert [t.name for t in fused.graph.initializer] == ["W_big", "W_small"]  # today: reversed
 
 
+def _zero_bias_shared_along_a_split_chain() -> onnx.ModelProto:
+    """The fuzz run's reproducer (seed 0, index 877 of the first generator): ``x - (x @ W1 +
+    zero)``, then a chain ``8 -> 2 -> 8 -> 8 -> 2`` the cost model splits, one zero bias shared
+    by three of its layers, ``r + r @ W`` and a ``ReduceMean`` output."""
+    r = np.random.default_rng(877)
+    f32 = TensorProto.FLOAT
+
+    def w(name: str, shape: tuple[int, int]) -> TensorProto:
+        return numpy_helper.from_array((r.standard_normal(shape) / 2).astype(np.float32), name)
+
+    inits = [numpy_helper.from_array(np.zeros(8, np.float32), "zero8")]
+    inits += [w("w1", (8, 8)), w("w5", (2, 8)), w("w8", (8, 2)), w("w10", (8, 8))]
+    inits += [w("w13", (2, 8)), w("w16", (2, 2))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["matmul2"], name="matmul2"),
+        helper.make_node("Add", ["zero8", "matmul2"], ["add3"], name="add3"),
+        helper.make_node("Sub", ["x", "add3"], ["sub4"], name="sub4"),
+        helper.make_node("Identity", ["w5"], ["identity6"], name="identity6"),
+        helper.make_node("Gemm", ["sub4", "identity6"], ["gemm7"], transB=1, name="gemm7"),
+        helper.make_node("Gemm", ["gemm7", "w8", "zero8"], ["gemm9"], transB=1, name="gemm9"),
+        helper.make_node("MatMul", ["gemm9", "w10"], ["matmul11"], name="matmul11"),
+        helper.make_node("Add", ["zero8", "matmul11"], ["add12"], name="add12"),
+        helper.make_node("Gemm", ["add12", "w13"], ["gemm14"], transB=1, name="gemm14"),
+        helper.make_node("Relu", ["gemm14"], ["relu15"], name="relu15"),
+        helper.make_node("Gemm", ["relu15", "w16"], ["gemm17"], transB=1, name="gemm17"),
+        helper.make_node("Sum", ["relu15", "gemm17"], ["sum18"], name="sum18"),
+        helper.make_node("Relu", ["sum18"], ["relu19"], name="relu19"),
+        helper.make_node("ReduceMean", ["relu19"], ["mean"], keepdims=0, name="mean"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", f32, [3, 8])],
+        [
+            helper.make_tensor_value_info("mean", f32, []),
+            helper.make_tensor_value_info("relu19", f32, [3, 2]),
+        ],
+        inits,
+    )
+
+
 def test_fixpoint_with_a_zero_bias_shared_along_a_split_chain() -> None:
-    case = generate(RngChoices(0, 877))  # the fuzz run's reproducer: seed 0, index 877
-    check_case(case, "cost")
+    model = _zero_bias_shared_along_a_split_chain()
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 8)).astype(np.float32)
+    case = Case(model, as_float64(model), [{"x": x}], np.dtype(np.float32), ["reproducer"])
+    outcome = check_case(case, "cost")
+    assert outcome.fusions == 3, outcome
 
 
 # --- engine bugs the view, left-MatMul and convolution blocks found (strict xfail) -------------
