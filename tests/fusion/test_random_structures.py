@@ -357,8 +357,13 @@ def test_a_left_matmul_chain_after_a_merged_sum_in_a_branch_merges_in_one_pass()
         "then",
         [],
         [helper.make_tensor_value_info("y", f32, [2, 3, 4])],
-        [_f32("W1", (4, 4), 0), _f32("W2", (4, 4), 1), _f32("L1", (5, 3), 2)]
-        + [_f32("c1", (5, 1), 3), _f32("L2", (3, 5), 4), _f32("c2", (3, 1), 5)],
+        [
+            _f32(name, shape, seed)
+            for seed, (name, shape) in enumerate(
+                {"W1": (4, 4), "W2": (4, 4), "L1": (5, 3), "c1": (5, 1), "L2": (3, 5)}.items()
+            )
+        ]
+        + [_f32("c2", (3, 1), 5)],
     )
     otherwise = helper.make_graph(
         [helper.make_node("Identity", ["s"], ["e"])],
