@@ -5,18 +5,43 @@ Shared by ``tests/fusion/test_random_structures.py`` (hypothesis, a few hundred 
 object, so the same generator runs on hypothesis' ``draw`` (which shrinks a failing graph) or on
 a numpy generator seeded by ``(seed, index)`` (which a fuzz run prints as the reproducer).
 
-:func:`generate` builds, on an input ``x`` of shape ``[B, d]`` (Gemm form) or ``[B, 2, d]``
-(MatMul+Add form), float32 or float64, opset 13, 17 or 21, a sequence of blocks applied to the
-running value ``h``:
+:func:`generate` builds, on an input ``x`` of shape ``[B, d]`` (Gemm form), ``[B, 2, d]`` or
+``[2, 3, d]`` (MatMul+Add form), float32 or float64, opset 13, 17 or 21 -- or, a quarter of the
+time, an image ``[N, C, H, W]`` (float32, ``H``, ``W`` in 4..6) -- a sequence of blocks applied
+to the running value ``h``:
 
-- ``linear``: one layer ``L(h)`` to a new width;
+- ``linear``: one layer ``L(h)`` to a new width; a tenth of the layers (here and in every block)
+  have a no-op step (``Neg``, ``Identity``, inference ``Dropout``, same-type ``Cast``) after the
+  MatMul or the layer;
 - ``residual``: ``h + L(h)``, ``h - L(h)``, ``L(h) - h`` or ``Sum(h, L(h))``, L of one or two layers;
 - ``lora``: ``base(h) + s * B(A(h))`` (or ``h + ...``, or with ``Sub``/``Sum``), the scale ``s``
   before or after ``B``; ``s`` is usually one initializer shared by every adapter of the model;
 - ``nway``: ``a(h) + b(h) + h`` and wider, as a random tree of ``Add``/``Sub`` or one ``Sum``;
+- ``stack``: the same as ``torch.stack([a(h), b(h), h]).sum(0)`` exports it: ``Unsqueeze`` at 0,
+  ``Concat``, ``ReduceSum(axes=[0], keepdims=0)``;
+- ``sandwich``: ``Reshape(h, (-1, C)) -> Gemm -> Reshape`` back (GPT-2's Conv1D) plus a LoRA
+  adapter on ``h`` (and sometimes ``h``);
 - ``bottleneck``: a chain ``d -> r -> d -> d -> r -> d`` the cost model splits into segments;
+- ``left``: ``W2 @ (W1 @ h + b1) + b2`` along the second-to-last axis, biases ``(out, 1)``,
+  sometimes a ``Relu`` between;
+- ``view_bn``: ``L(h) -> Reshape(-1, D) | Flatten -> BatchNormalization -> Reshape`` back;
+- ``view_scale``: ``L(h) -> Transpose`` (moving the last axis) ``-> Mul/Add/Sub/Div`` by a scalar
+  or a per-feature constant shaped for the new axis ``-> Transpose`` back;
+- ``qkv``: ``L(h)`` to ``3C``, ``Split`` in three, ``Reshape(B, T, heads, C/heads) ->
+  Transpose(0, 2, 1, 3)``, a scalar ``Mul``/``Div`` on some of q, k, v, attention, and back;
+- negative cases of these three: a constant that also varies along another axis, a ``Flatten``
+  that regroups the features with another axis, a view or step result that is also a graph
+  output or has a second reader; views sometimes go through a same-type ``Cast``;
 - ``relu``/``tanh``/``max0`` (``Max(h, zero)``, reading the shared zero bias), ``batchnorm``
-  (2-D only; its weight and running variance are one initializer, the variance via ``Identity``);
+  (2-D or images; its weight and running variance are one initializer, the variance via
+  ``Identity``), ``noop`` (one or two no-op steps);
+- images only: ``conv`` (a Conv, k 1 or 3, pads keeping the size, groups 1 or C, bias or not,
+  then a BatchNorm, a per-channel ``Mul``/``Add`` of shape ``(1, C, 1, 1)``/``(C, 1, 1)``/scalar,
+  or rarely an ``Add`` varying along the rows); ``repvgg`` (``conv3x3 + conv1x1 + h``, each
+  branch maybe with a BatchNorm); ``conv_scale`` (a channel ``Mul``, or a shift that must not
+  fold into a padded conv, before a Conv); ``conv_seq`` (1x1 then 3x3, or the other way);
+  other blocks see the image channels-last through ``Transpose(0, 2, 3, 1)``, and an image block
+  after them goes back through ``Transpose(0, 3, 1, 2)``, sometimes with a channel ``Mul``;
 - ``output``: the current value also becomes a graph output (an intermediate of a later chain);
 - ``if``: an ``If`` on a boolean graph input whose two branches each hold such blocks on the
   outer ``h`` (an ``If`` too, one level deep), with weights in the branch or in the outer graph
@@ -24,9 +49,11 @@ running value ``h``:
 
 Constants are initializers, ``Constant`` nodes, or initializers reached through ``Identity``; a
 zero bias of each width may be one initializer shared by several layers and by ``Max``. Graph
-outputs: the final value, the intermediates marked ``output``, and often a 0-d ``ReduceMean``
-of the final value or an intermediate. Node names are sometimes empty; shapes are sometimes
-inferred into ``value_info``.
+outputs: the final value, the intermediates marked ``output``, views and steps of the negative
+cases, and often a 0-d ``ReduceMean`` of the final value or an intermediate. Node names are
+sometimes empty; shapes are sometimes inferred into ``value_info``. The float64 twin runs on
+onnxruntime, or on onnx's reference evaluator when it has a Conv (onnxruntime has no float64
+Conv).
 
 :func:`check_case` asserts, for one policy, with messages starting with the property's letter:
 
