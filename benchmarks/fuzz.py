@@ -9,7 +9,7 @@ against float64, idempotence, node order, the IR invariants after every merge, r
 under ``--policy`` (both by default). Prints one line per failure with its reproducer and the path
 of the original model saved in a temporary folder (tagged when a known engine bug with a strict
 xfail reproducer explains it: ``random_structures.known_engine_bug``), then a one-line summary.
-Exits 1 if any graph failed, else 0.
+Exits 1 if any graph failed other than by a known bug, else 0.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if not failed:
         folder.rmdir()
     print(_summary(args, policies, stats, failed, seconds, folder))
-    return 1 if failed else 0
+    return 1 if any(not key.endswith(" known") for key in failed) else 0
 
 
 def _report_failure(
