@@ -1094,7 +1094,8 @@ def _loads(model: onnx.ModelProto) -> None:
 KNOWN_BUGS = {
     "absorb": "a step after views that a chain merge made foldable waits for a second pass "
     "(test_a_step_after_views_of_a_merged_chain_folds_in_one_pass)",
-    "rank": "a stale rank cache declines a left-MatMul chain until a second pass "
+    "rank": "a stale rank cache leaves a left-MatMul chain (or a step after a merged op, in "
+    "an If branch) for a second pass "
     "(test_a_left_matmul_chain_after_a_merged_sum_in_a_branch_merges_in_one_pass)",
 }
 
