@@ -5,18 +5,43 @@ Shared by ``tests/fusion/test_random_structures.py`` (hypothesis, a few hundred 
 object, so the same generator runs on hypothesis' ``draw`` (which shrinks a failing graph) or on
 a numpy generator seeded by ``(seed, index)`` (which a fuzz run prints as the reproducer).
 
-:func:`generate` builds, on an input ``x`` of shape ``[B, d]`` (Gemm form) or ``[B, 2, d]``
-(MatMul+Add form), float32 or float64, opset 13, 17 or 21, a sequence of blocks applied to the
-running value ``h``:
+:func:`generate` builds, on an input ``x`` of shape ``[B, d]`` (Gemm form), ``[B, 2, d]`` or
+``[2, 3, d]`` (MatMul+Add form), float32 or float64, opset 13, 17 or 21 -- or, a quarter of the
+time, an image ``[N, C, H, W]`` (float32, ``H``, ``W`` in 4..6) -- a sequence of blocks applied
+to the running value ``h``:
 
-- ``linear``: one layer ``L(h)`` to a new width;
+- ``linear``: one layer ``L(h)`` to a new width; a tenth of the layers (here and in every block)
+  have a no-op step (``Neg``, ``Identity``, inference ``Dropout``, same-type ``Cast``) after the
+  MatMul or the layer;
 - ``residual``: ``h + L(h)``, ``h - L(h)``, ``L(h) - h`` or ``Sum(h, L(h))``, L of one or two layers;
 - ``lora``: ``base(h) + s * B(A(h))`` (or ``h + ...``, or with ``Sub``/``Sum``), the scale ``s``
   before or after ``B``; ``s`` is usually one initializer shared by every adapter of the model;
 - ``nway``: ``a(h) + b(h) + h`` and wider, as a random tree of ``Add``/``Sub`` or one ``Sum``;
+- ``stack``: the same as ``torch.stack([a(h), b(h), h]).sum(0)`` exports it: ``Unsqueeze`` at 0,
+  ``Concat``, ``ReduceSum(axes=[0], keepdims=0)``;
+- ``sandwich``: ``Reshape(h, (-1, C)) -> Gemm -> Reshape`` back (GPT-2's Conv1D) plus a LoRA
+  adapter on ``h`` (and sometimes ``h``);
 - ``bottleneck``: a chain ``d -> r -> d -> d -> r -> d`` the cost model splits into segments;
+- ``left``: ``W2 @ (W1 @ h + b1) + b2`` along the second-to-last axis, biases ``(out, 1)``,
+  sometimes a ``Relu`` between;
+- ``view_bn``: ``L(h) -> Reshape(-1, D) | Flatten -> BatchNormalization -> Reshape`` back;
+- ``view_scale``: ``L(h) -> Transpose`` (moving the last axis) ``-> Mul/Add/Sub/Div`` by a scalar
+  or a per-feature constant shaped for the new axis ``-> Transpose`` back;
+- ``qkv``: ``L(h)`` to ``3C``, ``Split`` in three, ``Reshape(B, T, heads, C/heads) ->
+  Transpose(0, 2, 1, 3)``, a scalar ``Mul``/``Div`` on some of q, k, v, attention, and back;
+- negative cases of these three: a constant that also varies along another axis, a ``Flatten``
+  that regroups the features with another axis, a view or step result that is also a graph
+  output or has a second reader; views sometimes go through a same-type ``Cast``;
 - ``relu``/``tanh``/``max0`` (``Max(h, zero)``, reading the shared zero bias), ``batchnorm``
-  (2-D only; its weight and running variance are one initializer, the variance via ``Identity``);
+  (2-D or images; its weight and running variance are one initializer, the variance via
+  ``Identity``), ``noop`` (one or two no-op steps);
+- images only: ``conv`` (a Conv, k 1 or 3, pads keeping the size, groups 1 or C, bias or not,
+  then a BatchNorm, a per-channel ``Mul``/``Add`` of shape ``(1, C, 1, 1)``/``(C, 1, 1)``/scalar,
+  or rarely an ``Add`` varying along the rows); ``repvgg`` (``conv3x3 + conv1x1 + h``, each
+  branch maybe with a BatchNorm); ``conv_scale`` (a channel ``Mul``, or a shift that must not
+  fold into a padded conv, before a Conv); ``conv_seq`` (1x1 then 3x3, or the other way);
+  other blocks see the image channels-last through ``Transpose(0, 2, 3, 1)``, and an image block
+  after them goes back through ``Transpose(0, 3, 1, 2)``, sometimes with a channel ``Mul``;
 - ``output``: the current value also becomes a graph output (an intermediate of a later chain);
 - ``if``: an ``If`` on a boolean graph input whose two branches each hold such blocks on the
   outer ``h`` (an ``If`` too, one level deep), with weights in the branch or in the outer graph
@@ -24,9 +49,11 @@ running value ``h``:
 
 Constants are initializers, ``Constant`` nodes, or initializers reached through ``Identity``; a
 zero bias of each width may be one initializer shared by several layers and by ``Max``. Graph
-outputs: the final value, the intermediates marked ``output``, and often a 0-d ``ReduceMean``
-of the final value or an intermediate. Node names are sometimes empty; shapes are sometimes
-inferred into ``value_info``.
+outputs: the final value, the intermediates marked ``output``, views and steps of the negative
+cases, and often a 0-d ``ReduceMean`` of the final value or an intermediate. Node names are
+sometimes empty; shapes are sometimes inferred into ``value_info``. The float64 twin runs on
+onnxruntime, or on onnx's reference evaluator when it has a Conv (onnxruntime has no float64
+Conv).
 
 :func:`check_case` asserts, for one policy, with messages starting with the property's letter:
 
@@ -40,7 +67,8 @@ inferred into ``value_info``.
     invariants after every merge and raises ``EngineError`` on a violation;
 (f) every report record with an ``output`` names a value of the fused model's graph it was made
     in (a node output or a graph output), no two records claim one value, and every record whose
-    output a later merge consumed has ``output None`` and ``merged_into`` naming a merged node.
+    output a later merge consumed has ``output None`` and ``merged_into`` naming a merged node
+    (a step folded across views has neither: the op's output name carries it).
 """
 
 from __future__ import annotations
@@ -53,13 +81,15 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx
+import onnx.reference
 import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from onnx.reference.op_run import OpRun
 
 import converter
 from converter.fusion.passes import fuse_model, iter_graphs
-from converter.report import FusionReport
+from converter.report import FusionRecord, FusionReport
 
 __all__ = [
     "Choices",
@@ -67,6 +97,7 @@ __all__ = [
     "Case",
     "Outcome",
     "BLOCKS",
+    "IMAGE_BLOCKS",
     "generate",
     "check_case",
     "assert_close",
@@ -76,7 +107,6 @@ __all__ = [
     "canonical",
     "as_float64",
     "run",
-    "known_cross_graph_bug",
 ]
 
 T = TypeVar("T")
@@ -91,6 +121,8 @@ BLOCKS = (
     + ("lora",) * 3
     + ("nway",) * 2
     + ("bottleneck", "relu", "tanh", "max0", "batchnorm", "output", "if")
+    + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
+    + ("conv", "conv", "repvgg", "repvgg", "conv_scale", "conv_seq")
 )
 
 
@@ -124,6 +156,24 @@ class Case:
     feeds: list[dict[str, np.ndarray]]
     dtype: np.dtype
     blocks: list[str]
+    refs: dict[int, list[np.ndarray]] = field(default_factory=dict)  # float64 outputs by feed
+
+    def reference_outputs(self, index: int) -> list[np.ndarray]:
+        """The float64 model's outputs on ``feeds[index]`` (onnxruntime has no float64 Conv:
+        a model with one runs on onnx's reference evaluator)."""
+        if index not in self.refs:
+            feeds = {
+                k: v.astype(np.float64) if v.dtype.kind == "f" else v
+                for k, v in self.feeds[index].items()
+            }
+            if "Conv" in op_counts(self.reference):
+                evaluator = onnx.reference.ReferenceEvaluator(
+                    self.reference, new_ops=[BatchNormalization]
+                )
+                self.refs[index] = [np.asarray(r) for r in evaluator.run(None, feeds)]
+            else:
+                self.refs[index] = run(self.reference, feeds)
+        return self.refs[index]
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -131,8 +181,12 @@ class Case:
 
 @dataclass(frozen=True)
 class _Val:
+    """A value of the running graph: ``[*lead, width]`` (rows), or ``[N, width, H, W]`` (an
+    image, when ``lead`` is ``(N, H, W)``)."""
+
     name: str
     width: int
+    image: bool = False
 
 
 @dataclass
@@ -153,11 +207,14 @@ class _Builder:
     share_scale: bool
     share_zero: bool
     kinds: Sequence[str] = BLOCKS
+    opset: int = 17
     depth: int = 0  # how many If branches the current scope is nested in
     main: _Scope = field(default_factory=_Scope)
     scope: _Scope | None = None
     shared: dict[str, str] = field(default_factory=dict)
     outputs: list[_Val] = field(default_factory=list)
+    # Views and steps that are also graph outputs (negative cases of the absorb), with shapes.
+    extra_outputs: list[tuple[str, list[int | str]]] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
     counter: itertools.count = field(default_factory=itertools.count)
 
@@ -168,11 +225,16 @@ class _Builder:
     def rank(self) -> int:
         return len(self.lead) + 1
 
+    def shape(self, v: _Val) -> list[int | str]:
+        if v.image:
+            return [self.lead[0], v.width, *self.lead[1:]]
+        return [*self.lead, v.width]
+
     def fresh(self, prefix: str) -> str:
         return f"{prefix}{next(self.counter)}"
 
-    def node(self, op: str, inputs: list[str], width: int, **attrs) -> _Val:
-        out = _Val(self.fresh(op.lower()), width)
+    def node(self, op: str, inputs: list[str], width: int, image: bool = False, **attrs) -> _Val:
+        out = _Val(self.fresh(op.lower()), width, image)
         name = "" if self.anonymous else out.name
         self.scope.nodes.append(helper.make_node(op, inputs, [out.name], name=name, **attrs))
         return out
@@ -191,6 +253,17 @@ class _Builder:
         if kind != "identity":
             return tensor.name
         return self.node("Identity", [tensor.name], 0).name
+
+    def ints(self, values: Sequence[int]) -> str:
+        """An int64 vector (axes, shapes, split sizes): an initializer or a ``Constant``."""
+        tensor = numpy_helper.from_array(np.array(values, np.int64), self.fresh("i"))
+        if self.ch.pick((True, False)):
+            self.scope.inits.append(tensor)
+        else:
+            self.scope.nodes.append(
+                helper.make_node("Constant", [], [tensor.name], value=tensor, name=tensor.name)
+            )
+        return tensor.name
 
     def _shared(self, key: str, make: Callable[[], np.ndarray]) -> str:
         """One main-graph initializer for ``key``, made on first use (exporters deduplicate)."""
@@ -218,16 +291,35 @@ class _Builder:
         return self.constant(self.rng.standard_normal(width) * 0.3)
 
     def linear(self, h: _Val, width: int) -> _Val:
-        """``Gemm(transB=1)`` (2-D, usually) or ``MatMul`` then a bias ``Add`` on either side."""
+        """``Gemm(transB=1)`` (2-D, usually) or ``MatMul`` then a bias ``Add`` on either side;
+        sometimes a no-op step (``Neg``, ``Identity``, ``Dropout``, same-type ``Cast``) after
+        the MatMul or the layer."""
+        h = self.to_rows(h)
         w = self.rng.standard_normal((h.width, width)) / np.sqrt(h.width)
         bias = self.bias(width)
         if self.rank == 2 and self.ch.pick((True, True, False)):
             inputs = [h.name, self.constant(w.T)] + ([bias] if bias else [])
-            return self.node("Gemm", inputs, width, transB=1)
+            return self.maybe_noop(self.node("Gemm", inputs, width, transB=1))
         y = self.node("MatMul", [h.name, self.constant(w)], width)
         if bias is None:
-            return y
-        return self.node("Add", [y.name, bias][:: self.ch.pick((1, -1))], width)
+            return self.maybe_noop(y)
+        y = self.maybe_noop(y)
+        return self.maybe_noop(self.node("Add", [y.name, bias][:: self.ch.pick((1, -1))], width))
+
+    def maybe_noop(self, h: _Val) -> _Val:
+        return self.noop(h) if self.ch.pick((False,) * 9 + (True,)) else h
+
+    def noop(self, h: _Val) -> _Val:
+        """A step that is the identity map (or ``-I``): Neg, Identity, Dropout, Cast."""
+        op = self.ch.pick(("Neg", "Identity", "Dropout", "Cast"))
+        attrs = {"to": _elem(self.dtype)} if op == "Cast" else {}
+        return self.node(op, [h.name], h.width, h.image, **attrs)
+
+    def same_cast(self, name: str) -> str:
+        """``name``, sometimes through a ``Cast`` to the type it already has."""
+        if self.ch.pick((True, False, False)):
+            return self.node("Cast", [name], 0, to=_elem(self.dtype)).name
+        return name
 
     def chain(self, h: _Val, widths: Sequence[int]) -> _Val:
         for width in widths:
@@ -236,24 +328,59 @@ class _Builder:
 
     def join(self, terms: list[tuple[float, _Val]]) -> _Val:
         """The signed sum of ``terms`` as a random tree of ``Add``/``Sub``, or one ``Sum``."""
-        width = terms[0][1].width
+        width, image = terms[0][1].width, terms[0][1].image
         if all(sign > 0 for sign, _ in terms) and self.ch.pick((False, False, True)):
-            return self.node("Sum", [v.name for _, v in terms], width)
+            return self.node("Sum", [v.name for _, v in terms], width, image)
         terms = list(terms)
         while len(terms) > 1:
             i = self.ch.integer(0, len(terms) - 2)
             (sa, a), (sb, b) = terms[i], terms[i + 1]
             if sa > 0 and sb > 0:
-                new = (1.0, self.node("Add", [a.name, b.name][:: self.ch.pick((1, -1))], width))
+                names = [a.name, b.name][:: self.ch.pick((1, -1))]
+                new = (1.0, self.node("Add", names, width, image))
             elif sa > 0:
-                new = (1.0, self.node("Sub", [a.name, b.name], width))
+                new = (1.0, self.node("Sub", [a.name, b.name], width, image))
             elif sb > 0:
-                new = (1.0, self.node("Sub", [b.name, a.name], width))
+                new = (1.0, self.node("Sub", [b.name, a.name], width, image))
             else:
-                new = (-1.0, self.node("Add", [a.name, b.name], width))
+                new = (-1.0, self.node("Add", [a.name, b.name], width, image))
             terms[i : i + 2] = [new]
         sign, value = terms[0]
-        return value if sign > 0 else self.node("Neg", [value.name], width)
+        return value if sign > 0 else self.node("Neg", [value.name], width, image)
+
+    def to_rows(self, h: _Val) -> _Val:
+        """An image as rows ``[N, H, W, C]`` (channels last)."""
+        if not h.image:
+            return h
+        return self.node("Transpose", [h.name], h.width, perm=[0, 2, 3, 1])
+
+    def to_image(self, h: _Val) -> _Val:
+        """Rows ``[N, H, W, C]`` as an image, sometimes then a per-channel ``Mul`` (a layer
+        scale after a permute to channels-first: it folds into a MatMul before the view)."""
+        if h.image:
+            return h
+        out = self.node("Transpose", [h.name], h.width, True, perm=[0, 3, 1, 2])
+        if self.ch.pick((True, False)):
+            return out
+        c = self.channel_constant(h.width, self.rng.uniform(0.5, 1.5, h.width))
+        return self.node("Mul", [out.name, c][:: self.ch.pick((1, -1))], h.width, True)
+
+    def channel_constant(self, width: int, vector: np.ndarray) -> str:
+        """A per-channel constant of an image: ``(1, C, 1, 1)``, ``(C, 1, 1)`` or a scalar."""
+        shape = self.ch.pick(((1, width, 1, 1), (width, 1, 1), (1, width, 1, 1), ()))
+        if shape == ():
+            return self.constant(np.array(vector[0]))
+        return self.constant(vector.reshape(shape))
+
+    def reshape(self, h: str, dims: Sequence[int | str], width: int, **kw) -> _Val:
+        """``Reshape`` to ``dims``, a symbolic batch written as -1."""
+        shape = [-1 if isinstance(d, str) else d for d in dims]
+        return self.node("Reshape", [h, self.ints(shape)], width, **kw)
+
+    def output(self, name: str, shape: Sequence[int | str]) -> None:
+        """``name`` also becomes a graph output (main graph only)."""
+        if self.depth == 0:
+            self.extra_outputs.append((name, list(shape)))
 
 
 def _residual(b: _Builder, h: _Val) -> _Val:
@@ -300,7 +427,294 @@ def _batchnorm(b: _Builder, h: _Val) -> _Val:
     var = b.node("Identity", [weight], h.width).name
     shift = b.constant(b.rng.standard_normal(h.width) * 0.3)
     mean = b.constant(b.rng.standard_normal(h.width) * 0.3)
-    return b.node("BatchNormalization", [h.name, weight, shift, mean, var], h.width)
+    return b.node("BatchNormalization", [h.name, weight, shift, mean, var], h.width, h.image)
+
+
+def _bn_params(b: _Builder, width: int) -> list[str]:
+    """Random BatchNormalization parameters: scale, bias, mean, variance."""
+    r = b.rng
+    arrays = [r.uniform(0.5, 1.5, width), r.standard_normal(width) * 0.3]
+    arrays += [r.standard_normal(width) * 0.3, r.uniform(0.5, 1.5, width)]
+    return [b.constant(a) for a in arrays]
+
+
+# --- steps after views of a linear op's output (converter/fusion/absorb.py) -------------------
+
+
+def _view_bn(b: _Builder, h: _Val) -> _Val:
+    """``L(h) -> Reshape(-1, D) | Flatten -> BatchNormalization -> Reshape back``: a BatchNorm
+    over tokens. Negative cases: a Flatten that regroups the features with another axis, the
+    BatchNorm's result or the view also a graph output, a second reader of the view."""
+    width = b.ch.pick(WIDTHS)
+    y = b.linear(h, width)
+    dims = b.shape(y)
+    rows = "rows" if any(isinstance(d, str) for d in dims) else int(np.prod(dims[:-1]))
+    kind = b.ch.pick(("reshape", "reshape", "flatten", "regroup"))
+    tail = dims[1:-1]
+    if kind == "regroup" and tail and all(isinstance(d, int) for d in tail):
+        flat_dims = [dims[0], int(np.prod(tail)) * width]
+        flat = b.node("Flatten", [y.name], flat_dims[1], axis=1)
+    elif kind == "reshape":
+        flat_dims = [rows, width]
+        flat = b.reshape(y.name, [-1, width], width)
+    else:
+        flat_dims = [rows, width]
+        flat = b.node("Flatten", [y.name], width, axis=len(dims) - 1)
+    data = _negatives(b, _Val(b.same_cast(flat.name), flat.width), flat_dims)
+    params = _bn_params(b, data.width)
+    bn = b.node("BatchNormalization", [data.name, *params], data.width)
+    if b.ch.pick((False,) * 5 + (True,)):
+        b.output(bn.name, flat_dims)
+    return b.reshape(bn.name, dims, width)
+
+
+def _negatives(b: _Builder, view: _Val, shape: Sequence[int | str]) -> _Val:
+    """Sometimes the view is also a graph output, or has a second reader (a Relu that is)."""
+    kind = b.ch.pick(("none",) * 8 + ("output", "reader"))
+    if kind == "output":
+        b.output(view.name, shape)
+    elif kind == "reader":
+        b.output(b.node("Relu", [view.name], view.width).name, shape)
+    return view
+
+
+def _view_scale(b: _Builder, h: _Val) -> _Val:
+    """``L(h) -> Transpose(perm moving the last axis) -> step by a constant -> Transpose
+    back``, the constant a scalar or per feature at the new axis; or (negative) varying along
+    another axis too."""
+    width = b.ch.pick(WIDTHS)
+    y = b.linear(h, width)
+    dims = b.shape(y)
+    rank = len(dims)
+    perm = list(range(rank))
+    while perm[-1] == rank - 1:
+        perm = [int(p) for p in b.rng.permutation(rank)]
+    tdims = [dims[p] for p in perm]
+    moved = b.node("Transpose", [y.name], width, perm=perm)
+    data = _negatives(b, _Val(b.same_cast(moved.name), width), tdims)
+    axis = perm.index(rank - 1)
+    op = b.ch.pick(("Mul", "Mul", "Mul", "Add", "Sub", "Div"))
+    const = b.constant(_step_constant(b, tdims, axis))
+    inputs = [data.name, const] if op == "Div" else [data.name, const][:: b.ch.pick((1, -1))]
+    out = b.node(op, inputs, width)
+    if b.ch.pick((False,) * 7 + (True,)):
+        b.output(out.name, tdims)
+    inverse = [perm.index(i) for i in range(rank)]
+    return b.node("Transpose", [out.name], width, perm=inverse)
+
+
+def _step_constant(b: _Builder, dims: Sequence[int | str], axis: int) -> np.ndarray:
+    """A scalar, a vector along ``axis`` (leading ones dropped or not), or (negative) one that
+    also varies along another static axis."""
+    rank, width = len(dims), dims[axis]
+    kind = b.ch.pick(("scalar", "feature", "feature", "other"))
+    others = [i for i, d in enumerate(dims) if i != axis and isinstance(d, int) and d > 1]
+    values = lambda shape: b.rng.uniform(0.5, 1.5, shape) * b.ch.pick((1, -1))  # noqa: E731
+    if kind == "scalar":
+        return values(()) if b.ch.pick((True, False)) else values((1,))
+    shape = [1] * rank
+    shape[axis] = width
+    if kind == "other" and others:
+        other = b.ch.pick(others)
+        shape[other] = dims[other]
+        start = min(axis, other)
+    else:
+        start = axis
+    return values(tuple(shape[b.ch.integer(0, start) :]))
+
+
+def _qkv(b: _Builder, h: _Val) -> _Val:
+    """A fused qkv projection ``L(h)`` to ``3C``, ``Split`` in three, each ``Reshape(B, T,
+    heads, C/heads) -> Transpose(0, 2, 1, 3)``, a scalar ``Mul`` on q or k (or v), attention,
+    and back to ``(B, T, C)``. Needs a static ``T``; otherwise a ``view_scale`` block."""
+    if b.rank != 3 or not isinstance(b.lead[1], int):
+        return _view_scale(b, h)
+    width = h.width
+    heads = b.ch.pick([d for d in (1, 2, 3, 4) if width % d == 0])
+    y = b.linear(h, 3 * width)
+    parts = [b.fresh("split") for _ in range(3)]
+    inputs, attrs = [y.name], {"axis": b.ch.pick((-1, 2))}
+    if b.ch.pick((True, False)):
+        inputs.append(b.ints([width] * 3))
+    elif b.opset >= 18:
+        attrs["num_outputs"] = 3
+    name = "" if b.anonymous else parts[0]
+    b.scope.nodes.append(helper.make_node("Split", inputs, parts, name=name, **attrs))
+    lead = [b.lead[0], b.lead[1]]
+    heads_dims = [*lead, heads, width // heads]
+    qkv = []
+    for part in parts:
+        split = b.reshape(part, heads_dims, width)
+        t = b.node("Transpose", [b.same_cast(split.name)], width, perm=[0, 2, 1, 3])
+        if b.ch.pick((True, True, False)):
+            t = _head_scale(b, t, heads)
+        qkv.append(t)
+    q, k, v = qkv
+    kt = b.node("Transpose", [k.name], 0, perm=[0, 1, 3, 2])
+    scores = b.node("MatMul", [q.name, kt.name], 0)
+    probs = b.node("Softmax", [scores.name], 0, axis=-1)
+    o = b.node("MatMul", [probs.name, v.name], width)
+    o = b.node("Transpose", [o.name], width, perm=[0, 2, 1, 3])
+    return b.reshape(o.name, [*lead, width], width)
+
+
+def _head_scale(b: _Builder, t: _Val, heads: int) -> _Val:
+    """A scalar ``Mul``/``Div`` (folds), or (negative) a ``Mul`` by one scale per head."""
+    if b.ch.pick((False,) * 5 + (True,)) and heads > 1:
+        c = b.constant(b.rng.uniform(0.5, 1.5, (heads, 1, 1)))
+        return b.node("Mul", [t.name, c], t.width)
+    op = b.ch.pick(("Mul", "Mul", "Div"))
+    c = b.constant(np.array(b.rng.uniform(0.3, 1.5)))
+    inputs = [t.name, c] if op == "Div" else [t.name, c][:: b.ch.pick((1, -1))]
+    return b.node(op, inputs, t.width)
+
+
+# --- other new structures -----------------------------------------------------------------------
+
+
+def _left(b: _Builder, h: _Val) -> _Val:
+    """``W2 @ relu?(W1 @ h + b1) + b2`` along the second-to-last axis (token mixing), biases of
+    shape ``(out, 1)``; back to the axis' extent. Needs a static extent; else a linear layer."""
+    n = b.lead[-1]
+    if not isinstance(n, int):
+        return b.linear(h, b.ch.pick(WIDTHS))
+    sizes = [b.ch.pick((2, 3, 4, 6)) for _ in range(b.ch.integer(0, 2))] + [n]
+    cur, size = h.name, n
+    for i, out in enumerate(sizes):
+        w = b.constant(b.rng.standard_normal((out, size)) / np.sqrt(size))
+        cur = b.node("MatMul", [w, cur], h.width).name
+        if b.ch.pick((True, True, False)):
+            bias = b.rng.standard_normal((out, 1)) * 0.3
+            if b.rank > 2 and b.ch.pick((True, False)):
+                bias = bias[None]
+            cur = b.node("Add", [cur, b.constant(bias)][:: b.ch.pick((1, -1))], h.width).name
+        if i + 1 < len(sizes) and b.ch.pick((True, False, False)):
+            cur = b.node(b.ch.pick(("Relu", "Identity", "Neg")), [cur], h.width).name
+        size = out
+    return _Val(cur, h.width)
+
+
+def _stack(b: _Builder, h: _Val) -> _Val:
+    """``torch.stack([a(h), b(h), (h)]).sum(0)``: Unsqueeze each at 0, Concat, ReduceSum."""
+    width = h.width if b.ch.pick((True, False)) else b.ch.pick(WIDTHS)
+    branches = [b.chain(h, [width]) for _ in range(b.ch.integer(1, 3))]
+    if width == h.width and (len(branches) == 1 or b.ch.pick((True, False))):
+        branches.insert(b.ch.integer(0, len(branches)), h)
+    if len(branches) == 1:
+        branches.append(b.linear(h, width))
+    axes = b.ints([0])
+    stacked = [b.node("Unsqueeze", [v.name, axes], width).name for v in branches]
+    concat = b.node("Concat", stacked, width, axis=0)
+    return b.node("ReduceSum", [concat.name, b.ints([0])], width, keepdims=0)
+
+
+def _sandwich(b: _Builder, h: _Val) -> _Val:
+    """``Reshape(h, (-1, C)) -> Gemm -> Reshape(B, T, D)`` (GPT-2's Conv1D) plus a LoRA
+    adapter on ``h`` itself, and sometimes ``h``."""
+    width = b.ch.pick(WIDTHS)
+    flat = b.reshape(h.name, [-1, h.width], h.width)
+    w = b.rng.standard_normal((h.width, width)) / np.sqrt(h.width)
+    bias = b.bias(width)
+    if b.ch.pick((True, True, False)):
+        gemm = b.node(
+            "Gemm", [flat.name, b.constant(w.T), *([bias] if bias else [])], width, transB=1
+        )
+    else:
+        gemm = b.node("MatMul", [flat.name, b.constant(w)], width)
+        if bias:
+            gemm = b.node("Add", [gemm.name, bias], width)
+    base = b.reshape(gemm.name, [*b.lead, width], width)
+    terms = [(1.0, base), (b.ch.pick((1.0, 1.0, -1.0)), _adapter(b, h, width))]
+    if width == h.width and b.ch.pick((True, False, False)):
+        terms.append((1.0, h))
+    return b.join(terms[:: b.ch.pick((1, -1))])
+
+
+# --- convolutions (converter/fusion/convs.py) ---------------------------------------------------
+
+
+def _conv(b: _Builder, h: _Val, out: int, k: int, groups: int = 1) -> _Val:
+    """``Conv`` with a ``k x k`` kernel, pads keeping the size, sometimes a bias."""
+    fan_in = h.width // groups * k * k
+    w = b.constant(b.rng.standard_normal((out, h.width // groups, k, k)) / np.sqrt(fan_in))
+    inputs = [h.name, w]
+    if b.ch.pick((True, False)):
+        inputs.append(b.constant(b.rng.standard_normal(out) * 0.3))
+    attrs: dict = {"pads": [k // 2] * 4}
+    if groups > 1 or b.ch.pick((True, False)):
+        attrs["group"] = groups
+    if b.ch.pick((True, False)):
+        attrs["kernel_shape"] = [k, k]
+    return b.node("Conv", inputs, out, True, **attrs)
+
+
+def _channel_step(b: _Builder, h: _Val) -> _Val:
+    """Nothing, a BatchNormalization, or a per-channel ``Mul``/``Add`` (or both); rarely
+    (negative) an ``Add`` of a constant that varies along the rows too."""
+    kind = b.ch.pick(("none", "bn", "bn", "mul", "add", "muladd", "rows"))
+    if kind == "bn":
+        return b.node("BatchNormalization", [h.name, *_bn_params(b, h.width)], h.width, True)
+    if kind == "rows":
+        c = b.constant(b.rng.standard_normal((1, h.width, b.lead[1], 1)) * 0.3)
+        return b.node("Add", [h.name, c], h.width, True)
+    if kind in ("mul", "muladd"):
+        c = b.channel_constant(h.width, b.rng.uniform(0.5, 1.5, h.width))
+        h = b.node("Mul", [h.name, c][:: b.ch.pick((1, -1))], h.width, True)
+    if kind in ("add", "muladd"):
+        c = b.channel_constant(h.width, b.rng.standard_normal(h.width) * 0.3)
+        h = b.node("Add", [h.name, c][:: b.ch.pick((1, -1))], h.width, True)
+    return h
+
+
+def _conv_block(b: _Builder, h: _Val) -> _Val:
+    """``Conv`` (k 1 or 3, groups 1 or C) then a channel step, sometimes a Relu."""
+    depthwise = b.ch.pick((False, False, True))
+    out = h.width if depthwise else b.ch.pick(WIDTHS)
+    y = _channel_step(b, _conv(b, h, out, b.ch.pick((1, 3)), h.width if depthwise else 1))
+    return b.node("Relu", [y.name], y.width, True) if b.ch.pick((True, False, False)) else y
+
+
+def _repvgg(b: _Builder, h: _Val) -> _Val:
+    """RepVGG: ``conv3x3(h) + conv1x1(h) + h`` (each branch maybe with a BatchNorm, the
+    identity too), summed by Add/Sub/Sum; groups 1 or C (MobileOne)."""
+    groups = b.ch.pick((1, 1, h.width))
+    terms = []
+    for k in (3, 1):
+        if k == 3 or b.ch.pick((True, True, False)):
+            y = _conv(b, h, h.width, k, groups)
+            if b.ch.pick((True, False)):
+                y = b.node("BatchNormalization", [y.name, *_bn_params(b, h.width)], h.width, True)
+            terms.append(y)
+    if len(terms) == 1 or b.ch.pick((True, False)):
+        if b.ch.pick((True, False)):
+            terms.append(_batchnorm(b, h))
+        else:
+            terms.append(h)
+    y = b.join([(b.ch.pick((1.0, 1.0, 1.0, -1.0)), t) for t in terms][:: b.ch.pick((1, -1))])
+    return b.node("Relu", [y.name], y.width, True) if b.ch.pick((True, False)) else y
+
+
+def _conv_scale(b: _Builder, h: _Val) -> _Val:
+    """A per-channel ``Mul`` before a Conv (folds), or an ``Add`` (a shift: folds into an
+    unpadded conv only; before a padded 3x3 it must be refused)."""
+    if b.ch.pick((True, False)):
+        c = b.channel_constant(h.width, b.rng.uniform(0.5, 1.5, h.width))
+        op = "Mul"
+    else:
+        c = b.channel_constant(h.width, b.rng.standard_normal(h.width) * 0.3)
+        op = b.ch.pick(("Add", "Sub"))
+    pre = b.node(op, [h.name, c][:: b.ch.pick((1, -1))], h.width, True)
+    return _conv(b, pre, b.ch.pick(WIDTHS), b.ch.pick((1, 3)))
+
+
+def _conv_seq(b: _Builder, h: _Val) -> _Val:
+    """A 1x1 conv then a 3x3 one (or the other way round), sometimes a Relu between."""
+    mid = b.ch.pick(WIDTHS)
+    ks = b.ch.pick(((1, 3), (1, 3), (3, 1), (1, 1)))
+    y = _conv(b, h, mid, ks[0])
+    if b.ch.pick((False, False, True)):
+        y = b.node("Relu", [y.name], mid, True)
+    return _conv(b, y, b.ch.pick(WIDTHS), ks[1])
 
 
 def _if(b: _Builder, h: _Val) -> _Val:
@@ -316,49 +730,87 @@ def _if(b: _Builder, h: _Val) -> _Val:
         cur = h
         for _ in range(b.ch.integer(1, 3)):
             cur = _block(b, b.ch.pick(inner), cur)
+        cur = b.to_rows(cur)
         if cur.width != width or cur is h:
             cur = b.linear(cur, width)
-        out = helper.make_tensor_value_info(cur.name, _elem(b.dtype), [*b.lead, width])
+        out = helper.make_tensor_value_info(cur.name, _elem(b.dtype), b.shape(cur))
         scope, b.scope = b.scope, outer
         branches.append(helper.make_graph(scope.nodes, b.fresh("branch"), [], [out], scope.inits))
     b.depth -= 1
     return b.node("If", ["cond"], width, then_branch=branches[0], else_branch=branches[1])
 
 
+IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq"})
+_ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if"})
+_BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
+    "residual": _residual,
+    "lora": _lora,
+    "nway": _nway,
+    "bottleneck": _bottleneck,
+    "if": _if,
+    "view_bn": _view_bn,
+    "view_scale": _view_scale,
+    "qkv": _qkv,
+    "left": _left,
+    "stack": _stack,
+    "sandwich": _sandwich,
+    "conv": _conv_block,
+    "repvgg": _repvgg,
+    "conv_scale": _conv_scale,
+    "conv_seq": _conv_seq,
+}
+
+
 def _block(b: _Builder, kind: str, h: _Val) -> _Val:
     b.blocks.append(kind)
+    if kind in IMAGE_BLOCKS:
+        h = b.to_image(h)
+    elif kind == "batchnorm" and h.image:
+        return _batchnorm(b, h)
+    elif kind not in _ANY_LAYOUT:
+        h = b.to_rows(h)
     if kind == "linear":
         return b.linear(h, b.ch.pick(WIDTHS))
     if kind in ("relu", "tanh"):
-        return b.node(kind.capitalize(), [h.name], h.width)
+        return b.node(kind.capitalize(), [h.name], h.width, h.image)
+    if kind == "noop":
+        return b.noop(b.noop(h) if b.ch.pick((True, False)) else h)
     if kind == "max0":
         return b.node("Max", [h.name, b.zero(h.width)][:: b.ch.pick((1, -1))], h.width)
-    if kind == "batchnorm" and b.rank != 2:
-        return b.linear(h, h.width)
-    build = {
-        "residual": _residual,
-        "lora": _lora,
-        "nway": _nway,
-        "bottleneck": _bottleneck,
-        "batchnorm": _batchnorm,
-        "if": _if,
-    }[kind]
-    return build(b, h)
+    if kind == "batchnorm":
+        return _batchnorm(b, h) if b.rank == 2 else b.linear(h, h.width)
+    return _BUILDERS[kind](b, h)
 
 
 def _elem(dtype: np.dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(dtype)
 
 
-def generate(ch: Choices, blocks: Sequence[str] = BLOCKS) -> Case:
-    """A random model of ``blocks`` (drawn with repetition), its float64 twin, and its feeds."""
-    dtype = np.dtype(ch.pick((np.float32,) * 3 + (np.float64,)))
+def generate(ch: Choices, blocks: Sequence[str] = BLOCKS, image: bool | None = None) -> Case:
+    """A random model of ``blocks`` (drawn with repetition), its float64 twin, and its feeds.
+
+    With ``image`` (by default a quarter of the draws when ``blocks`` has a convolution block)
+    the input is an image ``[N, C, H, W]`` (float32: onnxruntime has no float64 Conv) and
+    convolution blocks are drawn twice as often; other blocks see it channels-last through a
+    ``Transpose``. Without, convolution blocks are not drawn.
+    """
+    if image is None:
+        image = bool(IMAGE_BLOCKS & set(blocks)) and ch.pick((False, False, False, True))
+    if not image:
+        blocks = [k for k in blocks if k not in IMAGE_BLOCKS]
+    else:
+        blocks = [*blocks, *(k for k in blocks if k in IMAGE_BLOCKS)]
+    dtype = np.dtype(np.float32 if image else ch.pick((np.float32,) * 3 + (np.float64,)))
     opset = ch.pick((13, 17, 21))
-    lead = ch.pick(((3,), ("batch",), ("batch", 2)))
+    if image:
+        lead = (ch.pick((1, 2, "batch")), ch.integer(4, 6), ch.integer(4, 6))
+    else:
+        lead = ch.pick(((3,), ("batch",), ("batch", 2), (2, 3)))
     rng = np.random.default_rng(ch.integer(0, 2**32 - 1))
     flags = [ch.pick((True, False)) for _ in range(2)]
-    b = _Builder(ch, rng, dtype, lead, ch.pick((False,) * 4 + (True,)), *flags, kinds=blocks)
-    x = h = _Val("x", ch.pick(WIDTHS))
+    anonymous = ch.pick((False,) * 4 + (True,))
+    b = _Builder(ch, rng, dtype, lead, anonymous, *flags, kinds=blocks, opset=opset)
+    x = h = _Val("x", ch.pick(WIDTHS), image)
     for _ in range(ch.integer(1, 6)):
         kind = ch.pick(blocks)
         if kind == "output":
@@ -368,20 +820,21 @@ def generate(ch: Choices, blocks: Sequence[str] = BLOCKS) -> Case:
             continue
         h = _block(b, kind, h)
     if h is x or h in b.outputs:
-        h = b.node("Relu", [h.name], h.width)
+        h = b.node("Relu", [h.name], h.width, h.image)
     return _finish(b, x, h, opset)
 
 
 def _finish(b: _Builder, x: _Val, h: _Val, opset: int) -> Case:
-    elem, shape = _elem(b.dtype), lambda v: [*b.lead, v.width]
-    outputs = [helper.make_tensor_value_info(v.name, elem, shape(v)) for v in [*b.outputs, h]]
+    elem = _elem(b.dtype)
+    outputs = [helper.make_tensor_value_info(v.name, elem, b.shape(v)) for v in [*b.outputs, h]]
+    outputs += [helper.make_tensor_value_info(n, elem, s) for n, s in b.extra_outputs]
     if b.ch.pick((True, True, False)):
         of = b.ch.pick([*b.outputs, h, h])
         mean = b.node("ReduceMean", [of.name], 0, keepdims=0)
         outputs.insert(
             b.ch.integer(0, len(outputs)), helper.make_tensor_value_info(mean.name, elem, [])
         )
-    inputs = [helper.make_tensor_value_info("x", elem, shape(x))]
+    inputs = [helper.make_tensor_value_info("x", elem, b.shape(x))]
     has_if = "if" in b.blocks
     if has_if:
         inputs.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
@@ -391,11 +844,23 @@ def _finish(b: _Builder, x: _Val, h: _Val, opset: int) -> Case:
     if b.ch.pick((True, False)):  # exporters often record every intermediate's type and shape
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
-    concrete = [3 if d == "batch" else d for d in shape(x)]
+    concrete = [3 if d == "batch" else d for d in b.shape(x)]
     xs = b.rng.uniform(-1, 1, concrete).astype(b.dtype)
     conds = [True, False] if has_if else [None]
     feeds = [{"x": xs} | ({} if c is None else {"cond": np.array(c)}) for c in conds]
     return Case(model, as_float64(model), feeds, b.dtype, b.blocks)
+
+
+class BatchNormalization(OpRun):  # the class name is the op type it replaces
+    """BatchNormalization in inference mode: onnx's reference evaluator computes opsets 9 to 14
+    otherwise (as if in training mode; onnx 1.23)."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, training_mode=0):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        s = scale.reshape(shape) / np.sqrt(var.reshape(shape) + epsilon)
+        return (((x - mean.reshape(shape)) * s + bias.reshape(shape)).astype(x.dtype),)
 
 
 # --- model utilities --------------------------------------------------------------------------
@@ -423,6 +888,8 @@ def _graph_to_float64(graph: onnx.GraphProto) -> None:
             info.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
     for node in graph.node:
         for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                attr.i = onnx.TensorProto.DOUBLE
             if attr.type == onnx.AttributeProto.TENSOR:
                 _tensor_to_float64(attr.t)
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
@@ -548,7 +1015,6 @@ class Outcome:
     fusions: int
     ops_before: int
     ops_after: int
-    tolerated: bool = False
 
 
 def assert_close(case: Case, fused: onnx.ModelProto, what: str) -> None:
@@ -562,11 +1028,8 @@ def assert_close(case: Case, fused: onnx.ModelProto, what: str) -> None:
     """
     atol, rtol = TOLERANCES[case.dtype]
     names = [o.name for o in case.model.graph.output]
-    for feeds in case.feeds:
-        ref_feeds = {
-            k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()
-        }
-        refs = run(case.reference, ref_feeds)
+    for index, feeds in enumerate(case.feeds):
+        refs = case.reference_outputs(index)
         scale = max([1.0] + [float(np.max(np.abs(r), initial=0.0)) for r in refs])
         for name, ref, orig, got in zip(
             names, refs, run(case.model, feeds), run(fused, feeds), strict=True
@@ -592,6 +1055,8 @@ def _assert_records(report: FusionReport, ir_model: ir.Model) -> None:
     merged_nodes = {n for r in report.fusions for n in r.new_nodes}
     claimed: set[tuple[str, str]] = set()
     for r in report.fusions:
+        if r.output is None and r.merged_into is None and _absorbed(r):
+            continue  # the op's output name holds the step folded in: no new value to name
         if r.output is None:
             assert r.merged_into in merged_nodes, (
                 f"(f) record of {r.nodes} has no output but merged_into={r.merged_into!r}"
@@ -605,6 +1070,12 @@ def _assert_records(report: FusionReport, ir_model: ir.Model) -> None:
         claimed.add((r.graph, r.output))
 
 
+def _absorbed(record: FusionRecord) -> bool:
+    """A step folded into a linear op across views (``converter.fusion.absorb``): the engine
+    records no output for it (the op's output name now carries the step)."""
+    return " folded into " in (record.note or "") and " through " in (record.note or "")
+
+
 def _loads(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model, full_check=True)
     so = ort.SessionOptions()
@@ -613,28 +1084,8 @@ def _loads(model: onnx.ModelProto) -> None:
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def known_cross_graph_bug(first: FusionReport, second: FusionReport) -> bool:
-    """The engine bug of ``test_idempotent_when_a_constant_is_shared_across_graphs``: the second
-    pass's first merge is one the first pass declined by the parameter rule (a constant it
-    needed was still shared with a graph fused later)."""
-    merge = second.fusions[0]
-    return any(
-        d.graph == merge.graph and "parameters" in d.reason and d.nodes == merge.nodes
-        for d in first.declined
-    )
-
-
-def check_case(
-    case: Case,
-    policy: str,
-    shuffle_seed: int = 0,
-    tolerate: Callable[[FusionReport, FusionReport], bool] | None = None,
-) -> Outcome:
-    """Assert properties (a) to (f) of the module docstring for ``case`` under ``policy``.
-
-    ``tolerate(first_report, second_report)``, if given, may excuse a second pass that merges
-    again (a known engine bug the caller keeps a reproducer of); the outcome says so.
-    """
+def check_case(case: Case, policy: str, shuffle_seed: int = 0) -> Outcome:
+    """Assert properties (a) to (f) of the module docstring for ``case`` under ``policy``."""
     before = case.model.SerializeToString()
     fused = converter.fuse(case.model, policy=policy)
     assert case.model.SerializeToString() == before, "(a) fuse() mutated its argument"
@@ -648,11 +1099,9 @@ def check_case(
         "(a) converter.fuse and the pass give different models"
     )
     again, report2, _ = fuse_with_report(fused, policy)
-    tolerated = bool(report2.fusions) and tolerate is not None and tolerate(report, report2)
-    if not tolerated:
-        merged = [r.nodes for r in report2.fusions]
-        assert not merged, f"(c) fusing again merged {merged}"
-        assert canonical(again) == canonical(fused), "(c) fusing again changed the model"
+    merged = [r.nodes for r in report2.fusions]
+    assert not merged, f"(c) fusing again merged {merged}"
+    assert canonical(again) == canonical(fused), "(c) fusing again changed the model"
     other = shuffled(case.model, np.random.default_rng(shuffle_seed))
     fused_other = converter.fuse(other, policy=policy)
     try:
@@ -666,4 +1115,4 @@ def check_case(
     assert_close(case, fused_other, "fused after shuffling")
     _assert_records(report, ir_model)
     before_ops = sum(op_counts(case.model).values())
-    return Outcome(len(report.fusions), before_ops, sum(op_counts(fused).values()), tolerated)
+    return Outcome(len(report.fusions), before_ops, sum(op_counts(fused).values()))
