@@ -75,15 +75,15 @@ def find_chains(
     ops: list[LinearOp] = []
     refused: list[Decline] = []
     absorbed: set[ir.Node] = set()
-    widths: dict[ir.Value, int] = {}
+    producers: dict[ir.Value, LinearOp] = {}
     for node in graph:
         if node in absorbed:
             continue
         found = recognize(node)
         if found is None and node.op_type in STEP_OPS:
-            found = recognize_step(node, widths.get)
+            found = recognize_step(node, producers.get)
         if isinstance(found, LinearOp):
-            widths[found.output] = found.out_features
+            producers[found.output] = found
             ops.append(found)
             absorbed.update(found.nodes[1:])
         elif isinstance(found, Decline):

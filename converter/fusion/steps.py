@@ -42,7 +42,9 @@ __all__ = ["STEP_OPS", "recognize_step"]
 BINARY_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 STEP_OPS = BINARY_OPS | {"BatchNormalization", "Neg", "Identity", "Dropout", "Cast"}
 
-WidthOf = Callable[[ir.Value], "int | None"]
+# The op already recognised that produced a value (its width and dtype stand in for shapes and
+# types a model does not record, as in subgraphs).
+ProducerOf = Callable[[ir.Value], "LinearOp | None"]
 
 
 def _static_last_dim(value: ir.Value) -> int | None:
@@ -67,19 +69,19 @@ def _step(
     )
 
 
-def recognize_step(node: ir.Node, width_of: WidthOf) -> LinearOp | Decline | None:
+def recognize_step(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Decline | None:
     """The step ``node`` computes as a :class:`LinearOp` (``elementwise=True``), a
     :class:`Decline` when it is a constant step that cannot join a chain, or None.
 
-    ``width_of`` gives the width of a value produced by an op already recognised, for steps whose
-    input shape is unknown.
+    ``producer_of`` gives the op already recognised that produced a value, whose width and dtype
+    stand in for a shape and type the model does not record.
     """
     if not is_onnx(node) or node.op_type not in STEP_OPS or not node.outputs:
         return None
     if node.op_type == "BatchNormalization":
         return _batch_norm(node)
     if node.op_type in ("Neg", "Identity", "Dropout", "Cast"):
-        return _unary(node, width_of)
+        return _unary(node, producer_of)
     if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
         return None
     left, right = node.inputs
@@ -92,13 +94,13 @@ def recognize_step(node: ir.Node, width_of: WidthOf) -> LinearOp | Decline | Non
     if node.op_type == "Div" and data_index == 1:
         return None  # c / x is not affine
     # The data's own width, never the constant's: x[N, 1] * c[d] broadcasts x up to d columns.
-    width = _static_last_dim(data) or width_of(data)
+    width = _width(data, producer_of)
     if width is None:
         return None
     c = usable_constant(const, (node,), width)
     if isinstance(c, str):
         return Decline(node, c)
-    dtype = data.dtype or c.dtype
+    dtype = _dtype(data, producer_of) or c.dtype
     if dtype not in FLOAT_TYPES:
         return None
     if not broadcasts_along_last_axis(c.shape, data, width):
@@ -135,7 +137,17 @@ def _elementwise_maker(
     return negate_then_shift
 
 
-def _unary(node: ir.Node, width_of: WidthOf) -> LinearOp | Decline | None:
+def _width(data: ir.Value, producer_of: ProducerOf) -> int | None:
+    op = producer_of(data)
+    return _static_last_dim(data) or (op.out_features if op is not None else None)
+
+
+def _dtype(data: ir.Value, producer_of: ProducerOf) -> ir.DataType | None:
+    op = producer_of(data)
+    return data.dtype or (op.dtype if op is not None else None)
+
+
+def _unary(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Decline | None:
     """``Neg`` (``W = -I``), ``Identity`` and inference ``Dropout`` (``W = I``)."""
     data = node.inputs[0] if node.inputs else None
     if data is None or isinstance(resolve(data), Constant):
@@ -146,21 +158,21 @@ def _unary(node: ir.Node, width_of: WidthOf) -> LinearOp | Decline | None:
             return Decline(node, reason)
     elif len(node.outputs) != 1:
         return None
-    if node.op_type == "Cast" and not _same_type_cast(node, data):
+    if node.op_type == "Cast" and not _same_type_cast(node, _dtype(data, producer_of)):
         return None
-    width = _static_last_dim(data) or width_of(data)
-    if width is None or data.dtype not in FLOAT_TYPES:
+    width, dtype = _width(data, producer_of), _dtype(data, producer_of)
+    if width is None or dtype not in FLOAT_TYPES:
         return None
     sign = -1.0 if node.op_type == "Neg" else 1.0
-    return _step(node, 0, width, data.dtype, (), lambda: algebra.scale_affine(sign, width))
+    return _step(node, 0, width, dtype, (), lambda: algebra.scale_affine(sign, width))
 
 
-def _same_type_cast(node: ir.Node, data: ir.Value) -> bool:
+def _same_type_cast(node: ir.Node, dtype: ir.DataType | None) -> bool:
     """A ``Cast`` to the type its input already has (exporters write ``result.to(dtype)``)."""
-    if data.dtype is None:
-        shapes.request()
+    if dtype is None and shapes.request():
+        dtype = node.inputs[0].dtype
     to = node.attributes.get_int("to", None)
-    return data.dtype is not None and to is not None and ir.DataType(to) == data.dtype
+    return dtype is not None and to is not None and ir.DataType(to) == dtype
 
 
 def _dropout_reason(node: ir.Node) -> str | None:

@@ -271,3 +271,47 @@ def test_shapes_inferred_for_decisions_are_not_written():
     assert {v.name for v in fused.graph.value_info} <= initializers  # no inferred shape kept
     assert_equivalent(model, fused, _feed((3, 4)), **TOL)
     check(fused)
+
+
+def test_steps_in_a_subgraph_without_types_take_them_from_the_op_before():
+    """Inside an ``If`` branch nothing records types or shapes: ``MatMul -> Identity -> Add`` still
+    joins one chain, the Identity and Add taking the MatMul's width and dtype."""
+    r = rng(10)
+    inits = [
+        init("W", r.standard_normal((4, 3)).astype(np.float32)),
+        init("V", r.standard_normal((4, 3)).astype(np.float32)),
+        init("b", r.standard_normal(3).astype(np.float32)),
+    ]
+    branch = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["m"], name="fc"),
+            helper.make_node("Identity", ["m"], ["i"], name="identity"),
+            helper.make_node("Add", ["b", "i"], ["t"], name="bias"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", F, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["z"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", F, None)],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "V"], ["z"], name="outer"),
+        helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other, name="if"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", F, [2, 4]),
+        helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+    ]
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info("y", F, [2, 3])], inits)
+    fused, report = fuse_with_report(model)
+    assert {r.graph for r in report.fusions} == {"if.then_branch"}
+    assert report.declined == []
+    then = next(a.g for a in fused.graph.node[1].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["Gemm"]  # MatMul, Identity and Add are one op
+    feeds = {**_feed((2, 4)), "c": np.array(True)}
+    assert_equivalent(model, fused, feeds, **TOL)
+    check(fused)
