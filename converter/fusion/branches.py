@@ -27,7 +27,7 @@ from converter.fusion.recognize import LinearOp
 from converter.fusion.views import axes_of, single_reader, static_dims
 from converter.report import Declined
 
-__all__ = ["Term", "BranchSum", "find_sums", "is_join", "JOIN_OPS"]
+__all__ = ["Term", "BranchSum", "find_sums", "is_join", "feeds_only", "tree_leaves", "JOIN_OPS"]
 
 JOIN_OPS = frozenset({"Add", "Sub", "Sum"})
 
@@ -146,7 +146,7 @@ def _stack(node: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]] 
     if not is_onnx(node, "ReduceSum") or node.attributes.get_int("keepdims", 1) != 0:
         return None
     concat = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-    if not is_onnx(concat, "Concat") or not _feeds_only(node.inputs[0], {node}):
+    if not is_onnx(concat, "Concat") or not feeds_only(node.inputs[0], {node}):
         return None
     axis = concat.attributes.get_int("axis", 0)
     if axes_of(node) != [axis] or axis < 0:
@@ -156,7 +156,7 @@ def _stack(node: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]] 
         unsqueeze = value.producer() if value is not None else None
         if not is_onnx(unsqueeze, "Unsqueeze") or axes_of(unsqueeze) != [axis]:
             return None
-        if not _feeds_only(value, {concat}):
+        if not feeds_only(value, {concat}):
             return None
         joins.append(unsqueeze)
     leaves = [(1.0, u.inputs[0]) for u in joins]
@@ -173,10 +173,14 @@ def _stack_root(node: ir.Node) -> ir.Node | None:
 
 
 def _leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
-    """The joins of the tree under ``root`` (root last) and its signed leaves."""
+    """The nodes of the sum under ``root`` (a stacked sum or a tree) and its signed leaves."""
     stacked = _stack(root)
-    if stacked is not None:
-        return stacked
+    return stacked if stacked is not None else tree_leaves(root)
+
+
+def tree_leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
+    """The joins of the ``Add``/``Sub``/``Sum`` tree under ``root`` (root last) and its signed
+    leaves (a ``Sub``'s second input negated)."""
     joins: list[ir.Node] = []
     leaves: list[tuple[float, ir.Value]] = []
 
@@ -196,7 +200,8 @@ def _leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]
     return joins, leaves
 
 
-def _feeds_only(value: ir.Value, nodes: set[ir.Node]) -> bool:
+def feeds_only(value: ir.Value, nodes: set[ir.Node]) -> bool:
+    """``value`` is read by ``nodes`` alone and is not a graph output."""
     return not value.is_graph_output() and all(u.node in nodes for u in value.uses())
 
 
@@ -223,7 +228,7 @@ def _terms(leaves, found, x: ir.Value, members: set[ir.Node]) -> list[Term] | No
     for (sign, value), branch in zip(leaves, found, strict=True):
         if value is x:
             terms.append(Term(sign, []))
-        elif branch is not None and branch[2] is x and _feeds_only(value, members):
+        elif branch is not None and branch[2] is x and feeds_only(value, members):
             terms.append(Term(sign, branch[0], branch[1]))
         else:
             return None
@@ -241,12 +246,12 @@ def _branch(
     if not is_onnx(after, "Reshape") or after.inputs[0] is None:
         return None
     run = by_output.get(after.inputs[0])
-    if run is None or not _feeds_only(run[-1].output, {after}):
+    if run is None or not feeds_only(run[-1].output, {after}):
         return None
     before = run[0].input.producer()
     if not is_onnx(before, "Reshape") or before.inputs[0] is None:
         return None
-    if not _feeds_only(run[0].input, set(run[0].nodes)):
+    if not feeds_only(run[0].input, set(run[0].nodes)):
         return None
     x = before.inputs[0]
     if not _rows_flattened(x, run[0].input, value, run[-1].out_features):

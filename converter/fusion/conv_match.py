@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion import conv_algebra as ca
-from converter.fusion.branches import JOIN_OPS, is_join
+from converter.fusion.branches import JOIN_OPS, is_join, tree_leaves
 from converter.fusion.constants import Constant, is_onnx, resolve
 from converter.fusion.recognize import FLOAT_TYPES, usable_constant
 
@@ -328,29 +328,3 @@ def sole_consumer(value: ir.Value) -> ir.Node | None:
         return None
     uses = list(value.uses())
     return uses[0].node if len(uses) == 1 else None
-
-
-def _inner(value: ir.Value) -> bool:
-    """``value`` is computed by a join and read only by one join: part of a larger tree."""
-    return is_join(value.producer()) and is_join(sole_consumer(value))
-
-
-def tree_leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
-    """The joins of the tree under ``root`` (root last) and its signed leaves."""
-    joins: list[ir.Node] = []
-    leaves: list[tuple[float, ir.Value]] = []
-
-    def walk(node: ir.Node, sign: float) -> None:
-        for i, value in enumerate(node.inputs):
-            assert value is not None
-            s = -sign if node.op_type == "Sub" and i == 1 else sign
-            producer = value.producer()
-            if _inner(value):
-                assert producer is not None
-                walk(producer, s)
-            else:
-                leaves.append((s, value))
-        joins.append(node)
-
-    walk(root, 1.0)
-    return joins, leaves

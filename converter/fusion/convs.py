@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from converter.fusion import conv_algebra as ca
+from converter.fusion.branches import feeds_only
 from converter.fusion.conv_match import (
     ChannelAffine,
     ConvMerge,
@@ -248,7 +249,7 @@ def _match_sum(root: ir.Node, convs, refused) -> ConvMerge | str | None:
     branch_convs = {
         v: convs[v.producer()]
         for _, v in leaves
-        if v.producer() in convs and _feeds_only(v, members)
+        if v.producer() in convs and feeds_only(v, members)
     }
     inputs = {id(op.input): op.input for op in branch_convs.values()}
     if len(inputs) != 1:
@@ -269,14 +270,10 @@ def _match_sum(root: ir.Node, convs, refused) -> ConvMerge | str | None:
             affine = None if producer is None else _affine_after(producer, x, rank, channels)
             if isinstance(affine, str):
                 return f"branch '{_name(producer)}': {affine}"
-            if affine is None or not _feeds_only(value, members):
+            if affine is None or not feeds_only(value, members):
                 return None
             terms.append(Term(sign, affine=affine))
     return _sum_merge(joins, terms, x, some.dtype, rank - 2, channels)
-
-
-def _feeds_only(value: ir.Value, nodes: set[ir.Node]) -> bool:
-    return not value.is_graph_output() and all(u.node in nodes for u in value.uses())
 
 
 def _sum_merge(joins, terms: list[Term], x, dtype, rank: int, channels: int) -> ConvMerge:
