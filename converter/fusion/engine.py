@@ -42,6 +42,7 @@ from converter.fusion.constants import other_users
 from converter.fusion.convs import merge_convs
 from converter.fusion.recognize import LinearOp, recognize, value_rank
 from converter.fusion.rewrite import Decision, Names, Rewrite, decide, overflow, write
+from converter.fusion.views import VIEW_OPS, single_reader
 from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import Declined, FusionRecord
 
@@ -100,8 +101,18 @@ def fuse_graph(
 def _folds_waiting(written: list[ir.Node], label: str) -> bool:
     """A merged segment now reaches a constant step through views (``MatMul -> Neg -> Transpose
     -> Mul``: the chain took the Neg, the Mul folds next): one more round folds it."""
-    ops = [op for n in written if isinstance(op := recognize(n), LinearOp)]
+    near = [n for n in written if _reaches_view(n)]  # cheap test first: most merges reach none
+    ops = [op for n in near if isinstance(op := recognize(n), LinearOp)]
     return bool(ops) and bool(find_absorbs(ops, label)[0])
+
+
+def _reaches_view(node: ir.Node) -> bool:
+    """The merged op (``node``, or the bias ``Add`` after it) is read by a view."""
+    out = node.outputs[0]
+    reader = single_reader(out)
+    if reader is not None and reader.op_type == "Add" and len(out.uses()) == 1:
+        reader = single_reader(reader.outputs[0])  # MatMul + Add: the Add's reader
+    return reader is not None and reader.op_type in VIEW_OPS
 
 
 def _assert_fixpoint(ctx: Context, graph: ir.Graph, label: str) -> None:
