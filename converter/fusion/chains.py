@@ -138,7 +138,7 @@ def _refused_neighbours(
         before = [p for v in node.inputs if v is not None for p in producers.get(v, [])]
         after = consumers.get(node.outputs[0], [])
         neighbours = [n for n in before + after if n is not decline]
-        if node.op_type in ("Gemm", "MatMul"):
+        if node.op_type in ("Gemm", "MatMul", "Einsum"):
             # A product of two activations (attention's q @ k) is not a linear op: no reason.
             wanted = neighbours if _has_constant_operand(node) else []
         else:  # a step matters only beside a matrix op

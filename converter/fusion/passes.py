@@ -65,6 +65,13 @@ def _model_totals(model: ir.Model) -> tuple[int, int, int]:
                 ops += 1
                 if len(node.inputs) > 1 and node.inputs[1] is not None:
                     macs += parameter_count(node.inputs[1])
+            elif node.op_type == "Einsum" and any(
+                isinstance(resolve(v), Constant) for v in node.inputs
+            ):
+                ops += 1
+                macs += sum(
+                    parameter_count(v) for v in node.inputs if isinstance(resolve(v), Constant)
+                )
             elif node.op_type == "Conv" and isinstance(resolve(node.inputs[1]), Constant):
                 ops += 1  # counted as a linear op; its MACs are per output position, not per row
     return ops, macs, params

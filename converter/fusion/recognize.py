@@ -342,7 +342,9 @@ def broadcasts_along_last_axis(shape: tuple[int, ...], data: ir.Value, width: in
     return len(shape) <= 1 if rank is None else len(shape) <= max(rank, 1)
 
 
-def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, Constant] | None:
+def _bias_add(
+    matmul: ir.Node, out_features: int, data_index: int = 0
+) -> tuple[ir.Node, Constant] | None:
     """The ``Add`` after ``matmul`` that adds a constant last-axis bias, with the bias, if any."""
     out = matmul.outputs[0]
     uses = out.uses()
@@ -357,7 +359,7 @@ def _bias_add(matmul: ir.Node, out_features: int) -> tuple[ir.Node, Constant] | 
     bias = usable_constant(other, (add,), out_features)
     # MatMul(x, W) with a 2-D W has x's rank, so x stands for the Add's data.
     if isinstance(bias, str) or not broadcasts_along_last_axis(
-        bias.shape, matmul.inputs[0], out_features
+        bias.shape, matmul.inputs[data_index], out_features
     ):
         return None
     return add, bias
@@ -466,6 +468,69 @@ def _column_bias_add(node: ir.Node, out: int, rank: int) -> tuple[ir.Node, Const
     return add, bias
 
 
+def _recognize_einsum(node: ir.Node) -> LinearOp | Decline | None:
+    """``Einsum`` of the data and a constant matrix that is a plain ``x @ W`` on the last axis:
+    ``"...i,ij->...j"`` (``W`` as is) or ``"...i,ji->...j"`` (``W.T``, torch's layout), the
+    operands in either order and the leading indices kept in order. Anything else is not
+    recognised, with the reason when an operand is a constant."""
+    if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
+        return None
+    consts = [isinstance(resolve(v), Constant) for v in node.inputs]
+    if consts.count(True) != 1:
+        return None
+    w_at = consts.index(True)
+    equation = (node.attributes.get_string("equation", "") or "").replace(" ", "")
+    lhs, arrow, out = equation.partition("->")
+    terms = lhs.split(",")
+    if not arrow or len(terms) != 2:
+        return Decline(node, f"Einsum '{equation}' has no explicit output: not read as x @ W")
+    x_sub, w_sub = terms[1 - w_at], terms[w_at]
+    contracted = x_sub[-1:] if x_sub else ""
+    kept = w_sub.replace(contracted, "", 1) if len(w_sub) == 2 else ""
+    plain = (
+        len(w_sub) == 2
+        and contracted in w_sub
+        and len(kept) == 1
+        and kept not in x_sub
+        and out == x_sub[:-1] + kept
+    )
+    if not plain:
+        return Decline(node, f"Einsum '{equation}' is not a product x @ W on the last axis")
+    w = resolve(node.inputs[w_at])
+    assert isinstance(w, Constant)
+    transposed = w_sub[1] == contracted  # "oi": torch's (out, in) layout
+    in_features, out_features = (w.shape[1], w.shape[0]) if transposed else w.shape
+    found = usable_constant(node.inputs[w_at], (node,), out_features)
+    if isinstance(found, str):
+        return Decline(node, found)
+    dtype = _float_type(node.inputs[w_at].dtype or w.dtype)
+    if dtype is None:
+        return Decline(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
+    nodes: tuple[ir.Node, ...] = (node,)
+    constants: tuple[Constant, ...] = (w,)
+    bias = _bias_add(node, int(out_features), 1 - w_at)
+    if bias is not None:
+        nodes, constants = (node, bias[0]), (w, bias[1])
+    b = None if bias is None else bias[1]
+
+    def make() -> algebra.AffineMap:
+        weight = np.asarray(w.array())
+        return algebra.matmul_affine(
+            weight.T if transposed else weight, None if b is None else b.array()
+        )
+
+    return LinearOp(
+        nodes,
+        1 - w_at,
+        int(in_features),
+        int(out_features),
+        dtype,
+        constants,
+        _unmapping(make, constants),
+        has_bias=b is not None,
+    )
+
+
 def recognize(node: ir.Node) -> LinearOp | Decline | None:
     """Classify ``node``: a :class:`LinearOp`, a :class:`Decline` with the reason, or None.
 
@@ -477,4 +542,6 @@ def recognize(node: ir.Node) -> LinearOp | Decline | None:
         return _recognize_gemm(node)
     if node.op_type == "MatMul":
         return _recognize_matmul(node)
+    if node.op_type == "Einsum":
+        return _recognize_einsum(node)
     return None

@@ -24,7 +24,7 @@ __all__ = ["on_demand", "request", "when_inferred"]
 
 logger = logging.getLogger(__name__)
 
-_LINEAR = frozenset({"Gemm", "MatMul", "Conv"})
+_LINEAR = frozenset({"Gemm", "MatMul", "Einsum", "Conv"})
 _SMALL = 64  # initializers up to this many elements stay (Reshape targets, axes: data matters)
 _RUN: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
     "onnx_fuse_shape_inference", default=None

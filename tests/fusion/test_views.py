@@ -315,3 +315,32 @@ def test_steps_in_a_subgraph_without_types_take_them_from_the_op_before():
     feeds = {**_feed((2, 4)), "c": np.array(True)}
     assert_equivalent(model, fused, feeds, **TOL)
     check(fused)
+
+
+def test_einsum_products_with_a_constant_matrix_chain_like_matmuls():
+    """``torch.einsum("bsi,oi->bso", x, W)`` (torch's layout), a bias, ``"bsi,ij->bsj"`` and
+    ``"ij,bsj->bsi"`` (the weight first): one map; an Einsum that moves an axis says why."""
+    r = rng(11)
+    inits = [
+        init("W1", r.standard_normal((5, 4)).astype(np.float32)),  # (out, in)
+        init("b1", r.standard_normal(5).astype(np.float32)),
+        init("W2", r.standard_normal((5, 3)).astype(np.float32)),  # (in, out)
+        init("W3", r.standard_normal((3, 3)).astype(np.float32)),
+        init("W4", r.standard_normal((3, 3)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Einsum", ["x", "W1"], ["e1"], equation="bsi,oi->bso", name="e1"),
+        helper.make_node("Add", ["e1", "b1"], ["h"], name="bias"),
+        helper.make_node("Einsum", ["h", "W2"], ["e2"], equation="bsi,ij->bsj", name="e2"),
+        helper.make_node("Einsum", ["W3", "e2"], ["e3"], equation="ij,bsj->bsi", name="e3"),
+        helper.make_node("Einsum", ["e3", "W4"], ["y"], equation="bsi,ij->bjs", name="e4"),
+    ]
+    model = make_model(nodes, *_io([2, 3, 4], [2, 3, 3]), inits, opset=17)
+    fused, report = fuse_with_report(model)
+    (record,) = report.fusions
+    assert record.nodes == ["e1", "bias", "e2", "e3"] and record.widths == [4, 5, 3, 3]
+    assert op_types(fused) == ["MatMul", "Add", "Einsum"]
+    (declined,) = [d for d in report.declined if "e4" in d.nodes]
+    assert declined.reason == "Einsum 'bsi,ij->bjs' is not a product x @ W on the last axis"
+    assert_equivalent(model, fused, _feed((2, 3, 4)), **TOL)
+    check(fused)
