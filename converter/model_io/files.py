@@ -94,6 +94,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx_ir raises a variety of types on malformed protos
+        if _has_sparse(proto.graph):
+            raise InputError(
+                f"{path}: holds sparse tensors (a sparse initializer or a Constant's "
+                "sparse_value), which onnx-fuse cannot read; densify them first"
+            ) from None
         raise InputError(f"{path}: is not a valid ONNX model ({_one_line(e)})") from None
     _set_base_dir(model, model_dir)
     training.stash(model, proto)
@@ -161,6 +166,20 @@ def _check_model_proto(proto: onnx.ModelProto, path: str) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _has_sparse(graph: onnx.GraphProto) -> bool:
+    """``graph`` or a subgraph of it holds a sparse tensor."""
+    if graph.sparse_initializer:
+        return True
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("sparse_tensor") or attr.sparse_tensors:
+                return True
+            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            if any(_has_sparse(g) for g in subgraphs):
+                return True
+    return False
 
 
 def _set_base_dir(model: ir.Model, model_dir: str) -> None:

@@ -572,3 +572,24 @@ def test_files_are_flushed_to_disk_only_when_they_replace_one(tmp_path: Path, mo
     flushed.clear()
     cio.write_model(model, out / "m.onnx", external_data="m.data", force=True).commit()
     assert sorted(Path(p).name for p in flushed) == ["m.data", "m.onnx", "out"]
+
+
+def test_sparse_constants_are_refused_with_what_to_do(tmp_path: Path) -> None:
+    values = numpy_helper.from_array(np.array([1.5, 2.0], np.float32), "v")
+    indices = numpy_helper.from_array(np.array([1, 3], np.int64), "i")
+    sparse = helper.make_sparse_tensor(values, indices, [4])
+    nodes = [
+        helper.make_node("Constant", [], ["c"], sparse_value=sparse),
+        helper.make_node("Add", ["x", "c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "sparse.onnx"
+    onnx.save(model, path)
+    with pytest.raises(InputError, match="holds sparse tensors .* densify them first"):
+        cio.load_model(path)
