@@ -591,5 +591,5 @@ def test_sparse_constants_are_refused_with_what_to_do(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "sparse.onnx"
     onnx.save(model, path)
-    with pytest.raises(InputError, match="holds sparse tensors .* densify them first"):
+    with pytest.raises(InputError, match=r"holds sparse tensors .* densify them first"):
         cio.load_model(path)
