@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from converter.fusion import algebra
 from converter.fusion.constants import Constant, is_onnx, remove_if_unused, resolve
+from converter.fusion.conv_algebra import bn_affine
 from converter.fusion.recognize import LinearOp, usable_constant, value_rank
 from converter.fusion.views import VIEW_OPS, Features, follow, single_reader
 from converter.report import Declined
@@ -171,9 +172,8 @@ def _batch_norm(node: ir.Node, f: Features):
         return next(p for p in params if isinstance(p, str))
     if any(p.size != f.width for p in params):
         return "BatchNormalization's parameters do not match the features' width"
-    gamma, beta, mean, var = (np.asarray(p.array(), np.float64).reshape(-1) for p in params)
-    s = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
-    return s, beta - mean * s
+    gamma, beta, mean, var = (np.asarray(p.array()).reshape(-1) for p in params)
+    return bn_affine(gamma, beta, mean, var, node.attributes.get_float("epsilon", 1e-5))
 
 
 def remove_step(absorb: Absorb) -> None:

@@ -40,8 +40,16 @@ from converter.fusion.algebra import AffineMap, Policy
 from converter.fusion.branches import find_sums
 from converter.fusion.constants import other_users
 from converter.fusion.convs import merge_convs
-from converter.fusion.recognize import LinearOp, recognize, value_rank
-from converter.fusion.rewrite import Decision, Names, Rewrite, decide, overflow, write
+from converter.fusion.recognize import LinearOp, recognize
+from converter.fusion.rewrite import (
+    Decision,
+    Names,
+    Rewrite,
+    decide,
+    emits_gemm,
+    overflow,
+    write,
+)
 from converter.fusion.views import VIEW_OPS, single_reader
 from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import Declined, FusionRecord
@@ -221,8 +229,7 @@ def _apply_absorb(
     rewrite = Rewrite([op], [], [op.in_features, op.out_features], op.macs, absorb.affine)
     rewrite.note = absorb.note
     has_bias = op.has_bias or absorb.shift is not None
-    as_gemm = op.is_gemm or value_rank(op.input) == 2
-    decision = Decision(as_gemm and (has_bias or ctx.opset >= 11), has_bias, 0, 0)
+    decision = Decision(emits_gemm(rewrite, has_bias, ctx.opset), has_bias, 0, 0)
     affine = rewrite.make_affine()
     if overflow(affine, op.dtype.numpy(), absorb.names, label):
         return 0

@@ -35,7 +35,7 @@ from converter.fusion.constants import Constant, other_users, remove_if_unused, 
 from converter.fusion.recognize import LinearOp, value_rank
 from converter.report import Declined, FusionRecord
 
-__all__ = ["Names", "Rewrite", "Decision", "decide", "write"]
+__all__ = ["Names", "Rewrite", "Decision", "decide", "emits_gemm", "write"]
 
 
 class Names:
@@ -157,15 +157,20 @@ def _freed(rewrite: Rewrite) -> list[Constant]:
     return list(seen.values())
 
 
+def emits_gemm(rewrite: Rewrite, has_bias: bool, opset: int) -> bool:
+    """The merged op is a ``Gemm``: a last-axis map of a 2-D input (by rank, or, with the rank
+    unknown, because a Gemm is among the ops), with a bias or at opset 11+ (where C is optional;
+    a bias-free 2-D merge is a bare MatMul before that)."""
+    rank = value_rank(rewrite.x)
+    two_d = rank == 2 if rank is not None else any(op.is_gemm for op in rewrite.ops)
+    return two_d and rewrite.ops[0].axis == -1 and (has_bias or opset >= 11)
+
+
 def decide(rewrite: Rewrite, opset: int, policy: algebra.Policy, label: str) -> Decision | Declined:
     """Accept or refuse ``rewrite`` from shapes alone (no weight is read)."""
     ops = rewrite.ops
     has_bias = any(op.has_bias for op in ops)
-    rank = value_rank(rewrite.x)
-    as_gemm = rank == 2 if rank is not None else any(op.is_gemm for op in ops)
-    as_gemm = as_gemm and ops[0].axis == -1
-    # Gemm before opset 11 requires C: a bias-free 2-D segment is emitted as a bare MatMul.
-    as_gemm = as_gemm and (has_bias or opset >= 11)
+    as_gemm = emits_gemm(rewrite, has_bias, opset)
     per_row = [op for op in ops if op.per_row_bias]
     if per_row and not as_gemm:
         return Declined(rewrite.names, "a per-row Gemm bias cannot be emitted as MatMul+Add", label)

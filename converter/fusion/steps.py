@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from converter.fusion import algebra, shapes
 from converter.fusion.constants import Constant, NotConstant, resolve
+from converter.fusion.conv_algebra import bn_affine
 from converter.fusion.recognize import (
     FLOAT_TYPES,
     Decline,
@@ -217,8 +218,7 @@ def _batch_norm(node: ir.Node) -> LinearOp | Decline | None:
     epsilon = node.attributes.get_float("epsilon", 1e-5)
 
     def make() -> algebra.AffineMap:
-        scale, bias, mean, var = (p.array().astype(np.float64) for p in params)
-        s = scale / np.sqrt(var + epsilon)
-        return algebra.AffineMap(np.diag(s), bias - mean * s)
+        s, t = bn_affine(*(p.array() for p in params), epsilon)
+        return algebra.AffineMap(np.diag(s), t)
 
     return _step(node, 0, width, dtype, params, make, bias=True)
