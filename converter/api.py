@@ -29,6 +29,7 @@ from converter.equivalence.validate import EquivalenceReport, check_equivalence
 from converter.errors import InputError, ValidationError
 from converter.fusion.algebra import Policy
 from converter.fusion.passes import fuse_model
+from converter.gcpause import paused_collection
 from converter.model_io import files as io
 from converter.model_io import training
 from converter.model_io.progress import ProgressCallback, no_progress
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT", onnx.ModelProto, ir.Model)
 
 
+@paused_collection()
 def fuse(model: ModelT, *, policy: Policy = "cost") -> ModelT:
     """Merge chains of linear ops in ``model``.
 
@@ -64,6 +66,7 @@ def fuse(model: ModelT, *, policy: Policy = "cost") -> ModelT:
     )
 
 
+@paused_collection()
 def fuse_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -259,6 +262,7 @@ def export(
     return report
 
 
+@paused_collection()
 def check(
     original: str | os.PathLike,
     candidate: str | os.PathLike,

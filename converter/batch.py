@@ -13,6 +13,7 @@ the caller is inherited). A worker stopped by SIGTERM cleans up its temporary ou
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -118,6 +119,7 @@ def _fuse_one(src: str, dst: str, options: dict[str, Any]) -> FileResult:
         result.exit_code = EXIT_INTERNAL
         result.error = f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"
     result.seconds = time.perf_counter() - start
+    gc.collect()  # the model's graph is cyclic garbage now: free it before the next file
     return result
 
 

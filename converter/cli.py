@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -390,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    # One command per process: the exit frees the model's objects, so the collector's passes
+    # over them (one more after the result is written) are pure cost; see converter.gcpause.
+    # Batch mode collects after each file itself.
+    gc.disable()
     commands = {"check": _run_check, "inspect": _run_inspect}
     run = commands.get(argv[0]) if argv else None
     try:

@@ -69,6 +69,7 @@ from converter.equivalence.runtime import (
     open_session,
 )
 from converter.errors import InputError, OriginalModelError
+from converter.gcpause import paused_collection
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class EquivalenceReport:
 # --------------------------------------------------------------------------- the check
 
 
+@paused_collection()
 def check_equivalence(
     original: ModelLike,
     candidate: ModelLike,

@@ -24,6 +24,7 @@ from converter.fusion import algebra, invariants, shapes
 from converter.fusion.constants import Constant, is_onnx, parameter_count, resolve
 from converter.fusion.engine import Context, fuse_graph
 from converter.fusion.rewrite import Names
+from converter.gcpause import paused_collection
 from converter.model_io import training
 from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import Declined, FusionReport
@@ -86,6 +87,7 @@ def _initializer_size(value: ir.Value) -> int:
     return parameter_count(value) if tensor is None else tensor.size
 
 
+@paused_collection()
 def fuse_model(
     model: ir.Model,
     *,

@@ -46,6 +46,7 @@ import onnx
 import onnx_ir as ir
 
 from converter.errors import ConverterError, InputError
+from converter.gcpause import paused_collection
 from converter.model_io import training
 from converter.model_io.external_data import check_external_data
 from converter.model_io.tensors import ir_tensors, tensor_attrs
@@ -71,6 +72,7 @@ def _one_line(text: object) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+@paused_collection()
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model, refusing anything that is not a safe, supported model.
 
