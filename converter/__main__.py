@@ -1,7 +1,5 @@
 """``python -m converter`` runs the ``onnx-fuse`` command."""
 
-import sys
+from converter.cli import run
 
-from converter.cli import main
-
-sys.exit(main())
+run()

@@ -214,7 +214,8 @@ def _run_fuse(argv: Sequence[str]) -> int:
     show_progress = not args.quiet and sys.stderr.isatty()
     with ProgressLine(enabled=show_progress) as progress:
         report = api.fuse_file(src, dst, progress=progress, **_fuse_kwargs(args))
-    _write_json(args.report, report.to_dict())
+    if args.report:  # the dict of 10,000 records is not free: only when it is written
+        _write_json(args.report, report.to_dict())
     if not args.quiet:
         print("\n".join(report.summary_lines(verbose=args.verbose)))
     return EXIT_OK if report.validated is not False else EXIT_DIFFERENT
@@ -420,6 +421,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def run() -> NoReturn:
+    """The ``onnx-fuse`` executable: :func:`main`, then exit without the collector's last pass.
+
+    At exit Python collects every cycle still in memory, a second or more after a large model
+    (its graph is cyclic garbage by then); freezing hands them to the operating system instead,
+    which frees the process's memory at once. Only here, never in :func:`main`, which callers
+    (tests, other tools) may run many times in one process.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def _one_line(e: BaseException) -> str:

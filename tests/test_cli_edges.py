@@ -196,8 +196,8 @@ import os, signal, sys
 from converter.cli import main
 from converter.model_io import files
 save = files._save
-def interrupted_save(model, path, data_name):
-    save(model, path, data_name)  # the partial output exists now
+def interrupted_save(model, path, data_name, **options):
+    save(model, path, data_name, **options)  # the partial output exists now
     {action}
 files._save = interrupted_save
 sys.exit(main([{src!r}, "-o", {dst!r}]))
@@ -238,7 +238,7 @@ def test_a_later_run_removes_what_a_killed_run_left(two_layer, tmp_path):
 
 
 def test_full_disk_leaves_nothing(two_layer, tmp_path, monkeypatch, capsys):
-    def full(model, path, data_name):
+    def full(model, path, data_name, **options):
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 

@@ -23,6 +23,8 @@ segments that minimises total multiply-adds per row, ``sum(d_i * d_j)`` over seg
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -150,6 +152,8 @@ def _normalise_bias(bias: np.ndarray | None, out_features: int) -> np.ndarray | 
         raise ValueError(f"bias of rank {bias.ndim} is not supported")
     if bias.ndim == 2 and bias.shape[0] > 1:
         return np.broadcast_to(bias, (bias.shape[0], out_features)).copy()
+    if bias.size == out_features:  # the usual (N,) or (1, N): no broadcast needed
+        return bias.reshape(out_features).copy()
     return np.broadcast_to(bias.reshape(-1), (out_features,)).copy()
 
 
@@ -221,14 +225,21 @@ def round_to_dtype(a: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
 def overflow_reason(a: np.ndarray, dtype: np.dtype | type) -> str | None:
     """Why ``a`` cannot be stored in ``dtype`` (non-finite, or beyond its range), or None if it can."""
     a = np.asarray(a, dtype=np.float64)
-    if not np.all(np.isfinite(a)):
+    # One reduction: the largest magnitude is NaN or inf exactly when some value is.
+    peak = float(np.abs(a).max()) if a.size else 0.0
+    if not math.isfinite(peak):
         return "merged values are not finite"
     dt = np.dtype(dtype)
-    limit = float(ml_dtypes.finfo(dt).max) if dt == ml_dtypes.bfloat16 else float(np.finfo(dt).max)
-    peak = float(np.max(np.abs(a))) if a.size else 0.0
+    limit = _largest(dt)
     if peak > limit:
         return f"merged value {peak:.6g} overflows {dt.name} (max {limit:.6g})"
     return None
+
+
+@functools.cache
+def _largest(dt: np.dtype) -> float:
+    """The largest finite value of the float dtype ``dt``."""
+    return float(ml_dtypes.finfo(dt).max) if dt == ml_dtypes.bfloat16 else float(np.finfo(dt).max)
 
 
 def plan_segments(

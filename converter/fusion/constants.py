@@ -215,7 +215,10 @@ def constant_array(value: ir.Value | None) -> tuple[np.ndarray | None, str | Non
 
 def other_users(constant: Constant, owners: set[ir.Node]) -> list[ir.Node]:
     """Nodes outside ``owners`` (and outside the constant's own derivation) that read it."""
-    derivation = {v.producer() for v in constant.chain}
+    chain = constant.chain
+    if len(chain) == 1:  # the usual case, an initializer or a Constant read directly
+        return [u.node for u in chain[0].uses() if u.node not in owners]
+    derivation = {v.producer() for v in chain}
     users: list[ir.Node] = []
     for v in constant.chain:
         users.extend(u.node for u in v.uses() if u.node not in owners and u.node not in derivation)
@@ -224,6 +227,9 @@ def other_users(constant: Constant, owners: set[ir.Node]) -> list[ir.Node]:
 
 def parameter_count(value: ir.Value | None) -> int:
     """Elements held by ``value`` as a weight: its constant's size, or its static shape's."""
+    dims = value.shape.dims if value is not None and value.shape is not None else None
+    if dims is not None and all(type(d) is int for d in dims):
+        return math.prod(dims)  # a recorded static shape is the constant's (nothing resolved)
     found = resolve(value)
     if isinstance(found, Constant):
         return found.size

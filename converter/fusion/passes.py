@@ -52,10 +52,10 @@ def iter_graphs(graph: ir.Graph, label: str = "main graph") -> Iterator[tuple[ir
                 yield from iter_graphs(sub, f"{node.name or node.op_type}.{attr.name}{suffix}")
 
 
-def _model_totals(model: ir.Model) -> tuple[int, int, int]:
-    """(linear ops, MACs per row, weight parameters) over all graphs, from shapes alone."""
+def _model_totals(graphs: list[tuple[ir.Graph, str]]) -> tuple[int, int, int]:
+    """(linear ops, MACs per row, weight parameters) over ``graphs``, from shapes alone."""
     ops = macs = params = 0
-    for graph, _ in iter_graphs(model.graph):
+    for graph, _ in graphs:
         params += sum(_initializer_size(v) for v in graph.initializers.values())
         for node in graph:
             if not is_onnx(node):
@@ -100,7 +100,9 @@ def fuse_model(
         raise ValueError(f"unknown policy {policy!r}; expected 'cost' or 'always'")
     start = time.perf_counter()
     report = FusionReport()
-    report.linear_ops_before, report.macs_before, report.params_before = _model_totals(model)
+    # Merges never add or remove a subgraph (they replace linear ops and their joins only).
+    graphs = list(iter_graphs(model.graph))
+    report.linear_ops_before, report.macs_before, report.params_before = _model_totals(graphs)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < _MIN_OPSET:
         reason = f"ai.onnx opset {opset} is older than {_MIN_OPSET}; nothing merged"
@@ -108,9 +110,9 @@ def fuse_model(
     else:
         training.mark_trained(model)
         with shapes.on_demand(model):
-            _fuse_graphs(model, opset, policy, progress, report)
+            _fuse_graphs(model, graphs, opset, policy, progress, report)
         invariants.check_model(model)
-    report.linear_ops_after, report.macs_after, report.params_after = _model_totals(model)
+    report.linear_ops_after, report.macs_after, report.params_after = _model_totals(graphs)
     report.seconds = time.perf_counter() - start
     logger.info(
         "merged %d time(s); %d not merged; linear ops %d -> %d",
@@ -124,6 +126,7 @@ def fuse_model(
 
 def _fuse_graphs(
     model: ir.Model,
+    graphs: list[tuple[ir.Graph, str]],
     opset: int,
     policy: algebra.Policy,
     progress: ProgressCallback,
@@ -131,7 +134,6 @@ def _fuse_graphs(
 ) -> None:
     """Fuse every graph; again while a merge let go of a constant another graph also reads
     (that graph's decisions may change), keeping each graph's latest reasons."""
-    graphs = list(iter_graphs(model.graph))
     ctx = Context(model, opset, policy, Names(g for g, _ in graphs), progress)
     declined: dict[int, list[Declined]] = {}
     for _ in range(len(graphs) + 1):

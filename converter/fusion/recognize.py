@@ -240,13 +240,21 @@ def _unmapping(
 
 
 def _drop_mapped_pages(tensor: ir.TensorProtocol | None) -> None:
-    raw = getattr(tensor, "raw", None) if isinstance(tensor, ir.ExternalTensor) else None
+    if not _is_external(type(tensor)):
+        return
+    raw = getattr(tensor, "raw", None)
     if raw is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     start = (tensor.offset or 0) // mmap.PAGESIZE * mmap.PAGESIZE
     stop = min((tensor.offset or 0) + tensor.nbytes, len(raw))
     if stop > start:
         raw.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+@functools.cache
+def _is_external(kind: type) -> bool:
+    """Tensors of this type read external data (per type: isinstance on them is slow)."""
+    return issubclass(kind, ir.ExternalTensor)
 
 
 def _gemm_bias_reason(c: Constant | None, out_features: int) -> str | None:

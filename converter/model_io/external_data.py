@@ -43,8 +43,9 @@ class _ExternalRef:
     nbytes: int | None  # the size the tensor's dtype and shape need, when known
 
 
-def check_external_data(model: onnx.ModelProto | ir.Model, model_dir: str | os.PathLike) -> None:
-    """Refuse external data that would be unsafe to read; read nothing.
+def check_external_data(model: onnx.ModelProto | ir.Model, model_dir: str | os.PathLike) -> int:
+    """Refuse external data that would be unsafe to read; read nothing. Return how many
+    tensors live in external data (all of them safe).
 
     Works on an ``onnx.ModelProto`` (the thorough form, used by :func:`load_model`: it sees
     every ``external_data`` key, sparse tensors and training graphs) or an ``ir.Model``
@@ -57,8 +58,11 @@ def check_external_data(model: onnx.ModelProto | ir.Model, model_dir: str | os.P
     """
     model_dir = os.path.abspath(os.fspath(model_dir))
     real_dir = os.path.realpath(model_dir)
+    count = 0
     for ref in _external_refs(model):
         _check_external_ref(ref, model_dir, real_dir)
+        count += 1
+    return count
 
 
 def _check_external_ref(ref: _ExternalRef, model_dir: str, real_dir: str) -> None:

@@ -40,7 +40,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import onnx
 import onnx_ir as ir
@@ -90,7 +90,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _check_model_proto(proto, path)
     model_dir = os.path.dirname(os.path.abspath(path))
     try:
-        check_external_data(proto, model_dir)
+        external = check_external_data(proto, model_dir)
     except InputError as e:
         raise type(e)(f"{path}: {e}") from None
     try:
@@ -102,7 +102,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
                 "sparse_value), which onnx-fuse cannot read; densify them first"
             ) from None
         raise InputError(f"{path}: is not a valid ONNX model ({_one_line(e)})") from None
-    _set_base_dir(model, model_dir)
+    if external:  # a walk over every tensor: only when some live in external data
+        _set_base_dir(model, model_dir)
     training.stash(model, proto)
     if logger.isEnabledFor(logging.DEBUG):  # sizing walks every tensor: only when it is shown
         logger.debug("loaded %s (%d tensor bytes)", path, model_size_bytes(model))
@@ -193,13 +194,12 @@ def _set_base_dir(model: ir.Model, model_dir: str) -> None:
 
 def model_size_bytes(model: ir.Model) -> int:
     """Total bytes of every tensor in ``model``, from dtypes and shapes; no data is read."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in ir_tensors(model):
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.nbytes
-    return total
+    return sum(t.nbytes for t in _unique_tensors(model))
+
+
+def _unique_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    """Every tensor of ``model`` once (one tensor may back several values)."""
+    return list({id(t): t for t in ir_tensors(model)}.values())
 
 
 def is_same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -229,9 +229,13 @@ class PendingOutput:
     """
 
     def __init__(
-        self, model: ir.Model | None, dst: str, tmp_dir: str, data_name: str | None
+        self,
+        externals: Sequence[ir.ExternalTensor],
+        dst: str,
+        tmp_dir: str,
+        data_name: str | None,
     ) -> None:
-        self._model = model
+        self._externals = externals  # the model's tensors that read files (see commit)
         self._tmp_dir = tmp_dir
         self._done = False
         self.dst = dst
@@ -257,7 +261,7 @@ class PendingOutput:
         moves = [(self.path, self.dst)]
         if self.data_path is not None:
             moves.insert(0, (self.data_path, self.dst_data_path))
-        stale = [] if self._model is None else _tensors_reading(self._model, [d for _, d in moves])
+        stale = _tensors_reading(self._externals, [d for _, d in moves])
         try:
             for src, dst in moves:
                 _keep_mode(dst, src)
@@ -312,11 +316,13 @@ def write_model(
             the input as output without ``force``, or a failed write (nothing is left behind).
     """
     dst = _absolute_destination(dst)
-    data_name = _choose_data_name(model, dst, external_data)
+    tensors = _unique_tensors(model)  # one walk: the size, and which tensors read files
+    externals = [t for t in tensors if isinstance(t, ir.ExternalTensor)]
+    data_name = _choose_data_name(sum(t.nbytes for t in tensors), dst, external_data)
     targets = [dst] + ([os.path.join(os.path.dirname(dst), data_name)] if data_name else [])
     _check_destination(dst, targets, force=force, src=src)
-    pending = PendingOutput(model, dst, make_temp_dir(os.path.dirname(dst)), data_name)
-    _fill(pending, lambda: _save(model, pending.path, data_name))
+    pending = PendingOutput(externals, dst, make_temp_dir(os.path.dirname(dst)), data_name)
+    _fill(pending, lambda: _save(model, pending.path, data_name, inline=bool(externals)))
     logger.debug("wrote %s (external data: %s), pending commit", pending.path, data_name)
     return pending
 
@@ -332,7 +338,7 @@ def write_copy(
     """
     dst = _absolute_destination(dst)
     _check_destination(dst, [dst], force=force, src=src)
-    pending = PendingOutput(None, dst, make_temp_dir(os.path.dirname(dst)), None)
+    pending = PendingOutput([], dst, make_temp_dir(os.path.dirname(dst)), None)
     _fill(pending, lambda: shutil.copyfile(src, pending.path))
     return pending
 
@@ -415,10 +421,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _choose_data_name(model: ir.Model, dst: str, external_data: str | None) -> str | None:
-    """Apply the external data policy; validate an explicit name."""
+def _choose_data_name(size: int, dst: str, external_data: str | None) -> str | None:
+    """Apply the external data policy to a model of ``size`` tensor bytes; validate a name."""
     if external_data is None:
-        size = model_size_bytes(model)
         if size <= EXTERNAL_DATA_THRESHOLD_BYTES:
             return None
         name = os.path.basename(dst) + ".data"
@@ -464,15 +469,18 @@ def _check_destination(
         raise InputError(f"{target}: already exists; pass --force (force=True) to overwrite it")
 
 
-def _save(model: ir.Model, path: str, data_name: str | None) -> None:
+def _save(model: ir.Model, path: str, data_name: str | None, *, inline: bool) -> None:
     """``ir.save`` with every external tensor the output cannot reference made in-memory.
 
     ``ir.save`` streams external *initializers* into ``data_name``; tensors in attributes
     (``Constant.value``, functions) and, for a single-file output, all tensors must be inlined,
     or the output would point at the input's data file by a path relative to the wrong folder.
     """
-    with _inlined_external_tensors(model, initializers=data_name is None):
+    if not inline:  # no tensor reads a file: nothing to inline (and no walk over them all)
         ir.save(model, path, external_data=data_name)
+    else:
+        with _inlined_external_tensors(model, initializers=data_name is None):
+            ir.save(model, path, external_data=data_name)
     training.restore_file(model, path)
 
 
@@ -513,16 +521,14 @@ def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     )
 
 
-def _tensors_reading(model: ir.Model, paths: list[str]) -> list[ir.ExternalTensor]:
-    """External tensors of ``model`` backed by one of the existing files at ``paths``."""
+def _tensors_reading(
+    externals: Sequence[ir.ExternalTensor], paths: list[str]
+) -> list[ir.ExternalTensor]:
+    """The tensors of ``externals`` backed by one of the existing files at ``paths``."""
     existing = [p for p in paths if os.path.exists(p)]
     if not existing:
         return []
-    return [
-        t
-        for t in ir_tensors(model)
-        if isinstance(t, ir.ExternalTensor) and any(is_same_file(t.path, p) for p in existing)
-    ]
+    return [t for t in externals if any(is_same_file(t.path, p) for p in existing)]
 
 
 def _keep_mode(old: str, new: str) -> None:

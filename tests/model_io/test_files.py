@@ -357,7 +357,9 @@ def test_check_external_data_on_ir_model(tmp_path: Path) -> None:
     with pytest.raises(UnsafeModelError, match=r"'\.\.'"):
         cio.check_external_data(model, model_dir)
     good = cio.load_model(_save_linear(tmp_path / "good", external=True))
-    cio.check_external_data(good, tmp_path / "good")
+    assert cio.check_external_data(good, tmp_path / "good") == 2  # W and B
+    inline = cio.load_model(_save_linear(tmp_path / "inline", external=False))
+    assert cio.check_external_data(inline, tmp_path / "inline") == 0
 
 
 # --------------------------------------------------------------------- good models
