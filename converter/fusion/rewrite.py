@@ -211,8 +211,8 @@ def _fused_name(ops: list[LinearOp]) -> str:
 def _initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
     name = names.fresh(base)
     tensor = ir.Tensor(array, name=name)
-    value = ir.Value(
-        name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor
+    value = ir.Value(  # the tensor's frozen shape serves the value too (as onnx-ir's loader does)
+        name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor
     )
     graph.register_initializer(value)
     return value
