@@ -132,10 +132,19 @@ def _resolve(value: ir.Value) -> Constant | NotConstant:
         tensor = ir.convenience.get_const_tensor(value)
     except ValueError as e:
         return NotConstant(f"weight '{label(value)}' is a malformed Constant: {e}")
-    if tensor is None or tensor.dtype is None or not tensor.shape.is_static():
+    shape = None if tensor is None or tensor.dtype is None else _static_shape(tensor)
+    if shape is None:
         return NotConstant(f"weight '{label(value)}' is not constant")
-    shape = tuple(int(d) for d in tensor.shape)
     return Constant((value,), shape, tensor.dtype, tensor.numpy)
+
+
+def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...] | None:
+    """The tensor's dims, or None if any is symbolic."""
+    if type(tensor) is ir.serde.TensorProtoTensor:  # read the proto's dims: no Shape is built
+        return tuple(tensor.raw.dims)
+    if not tensor.shape.is_static():
+        return None
+    return tuple(int(d) for d in tensor.shape)
 
 
 def _derived(value: ir.Value, node: ir.Node) -> Constant | NotConstant:
