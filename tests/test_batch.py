@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +124,63 @@ def test_several_models_need_an_output_folder(tmp_path, capsys):
     two = str(MODELS / "two_layer.onnx")
     assert main([two, two, "-o", str(tmp_path / "file.onnx")]) == 2
     assert "-o must be an existing folder" in capsys.readouterr().err
+
+
+def _many_chains(chains: int, seed: int) -> onnx.ModelProto:
+    """``chains`` independent ``Gemm -> Gemm -> Relu`` joined by a Concat: seconds to validate."""
+    r = rng(seed)
+    nodes, inits, outs = [], [], []
+    for i in range(chains):
+        for k in range(2):
+            w, b = f"W{i}_{k}", f"b{i}_{k}"
+            inits += [init(w, r.standard_normal((4, 4)).astype(np.float32))]
+            inits += [init(b, r.standard_normal(4).astype(np.float32))]
+            nodes.append(
+                gemm_node(
+                    f"fc{i}_{k}",
+                    "x" if k == 0 else f"h{i}",
+                    w,
+                    b,
+                    f"h{i}" if k == 0 else f"g{i}",
+                    transB=1,
+                )
+            )
+        nodes.append(helper.make_node("Relu", [f"g{i}"], [f"r{i}"], name=f"act{i}"))
+        outs.append(f"r{i}")
+    nodes.append(helper.make_node("Concat", outs, ["y"], axis=1, name="concat"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4 * chains])
+    return make_model(nodes, [x], [y], inits)
+
+
+def test_sigterm_stops_the_pool_workers_and_leaves_nothing(tmp_path):
+    """SIGTERM to the batch command while its workers write: each removes its temporary output,
+    the command exits 143 and the output folder stays empty."""
+    sources = tmp_path / "in"
+    sources.mkdir()
+    for name, seed in (("a.onnx", 1), ("b.onnx", 2)):
+        onnx.save(_many_chains(3000, seed), sources / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("ONNX_FUSE_CHECK_EVERY_REWRITE", None)  # a whole-model check per merge: minutes here
+    command = [sys.executable, "-m", "converter", *map(str, sorted(sources.iterdir()))]
+    proc = subprocess.Popen(
+        [*command, "-o", str(out), "--jobs", "2", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        while not any(p.name.startswith(".onnx-fuse-") for p in out.iterdir()):
+            if proc.poll() is not None:  # a worker's temporary folder never appeared
+                pytest.fail(f"finished before any worker wrote: {proc.communicate()}")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "terminated" in stderr and "Traceback" not in stderr
+    assert list(out.iterdir()) == []
