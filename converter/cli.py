@@ -26,6 +26,7 @@ import numpy as np
 
 from converter import __version__, api, batch, inspection
 from converter.errors import ConverterError, InputError
+from converter.gcpause import paused_collection
 from converter.model_io import files as io
 from converter.model_io.progress import ProgressLine
 
@@ -392,14 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    # One command per process: the exit frees the model's objects, so the collector's passes
-    # over them (one more after the result is written) are pure cost; see converter.gcpause.
-    # Batch mode collects after each file itself.
-    gc.disable()
     commands = {"check": _run_check, "inspect": _run_inspect}
     run = commands.get(argv[0]) if argv else None
     try:
-        with _sigterm_as_exception():
+        # The collector's passes over a model's graph are pure cost (see converter.gcpause);
+        # batch mode collects after each file itself.
+        with _sigterm_as_exception(), paused_collection():
             return run(argv[1:]) if run else _run_fuse(argv)
     except ConverterError as e:
         if debug:
@@ -431,6 +430,7 @@ def run() -> NoReturn:
     which frees the process's memory at once. Only here, never in :func:`main`, which callers
     (tests, other tools) may run many times in one process.
     """
+    gc.disable()  # stays off when main() returns: the process ends here
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gc
 
+import onnx
 import onnx_ir as ir
 import pytest
 from builders import linear_chain
 
 import converter
+from converter.cli import main
 from converter.gcpause import paused_collection
 
 
@@ -57,3 +59,10 @@ def test_fuse_runs_paused_and_restores(collector_on, monkeypatch):
     model = ir.serde.deserialize_model(linear_chain([4, 5, 3]))
     converter.fuse(model)
     assert seen == [False] and gc.isenabled()
+
+
+def test_the_command_line_restores_the_collector(collector_on, tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(linear_chain([4, 5, 3]), src)
+    assert main([str(src), "-o", str(tmp_path / "o.onnx"), "-q"]) == 0
+    assert gc.isenabled()
