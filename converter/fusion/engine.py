@@ -9,7 +9,10 @@ chains, find the trees of sums over branches of one input) and then merges:
 3. every constant step that folds into a linear op across views of its output
    (:mod:`converter.fusion.absorb`);
 4. if none of these merged anything (they change which chains exist, so the round ends after
-   them), every segment the cost model chose in every chain (:mod:`converter.fusion.chains`).
+   them), every segment the cost model chose in every chain (:mod:`converter.fusion.chains`);
+   a chain read through a channels-last ``Transpose`` of a 1x1 Conv starts with that Conv
+   (:mod:`converter.fusion.conv_linear`), so a Conv+BN folded in step 1 of an earlier round
+   then goes into the linear ops as one more op of the chain.
 
 Rounds repeat until one merges nothing but chain segments (see :func:`_round` for why no later
 round could find more; tests and ``--debug`` run one more round to check it). The reasons reported
@@ -39,6 +42,7 @@ from converter.fusion.absorb import Absorb, find_absorbs, remove_step
 from converter.fusion.algebra import AffineMap, Policy
 from converter.fusion.branches import find_sums
 from converter.fusion.constants import other_users
+from converter.fusion.conv_linear import prefix_pointwise_convs
 from converter.fusion.convs import merge_convs
 from converter.fusion.recognize import LinearOp, recognize
 from converter.fusion.rewrite import (
@@ -170,6 +174,8 @@ def _round(
         made += _apply_absorb(ctx, graph, label, absorb, fusions)
     if made:
         return made, 0, declined
+    runs, conv_declined = prefix_pointwise_convs(runs, label)
+    declined.extend(conv_declined)
     planned: list[list[LinearOp]] = []
     for run in runs:
         if len(run) < 2:
@@ -272,7 +278,7 @@ def _write(
         earlier.output = None
     if record.output is not None:
         ctx.records[new_nodes[-1].outputs[0]] = record
-    ctx.written.append(new_nodes[0])
+    ctx.written.append(new_nodes[1 if rewrite.input_perm is not None else 0])  # the merged op
     replaced = [*rewrite.names, *(n.name or n.op_type for n in also_removed or [])]
     ctx.renamed.update((name, record.new_nodes[0]) for name in replaced)
     fusions.append(record)
