@@ -101,8 +101,8 @@ def fuse_graph(
     for _ in range(limit):
         ctx.shared_released = False
         ctx.written = []
-        sums_made, chains_made, declined = _round(ctx, graph, label, fusions)
-        if sums_made or ctx.shared_released or _folds_waiting(ctx.written, label):
+        again, chains_made, declined = _round(ctx, graph, label, fusions)
+        if again or ctx.shared_released or _folds_waiting(ctx.written, label):
             continue
         if chains_made and ctx.check_every_rewrite:
             _assert_fixpoint(ctx, graph, label)
@@ -129,10 +129,10 @@ def _reaches_view(node: ir.Node) -> bool:
 
 def _assert_fixpoint(ctx: Context, graph: ir.Graph, label: str) -> None:
     """A round after the chain merges finds nothing more (checked in tests and --debug)."""
-    sums_made, chains_made, _ = _round(ctx, graph, label, [])
-    if sums_made or chains_made:
+    again, chains_made, _ = _round(ctx, graph, label, [])
+    if again or chains_made:
         raise EngineError(
-            f"internal error: fusing {label} missed {sums_made + chains_made} merge(s) that a "
+            f"internal error: fusing {label} missed {again + chains_made} merge(s) that a "
             "further round found; nothing written"
         )
 
@@ -150,12 +150,15 @@ def _round(
 ) -> tuple[int, int, list[Declined]]:
     """One analysis of the live graph, then its branch sums, or else its chain segments.
 
-    Returns (sums merged, segments merged, reasons). A round whose merges were chain segments
-    only ends the fixpoint: the cost model chose every segment of each maximal chain at once,
-    and a merged segment takes the place and the output value of the ops it replaces, so no
-    chain, link or branch sum that a further round could find was not already in this one --
-    unless a merge let go of a constant other nodes share (``ctx.shared_released``): those
-    nodes may now own it alone, so :func:`fuse_graph` runs another round.
+    Returns (merges that need another round, segments merged, reasons). A round whose merges
+    were chain segments only ends the fixpoint: the cost model chose every segment of each
+    maximal chain at once, and a merged segment takes the place and the output value of the ops
+    it replaces, so no chain, link or branch sum that a further round could find was not already
+    in this one -- unless a merge let go of a constant other nodes share
+    (``ctx.shared_released``): those nodes may now own it alone, so :func:`fuse_graph` runs
+    another round. A segment led by a 1x1 Conv is not maximal that way: its new Transpose reads
+    the Conv's input, which another 1x1 Conv may compute (two the conv cost model kept apart),
+    so it counts with the merges that need another round.
     """
     runs, declined = chains.find_chains(graph, label, min_length=1)
     made = merge_convs(ctx, graph, label, fusions, declined)
@@ -184,9 +187,12 @@ def _round(
         declined.extend(split_reasons)
         planned.extend(run[i:j] for i, j in plan.segments)
     tick = _ticker(ctx, sum(len(ops) for ops in planned))
+    conv_led = 0
     for ops in planned:
-        made += _apply(ctx, graph, label, Rewrite.segment(ops, tick), fusions, declined)
-    return 0, made, declined
+        done = _apply(ctx, graph, label, Rewrite.segment(ops, tick), fusions, declined)
+        conv_led += done if ops[0].input_perm is not None else 0
+        made += done
+    return conv_led, made - conv_led, declined
 
 
 def _ticker(ctx: Context, total: int) -> Callable[[], None]:

@@ -40,6 +40,8 @@ to the running value ``h``:
   or rarely an ``Add`` varying along the rows); ``repvgg`` (``conv3x3 + conv1x1 + h``, each
   branch maybe with a BatchNorm); ``conv_scale`` (a channel ``Mul``, or a shift that must not
   fold into a padded conv, before a Conv); ``conv_seq`` (1x1 then 3x3, or the other way);
+  ``conv_mlp`` (ConvNeXt-style: a 1x1 Conv, maybe a channel step, ``Transpose(0, 2, 3, 1)``,
+  one or two linear layers, back to channels-first, maybe a layer scale, maybe a residual);
   other blocks see the image channels-last through ``Transpose(0, 2, 3, 1)``, and an image block
   after them goes back through ``Transpose(0, 3, 1, 2)``, sometimes with a channel ``Mul``;
 - ``output``: the current value also becomes a graph output (an intermediate of a later chain);
@@ -122,7 +124,7 @@ BLOCKS = (
     + ("nway",) * 2
     + ("bottleneck", "relu", "tanh", "max0", "batchnorm", "output", "if")
     + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
-    + ("conv", "conv", "repvgg", "repvgg", "conv_scale", "conv_seq")
+    + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq")
 )
 
 
@@ -717,6 +719,17 @@ def _conv_seq(b: _Builder, h: _Val) -> _Val:
     return _conv(b, y, b.ch.pick(WIDTHS), ks[1])
 
 
+def _conv_mlp(b: _Builder, h: _Val) -> _Val:
+    """``h + T(L(T(conv1x1(h)))) * gamma`` (ConvNeXt-style; the Conv moves into ``L``, the
+    layer scale folds across the back-permute), the residual and the scale sometimes left out."""
+    y = _conv(b, h, b.ch.pick(WIDTHS), 1)
+    if b.ch.pick((False, False, True)):
+        y = _channel_step(b, y)
+    y = b.chain(y, [h.width] if b.ch.pick((True, False)) else [b.ch.pick(WIDTHS), h.width])
+    y = b.to_image(y)
+    return b.join([(1.0, h), (1.0, y)]) if b.ch.pick((True, False)) else y
+
+
 def _if(b: _Builder, h: _Val) -> _Val:
     """``If(cond)`` whose branches each apply one to three blocks to the outer ``h``."""
     width = b.ch.pick(WIDTHS)
@@ -740,7 +753,7 @@ def _if(b: _Builder, h: _Val) -> _Val:
     return b.node("If", ["cond"], width, then_branch=branches[0], else_branch=branches[1])
 
 
-IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq"})
+IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp"})
 _ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if"})
 _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "residual": _residual,
@@ -758,6 +771,7 @@ _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "repvgg": _repvgg,
     "conv_scale": _conv_scale,
     "conv_seq": _conv_seq,
+    "conv_mlp": _conv_mlp,
 }
 
 

@@ -376,3 +376,24 @@ def test_left_matmul_after_the_transpose_is_refused():
     assert declined.reason == (
         "the ops act on different axes (one is a MatMul with the weight on the left)"
     )
+
+
+def test_two_pointwise_convs_the_conv_cost_model_kept_apart_both_join():
+    """``8 -> 3 -> 6`` convs stay two (composed: 48 multiply-adds, apart: 42); the second joins
+    the Linear ``6 -> 2``, then the first joins the merged op (a round after the first merge)."""
+    r = _rng(16)
+    model = _model(
+        [
+            _conv(r, 8, 3, y="h0", name="conv0"),
+            _conv(r, 3, 6, x="h0"),
+            _transpose((0, 2, 3, 1)),
+            _linear(r, 6, 2),
+        ],
+        [2, 8, 3, 3],
+        [2, 3, 3, 2],
+    )
+    _, report = _fused(model, 2, ["Transpose", "MatMul", "Add"], x_shape=[2, 8, 3, 3])
+    first, second = report.fusions
+    assert first.widths == [3, 6, 2] and first.note == MERGED_NOTE.format([0, 2, 3, 1])
+    assert second.widths == [8, 3, 2] and second.nodes[0] == "conv0"
+    assert first.merged_into == second.new_nodes[0]
