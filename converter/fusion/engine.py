@@ -90,6 +90,9 @@ class Context:
     released_elsewhere: bool = False
     # The first node of each merged op written in the current round.
     written: list[ir.Node] = field(default_factory=list)
+    # Output values whose name now holds a step folded across views: not the original's numbers
+    # there, so a merge that takes one over cannot be measured at it either.
+    refolded: set[ir.Value] = field(default_factory=set)
 
 
 def fuse_graph(
@@ -276,9 +279,13 @@ def _write(
         ctx.shared_released = True
         ctx.released_elsewhere |= any(u.graph is not graph for u in others)
     consumed = [ctx.records.pop(v) for n in old_nodes for v in n.outputs if v in ctx.records]
+    refolded = then is not None or any(v in ctx.refolded for n in old_nodes for v in n.outputs)
     record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
     if then is not None:
         then(record)
+    if refolded:  # the output's name carries a folded step: nothing to compare it with
+        record.output = None
+        ctx.refolded.add(new_nodes[-1].outputs[0])
     for earlier in consumed:  # their output value is gone: name the merge that took it
         earlier.merged_into = record.new_nodes[0]
         earlier.output = None
