@@ -70,7 +70,8 @@ Conv).
 (f) every report record with an ``output`` names a value of the fused model's graph it was made
     in (a node output or a graph output), no two records claim one value, and every record whose
     output a later merge consumed has ``output None`` and ``merged_into`` naming a merged node
-    (a step folded across views has neither: the op's output name carries it).
+    (a step folded across views has neither: the op's output name carries it; nor has a merge
+    that took over such an op, whose output name then carries the step too).
 """
 
 from __future__ import annotations
@@ -1068,8 +1069,13 @@ def _assert_records(report: FusionReport, ir_model: ir.Model) -> None:
         live[label] |= {v.name for n in graph for v in n.outputs} | {v.name for v in graph.outputs}
     merged_nodes = {n for r in report.fusions for n in r.new_nodes}
     claimed: set[tuple[str, str]] = set()
+    refolded: set[str] = set()  # merged ops whose output name holds a step folded across views
     for r in report.fusions:
-        if r.output is None and r.merged_into is None and _absorbed(r):
+        if _absorbed(r) or refolded & set(r.nodes):  # a merge that took such an op over too
+            assert r.output is None and r.merged_into is None, (
+                f"(f) record of {r.nodes} names a value holding a folded step: {r.output!r}"
+            )
+            refolded.update(r.new_nodes)
             continue  # the op's output name holds the step folded in: no new value to name
         if r.output is None:
             assert r.merged_into in merged_nodes, (
