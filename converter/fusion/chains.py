@@ -22,7 +22,7 @@ from converter.fusion.recognize import Decline, LinearOp, recognize
 from converter.fusion.steps import STEP_OPS, recognize_step
 from converter.report import Declined
 
-__all__ = ["ChainPlan", "find_chains", "plan_chain", "widths"]
+__all__ = ["ChainPlan", "find_chains", "link_reason", "plan_chain", "widths"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
 
 
-def _link_reason(prev: LinearOp, op: LinearOp) -> str | None:
+def link_reason(prev: LinearOp, op: LinearOp) -> str | None:
     """Why ``op`` cannot be merged with ``prev`` (whose output is ``op``'s input), or None."""
     value = prev.output
     label = value.name or "<unnamed>"
@@ -97,7 +97,7 @@ def find_chains(
         prev = by_output.get(op.input)
         if prev is None:
             continue
-        reason = _link_reason(prev, op)
+        reason = link_reason(prev, op)
         if reason is None:
             successor[id(prev)] = op
             has_predecessor.add(id(op))

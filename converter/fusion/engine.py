@@ -9,7 +9,10 @@ chains, find the trees of sums over branches of one input) and then merges:
 3. every constant step that folds into a linear op across views of its output
    (:mod:`converter.fusion.absorb`);
 4. if none of these merged anything (they change which chains exist, so the round ends after
-   them), every segment the cost model chose in every chain (:mod:`converter.fusion.chains`).
+   them), every segment the cost model chose in every chain (:mod:`converter.fusion.chains`);
+   a chain read through a channels-last ``Transpose`` of a 1x1 Conv starts with that Conv
+   (:mod:`converter.fusion.conv_linear`), so a Conv+BN folded in step 1 of an earlier round
+   then goes into the linear ops as one more op of the chain.
 
 Rounds repeat until one merges nothing but chain segments (see :func:`_round` for why no later
 round could find more; tests and ``--debug`` run one more round to check it). The reasons reported
@@ -39,6 +42,7 @@ from converter.fusion.absorb import Absorb, find_absorbs, remove_step
 from converter.fusion.algebra import AffineMap, Policy
 from converter.fusion.branches import find_sums
 from converter.fusion.constants import other_users
+from converter.fusion.conv_linear import prefix_pointwise_convs
 from converter.fusion.convs import merge_convs
 from converter.fusion.recognize import LinearOp, recognize
 from converter.fusion.rewrite import (
@@ -86,6 +90,9 @@ class Context:
     released_elsewhere: bool = False
     # The first node of each merged op written in the current round.
     written: list[ir.Node] = field(default_factory=list)
+    # Output values whose name now holds a step folded across views: not the original's numbers
+    # there, so a merge that takes one over cannot be measured at it either.
+    refolded: set[ir.Value] = field(default_factory=set)
 
 
 def fuse_graph(
@@ -97,8 +104,8 @@ def fuse_graph(
     for _ in range(limit):
         ctx.shared_released = False
         ctx.written = []
-        sums_made, chains_made, declined = _round(ctx, graph, label, fusions)
-        if sums_made or ctx.shared_released or _folds_waiting(ctx.written, label):
+        again, chains_made, declined = _round(ctx, graph, label, fusions)
+        if again or ctx.shared_released or _folds_waiting(ctx.written, label):
             continue
         if chains_made and ctx.check_every_rewrite:
             _assert_fixpoint(ctx, graph, label)
@@ -125,10 +132,10 @@ def _reaches_view(node: ir.Node) -> bool:
 
 def _assert_fixpoint(ctx: Context, graph: ir.Graph, label: str) -> None:
     """A round after the chain merges finds nothing more (checked in tests and --debug)."""
-    sums_made, chains_made, _ = _round(ctx, graph, label, [])
-    if sums_made or chains_made:
+    again, chains_made, _ = _round(ctx, graph, label, [])
+    if again or chains_made:
         raise EngineError(
-            f"internal error: fusing {label} missed {sums_made + chains_made} merge(s) that a "
+            f"internal error: fusing {label} missed {again + chains_made} merge(s) that a "
             "further round found; nothing written"
         )
 
@@ -146,12 +153,15 @@ def _round(
 ) -> tuple[int, int, list[Declined]]:
     """One analysis of the live graph, then its branch sums, or else its chain segments.
 
-    Returns (sums merged, segments merged, reasons). A round whose merges were chain segments
-    only ends the fixpoint: the cost model chose every segment of each maximal chain at once,
-    and a merged segment takes the place and the output value of the ops it replaces, so no
-    chain, link or branch sum that a further round could find was not already in this one --
-    unless a merge let go of a constant other nodes share (``ctx.shared_released``): those
-    nodes may now own it alone, so :func:`fuse_graph` runs another round.
+    Returns (merges that need another round, segments merged, reasons). A round whose merges
+    were chain segments only ends the fixpoint: the cost model chose every segment of each
+    maximal chain at once, and a merged segment takes the place and the output value of the ops
+    it replaces, so no chain, link or branch sum that a further round could find was not already
+    in this one -- unless a merge let go of a constant other nodes share
+    (``ctx.shared_released``): those nodes may now own it alone, so :func:`fuse_graph` runs
+    another round. A segment led by a 1x1 Conv is not maximal that way: its new Transpose reads
+    the Conv's input, which another 1x1 Conv may compute (two the conv cost model kept apart),
+    so it counts with the merges that need another round.
     """
     runs, declined = chains.find_chains(graph, label, min_length=1)
     made = merge_convs(ctx, graph, label, fusions, declined)
@@ -170,6 +180,8 @@ def _round(
         made += _apply_absorb(ctx, graph, label, absorb, fusions)
     if made:
         return made, 0, declined
+    runs, conv_declined = prefix_pointwise_convs(runs, label)
+    declined.extend(conv_declined)
     planned: list[list[LinearOp]] = []
     for run in runs:
         if len(run) < 2:
@@ -178,9 +190,12 @@ def _round(
         declined.extend(split_reasons)
         planned.extend(run[i:j] for i, j in plan.segments)
     tick = _ticker(ctx, sum(len(ops) for ops in planned))
+    conv_led = 0
     for ops in planned:
-        made += _apply(ctx, graph, label, Rewrite.segment(ops, tick), fusions, declined)
-    return 0, made, declined
+        done = _apply(ctx, graph, label, Rewrite.segment(ops, tick), fusions, declined)
+        conv_led += done if ops[0].input_perm is not None else 0
+        made += done
+    return conv_led, made - conv_led, declined
 
 
 def _ticker(ctx: Context, total: int) -> Callable[[], None]:
@@ -264,15 +279,19 @@ def _write(
         ctx.shared_released = True
         ctx.released_elsewhere |= any(u.graph is not graph for u in others)
     consumed = [ctx.records.pop(v) for n in old_nodes for v in n.outputs if v in ctx.records]
+    refolded = then is not None or any(v in ctx.refolded for n in old_nodes for v in n.outputs)
     record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
     if then is not None:
         then(record)
+    if refolded:  # the output's name carries a folded step: nothing to compare it with
+        record.output = None
+        ctx.refolded.add(new_nodes[-1].outputs[0])
     for earlier in consumed:  # their output value is gone: name the merge that took it
         earlier.merged_into = record.new_nodes[0]
         earlier.output = None
     if record.output is not None:
         ctx.records[new_nodes[-1].outputs[0]] = record
-    ctx.written.append(new_nodes[0])
+    ctx.written.append(new_nodes[1 if rewrite.input_perm is not None else 0])  # the merged op
     replaced = [*rewrite.names, *(n.name or n.op_type for n in also_removed or [])]
     ctx.renamed.update((name, record.new_nodes[0]) for name in replaced)
     fusions.append(record)

@@ -13,7 +13,9 @@ is seen, and a rewrite whose nodes another merge took is not made at all (:meth:
 
    - 2-D input (any Gemm among the ops, or a rank-2 input): ``Gemm(x, W_t, b, transB=1)`` with the
      weight in torch's ``(out, in)`` layout, keeping the first op's ``transA``;
-   - N-D input: ``MatMul(x, W)`` with an ``(in, out)`` weight, then ``Add(., b)`` if there is a bias.
+   - N-D input: ``MatMul(x, W)`` with an ``(in, out)`` weight, then ``Add(., b)`` if there is a bias;
+   - a segment led by a 1x1 Conv moved past a channels-last Transpose
+     (:mod:`converter.fusion.conv_linear`): ``Transpose(x, perm)``, then that ``MatMul`` (+ ``Add``).
 
    The merged op takes over the old output value (same name, type and shape), so everything
    downstream, graph outputs included, is untouched; constants only the replaced ops read are
@@ -86,7 +88,13 @@ class Rewrite:
         def make() -> algebra.AffineMap:
             return algebra.compose_all(maps())
 
-        return cls(ops, [], chains.widths(ops), sum(op.macs for op in ops), make)
+        note = None
+        if ops[0].input_perm is not None:
+            note = (
+                f"1x1 Conv '{ops[0].names[0]}' moved past the Transpose "
+                f"(perm {list(ops[0].input_perm)}) into the channels-last linear op"
+            )
+        return cls(ops, [], chains.widths(ops), sum(op.macs for op in ops), make, note)
 
     @classmethod
     def branch_sum(cls, found: BranchSum) -> Rewrite:
@@ -106,6 +114,11 @@ class Rewrite:
             assert value is not None
             return value
         return self.ops[0].input
+
+    @property
+    def input_perm(self) -> tuple[int, ...] | None:
+        """The merged op reads ``Transpose(x, perm)`` (a 1x1 Conv led the segment), or None."""
+        return self.ops[0].input_perm
 
     @property
     def out(self) -> ir.Value:
@@ -160,7 +173,10 @@ def _freed(rewrite: Rewrite) -> list[Constant]:
 def emits_gemm(rewrite: Rewrite, has_bias: bool, opset: int) -> bool:
     """The merged op is a ``Gemm``: a last-axis map of a 2-D input (by rank, or, with the rank
     unknown, because a Gemm is among the ops), with a bias or at opset 11+ (where C is optional;
-    a bias-free 2-D merge is a bare MatMul before that)."""
+    a bias-free 2-D merge is a bare MatMul before that). Never after a Transpose of a conv's
+    input (rank 3 or more)."""
+    if rewrite.input_perm is not None:
+        return False
     rank = value_rank(rewrite.x)
     two_d = rank == 2 if rank is not None else any(op.is_gemm for op in rewrite.ops)
     return two_d and rewrite.ops[0].axis == -1 and (has_bias or opset >= 11)
@@ -219,27 +235,54 @@ def _initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) ->
 
 
 def _new_nodes(
-    rewrite: Rewrite, decision: Decision, weight: ir.Value, bias: ir.Value | None, names: Names
+    rewrite: Rewrite,
+    decision: Decision,
+    x: ir.Value,
+    weight: ir.Value,
+    bias: ir.Value | None,
+    names: Names,
 ) -> list[ir.Node]:
-    """The merged op: ``Gemm(transB=1)``, or ``MatMul`` then ``Add`` of the bias."""
-    base = weight.name.removesuffix(".weight") if weight.name else names.fresh("fused")
+    """The merged op reading ``x``: ``Gemm(transB=1)``, or ``MatMul`` then ``Add`` of the bias."""
+    base = _base(weight, names)
     doc = "onnx-fuse merged: " + ", ".join(rewrite.names)
     if rewrite.ops[0].axis == -2:  # W @ x (+ b as a column), as the ops came
-        nodes = [ir.Node("", "MatMul", [weight, rewrite.x], name=base, doc_string=doc)]
+        nodes = [ir.Node("", "MatMul", [weight, x], name=base, doc_string=doc)]
     elif decision.as_gemm:
         attrs = [ir.AttrInt64("transB", 1)]
         if rewrite.ops[0].trans_a:
             attrs.append(ir.AttrInt64("transA", 1))
-        inputs = [rewrite.x, weight] + ([bias] if bias is not None else [])
+        inputs = [x, weight] + ([bias] if bias is not None else [])
         return [ir.Node("", "Gemm", inputs, attrs, name=base, doc_string=doc)]
     else:
-        nodes = [ir.Node("", "MatMul", [rewrite.x, weight], name=base, doc_string=doc)]
+        nodes = [ir.Node("", "MatMul", [x, weight], name=base, doc_string=doc)]
     if bias is not None:
         nodes[0].outputs[0].name = names.fresh(f"{base}.matmul")
         add = ir.Node("", "Add", [nodes[0].outputs[0], bias], name=names.fresh(f"{base}.add"))
         add.doc_string = doc
         nodes.append(add)
     return nodes
+
+
+def _base(weight: ir.Value, names: Names) -> str:
+    return weight.name.removesuffix(".weight") if weight.name else names.fresh("fused")
+
+
+def _transposed(x: ir.Value, perm: tuple[int, ...], base: str, names: Names) -> ir.Node:
+    """``Transpose(x, perm)``, its output typed as ``x`` and shaped by ``perm`` when known."""
+    node = ir.Node(
+        "",
+        "Transpose",
+        [x],
+        [ir.AttrInt64s("perm", list(perm))],
+        name=names.fresh(f"{base}.transpose"),
+        doc_string="onnx-fuse: the input of a 1x1 Conv merged into the linear op after it",
+    )
+    out = node.outputs[0]
+    out.name = names.fresh(f"{base}.transposed")
+    out.type = x.type
+    if x.shape is not None and len(x.shape) == len(perm):
+        out.shape = ir.Shape([x.shape[i] for i in perm])
+    return node
 
 
 def write(
@@ -251,7 +294,8 @@ def write(
     label: str,
 ) -> tuple[FusionRecord, list[ir.Node]]:
     """Replace ``rewrite``'s nodes by one op computing ``affine`` rounded once to the model's
-    dtype; return the record and the new nodes (the last computes the merged output)."""
+    dtype; return the record and the new nodes in graph order (the last computes the merged
+    output; a ``Transpose`` of the input comes first when :attr:`Rewrite.input_perm` is set)."""
     np_dtype = rewrite.ops[0].dtype.numpy()
     base = names.fresh(_fused_name(rewrite.ops))
     left = rewrite.ops[0].axis == -2
@@ -261,8 +305,13 @@ def write(
     if affine.bias is not None:
         b = affine.bias.reshape(-1, 1) if left else affine.bias
         b_value = _initializer(graph, names, f"{base}.bias", algebra.round_to_dtype(b, np_dtype))
-    new_nodes = _new_nodes(rewrite, decision, w_value, b_value, names)
     old_nodes, old_out, x = rewrite.old_nodes, rewrite.out, rewrite.x
+    lead: list[ir.Node] = []
+    if rewrite.input_perm is not None:
+        lead = [_transposed(x, rewrite.input_perm, _base(w_value, names), names)]
+        x = lead[0].outputs[0]
+    op_nodes = _new_nodes(rewrite, decision, x, w_value, b_value, names)
+    new_nodes = lead + op_nodes
     join_constants = [
         v for n in rewrite.joins for v in n.inputs if isinstance(resolve(v), Constant)
     ]
@@ -270,7 +319,7 @@ def write(
     record = FusionRecord(
         nodes=rewrite.names,
         op_types=[n.op_type for n in old_nodes],
-        new_nodes=[n.name or n.op_type for n in new_nodes],
+        new_nodes=[n.name or n.op_type for n in op_nodes + lead],  # the merged op first
         graph=label,
         output=old_out.name or "",
         widths=rewrite.widths,

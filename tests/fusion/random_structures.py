@@ -40,6 +40,8 @@ to the running value ``h``:
   or rarely an ``Add`` varying along the rows); ``repvgg`` (``conv3x3 + conv1x1 + h``, each
   branch maybe with a BatchNorm); ``conv_scale`` (a channel ``Mul``, or a shift that must not
   fold into a padded conv, before a Conv); ``conv_seq`` (1x1 then 3x3, or the other way);
+  ``conv_mlp`` (ConvNeXt-style: a 1x1 Conv, maybe a channel step, ``Transpose(0, 2, 3, 1)``,
+  one or two linear layers, back to channels-first, maybe a layer scale, maybe a residual);
   other blocks see the image channels-last through ``Transpose(0, 2, 3, 1)``, and an image block
   after them goes back through ``Transpose(0, 3, 1, 2)``, sometimes with a channel ``Mul``;
 - ``output``: the current value also becomes a graph output (an intermediate of a later chain);
@@ -68,7 +70,8 @@ Conv).
 (f) every report record with an ``output`` names a value of the fused model's graph it was made
     in (a node output or a graph output), no two records claim one value, and every record whose
     output a later merge consumed has ``output None`` and ``merged_into`` naming a merged node
-    (a step folded across views has neither: the op's output name carries it).
+    (a step folded across views has neither: the op's output name carries it; nor has a merge
+    that took over such an op, whose output name then carries the step too).
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ BLOCKS = (
     + ("nway",) * 2
     + ("bottleneck", "relu", "tanh", "max0", "batchnorm", "output", "if")
     + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
-    + ("conv", "conv", "repvgg", "repvgg", "conv_scale", "conv_seq")
+    + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq")
 )
 
 
@@ -717,6 +720,17 @@ def _conv_seq(b: _Builder, h: _Val) -> _Val:
     return _conv(b, y, b.ch.pick(WIDTHS), ks[1])
 
 
+def _conv_mlp(b: _Builder, h: _Val) -> _Val:
+    """``h + T(L(T(conv1x1(h)))) * gamma`` (ConvNeXt-style; the Conv moves into ``L``, the
+    layer scale folds across the back-permute), the residual and the scale sometimes left out."""
+    y = _conv(b, h, b.ch.pick(WIDTHS), 1)
+    if b.ch.pick((False, False, True)):
+        y = _channel_step(b, y)
+    y = b.chain(y, [h.width] if b.ch.pick((True, False)) else [b.ch.pick(WIDTHS), h.width])
+    y = b.to_image(y)
+    return b.join([(1.0, h), (1.0, y)]) if b.ch.pick((True, False)) else y
+
+
 def _if(b: _Builder, h: _Val) -> _Val:
     """``If(cond)`` whose branches each apply one to three blocks to the outer ``h``."""
     width = b.ch.pick(WIDTHS)
@@ -740,7 +754,7 @@ def _if(b: _Builder, h: _Val) -> _Val:
     return b.node("If", ["cond"], width, then_branch=branches[0], else_branch=branches[1])
 
 
-IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq"})
+IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp"})
 _ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if"})
 _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "residual": _residual,
@@ -758,6 +772,7 @@ _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "repvgg": _repvgg,
     "conv_scale": _conv_scale,
     "conv_seq": _conv_seq,
+    "conv_mlp": _conv_mlp,
 }
 
 
@@ -1054,8 +1069,13 @@ def _assert_records(report: FusionReport, ir_model: ir.Model) -> None:
         live[label] |= {v.name for n in graph for v in n.outputs} | {v.name for v in graph.outputs}
     merged_nodes = {n for r in report.fusions for n in r.new_nodes}
     claimed: set[tuple[str, str]] = set()
+    refolded: set[str] = set()  # merged ops whose output name holds a step folded across views
     for r in report.fusions:
-        if r.output is None and r.merged_into is None and _absorbed(r):
+        if _absorbed(r) or refolded & set(r.nodes):  # a merge that took such an op over too
+            assert r.output is None and r.merged_into is None, (
+                f"(f) record of {r.nodes} names a value holding a folded step: {r.output!r}"
+            )
+            refolded.update(r.new_nodes)
             continue  # the op's output name holds the step folded in: no new value to name
         if r.output is None:
             assert r.merged_into in merged_nodes, (

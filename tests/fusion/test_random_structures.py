@@ -14,7 +14,7 @@ deep) and read outer weights; float32 and float64, opsets 13 to 21, 2-D (Gemm) a
 (a BatchNorm over tokens, a scale after a permute, an attention scale after a qkv ``Split``),
 left MatMuls, ``torch.stack(...).sum(0)``, Reshape sandwiches, no-op steps, and NCHW images with
 convolutions (Conv + BatchNorm or channel affine, RepVGG sums, a scale or shift before a Conv,
-1x1 then 3x3), with negative cases of each.
+1x1 then 3x3, a 1x1 Conv before a channels-last MLP), with negative cases of each.
 
 Properties, for every graph (``random_structures.check_case``), under ``cost`` (and, for fewer
 graphs, ``always``):
@@ -126,8 +126,9 @@ def test_random_structures_in_subgraphs() -> None:
 
 def test_random_structures_convolutions() -> None:
     """Images ``[N, C, H, W]``: convolution blocks (a Conv then a BatchNorm or channel affine,
-    RepVGG sums, a scale or shift before a Conv, 1x1 then 3x3) mixed with the others, which see
-    the image channels-last through a ``Transpose`` (and go back with a channel scale)."""
+    RepVGG sums, a scale or shift before a Conv, 1x1 then 3x3, a 1x1 Conv before a channels-last
+    MLP) mixed with the others, which see the image channels-last through a ``Transpose`` (and go
+    back with a channel scale)."""
     stats: collections.Counter = collections.Counter()
     _settings(50)(given(structures(image=True))(lambda case: _check(case, "cost", stats)))()
     assert all(stats[k] > 0 for k in IMAGE_BLOCKS), stats

@@ -1,0 +1,157 @@
+"""A 1x1 Conv moved past a channels-last Transpose into the linear op after it.
+
+A Conv whose kernel is 1 in every spatial axis, at stride 1, without pads and in one group (its
+dilations do not matter) maps the channels (axis 1) at every position alike::
+
+    y[:, o, ...] = sum_c Wc[o, c] x[:, c, ...] + bc[o]
+
+A ``Transpose`` that puts axis 1 last (``perm[-1] == 1``, the other axes in any order) turns it
+into a map on the last axis of the transposed input::
+
+    Transpose(Conv(x), perm) = Transpose(x, perm) @ Wc[:, :, 1, ...].T + bc
+
+So ``Conv1x1 -> Transpose(perm) -> L``, with ``L`` a linear op on the last axis (ConvNeXt-style
+channels-last MLPs, Conformer's pointwise conv before a Linear), is a chain whose first op is
+``[Wc2d.T, bc]`` read through ``Transpose(x, perm)``. :func:`prefix_pointwise_convs` puts that op
+(a :class:`~converter.fusion.recognize.LinearOp` holding the Conv and the Transpose, with
+``input_perm = perm``) in front of the chain ``L`` starts; the chain engine then decides and
+writes it like any chain (the cost model over the widths ``C_in -> C_mid -> C_out``, the
+parameter rule of :func:`converter.fusion.rewrite.decide`), composing once in float64::
+
+    W = Wc2d.T @ W_L,    b = bc @ W_L + b_L
+
+and :func:`converter.fusion.rewrite.write` emits ``Transpose(x, perm) -> MatMul(W) [-> Add(b)]``,
+taking over ``L``'s output value.
+
+A Conv -> Transpose -> linear op that cannot be so merged is reported with the reason: a kernel,
+stride, padding or group that is not pointwise, a perm that does not put the channels last, an
+intermediate with another reader or that is a graph output, different dtypes or widths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from converter.fusion import algebra, chains
+from converter.fusion import conv_algebra as ca
+from converter.fusion.constants import is_onnx
+from converter.fusion.conv_match import ConvOp, recognize_conv
+from converter.fusion.recognize import LinearOp
+from converter.report import Declined
+
+__all__ = ["prefix_pointwise_convs", "pointwise_reason"]
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or f"<{node.op_type}>"
+
+
+def prefix_pointwise_convs(
+    runs: list[list[LinearOp]], label: str
+) -> tuple[list[list[LinearOp]], list[Declined]]:
+    """``runs`` with the 1x1 Conv (as a :class:`LinearOp` read through its Transpose) put in
+    front of each run it feeds, and a reason for every Conv -> Transpose -> run that is not."""
+    extended: list[list[LinearOp]] = []
+    declined: list[Declined] = []
+    for run in runs:
+        found = _pointwise_before(run[0])
+        if isinstance(found, LinearOp):
+            extended.append([found, *run])
+            continue
+        if found is not None:
+            declined.append(Declined(found[0], found[1], label))
+        extended.append(run)
+    return extended, declined
+
+
+def _pointwise_before(op: LinearOp) -> LinearOp | tuple[list[str], str] | None:
+    """The Conv before ``op`` (through a Transpose) as a linear op, (names, reason), or None."""
+    transpose = op.input.producer()
+    if not is_onnx(transpose, "Transpose") or not transpose.inputs:
+        return None
+    conv_out = transpose.inputs[0]
+    conv = None if conv_out is None else conv_out.producer()
+    if conv_out is None or not is_onnx(conv, "Conv"):
+        return None
+    names = [_name(conv), _name(transpose), *op.names]
+    found = recognize_conv(conv)
+    if not isinstance(found, ConvOp):
+        return (names, found) if isinstance(found, str) else None
+    perm = _perm(transpose, found.geometry.rank + 2)
+    reason = (
+        pointwise_reason(found.geometry)
+        or _perm_reason(perm, found.geometry.rank + 2)
+        or _intermediate_reason(conv_out)
+    )
+    if reason is None:
+        first = _as_linear(found, transpose, tuple(perm))
+        reason = chains.link_reason(first, op)
+        if reason is None:
+            return first
+    return names, reason
+
+
+def pointwise_reason(g: ca.ConvGeometry) -> str | None:
+    """Why a conv of geometry ``g`` is not a map of the channels alone, or None if it is."""
+    problems = []
+    if any(k != 1 for k in g.kernel_shape):
+        problems.append("kernel " + "x".join(map(str, g.kernel_shape)))
+    if any(s != 1 for s in g.strides):
+        problems.append(f"strides {list(g.strides)}")
+    if any(g.pads):
+        problems.append(f"pads {list(g.pads)}")
+    if g.groups != 1:
+        problems.append(f"group {g.groups}")
+    if not problems:
+        return None
+    return (
+        f"the Conv before the channels-last linear op is not pointwise ({', '.join(problems)}): "
+        "only a 1x1 Conv at stride 1, without pads, in one group moves past the Transpose"
+    )
+
+
+def _perm(transpose: ir.Node, rank: int) -> list[int]:
+    """The Transpose's perm (ONNX's default reverses the axes)."""
+    perm = transpose.attributes.get_ints("perm", None)
+    return list(perm) if perm is not None else list(range(rank))[::-1]
+
+
+def _perm_reason(perm: list[int], rank: int) -> str | None:
+    if sorted(perm) != list(range(rank)):
+        return f"Transpose perm {perm} is not a permutation of the Conv output's {rank} axes"
+    if perm[-1] != 1:
+        return f"Transpose perm {perm} does not put the Conv's channels (axis 1) last"
+    return None
+
+
+def _intermediate_reason(value: ir.Value) -> str | None:
+    label = value.name or "<unnamed>"
+    if value.is_graph_output():
+        return f"intermediate '{label}' is a graph output"
+    readers = {u.node for u in value.uses()}
+    if len(readers) != 1:
+        return f"fan-out: intermediate '{label}' feeds {len(readers)} nodes"
+    return None
+
+
+def _as_linear(conv: ConvOp, transpose: ir.Node, perm: tuple[int, ...]) -> LinearOp:
+    """The pointwise ``conv`` read through ``Transpose(x, perm)``: ``W = Wc2d.T``, ``b = bc``."""
+    g = conv.geometry
+    weight, bias = conv.weight, conv.bias
+
+    def make() -> algebra.AffineMap:
+        w = np.asarray(weight.array(), dtype=np.float64).reshape(g.out_channels, g.in_channels)
+        return algebra.matmul_affine(w.T, None if bias is None else bias.array().reshape(-1))
+
+    return LinearOp(
+        (conv.node, transpose),
+        0,
+        g.in_channels,
+        g.out_channels,
+        conv.dtype,
+        tuple(conv.constants),
+        make,
+        has_bias=bias is not None,
+        input_perm=perm,
+    )
