@@ -131,10 +131,14 @@ def open_session(side: Side, workdir: str, stem: str) -> Runner:
     else:
         source, folder = _serialise(side.model, workdir, stem)
         initializers = len(side.model.graph.initializers)
-    options = _session_options(folder)
     if isinstance(source, bytes) and _keep_initializers(initializers, source):
+        options = _session_options(folder)
         options.optimized_model_filepath = os.path.join(workdir, f"{stem}.as-built.onnx")
-    return Runner(ort.InferenceSession(source, options, providers=_PROVIDERS))
+        try:
+            return Runner(ort.InferenceSession(source, options, providers=_PROVIDERS))
+        except Exception as e:  # onnxruntime raises many types; saving is only a shortcut
+            logger.debug("onnxruntime session keeping initializers failed (%s)", one_line(e))
+    return Runner(ort.InferenceSession(source, _session_options(folder), providers=_PROVIDERS))
 
 
 def _keep_initializers(count: int, source: bytes) -> bool:

@@ -73,6 +73,7 @@ class Side:
         self.proto = proto  # the file's own proto, when the model was read from a path
         self.exposed: list[str] = []
         self._model = model
+        self._outputs_added = 0  # how many of ``exposed`` the onnx_ir model has as outputs
         self._interface: ir.Model | None = None
 
     @property
@@ -82,11 +83,14 @@ class Side:
 
     @property
     def model(self) -> ir.Model:
-        """The whole ``onnx_ir`` model, with the exposed values as graph outputs."""
+        """The whole ``onnx_ir`` model, with the exposed values as graph outputs (added on
+        first use: a model run from its file needs them only in the file's proto)."""
         if self._model is None:
             assert self.proto is not None and self.path is not None
             self._model = _deserialize(self.proto, self.path)
-            _add_outputs(self._model, self.exposed)
+        if self._outputs_added < len(self.exposed):
+            _add_outputs(self._model, self.exposed[self._outputs_added :])
+            self._outputs_added = len(self.exposed)
         return self._model
 
     @property
@@ -140,7 +144,7 @@ def expose(side: Side, names: Sequence[str]) -> list[str]:
     """Add the named values as graph outputs; return the names the model does not have.
 
     :attr:`Side.exposed` lists them, for the onnxruntime session to add to the file's proto;
-    the ``onnx_ir`` model (the float64 reference is built from it) gets them too.
+    :attr:`Side.model` (the float64 reference is built from it) gets them too.
     """
     if not names:
         return []
@@ -149,8 +153,6 @@ def expose(side: Side, names: Sequence[str]) -> list[str]:
     graph_outputs = set(side.outputs)
     added = [name for name in dict.fromkeys(names) if name in known and name not in graph_outputs]
     side.exposed.extend(added)
-    if side.loaded:
-        _add_outputs(side.model, added)
     return missing
 
 
@@ -254,33 +256,34 @@ def _interface_model(proto: onnx.ModelProto) -> ir.Model:
 
 def _proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Every node of ``graph`` and of its subgraphs."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _proto_nodes(sub)
+    for sub in _graphs(graph):
+        yield from sub.node
 
 
 def _shapes(proto: onnx.ModelProto, names: set[str]) -> dict[str, ir.Shape]:
-    """The shapes the proto declares for ``names`` (inputs, initializers, value infos,
-    outputs, in the order ``onnx_ir`` applies them), subgraphs included."""
+    """The shapes ``onnx_ir`` gives ``names`` (subgraphs included): an initializer's dims, then
+    the value infos of the graph that defines the value, the graph outputs' last."""
     shapes: dict[str, ir.Shape] = {}
     if not names:
         return shapes
-    graphs = [proto.graph]
-    graphs += [
-        sub
-        for node in _proto_nodes(proto.graph)
-        for attr in node.attribute
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-    ]
-    for graph in graphs:
+    for graph in _graphs(proto.graph):
+        defined = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+        defined.update(name for node in graph.node for name in node.output)
         for tensor in graph.initializer:
             if tensor.name in names:
                 shapes[tensor.name] = ir.Shape(list(tensor.dims))
         for info in (*graph.input, *graph.value_info, *graph.output):
-            if info.name in names and info.type.HasField("tensor_type"):
+            if info.name in names and info.name in defined:
                 shape = ir.serde.deserialize_value_info_proto(info, None).shape
                 if shape is not None:
                     shapes[info.name] = shape
     return shapes
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph in it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(sub)
