@@ -1,12 +1,14 @@
 """Run models in onnxruntime exactly as given: one session per model, reused across trials.
 
-Runtime: onnxruntime CPU provider, graph optimisations disabled (``ORT_DISABLE_ALL``), one
-thread, fatal-only logging, no memory pattern. A model given as a path is loaded by onnxruntime
-from that path when it needs no change; when :func:`expose` added outputs, the file's own proto
-(external data not loaded) gets them and goes to onnxruntime as bytes, with the file's folder for
-its external data. A model given in memory is serialised to bytes (external data stays where it
-is) or, above ~1.8 GB of in-memory weights, saved with external data into a temporary folder. Types numpy lacks (bfloat16, float8)
-go in and come out as raw OrtValues.
+Runtime: onnxruntime CPU provider, graph optimisations disabled (``ORT_DISABLE_ALL``), one thread,
+fatal-only logging, no memory pattern or buffer reuse. A model given as a path is loaded by
+onnxruntime from that path when it needs no change; when :func:`expose` added outputs, the file's
+own proto (external data not loaded, see :mod:`converter.equivalence.sides`) gets them and goes to
+onnxruntime as bytes, with the file's folder for its external data. A model given in memory is
+serialised to bytes (external data stays where it is) or, above ~1.8 GB of in-memory weights, saved
+with external data into a temporary folder. A small model with many initializers is built with
+onnxruntime keeping them in its graph (see ``_KEEP_MAX_BYTES``). Types numpy lacks (bfloat16,
+float8) go in and come out as raw OrtValues.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def _session_options(folder: str | None = None) -> ort.SessionOptions:
     # The memory pattern is planned again for every new input shape, and trials change shapes:
     # on a graph of 30,000 nodes each plan took longer than the run it was made for.
     options.enable_mem_pattern = False
+    # Planning which values may share a buffer took an eighth of building a session of 30,000
+    # nodes; values are still freed after their last use, so a run's peak memory barely moves.
+    options.enable_mem_reuse = False
     if folder is not None:
         options.add_session_config_entry(_FOLDER_KEY, folder)
     return options

@@ -7,14 +7,15 @@ every graph output. The verdict rests on the graph outputs alone: what a user of
 Each output is compared by the rule of :mod:`converter.equivalence.compare` (``|a - e| <= atol +
 rtol * |e|``, per-dtype default tolerances, integers and bools exactly, error statistics); a float
 output with elements beyond tolerance is judged again against the float64 evaluation of the
-original graph (:mod:`converter.equivalence.reference`), which is built and run only then. The
-models run as :mod:`converter.equivalence.runtime` describes (one session per model, reused by
-every trial). An output missing, extra or reordered, or inputs that differ, are failures with that
+original graph (:mod:`converter.equivalence.reference`), which is built and run only then. A
+model file is read only as far as needed (:mod:`converter.equivalence.sides`); the models run as
+:mod:`converter.equivalence.runtime` describes (one session per model, reused by every trial). An output missing, extra or reordered, or inputs that differ, are failures with that
 reason. The report keeps every output in every trial and, per output, the worst trial.
 
 Intermediate values named in ``extra_outputs`` (a fusion's output, say) are diagnostics: exposed as
 graph outputs on private copies, compared by the same rule in every trial where they exist in both
-models, reported (worst trial per value) and never a reason to fail. A value the candidate no
+models (small ones measured together, :func:`~converter.equivalence.compare.compare_many`),
+reported (worst trial per value) and never a reason to fail. A value the candidate no
 longer has is reported as not measured. When an output fails, the report names the first
 intermediate value, in the original graph's order, that was also beyond tolerance in a failing
 trial (judged against the float64 reference when it ran): where the models first diverged.
