@@ -81,6 +81,7 @@ _DEFAULT_TOLERANCES = {
 }
 _LOW_PRECISION_TOLERANCE = (0.125, 0.125)  # float8 and float4 types
 _REFERENCE_FACTOR = 2.0
+_P99 = 0.99
 _NAN = float("nan")
 # compare_many measures float arrays up to this many elements together, in batches of about
 # _BATCH elements (float64 temporaries of a few tens of MB); larger arrays one by one.
@@ -410,31 +411,27 @@ def _compare_numbers(
     if exact:
         used = np.where(violated, np.inf, 0.0)
     mismatches = int(violated.sum())
-    stats = dataclasses.replace(
-        base,
-        passed=mismatches == 0,
-        mismatches=mismatches,
+    fields: dict[str, Any] = {
+        "passed": mismatches == 0,
+        "mismatches": mismatches,
         **_summary("abs", abs_err),
         **_summary("rel", rel_err),
-        tolerance_used=float(used.max()) if used.size else 0.0,
-    )
-    if not used.size:
-        return stats
-    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(used)), used.shape))
-    stats = dataclasses.replace(
-        stats,
-        worst_index=index,
-        worst_expected=_scalar(expected[index]),
-        worst_actual=_scalar(actual[index]),
-    )
-    if mismatches:
-        reason = (
+        "tolerance_used": float(used.max()) if used.size else 0.0,
+    }
+    if used.size:
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmax(used)), used.shape))
+        fields.update(
+            worst_index=index,
+            worst_expected=_scalar(expected[index]),
+            worst_actual=_scalar(actual[index]),
+        )
+    if used.size and mismatches:
+        fields["reason"] = (
             f"{mismatches} of {base.size} elements {'differ' if exact else 'beyond tolerance'}; "
             f"worst at {list(index)}: "
-            f"expected {_fmt(stats.worst_expected)}, got {_fmt(stats.worst_actual)}"
+            f"expected {_fmt(fields['worst_expected'])}, got {_fmt(fields['worst_actual'])}"
         )
-        stats = dataclasses.replace(stats, reason=reason)
-    return stats
+    return dataclasses.replace(base, **fields)
 
 
 def _abs_error(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
@@ -458,13 +455,19 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def _summary(kind: str, errors: np.ndarray) -> dict[str, float]:
+    """Max, mean, median and p99 (``np.quantile(method="higher")``) of ``errors``, which hold
+    no NaN; the order statistics from one sort, a tenth of what ``np.median`` and
+    ``np.quantile`` cost on the small arrays of a model with thousands of outputs."""
     if not errors.size:
         return {f"{s}_{kind}_error": 0.0 for s in ("max", "mean", "median", "p99")}
+    ordered = np.sort(errors, axis=None)
+    count, half = ordered.size, ordered.size // 2
+    median = ordered[half] if count % 2 else (ordered[half - 1] + ordered[half]) / 2
     return {
-        f"max_{kind}_error": float(errors.max()),
+        f"max_{kind}_error": float(ordered[-1]),
         f"mean_{kind}_error": float(errors.mean()),
-        f"median_{kind}_error": float(np.median(errors)),
-        f"p99_{kind}_error": float(np.quantile(errors, 0.99, method="higher")),
+        f"median_{kind}_error": float(median),
+        f"p99_{kind}_error": float(ordered[math.ceil((count - 1) * _P99)]),
     }
 
 

@@ -96,3 +96,24 @@ def test_compare_many_says_what_compare_arrays_says(monkeypatch):
     for got, want in zip(batched, one_by_one, strict=True):
         assert repr(got.to_dict()) == repr(want.to_dict()), want.name
     assert sum(not s.passed for s in batched) >= 8  # the failing cases are really exercised
+
+
+def test_error_summaries_are_numpys_median_and_higher_p99():
+    from converter.equivalence import compare
+
+    rng = np.random.default_rng(11)
+    for size in [*range(1, 40), 99, 100, 101, 199, 1000, 1001]:
+        errors = np.abs(rng.standard_normal(size)) * rng.choice([1e-9, 1.0, 1e9])
+        errors[rng.random(size) < 0.1] = np.inf
+        errors[rng.random(size) < 0.1] = 0.0
+        got = compare._summary("abs", errors.reshape(-1, 1) if size % 2 else errors)
+        assert got == {
+            "max_abs_error": float(errors.max()),
+            "mean_abs_error": float(errors.mean()),
+            "median_abs_error": float(np.median(errors)),
+            "p99_abs_error": float(np.quantile(errors, 0.99, method="higher")),
+        }, size
+    scalar = compare._summary("rel", np.asarray(0.5))
+    assert scalar == dict.fromkeys(
+        ("max_rel_error", "mean_rel_error", "median_rel_error", "p99_rel_error"), 0.5
+    )
