@@ -171,8 +171,9 @@ def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None
     """
     outputs = [r.output for r in report.fusions if r.graph == _MAIN_GRAPH and r.output]
     result = check_equivalence(src, candidate, extra_outputs=outputs, **options)
-    report.validation = result.to_dict()
-    del report.validation["intermediates"]  # the same facts live in each fusion record
+    # The intermediate values' facts live in each fusion record, not in this dict.
+    report.validation = dataclasses.replace(result, intermediates=()).to_dict()
+    del report.validation["intermediates"]
     report.validated = bool(result.passed)
     stats = {s.name: s for s in (*result.outputs, *result.intermediates)}
     for index, record in enumerate(report.fusions):

@@ -43,8 +43,9 @@ relative error ``|a - e| / max(|e|, atol)`` (``atol`` replaced by the smallest n
 when zero), ``tolerance_used``, and the index of the worst element (the one closest to, or
 furthest beyond, its allowance). Statistics are ``nan`` when nothing could be compared (a missing
 output, a shape mismatch, a string output); ``summary=False`` keeps only the max abs error,
-``tolerance_used`` and ``mismatches`` (the rest ``nan``), for cheap diagnostics of many values. Scalar (0-d), empty and size-1 outputs
-compare like any other.
+``tolerance_used`` and ``mismatches`` (the rest ``nan``), for cheap diagnostics of many values;
+:func:`compare_many` gives the same for many values at once, small float arrays measured together
+in a few vectorised passes. Scalar (0-d), empty and size-1 outputs compare like any other.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from __future__ import annotations
 __all__ = [
     "OutputStats",
     "compare_arrays",
+    "compare_many",
     "default_tolerance",
     "dtype_kind",
     "dtype_name",
@@ -61,7 +63,9 @@ __all__ = [
 ]
 
 import dataclasses
+import functools
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,7 +81,12 @@ _DEFAULT_TOLERANCES = {
 }
 _LOW_PRECISION_TOLERANCE = (0.125, 0.125)  # float8 and float4 types
 _REFERENCE_FACTOR = 2.0
+_P99 = 0.99
 _NAN = float("nan")
+# compare_many measures float arrays up to this many elements together, in batches of about
+# _BATCH elements (float64 temporaries of a few tens of MB); larger arrays one by one.
+_SMALL = 1 << 14
+_BATCH = 1 << 20
 
 
 # --------------------------------------------------------------------------- statistics
@@ -149,9 +158,23 @@ class OutputStats:
 
 
 _FIELDS = dataclasses.fields(OutputStats)
+_DEFAULTS = {f.name: f.default for f in _FIELDS}
+
+
+def _new_stats(**fields: Any) -> OutputStats:
+    """``OutputStats(**fields)`` without the frozen dataclass's ``__init__``, which sets its 29
+    fields one ``object.__setattr__`` at a time: a tenth of the cost, for thousands of values."""
+    stats = object.__new__(OutputStats)
+    stats.__dict__.update(_DEFAULTS, **fields)
+    return stats
 
 
 # --------------------------------------------------------------------------- comparison
+
+
+@functools.lru_cache(maxsize=64)
+def _tolerance_of_dtype(dtype: np.dtype) -> tuple[float, float]:
+    return default_tolerance(dtype)
 
 
 def default_tolerance(dtype: ir.DataType | np.dtype | type) -> tuple[float, float]:
@@ -186,7 +209,7 @@ def compare_arrays(
     """
     expected, actual = np.asarray(expected), np.asarray(actual)
     kind = dtype_kind(expected.dtype)
-    default = default_tolerance(expected.dtype)
+    default = _tolerance_of_dtype(expected.dtype)
     exact = kind in ("exact", "string")
     atol = 0.0 if exact else (default[0] if atol is None else float(atol))
     rtol = 0.0 if exact else (default[1] if rtol is None else float(rtol))
@@ -209,6 +232,118 @@ def compare_arrays(
     if not summary:
         return _measure(base, expected, actual, exact=exact)
     return _compare_numbers(base, expected, actual, exact=exact)
+
+
+Pair = tuple[str, np.ndarray, np.ndarray, float | None, float | None]
+
+
+def compare_many(pairs: Iterable[Pair], *, trial: int = 0) -> list[OutputStats]:
+    """``compare_arrays(expected, actual, atol=, rtol=, name=, trial=, intermediate=True,
+    summary=False)`` for each ``(name, expected, actual, atol, rtol)``, in order.
+
+    The results are the same as one call per pair; float arrays of the same dtype and layout
+    up to ``_SMALL`` elements are measured together (one concatenation, one pass of the rule,
+    per-array maxima and counts by ``reduceat``), so thousands of small values cost a few
+    milliseconds instead of a few seconds.
+    """
+    pairs = list(pairs)
+    results: list[OutputStats | None] = [None] * len(pairs)
+    groups: dict[np.dtype, list[int]] = {}
+    for i, (name, expected, actual, atol, rtol) in enumerate(pairs):
+        if _batchable(expected, actual):
+            groups.setdefault(expected.dtype, []).append(i)
+        else:
+            results[i] = compare_arrays(
+                expected,
+                actual,
+                atol=atol,
+                rtol=rtol,
+                name=name,
+                trial=trial,
+                intermediate=True,
+                summary=False,
+            )
+    for indices in groups.values():
+        for batch in _batches(indices, [pairs[i][1].size for i in indices]):
+            for i, stats in zip(
+                batch, _measure_batch([pairs[i] for i in batch], trial), strict=True
+            ):
+                results[i] = stats
+    return results  # type: ignore[return-value]  # every slot is filled
+
+
+def _batchable(expected: Any, actual: Any) -> bool:
+    """Plain numpy floats of one dtype and shape, small and not empty."""
+    return (
+        isinstance(expected, np.ndarray)
+        and isinstance(actual, np.ndarray)
+        and expected.dtype == actual.dtype
+        and expected.dtype.kind == "f"
+        and expected.shape == actual.shape
+        and 0 < expected.size <= _SMALL
+    )
+
+
+def _batches(indices: Sequence[int], sizes: Sequence[int]) -> Iterable[list[int]]:
+    batch: list[int] = []
+    total = 0
+    for index, size in zip(indices, sizes, strict=True):
+        if batch and total + size > _BATCH:
+            yield batch
+            batch, total = [], 0
+        batch.append(index)
+        total += size
+    if batch:
+        yield batch
+
+
+def _measure_batch(pairs: Sequence[Pair], trial: int) -> list[OutputStats]:
+    """:func:`_measure` of many same-dtype float pairs, in one vectorised pass."""
+    dtype = pairs[0][1].dtype
+    default = _tolerance_of_dtype(dtype)
+    atols = [default[0] if p[3] is None else float(p[3]) for p in pairs]
+    rtols = [default[1] if p[4] is None else float(p[4]) for p in pairs]
+    sizes = np.array([p[1].size for p in pairs])
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    expected = np.concatenate([p[1].ravel() for p in pairs])
+    abs_err = _abs_error(expected, np.concatenate([p[2].ravel() for p in pairs]))
+    magnitude = np.abs(expected.astype(np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):
+        bound = (
+            np.repeat(np.asarray(atols), sizes) + np.repeat(np.asarray(rtols), sizes) * magnitude
+        )
+    bound[~np.isfinite(magnitude)] = 0.0
+    max_err = np.maximum.reduceat(abs_err, starts)
+    used = np.maximum.reduceat(_safe_ratio(abs_err, bound), starts)
+    mismatches = np.add.reduceat((abs_err > bound).astype(np.int64), starts)
+    dtype_label = dtype_name(dtype)
+    return [
+        _new_stats(
+            name=pair[0],
+            trial=trial,
+            passed=not count,
+            intermediate=True,
+            reason=f"{count} of {size} elements beyond tolerance" if count else "",
+            shape=tuple(pair[1].shape),
+            dtype=dtype_label,
+            atol=atol,
+            rtol=rtol,
+            size=size,
+            mismatches=count,
+            max_abs_error=err,
+            tolerance_used=share,
+        )
+        for pair, atol, rtol, size, count, err, share in zip(
+            pairs,
+            atols,
+            rtols,
+            sizes.tolist(),
+            mismatches.tolist(),
+            max_err.tolist(),
+            used.tolist(),
+            strict=True,
+        )
+    ]
 
 
 def _layout_problem(expected: np.ndarray, actual: np.ndarray) -> str:
@@ -276,31 +411,27 @@ def _compare_numbers(
     if exact:
         used = np.where(violated, np.inf, 0.0)
     mismatches = int(violated.sum())
-    stats = dataclasses.replace(
-        base,
-        passed=mismatches == 0,
-        mismatches=mismatches,
+    fields: dict[str, Any] = {
+        "passed": mismatches == 0,
+        "mismatches": mismatches,
         **_summary("abs", abs_err),
         **_summary("rel", rel_err),
-        tolerance_used=float(used.max()) if used.size else 0.0,
-    )
-    if not used.size:
-        return stats
-    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(used)), used.shape))
-    stats = dataclasses.replace(
-        stats,
-        worst_index=index,
-        worst_expected=_scalar(expected[index]),
-        worst_actual=_scalar(actual[index]),
-    )
-    if mismatches:
-        reason = (
+        "tolerance_used": float(used.max()) if used.size else 0.0,
+    }
+    if used.size:
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmax(used)), used.shape))
+        fields.update(
+            worst_index=index,
+            worst_expected=_scalar(expected[index]),
+            worst_actual=_scalar(actual[index]),
+        )
+    if used.size and mismatches:
+        fields["reason"] = (
             f"{mismatches} of {base.size} elements {'differ' if exact else 'beyond tolerance'}; "
             f"worst at {list(index)}: "
-            f"expected {_fmt(stats.worst_expected)}, got {_fmt(stats.worst_actual)}"
+            f"expected {_fmt(fields['worst_expected'])}, got {_fmt(fields['worst_actual'])}"
         )
-        stats = dataclasses.replace(stats, reason=reason)
-    return stats
+    return dataclasses.replace(base, **fields)
 
 
 def _abs_error(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
@@ -324,13 +455,19 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def _summary(kind: str, errors: np.ndarray) -> dict[str, float]:
+    """Max, mean, median and p99 (``np.quantile(method="higher")``) of ``errors``, which hold
+    no NaN; the order statistics from one sort, a tenth of what ``np.median`` and
+    ``np.quantile`` cost on the small arrays of a model with thousands of outputs."""
     if not errors.size:
         return {f"{s}_{kind}_error": 0.0 for s in ("max", "mean", "median", "p99")}
+    ordered = np.sort(errors, axis=None)
+    count, half = ordered.size, ordered.size // 2
+    median = ordered[half] if count % 2 else (ordered[half - 1] + ordered[half]) / 2
     return {
-        f"max_{kind}_error": float(errors.max()),
+        f"max_{kind}_error": float(ordered[-1]),
         f"mean_{kind}_error": float(errors.mean()),
-        f"median_{kind}_error": float(np.median(errors)),
-        f"p99_{kind}_error": float(np.quantile(errors, 0.99, method="higher")),
+        f"median_{kind}_error": float(median),
+        f"p99_{kind}_error": float(ordered[math.ceil((count - 1) * _P99)]),
     }
 
 
@@ -404,6 +541,7 @@ def needs_reference(stats: OutputStats, expected: np.ndarray) -> bool:
 # --------------------------------------------------------------------------- dtypes
 
 
+@functools.lru_cache(maxsize=64)
 def ir_dtype(dtype: np.dtype) -> ir.DataType | None:
     """The ONNX type of a numpy dtype (ml_dtypes' bfloat16, float8 too), or ``None``."""
     try:
@@ -412,6 +550,7 @@ def ir_dtype(dtype: np.dtype) -> ir.DataType | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def dtype_kind(dtype: np.dtype) -> str:
     """``"float"``, ``"complex"``, ``"string"`` or ``"exact"`` (integers, bool)."""
     if dtype.kind in "OUS":
@@ -422,6 +561,7 @@ def dtype_kind(dtype: np.dtype) -> str:
     return "float" if dt is not None and dt.is_floating_point() else "exact"
 
 
+@functools.lru_cache(maxsize=64)
 def dtype_name(dtype: np.dtype) -> str:
     """The dtype's name for reports; every string or object dtype is ``"string"``."""
     return "string" if dtype.kind in "OUS" else dtype.name

@@ -1,12 +1,14 @@
 """Run models in onnxruntime exactly as given: one session per model, reused across trials.
 
-Runtime: onnxruntime CPU provider, graph optimisations disabled (``ORT_DISABLE_ALL``), one
-thread, fatal-only logging, no memory pattern. A model given as a path is loaded by onnxruntime
-from that path when it needs no change; when :func:`expose` added outputs, the file's own proto
-(external data not loaded) gets them and goes to onnxruntime as bytes, with the file's folder for
-its external data. A model given in memory is serialised to bytes (external data stays where it
-is) or, above ~1.8 GB of in-memory weights, saved with external data into a temporary folder. Types numpy lacks (bfloat16, float8)
-go in and come out as raw OrtValues.
+Runtime: onnxruntime CPU provider, graph optimisations disabled (``ORT_DISABLE_ALL``), one thread,
+fatal-only logging, no memory pattern or buffer reuse. A model given as a path is loaded by
+onnxruntime from that path when it needs no change; when :func:`expose` added outputs, the file's
+own proto (external data not loaded, see :mod:`converter.equivalence.sides`) gets them and goes to
+onnxruntime as bytes, with the file's folder for its external data. A model given in memory is
+serialised to bytes (external data stays where it is) or, above ~1.8 GB of in-memory weights, saved
+with external data into a temporary folder. A small model with many initializers is built with
+onnxruntime keeping them in its graph (see ``_KEEP_MAX_BYTES``). Types numpy lacks (bfloat16,
+float8) go in and come out as raw OrtValues.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ __all__ = [
 ]
 
 import ctypes
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,22 +37,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from converter.equivalence.compare import ir_dtype
+from converter.equivalence.sides import ModelLike, OnDisk, Side, all_nodes, expose, load_side
 from converter.model_io import files as io
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class OnDisk:
-    """A model already in memory that is also saved at ``path`` (as ``fuse_file`` writes it):
-    validation runs the file and reads the model as it is, without loading it again. The model
-    is handed over: validation may add graph outputs to it."""
-
-    model: ir.Model
-    path: str
-
-
-ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model | OnDisk
 
 _IN_MEMORY_LIMIT = io.EXTERNAL_DATA_THRESHOLD_BYTES
 _FOLDER_KEY = "session.model_external_initializers_file_folder_path"
@@ -61,78 +50,12 @@ _NO_NUMPY_TYPES = frozenset(
     for t in ("bfloat16", "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz")
 )
 _MAX_MESSAGE = 500
-
-
-# --------------------------------------------------------------------------- models
-
-
-@dataclasses.dataclass
-class Side:
-    """One model under comparison: its IR copy, the file it came from, outputs added to it."""
-
-    label: str
-    model: ir.Model
-    path: str | None
-    outputs: list[str]
-    exposed: list[str] = dataclasses.field(default_factory=list)
-
-
-def load_side(model: ModelLike, role: str) -> Side:
-    """Wrap ``model`` without ever mutating the caller's object (an :class:`OnDisk` is handed
-    over, not copied)."""
-    if isinstance(model, OnDisk):
-        outputs = [v.name for v in model.model.graph.outputs]
-        return Side(f"{role} model {model.path}", model.model, os.fspath(model.path), outputs)
-    if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        loaded = io.load_model(path)
-        return Side(f"{role} model {path}", loaded, path, [v.name for v in loaded.graph.outputs])
-    if isinstance(model, onnx.ModelProto):
-        copy = ir.serde.deserialize_model(model)  # wraps the proto's tensors, copies nothing
-    elif isinstance(model, ir.Model):
-        copy = model.clone()  # tensors are shared, never modified
-    else:
-        raise TypeError(
-            f"{role} must be a path, an onnx.ModelProto or an onnx_ir.Model, "
-            f"not {type(model).__name__}"
-        )
-    return Side(f"{role} model", copy, None, [v.name for v in copy.graph.outputs])
-
-
-def expose(side: Side, names: Sequence[str]) -> list[str]:
-    """Add the named values as graph outputs; return the names the model does not have.
-
-    The IR copy gets them (the float64 reference is built from it) and :attr:`Side.exposed`
-    lists them, for :func:`open_session` to add to the file's proto.
-    """
-    if not names:
-        return []
-    values = ir.convenience.create_value_mapping(side.model.graph, include_subgraphs=False)
-    missing = []
-    for name in names:
-        value = values.get(name)
-        if value is None:
-            missing.append(name)
-        elif not value.is_graph_output():
-            side.model.graph.outputs.append(value)
-            side.exposed.append(name)
-    return missing
-
-
-def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    for graph in model.graphs():
-        yield from (v.const_value for v in graph.initializers.values() if v.const_value is not None)
-    for node in all_nodes(model):
-        for attr in node.attributes.values():
-            if not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
-                yield attr.as_tensor()
-
-
-def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    """Every node of the main graph, its subgraphs and the model-local functions."""
-    yield from model.graph.all_nodes()
-    for function in model.functions.values():
-        yield from function.all_nodes()
+# Once a session holds an initializer, onnxruntime (1.32) removes it from its graph, searching
+# the graph's list of initializers from the start each time: quadratic in their number (a model
+# of 40,000 small Gemm weights spent 2 s of a 4 s session there). It keeps them when asked to
+# save the model it built, which costs one write of the model: done when the model is small
+# (its bytes, a few MB at most) and its initializers many (their square above its bytes).
+_KEEP_MAX_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -151,9 +74,21 @@ def _session_options(folder: str | None = None) -> ort.SessionOptions:
     # The memory pattern is planned again for every new input shape, and trials change shapes:
     # on a graph of 30,000 nodes each plan took longer than the run it was made for.
     options.enable_mem_pattern = False
+    # Planning which values may share a buffer took an eighth of building a session of 30,000
+    # nodes; values are still freed after their last use, so a run's peak memory barely moves.
+    options.enable_mem_reuse = False
     if folder is not None:
         options.add_session_config_entry(_FOLDER_KEY, folder)
     return options
+
+
+def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    for graph in model.graphs():
+        yield from (v.const_value for v in graph.initializers.values() if v.const_value is not None)
+    for node in all_nodes(model):
+        for attr in node.attributes.values():
+            if not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
+                yield attr.as_tensor()
 
 
 def _serialise(model: ir.Model, workdir: str, stem: str) -> tuple[bytes | str, str | None]:
@@ -170,15 +105,20 @@ def _serialise(model: ir.Model, workdir: str, stem: str) -> tuple[bytes | str, s
     return path, None
 
 
-def _file_with_outputs(path: str, names: Sequence[str]) -> bytes:
-    """The model file's bytes with ``names`` added as graph outputs (types left to onnxruntime).
+def _with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    """The proto's bytes with ``names`` added as graph outputs (types left to onnxruntime);
+    the proto is left as it was.
 
     Editing the proto costs milliseconds where serialising the IR copy costs seconds on a graph
-    of many thousand nodes. The file passed :func:`load_side`'s checks when it was loaded.
+    of many thousand nodes. The file passed :func:`load_side`'s checks when it was read.
     """
-    proto = onnx.load(path, load_external_data=False)
-    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    return proto.SerializeToString()
+    outputs = proto.graph.output
+    count = len(outputs)
+    outputs.extend(onnx.ValueInfoProto(name=name) for name in names)
+    try:
+        return proto.SerializeToString()
+    finally:
+        del outputs[count:]
 
 
 def _folder(path: str) -> str:
@@ -190,10 +130,31 @@ def open_session(side: Side, workdir: str, stem: str) -> Runner:
     if side.path is not None and not side.exposed:
         return Runner(ort.InferenceSession(side.path, _session_options(), providers=_PROVIDERS))
     if side.path is not None:
-        source, folder = _file_with_outputs(side.path, side.exposed), _folder(side.path)
+        proto = side.proto or onnx.load(side.path, load_external_data=False)
+        source, folder = _with_outputs(proto, side.exposed), _folder(side.path)
+        initializers = len(proto.graph.initializer)
     else:
         source, folder = _serialise(side.model, workdir, stem)
+        initializers = len(side.model.graph.initializers)
+    if isinstance(source, bytes) and _keep_initializers(initializers, source):
+        options = _session_options(folder)
+        options.optimized_model_filepath = os.path.join(workdir, f"{stem}.as-built.onnx")
+        try:
+            return Runner(ort.InferenceSession(source, options, providers=_PROVIDERS))
+        except Exception as e:  # onnxruntime raises many types; saving is only a shortcut
+            logger.debug("onnxruntime session keeping initializers failed (%s)", one_line(e))
     return Runner(ort.InferenceSession(source, _session_options(folder), providers=_PROVIDERS))
+
+
+def _keep_initializers(count: int, source: bytes) -> bool:
+    """Whether to ask onnxruntime to keep the graph's initializers (see ``_KEEP_MAX_BYTES``):
+    many of them in a small model without external data (which the saved copy would hold).
+
+    Every external tensor names its file under the key ``location``: a model whose bytes do
+    not contain that word has none (a name that does only costs the shortcut).
+    """
+    size = len(source)
+    return size <= _KEEP_MAX_BYTES and count * count > size and b"location" not in source
 
 
 class Runner:

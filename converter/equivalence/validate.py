@@ -7,14 +7,15 @@ every graph output. The verdict rests on the graph outputs alone: what a user of
 Each output is compared by the rule of :mod:`converter.equivalence.compare` (``|a - e| <= atol +
 rtol * |e|``, per-dtype default tolerances, integers and bools exactly, error statistics); a float
 output with elements beyond tolerance is judged again against the float64 evaluation of the
-original graph (:mod:`converter.equivalence.reference`), which is built and run only then. The
-models run as :mod:`converter.equivalence.runtime` describes (one session per model, reused by
-every trial). An output missing, extra or reordered, or inputs that differ, are failures with that
+original graph (:mod:`converter.equivalence.reference`), which is built and run only then. A
+model file is read only as far as needed (:mod:`converter.equivalence.sides`); the models run as
+:mod:`converter.equivalence.runtime` describes (one session per model, reused by every trial). An output missing, extra or reordered, or inputs that differ, are failures with that
 reason. The report keeps every output in every trial and, per output, the worst trial.
 
 Intermediate values named in ``extra_outputs`` (a fusion's output, say) are diagnostics: exposed as
 graph outputs on private copies, compared by the same rule in every trial where they exist in both
-models, reported (worst trial per value) and never a reason to fail. A value the candidate no
+models (small ones measured together, :func:`~converter.equivalence.compare.compare_many`),
+reported (worst trial per value) and never a reason to fail. A value the candidate no
 longer has is reported as not measured. When an output fails, the report names the first
 intermediate value, in the original graph's order, that was also beyond tolerance in a failing
 trial (judged against the float64 reference when it ran): where the models first diverged.
@@ -45,6 +46,7 @@ import onnx_ir as ir
 from converter.equivalence.compare import (
     OutputStats,
     compare_arrays,
+    compare_many,
     default_tolerance,
     dtype_name,
     judge_with_reference,
@@ -187,7 +189,7 @@ def check_equivalence(
         raise InputError(f"extra output '{missing[0]}' is not a value of the {orig.label}")
     _check_tolerances(atol, "atol", orig.outputs + intermediates)
     _check_tolerances(rtol, "rtol", orig.outputs + intermediates)
-    feeds = _trial_inputs(orig.model, inputs, input_shapes, trials, seed)
+    feeds = _trial_inputs(orig.interface, inputs, input_shapes, trials, seed)
     failures = _interface_failures(orig, cand)
     absent = set(expose(cand, intermediates))
     measured = [n for n in intermediates if n not in absent]
@@ -201,7 +203,7 @@ def check_equivalence(
             actual = _run_candidate(candidate_runner, trial, failures)
             run = _TrialRun(trial.index, expected, actual, atol, rtol)
             runs.append(_compare_trial(run, orig.outputs, measured, reference, trial.values))
-    diagnostics = _diagnostics(runs, intermediates, absent, orig.model)
+    diagnostics = _diagnostics(runs, intermediates, absent, orig)
     report = _make_report(runs, orig.outputs, feeds, seed, reference.note, failures)
     return dataclasses.replace(report, **diagnostics)
 
@@ -274,8 +276,8 @@ def _interface_failures(orig: Side, cand: Side) -> list[str]:
         failures.append(
             f"outputs are in another order: original {orig.outputs}, candidate {cand.outputs}"
         )
-    wanted = [_input_signature(v) for v in model_inputs(orig.model)]
-    found = [_input_signature(v) for v in model_inputs(cand.model)]
+    wanted = [_input_signature(v) for v in model_inputs(orig.interface)]
+    found = [_input_signature(v) for v in model_inputs(cand.interface)]
     if wanted != found:
         failures.append(f"inputs differ: original {wanted}, candidate {found}")
     return failures
@@ -317,7 +319,7 @@ def _original_failure(side: Side, trial: TrialInputs, error: Exception, synthesi
     if not synthesised:
         return f"the {side.label} fails to run on the given inputs: {one_line(error)}"
     dims = ", ".join(f"{k}={v}" for k, v in trial.dims.items())
-    scalars = [v.name for v in model_inputs(side.model) if _is_scalar_int(v)]
+    scalars = [v.name for v in model_inputs(side.interface) if _is_scalar_int(v)]
     hint = "".join(f"; scalar int input '{n}' needs a real value" for n in scalars)
     return (
         f"the {side.label} fails to run on synthesised inputs (trial {trial.index}: "
@@ -357,7 +359,7 @@ def _compare_trial(
     """Compare one trial's outputs (asking the float64 reference about float failures) and,
     as diagnostics, its intermediate values (against the reference too if an output failed)."""
     stats = [_compare_output(run, name) for name in outputs]
-    values = [] if isinstance(run.actual, str) else [_compare_value(run, n) for n in measured]
+    values = [] if isinstance(run.actual, str) else _compare_values(run, measured)
     doubtful = {s.name for s in stats if needs_reference(s, run.expected[s.name])}
     ref = reference.run(feeds, run.index) if doubtful else None
     result = _TrialResult(_judge(run, stats, ref, doubtful), values)
@@ -405,18 +407,21 @@ def _compare_output(run: _TrialRun, name: str) -> OutputStats:
     )
 
 
-def _compare_value(run: _TrialRun, name: str) -> OutputStats:
-    """An intermediate value, by the same rule; only the cheap statistics."""
+def _compare_values(run: _TrialRun, names: Sequence[str]) -> list[OutputStats]:
+    """Intermediate values, by the same rule; only the cheap statistics, measured together."""
     actual = run.actual if isinstance(run.actual, dict) else {}
-    return compare_arrays(
-        run.expected[name],
-        actual[name],
-        atol=_tolerance_for(run.atol, name),
-        rtol=_tolerance_for(run.rtol, name),
-        name=name,
+    return compare_many(
+        (
+            (
+                name,
+                run.expected[name],
+                actual[name],
+                _tolerance_for(run.atol, name),
+                _tolerance_for(run.rtol, name),
+            )
+            for name in names
+        ),
         trial=run.index,
-        intermediate=True,
-        summary=False,
     )
 
 
@@ -446,7 +451,7 @@ def _make_report(
 
 
 def _diagnostics(
-    runs: Sequence[_TrialResult], names: Sequence[str], absent: set[str], model: ir.Model
+    runs: Sequence[_TrialResult], names: Sequence[str], absent: set[str], original: Side
 ) -> dict[str, Any]:
     """The intermediate values' worst trials (or why not measured) and the first divergence."""
     by_name = _by_name([s for run in runs for s in run.values], names)
@@ -455,7 +460,7 @@ def _diagnostics(
         for name, stats in by_name.items()
     )
     diverged = {s.name for run in runs if run.failed for s in run.values if not s.passed}
-    return {"intermediates": values, "first_divergence": _first_in_graph(model, diverged)}
+    return {"intermediates": values, "first_divergence": original.first_produced(diverged)}
 
 
 def _not_measured(name: str, absent: bool) -> OutputStats:
@@ -465,17 +470,6 @@ def _not_measured(name: str, absent: bool) -> OutputStats:
         else "not measured: the candidate did not run"
     )
     return OutputStats(name, -1, False, intermediate=True, reason=reason, measured=False)
-
-
-def _first_in_graph(model: ir.Model, names: set[str]) -> str | None:
-    """The value of ``names`` produced first in the main graph's (topological) node order."""
-    if not names:
-        return None
-    for node in model.graph:
-        for value in node.outputs:
-            if value.name in names:
-                return value.name
-    return min(names)  # graph inputs or initializers: no producing node
 
 
 def _by_name(stats: Sequence[OutputStats], names: Sequence[str]) -> dict[str, list[OutputStats]]:

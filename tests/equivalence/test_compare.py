@@ -55,3 +55,65 @@ def test_integer_outputs_are_exact_whatever_the_tolerance():
     big = np.array([2**60], np.int64)
     assert not compare_arrays(big, big + 1).passed  # equal once converted to float64
     assert not compare_arrays(np.array(["a"], object), np.array(["b"], object)).passed
+
+
+def test_compare_many_says_what_compare_arrays_says(monkeypatch):
+    """Batched or not, each pair gets exactly the statistics of its own compare_arrays call."""
+    from converter.equivalence import compare
+
+    monkeypatch.setattr(compare, "_SMALL", 40)  # a "large" array below
+    monkeypatch.setattr(compare, "_BATCH", 64)  # several batches per dtype
+    rng = np.random.default_rng(7)
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, 1.0, -2.0], np.float32)
+    pairs = []
+    for i, dtype in enumerate([np.float32] * 8 + [np.float16, np.float64] * 3):
+        e = rng.uniform(-3, 3, rng.integers(1, 20)).astype(dtype)
+        noise = rng.choice([0.0, 1e-7, 1e-3, 1.0], e.shape) * rng.uniform(-1, 1, e.shape)
+        atol, rtol = [(None, None), (1e-3, None), (None, 0.0), (0.0, 1e-2)][i % 4]
+        pairs.append((f"v{i}", e, (e + noise).astype(dtype), atol, rtol))
+    pairs += [
+        ("special", special, np.array([np.nan, np.inf, np.inf, np.nan, 1, -2], np.float32), 0, 0),
+        ("same_special", special, special.copy(), None, None),
+        ("scalar", np.array(1.5, np.float32), np.array(1.5001, np.float32), None, None),
+        ("size_one", np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32), None, None),
+        ("empty", np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), None, None),
+        ("large", np.ones(41, np.float32), np.full(41, 1.5, np.float32), None, None),
+        ("ints", np.arange(4), np.array([0, 1, 2, 4]), 5.0, None),
+        ("bools", np.array([True, False]), np.array([True, False]), None, None),
+        ("dtype", np.ones(3, np.float32), np.ones(3), None, None),
+        ("shape", np.ones((2, 3), np.float32), np.ones((3, 2), np.float32), None, None),
+        ("bf16", np.ones(3, ml_dtypes.bfloat16), np.ones(3, ml_dtypes.bfloat16), None, None),
+        ("strings", np.array(["a", "b"], object), np.array(["a", "c"], object), None, None),
+    ]
+    batched = compare.compare_many(pairs, trial=2)
+    one_by_one = [
+        compare_arrays(
+            e, a, atol=atol, rtol=rtol, name=n, trial=2, intermediate=True, summary=False
+        )
+        for n, e, a, atol, rtol in pairs
+    ]
+    assert [s.name for s in batched] == [p[0] for p in pairs]
+    for got, want in zip(batched, one_by_one, strict=True):
+        assert repr(got.to_dict()) == repr(want.to_dict()), want.name
+    assert sum(not s.passed for s in batched) >= 8  # the failing cases are really exercised
+
+
+def test_error_summaries_are_numpys_median_and_higher_p99():
+    from converter.equivalence import compare
+
+    rng = np.random.default_rng(11)
+    for size in [*range(1, 40), 99, 100, 101, 199, 1000, 1001]:
+        errors = np.abs(rng.standard_normal(size)) * rng.choice([1e-9, 1.0, 1e9])
+        errors[rng.random(size) < 0.1] = np.inf
+        errors[rng.random(size) < 0.1] = 0.0
+        got = compare._summary("abs", errors.reshape(-1, 1) if size % 2 else errors)
+        assert got == {
+            "max_abs_error": float(errors.max()),
+            "mean_abs_error": float(errors.mean()),
+            "median_abs_error": float(np.median(errors)),
+            "p99_abs_error": float(np.quantile(errors, 0.99, method="higher")),
+        }, size
+    scalar = compare._summary("rel", np.asarray(0.5))
+    assert scalar == dict.fromkeys(
+        ("max_rel_error", "mean_rel_error", "median_rel_error", "p99_rel_error"), 0.5
+    )
