@@ -288,15 +288,16 @@ def check(
     return _bit_exact(result) if strict else result
 
 
-def _input_names(model: ir.Model) -> list[str]:
-    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+def _proto_input_names(proto: onnx.ModelProto) -> list[str]:
+    """The graph inputs that are not also initializers (those are weights, not data)."""
+    weights = {t.name for t in proto.graph.initializer}
+    return [v.name for v in proto.graph.input if v.name not in weights]
 
 
 def _matched_inputs(original, candidate, *, by_position: bool) -> str | os.PathLike | ir.Model:
     """``candidate``, or its model with inputs renamed to the original's (``by_position``)."""
-    want = _input_names(io.load_model(original))
-    cand = io.load_model(candidate)
-    have = _input_names(cand)
+    want = _proto_input_names(io.load_proto(original))  # names only: no onnx_ir model built
+    have = _proto_input_names(io.load_proto(candidate))
     if want == have:
         return candidate
     if not by_position:
@@ -309,6 +310,7 @@ def _matched_inputs(original, candidate, *, by_position: bool) -> str | os.PathL
             f"inputs differ in number: {os.fspath(original)} has {len(want)} {want}, "
             f"{os.fspath(candidate)} has {len(have)} {have}"
         )
+    cand = io.load_model(candidate)
     values = [v for v in cand.graph.inputs if v.name not in cand.graph.initializers]
     for value, name in zip(values, want, strict=True):
         value.name = name

@@ -31,7 +31,6 @@ import onnx_ir as ir
 
 from converter.errors import InputError
 from converter.model_io import files as io
-from converter.model_io.external_data import check_external_data
 from converter.model_io.tensors import ir_tensors
 
 
@@ -125,7 +124,7 @@ def load_side(model: ModelLike, role: str) -> Side:
         return Side(f"{role} model {model.path}", model.model, os.fspath(model.path), outputs)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
-        proto = _checked_proto(path)
+        proto = io.load_proto(path)
         outputs = [v.name for v in proto.graph.output]
         return Side(f"{role} model {path}", None, path, outputs, proto=proto)
     if isinstance(model, onnx.ModelProto):
@@ -164,18 +163,6 @@ def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _checked_proto(path: str) -> onnx.ModelProto:
-    """The file's proto after :func:`~converter.model_io.files.load_model`'s checks (readable,
-    a supported model, safe external data), without deserialising it."""
-    proto = io._parse_model_file(path)  # load_model's own first steps (private)
-    io._check_model_proto(proto, path)
-    try:
-        check_external_data(proto, os.path.dirname(os.path.abspath(path)))
-    except InputError as e:
-        raise type(e)(f"{path}: {e}") from None
-    return proto
 
 
 def _deserialize(proto: onnx.ModelProto, path: str) -> ir.Model:

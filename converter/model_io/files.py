@@ -23,6 +23,7 @@ __all__ = [
     "check_external_data",
     "is_same_file",
     "load_model",
+    "load_proto",
     "model_size_bytes",
     "has_external_data",
     "make_temp_dir",
@@ -86,13 +87,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         UnsafeModelError: external data that would be unsafe to read.
     """
     path = os.fspath(path)
-    proto = _parse_model_file(path)
-    _check_model_proto(proto, path)
+    proto, external = _checked_proto(path)
     model_dir = os.path.dirname(os.path.abspath(path))
-    try:
-        external = check_external_data(proto, model_dir)
-    except InputError as e:
-        raise type(e)(f"{path}: {e}") from None
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx_ir raises a variety of types on malformed protos
@@ -108,6 +104,23 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if logger.isEnabledFor(logging.DEBUG):  # sizing walks every tensor: only when it is shown
         logger.debug("loaded %s (%d tensor bytes)", path, model_size_bytes(model))
     return model
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """The file's ``ModelProto`` after :func:`load_model`'s checks (readable, a supported model,
+    safe external data), not deserialised into onnx_ir and with external data not read."""
+    return _checked_proto(os.fspath(path))[0]
+
+
+def _checked_proto(path: str) -> tuple[onnx.ModelProto, int]:
+    """The checked proto and how many of its tensors live in external data."""
+    proto = _parse_model_file(path)
+    _check_model_proto(proto, path)
+    try:
+        external = check_external_data(proto, os.path.dirname(os.path.abspath(path)))
+    except InputError as e:
+        raise type(e)(f"{path}: {e}") from None
+    return proto, external
 
 
 def _parse_model_file(path: str) -> onnx.ModelProto:
