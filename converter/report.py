@@ -20,8 +20,8 @@ class FusionRecord:
 
     The last three fields are validation's diagnostic of this fusion, filled in by
     :func:`converter.fuse_file`: ``max_error`` is the largest absolute difference at the fusion's
-    ``output`` between the original and the fused model (in the trial that used most of its
-    tolerance), ``tolerance_used`` the same as a share of that value's tolerance (over 1 is
+    ``output`` between the original and the fused model (in the first trial, or a failing one;
+    the trial that used most of its tolerance), ``tolerance_used`` the same as a share of that value's tolerance (over 1 is
     worth a look, never a failure by itself: only graph outputs decide), and ``error_note`` says
     why they are ``None`` when the value could not be measured (a later merge removed it, it
     lies in a subgraph, validation was skipped).

@@ -35,6 +35,7 @@ class Reference:
         self._side, self._workdir = side, workdir
         self._runner: Runner | None = None
         self._built = False
+        self._last: tuple[int, dict[str, np.ndarray]] | None = None
         self.note = "not needed"
 
     def run(self, feeds: Mapping[str, np.ndarray], trial: int) -> dict[str, np.ndarray] | None:
@@ -51,6 +52,8 @@ class Reference:
                 logger.info("float64 reference %s", self.note)
         if self._runner is None:
             return None
+        if self._last is not None and self._last[0] == trial:  # a trial run again for its values
+            return self._last[1]
         try:
             outputs = self._runner.run({k: _widen(v) for k, v in feeds.items()})
         except Exception as e:  # onnxruntime raises many types
@@ -58,6 +61,7 @@ class Reference:
             return None
         if self.note == "not needed":
             self.note = "used"
+        self._last = (trial, outputs)
         return outputs
 
 

@@ -166,15 +166,18 @@ class Runner:
         self.output_names = [o.name for o in session.get_outputs()]
         self._raw_outputs = any(o.type in _NO_NUMPY_TYPES for o in session.get_outputs())
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on ``feeds`` and return output name -> array."""
+    def run(
+        self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run on ``feeds`` and return output name -> array, for ``names`` (default: all)."""
+        names = self.output_names if names is None else list(names)
         ort_feeds = {name: _ort_input(feeds[name], self._raw_outputs) for name in self.input_names}
         if self._raw_outputs:
-            values = self.session.run_with_ort_values(self.output_names, ort_feeds)
+            values = self.session.run_with_ort_values(names, ort_feeds)
             arrays = [_ortvalue_to_numpy(v) for v in values]
         else:
-            arrays = self.session.run(self.output_names, ort_feeds)
-        return dict(zip(self.output_names, arrays, strict=True))
+            arrays = self.session.run(names, ort_feeds)
+        return dict(zip(names, arrays, strict=True))
 
 
 def _ort_input(array: np.ndarray, as_ortvalue: bool) -> Any:

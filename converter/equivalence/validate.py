@@ -13,9 +13,11 @@ model file is read only as far as needed (:mod:`converter.equivalence.sides`); t
 reason. The report keeps every output in every trial and, per output, the worst trial.
 
 Intermediate values named in ``extra_outputs`` (a fusion's output, say) are diagnostics: exposed as
-graph outputs on private copies, compared by the same rule in every trial where they exist in both
-models (small ones measured together, :func:`~converter.equivalence.compare.compare_many`),
-reported (worst trial per value) and never a reason to fail. A value the candidate no
+graph outputs on private copies, compared by the same rule where they exist in both models
+(small ones measured together, :func:`~converter.equivalence.compare.compare_many`), reported
+(worst trial per value) and never a reason to fail. They are fetched in the first trial, and again
+in any later trial whose outputs fail (that trial is run a second time with them): every value
+onnxruntime hands back costs each run, and 10,000 fusion outputs cost more than the graph. A value the candidate no
 longer has is reported as not measured. When an output fails, the report names the first
 intermediate value, in the original graph's order, that was also beyond tolerance in a failing
 trial (judged against the float64 reference when it ran): where the models first diverged.
@@ -197,15 +199,56 @@ def check_equivalence(
         original_runner = _open_original(orig, workdir)
         candidate_runner = _open_candidate(cand, workdir, failures)
         reference = Reference(orig, workdir)
+        runners = _Runners(original_runner, candidate_runner, orig, set(intermediates))
         runs: list[_TrialResult] = []
         for trial in feeds:
-            expected = _run_original(original_runner, orig, trial, synthesised=inputs is None)
-            actual = _run_candidate(candidate_runner, trial, failures)
-            run = _TrialRun(trial.index, expected, actual, atol, rtol)
-            runs.append(_compare_trial(run, orig.outputs, measured, reference, trial.values))
+            # Intermediate values are fetched in the first trial, and again in any trial whose
+            # outputs fail (to name the first divergence): each fetched value costs every run.
+            full = trial is feeds[0] or not measured
+            run = runners.run(trial, atol, rtol, failures, full=full, synthesised=inputs is None)
+            values = trial.values
+            result = _compare_trial(run, orig.outputs, measured if full else (), reference, values)
+            if result.failed and not full and not isinstance(run.actual, str):
+                run = runners.run(
+                    trial, atol, rtol, failures, full=True, synthesised=inputs is None
+                )
+                result = _compare_trial(run, orig.outputs, measured, reference, values)
+            runs.append(result)
     diagnostics = _diagnostics(runs, intermediates, absent, orig)
     report = _make_report(runs, orig.outputs, feeds, seed, reference.note, failures)
     return dataclasses.replace(report, **diagnostics)
+
+
+@dataclasses.dataclass
+class _Runners:
+    """Both sessions, and which of their outputs are graph outputs (the rest: diagnostics)."""
+
+    original: Runner
+    candidate: Runner | None
+    side: Side
+    intermediates: set[str]
+
+    def run(
+        self,
+        trial: TrialInputs,
+        atol: Tolerance,
+        rtol: Tolerance,
+        failures: list[str],
+        *,
+        full: bool,
+        synthesised: bool,
+    ) -> _TrialRun:
+        """One trial in both models: every output (``full``), or the graph outputs only."""
+        names = None if full else self._graph_outputs(self.original)
+        expected = _run_original(
+            self.original, self.side, trial, synthesised=synthesised, names=names
+        )
+        names = None if full or self.candidate is None else self._graph_outputs(self.candidate)
+        actual = _run_candidate(self.candidate, trial, failures, names=names)
+        return _TrialRun(trial.index, expected, actual, atol, rtol)
+
+    def _graph_outputs(self, runner: Runner) -> list[str]:
+        return [n for n in runner.output_names if n not in self.intermediates]
 
 
 @dataclasses.dataclass
@@ -306,10 +349,15 @@ def _open_candidate(side: Side, workdir: str, failures: list[str]) -> Runner | N
 
 
 def _run_original(
-    runner: Runner, side: Side, trial: TrialInputs, *, synthesised: bool
+    runner: Runner,
+    side: Side,
+    trial: TrialInputs,
+    *,
+    synthesised: bool,
+    names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     try:
-        return runner.run(trial.values)
+        return runner.run(trial.values, names)
     except Exception as e:  # onnxruntime raises many types
         raise OriginalModelError(_original_failure(side, trial, e, synthesised)) from e
 
@@ -337,12 +385,15 @@ def _is_int(dtype: ir.DataType | None) -> bool:
 
 
 def _run_candidate(
-    runner: Runner | None, trial: TrialInputs, failures: list[str]
+    runner: Runner | None,
+    trial: TrialInputs,
+    failures: list[str],
+    names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray] | str:
     if runner is None:
         return "the candidate could not be run (see the failures)"
     try:
-        return runner.run(trial.values)
+        return runner.run(trial.values, names)
     except Exception as e:  # onnxruntime raises many types
         reason = f"the candidate fails to run on trial {trial.index}: {one_line(e)}"
         failures.append(reason)

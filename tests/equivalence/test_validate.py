@@ -574,3 +574,51 @@ def test_a_scalar_intermediate_value_is_measured():
     report = check_equivalence(_reductions(), _reductions(), extra_outputs=["total"])
     (total,) = report.intermediates
     assert total.measured and total.passed and total.shape == ()
+
+
+def _spy_runs(monkeypatch) -> list[list[str] | None]:
+    """Record the output names asked of every onnxruntime run (None: all of them)."""
+    calls: list[list[str] | None] = []
+    real = runtime.Runner.run
+
+    def run(self, feeds, names=None):
+        calls.append(None if names is None else list(names))
+        return real(self, feeds, names)
+
+    monkeypatch.setattr(runtime.Runner, "run", run)
+    return calls
+
+
+def test_intermediate_values_are_fetched_in_the_first_trial_only_when_outputs_pass(monkeypatch):
+    calls = _spy_runs(monkeypatch)
+    report = check_equivalence(_two_layers(), _two_layers(), extra_outputs=["h"])
+    assert report.passed
+    assert calls == [None, None, ["y"], ["y"], ["y"], ["y"]]  # (original, candidate) per trial
+    (h,) = report.intermediates
+    assert h.measured and h.passed and h.trial == 0
+
+
+def test_a_later_trial_that_fails_is_run_again_for_its_intermediate_values(monkeypatch):
+    """A candidate that clips ``h`` beyond what inputs in [-1, 1] reach fails only in the
+    [-8, 8] trial; that trial is run again with ``h`` to name the first divergence."""
+    original = _two_layers()
+    inits = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    bound = float((np.abs(inits["w1"]).sum(0) + np.abs(inits["b1"])).max()) + 0.01
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(original)
+    add = next(n for n in candidate.graph.node if n.output[0] == "h")
+    add.output[0] = "h_raw"
+    candidate.graph.initializer.extend(
+        [numpy_helper.from_array(np.float32(v), n) for n, v in (("lo", -bound), ("hi", bound))]
+    )
+    candidate.graph.node.insert(2, helper.make_node("Clip", ["h_raw", "lo", "hi"], ["h"]))
+    calls = _spy_runs(monkeypatch)
+    report = check_equivalence(original, candidate, extra_outputs=["h"])
+    assert [s.passed for s in report.outputs] == [False]
+    assert {s.trial for s in report.outputs} == {2}  # the worst trial: the only failing one
+    # trial 2 runs with the graph outputs, asks the float64 reference (the last None, once),
+    # then runs again with every value
+    assert calls == [None, None, ["y"], ["y"], ["y"], ["y"], None, None, None]
+    (h,) = report.intermediates
+    assert not h.passed and h.trial == 2
+    assert report.first_divergence == "h"
