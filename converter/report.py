@@ -138,6 +138,8 @@ class FusionReport:
                     f"  merged {_describe(r)} (widths {'->'.join(map(str, r.widths))}, "
                     f"MACs/row {r.macs_before} -> {r.macs_after}{_error(r)})"
                 )
+                if r.note:  # how the merge was seen (a LoRA sum, a step across views, a conv...)
+                    lines.append(f"    {r.note}")
             lines.extend(f"  {d}" for d in self.declined)
         elif self.declined and self.fusions:
             lines.append(f"  {self.declined_chains()} chain(s) not merged (--verbose says why)")
