@@ -438,10 +438,54 @@ def test_float64_reference_does_not_rescue_a_wrong_candidate():
     assert stats.tolerance_used > 1 and "more than 2x" in stats.reason
 
 
-def test_no_reference_when_the_original_has_an_op_without_float64_kernel(linear):
+def test_onnx_evaluator_is_the_reference_where_onnxruntime_has_no_float64_kernel():
     report = check_equivalence(_unary("Erf"), _unary("Erf", "Relu"))
+    assert not report.passed  # a wrong candidate is not rescued by it
+    assert report.reference.startswith("used (onnx's reference evaluator: onnxruntime cannot")
+    assert "Erf" in report.reference
+
+
+def _contrib_gelu(relu: bool = False) -> onnx.ModelProto:
+    """onnxruntime's com.microsoft Gelu (float32 only, unknown to onnx's evaluator)."""
+    nodes = [
+        helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),
+        helper.make_node("Relu" if relu else "Identity", ["g"], ["y"]),
+    ]
+    model = _model(nodes, [("x", F, ["batch", 6])], [("y", F, ["batch", 6])])
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def test_no_reference_when_neither_onnxruntime_nor_onnx_can_run_it_in_float64():
+    report = check_equivalence(_contrib_gelu(), _contrib_gelu(relu=True))
     assert not report.passed
-    assert report.reference.startswith("unavailable") and "Erf" in report.reference
+    assert report.reference.startswith("unavailable: onnxruntime cannot build it")
+    assert "nor onnx's reference evaluator" in report.reference and "Gelu" in report.reference
+
+
+def test_float64_reference_of_a_conv_model_runs_in_onnx_with_inference_batchnorm(tmp_path):
+    """onnxruntime has no float64 Conv: onnx's evaluator computes it, BatchNormalization in
+    inference mode (onnx 1.23's own computes opsets 9-14 as in training)."""
+    rng = np.random.default_rng(3)
+    inits = {
+        "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "s": rng.uniform(0.5, 2, 4).astype(np.float32),
+        "b": rng.standard_normal(4).astype(np.float32),
+        "m": rng.standard_normal(4).astype(np.float32),
+        "v": rng.uniform(0.5, 2, 4).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]),
+    ]
+    model = _model(nodes, [("x", F, [2, 3, 5, 5])], [("y", F, [2, 4, 5, 5])], inits, opset=14)
+    ref = reference.Reference(runtime.load_side(model, "original"), str(tmp_path))
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    (y64,) = ref.run({"x": x}, 0).values()
+    (y32,) = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    assert y64.dtype == np.float64
+    np.testing.assert_allclose(y64, y32, rtol=1e-5, atol=1e-5)
+    assert ref.note.startswith("used (onnx's reference evaluator") and "Conv" in ref.note
 
 
 def test_reference_not_built_when_every_output_passes(linear, monkeypatch):
