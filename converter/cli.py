@@ -394,12 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     commands = {"check": _run_check, "inspect": _run_inspect}
-    run = commands.get(argv[0]) if argv else None
+    command = commands.get(argv[0]) if argv else None
     try:
         # The collector's passes over a model's graph are pure cost (see converter.gcpause);
         # batch mode collects after each file itself.
         with _sigterm_as_exception(), paused_collection():
-            return run(argv[1:]) if run else _run_fuse(argv)
+            return command(argv[1:]) if command else _run_fuse(argv)
     except ConverterError as e:
         if debug:
             raise

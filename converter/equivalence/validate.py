@@ -9,16 +9,18 @@ rtol * |e|``, per-dtype default tolerances, integers and bools exactly, error st
 output with elements beyond tolerance is judged again against the float64 evaluation of the
 original graph (:mod:`converter.equivalence.reference`), which is built and run only then. A
 model file is read only as far as needed (:mod:`converter.equivalence.sides`); the models run as
-:mod:`converter.equivalence.runtime` describes (one session per model, reused by every trial). An output missing, extra or reordered, or inputs that differ, are failures with that
-reason. The report keeps every output in every trial and, per output, the worst trial.
+:mod:`converter.equivalence.runtime` describes (one session per model, both built at the same
+time, reused by every trial). An output missing, extra or reordered, or inputs that differ, are
+failures with that reason. The report keeps every output in every trial and, per output, the
+worst trial.
 
 Intermediate values named in ``extra_outputs`` (a fusion's output, say) are diagnostics: exposed as
 graph outputs on private copies, compared by the same rule where they exist in both models
 (small ones measured together, :func:`~converter.equivalence.compare.compare_many`), reported
 (worst trial per value) and never a reason to fail. They are fetched in the first trial, and again
 in any later trial whose outputs fail (that trial is run a second time with them): every value
-onnxruntime hands back costs each run, and 10,000 fusion outputs cost more than the graph. A value the candidate no
-longer has is reported as not measured. When an output fails, the report names the first
+onnxruntime hands back costs each run, and 10,000 fusion outputs cost more than the graph. A
+value the candidate no longer has is reported as not measured. When an output fails, the report names the first
 intermediate value, in the original graph's order, that was also beyond tolerance in a failing
 trial (judged against the float64 reference when it ran): where the models first diverged.
 """
