@@ -325,7 +325,8 @@ def _inspect_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights",
         metavar="OUT.npz",
-        help="write each linear op's weight as (in, out) and its bias: NODE.weight, NODE.bias",
+        help="write each linear op's weight as (in, out) and its bias: NODE.weight, NODE.bias "
+        "(a Conv's kernel as stored: (out, in/groups, *kernel))",
     )
     p.add_argument("--fused", action="store_true", help="--weights of the fused model")
     p.add_argument("--policy", choices=("cost", "always"), default="cost")

@@ -14,7 +14,8 @@
 ``NODE.weight`` / ``NODE.bias`` so that ``x @ W + b`` reproduces the layer with numpy alone, for
 Gemm in every ``transA``/``transB``/``alpha``/``beta`` form (``W = alpha * op(B)``, ``b = beta * C``;
 with ``transA=1``, ``x`` is ``A.T``) and for MatMul with or without its bias ``Add``. A layer
-without a bias gets zeros, so one formula serves every layer.
+without a bias gets zeros, so one formula serves every layer. A ``Conv``'s kernel is written as
+ONNX stores it, ``(out, in / groups, *kernel)``, torch's ``nn.ConvNd.weight`` layout.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.algebra import Policy
+from converter.fusion.conv_match import ConvOp, recognize_conv
 from converter.fusion.passes import fuse_model, iter_graphs
 from converter.fusion.recognize import Decline, LinearOp, constant_tensor, is_onnx, recognize
 from converter.model_io import files as io
@@ -208,14 +210,22 @@ def inspect_file(path: str | os.PathLike, *, policy: Policy = "cost") -> Inspect
 
 
 def linear_weights(model: ir.Model) -> dict[str, np.ndarray]:
-    """``{NODE.weight: (in, out), NODE.bias: (out,) or (M, out)}`` for every linear op.
+    """``{NODE.weight: (in, out), NODE.bias: (out,) or (M, out)}`` for every linear op, and
+    ``{NODE.weight: (out, in / groups, *kernel), NODE.bias: (out,)}`` for every Conv.
 
-    ``x @ W + b`` reproduces each op (float64 products rounded to the op's dtype; bfloat16 is
-    written as float32, which numpy can store). Node names are made unique within the result.
+    ``x @ W + b`` reproduces each Gemm or MatMul(+Add) (float64 products rounded to the op's
+    dtype; bfloat16 is written as float32, which numpy can store). A Conv's kernel is written as
+    ONNX stores it, which is torch's ``nn.ConvNd.weight`` layout: a re-parameterised model's
+    fused kernels load straight into the deploy form (its strides, pads and groups are in the
+    table). A layer without a bias gets zeros. Node names are made unique within the result.
     """
     arrays: dict[str, np.ndarray] = {}
     for graph, _ in iter_graphs(model.graph):
         for node in graph:
+            conv = recognize_conv(node) if is_onnx(node, "Conv") else None
+            if isinstance(conv, ConvOp):
+                _add_conv(arrays, node, conv)
+                continue
             op = recognize(node)
             if not isinstance(op, LinearOp):
                 continue
@@ -226,6 +236,16 @@ def linear_weights(model: ir.Model) -> dict[str, np.ndarray]:
             arrays[f"{key}.weight"] = affine.weight.astype(dtype)
             arrays[f"{key}.bias"] = bias.astype(dtype)
     return arrays
+
+
+def _add_conv(arrays: dict[str, np.ndarray], node: ir.Node, conv: ConvOp) -> None:
+    dtype = _storable(conv.dtype)
+    weight = np.asarray(conv.weight.array())
+    out_channels = weight.shape[0]
+    bias = np.zeros(out_channels) if conv.bias is None else np.asarray(conv.bias.array())
+    key = _unique(_name(node), arrays)
+    arrays[f"{key}.weight"] = weight.astype(dtype)
+    arrays[f"{key}.bias"] = bias.reshape(out_channels).astype(dtype)
 
 
 def _storable(dtype: ir.DataType) -> np.dtype:

@@ -155,3 +155,38 @@ def test_weights_file_is_not_overwritten_without_force(tmp_path, capsys):
     assert npz.read_bytes() == b"keep" and "already exists" in capsys.readouterr().err
     assert main(["inspect", str(MODELS / "two_layer.onnx"), "--weights", str(npz), "--force"]) == 0
     assert len(np.load(npz).files) == 4
+
+
+def test_fused_conv_kernels_are_written_in_onnx_and_torch_layout(tmp_path):
+    """A RepVGG-style pair (3x3 + 1x1 summed) fuses to one Conv; its kernel and bias from
+    --weights --fused, put in a one-Conv model, reproduce the original."""
+    r = rng(5)
+    nodes = [
+        helper.make_node("Conv", ["x", "K3", "b3"], ["a"], name="conv3", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "K1"], ["c"], name="conv1"),
+        helper.make_node("Add", ["a", "c"], ["y"], name="sum"),
+    ]
+    inits = [
+        init("K3", r.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        init("b3", r.standard_normal(4).astype(np.float32)),
+        init("K1", r.standard_normal((4, 3, 1, 1)).astype(np.float32)),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 5])
+    model = make_model(nodes, [x], [y], inits)
+    w = _weights(tmp_path, model, "--fused")
+    (weight,) = [k for k in w if k.endswith(".weight")]
+    bias = w[weight.removesuffix(".weight") + ".bias"]
+    assert w[weight].shape == (4, 3, 3, 3) and bias.shape == (4,)
+    one = make_model(
+        [helper.make_node("Conv", ["x", "K", "B"], ["y"], pads=[1, 1, 1, 1])],
+        [x],
+        [y],
+        [init("K", w[weight]), init("B", bias)],
+    )
+    feeds = {"x": r.uniform(-1, 1, (2, 3, 5, 5)).astype(np.float32)}
+    np.testing.assert_allclose(run(one, feeds)[0], run(model, feeds)[0], atol=1e-5, rtol=0)
+    (tmp_path / "orig").mkdir()
+    original = _weights(tmp_path / "orig", model)  # the unfused model: both kernels, biases
+    assert original["conv1.weight"].shape == (4, 3, 1, 1)
+    np.testing.assert_array_equal(original["conv1.bias"], np.zeros(4, np.float32))
