@@ -22,7 +22,7 @@ from converter.fusion.recognize import Decline, LinearOp, recognize
 from converter.fusion.steps import STEP_OPS, recognize_step
 from converter.report import Declined
 
-__all__ = ["ChainPlan", "find_chains", "link_reason", "plan_chain", "widths"]
+__all__ = ["ChainPlan", "find_chains", "intermediate_reason", "link_reason", "plan_chain", "widths"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,22 @@ def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
 
 
-def link_reason(prev: LinearOp, op: LinearOp) -> str | None:
-    """Why ``op`` cannot be merged with ``prev`` (whose output is ``op``'s input), or None."""
-    value = prev.output
+def intermediate_reason(value: ir.Value) -> str | None:
+    """Why ``value`` cannot vanish inside a merge (a graph output, or read by several nodes)."""
     label = value.name or "<unnamed>"
     if value.is_graph_output():
         return f"intermediate '{label}' is a graph output"
     users = {u.node for u in value.uses()}
     if len(users) != 1:
         return f"fan-out: intermediate '{label}' feeds {len(users)} nodes"
+    return None
+
+
+def link_reason(prev: LinearOp, op: LinearOp) -> str | None:
+    """Why ``op`` cannot be merged with ``prev`` (whose output is ``op``'s input), or None."""
+    reason = intermediate_reason(prev.output)
+    if reason:
+        return reason
     if op.trans_a:
         return f"transA=1 on '{op.names[0]}' transposes the rows, so it can only start a chain"
     if prev.axis != op.axis:

@@ -82,7 +82,7 @@ def _pointwise_before(op: LinearOp) -> LinearOp | tuple[list[str], str] | None:
     reason = (
         pointwise_reason(found.geometry)
         or _perm_reason(perm, found.geometry.rank + 2)
-        or _intermediate_reason(conv_out)
+        or chains.intermediate_reason(conv_out)
     )
     if reason is None:
         first = _as_linear(found, transpose, tuple(perm))
@@ -122,16 +122,6 @@ def _perm_reason(perm: list[int], rank: int) -> str | None:
         return f"Transpose perm {perm} is not a permutation of the Conv output's {rank} axes"
     if perm[-1] != 1:
         return f"Transpose perm {perm} does not put the Conv's channels (axis 1) last"
-    return None
-
-
-def _intermediate_reason(value: ir.Value) -> str | None:
-    label = value.name or "<unnamed>"
-    if value.is_graph_output():
-        return f"intermediate '{label}' is a graph output"
-    readers = {u.node for u in value.uses()}
-    if len(readers) != 1:
-        return f"fan-out: intermediate '{label}' feeds {len(readers)} nodes"
     return None
 
 
