@@ -236,6 +236,16 @@ def overflow_reason(a: np.ndarray, dtype: np.dtype | type) -> str | None:
     return None
 
 
+def arrays_overflow(arrays: Iterable[np.ndarray | None], dtype: np.dtype | type) -> str | None:
+    """The first reason one of ``arrays`` (a merge's weight and bias; None skipped) cannot be
+    stored in ``dtype``, or None if all can."""
+    for array in arrays:
+        reason = None if array is None else overflow_reason(array, dtype)
+        if reason:
+            return reason
+    return None
+
+
 @functools.cache
 def _largest(dt: np.dtype) -> float:
     """The largest finite value of the float dtype ``dt``."""

@@ -38,6 +38,7 @@ __all__ = [
     "label",
     "other_users",
     "parameter_count",
+    "recorded_size",
     "remove_if_unused",
 ]
 
@@ -236,15 +237,23 @@ def other_users(constant: Constant, owners: set[ir.Node]) -> list[ir.Node]:
 
 def parameter_count(value: ir.Value | None) -> int:
     """Elements held by ``value`` as a weight: its constant's size, or its static shape's."""
-    dims = value.shape.dims if value is not None and value.shape is not None else None
-    if dims is not None and all(type(d) is int for d in dims):
-        return math.prod(dims)  # a recorded static shape is the constant's (nothing resolved)
+    size = recorded_size(value)
+    if size is not None:
+        return size  # a recorded static shape is the constant's (nothing resolved)
     found = resolve(value)
     if isinstance(found, Constant):
         return found.size
     if value is None or value.shape is None or not value.shape.is_static():
         return 0
     return int(np.prod(value.shape.numpy(), dtype=np.int64))
+
+
+def recorded_size(value: ir.Value | None) -> int | None:
+    """Elements of the static shape onnx-ir recorded for ``value``, or None (nothing resolved)."""
+    dims = value.shape.dims if value is not None and value.shape is not None else None
+    if dims is None or not all(type(d) is int for d in dims):
+        return None
+    return math.prod(dims)
 
 
 def remove_if_unused(value: ir.Value | None) -> None:

@@ -52,12 +52,10 @@ def apply(
     if isinstance(conv, ca.Refusal):
         declined.append(Declined(merge.names, conv.reason, label))
         return 0
-    dtype = np.dtype(merge.dtype.numpy())
-    for array in (conv.weight, conv.bias):
-        reason = None if array is None else algebra.overflow_reason(array, dtype)
-        if reason:
-            declined.append(Declined(merge.names, f"{reason}; convs left as they were", label))
-            return 0
+    reason = algebra.arrays_overflow((conv.weight, conv.bias), np.dtype(merge.dtype.numpy()))
+    if reason:
+        declined.append(Declined(merge.names, f"{reason}; convs left as they were", label))
+        return 0
     _write(ctx, graph, label, merge, conv, fusions)
     return 1
 

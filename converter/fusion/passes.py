@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterator
 
 import onnx_ir as ir
 
 from converter.fusion import algebra, invariants, shapes
-from converter.fusion.constants import Constant, is_onnx, parameter_count, resolve
+from converter.fusion.constants import Constant, is_onnx, parameter_count, recorded_size, resolve
 from converter.fusion.engine import Context, fuse_graph
 from converter.fusion.rewrite import Names
 from converter.gcpause import paused_collection
@@ -80,9 +79,9 @@ def _model_totals(graphs: list[tuple[ir.Graph, str]]) -> tuple[int, int, int]:
 
 def _initializer_size(value: ir.Value) -> int:
     """Elements of an initializer, from the shape onnx-ir recorded (nothing read or resolved)."""
-    dims = value.shape.dims if value.shape is not None else None
-    if dims is not None and all(isinstance(d, int) for d in dims):
-        return math.prod(dims)
+    size = recorded_size(value)
+    if size is not None:
+        return size
     tensor = value.const_value
     return parameter_count(value) if tensor is None else tensor.size
 

@@ -210,11 +210,8 @@ def decide(rewrite: Rewrite, opset: int, policy: algebra.Policy, label: str) -> 
 
 def overflow(affine: algebra.AffineMap, dtype: np.dtype, names: list[str], label: str):
     """A :class:`Declined` when the merged map cannot be stored in ``dtype``, else None."""
-    for array in (affine.weight, affine.bias):
-        reason = None if array is None else algebra.overflow_reason(array, dtype)
-        if reason:
-            return Declined(names, f"{reason}; chain left as it was", label)
-    return None
+    reason = algebra.arrays_overflow((affine.weight, affine.bias), dtype)
+    return Declined(names, f"{reason}; chain left as it was", label) if reason else None
 
 
 def _fused_name(ops: list[LinearOp]) -> str:
