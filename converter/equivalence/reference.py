@@ -13,7 +13,7 @@ every standard op) runs the float64 copy instead, and the note says so. If neith
 
 from __future__ import annotations
 
-__all__ = ["Reference"]
+__all__ = ["Reference", "BatchNormalization"]
 
 import logging
 from collections.abc import Mapping
@@ -93,7 +93,7 @@ class _Evaluator:
 
     def __init__(self, model: ir.Model) -> None:
         proto = ir.to_proto(model)
-        self._evaluator = onnx.reference.ReferenceEvaluator(proto, new_ops=[_BatchNormalization])
+        self._evaluator = onnx.reference.ReferenceEvaluator(proto, new_ops=[BatchNormalization])
         self.output_names = [v.name for v in model.graph.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -102,9 +102,9 @@ class _Evaluator:
         return {n: np.asarray(a) for n, a in zip(self.output_names, outputs, strict=True)}
 
 
-class _BatchNormalization(OpRun):  # the class name is the op type it replaces
-    """Inference-mode BatchNormalization: onnx's evaluator (1.23) computes opsets 9 to 14 as
-    if in training mode."""
+class BatchNormalization(OpRun):  # the class name is the op type it replaces
+    """Inference-mode BatchNormalization for onnx's reference evaluator (``new_ops``): onnx's
+    own (1.23) computes opsets 9 to 14 as if in training mode."""
 
     op_domain = ""
 
@@ -112,9 +112,6 @@ class _BatchNormalization(OpRun):  # the class name is the op type it replaces
         shape = (1, -1) + (1,) * (x.ndim - 2)
         s = scale.reshape(shape) / np.sqrt(var.reshape(shape) + epsilon)
         return (((x - mean.reshape(shape)) * s + bias.reshape(shape)).astype(x.dtype),)
-
-
-_BatchNormalization.__name__ = "BatchNormalization"
 
 
 def _widen(array: np.ndarray) -> np.ndarray:

@@ -88,9 +88,9 @@ import onnx.reference
 import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
-from onnx.reference.op_run import OpRun
 
 import converter
+from converter.equivalence.reference import BatchNormalization
 from converter.fusion.passes import fuse_model, iter_graphs
 from converter.report import FusionRecord, FusionReport
 
@@ -864,18 +864,6 @@ def _finish(b: _Builder, x: _Val, h: _Val, opset: int) -> Case:
     conds = [True, False] if has_if else [None]
     feeds = [{"x": xs} | ({} if c is None else {"cond": np.array(c)}) for c in conds]
     return Case(model, as_float64(model), feeds, b.dtype, b.blocks)
-
-
-class BatchNormalization(OpRun):  # the class name is the op type it replaces
-    """BatchNormalization in inference mode: onnx's reference evaluator computes opsets 9 to 14
-    otherwise (as if in training mode; onnx 1.23)."""
-
-    op_domain = ""
-
-    def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, training_mode=0):
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        s = scale.reshape(shape) / np.sqrt(var.reshape(shape) + epsilon)
-        return (((x - mean.reshape(shape)) * s + bias.reshape(shape)).astype(x.dtype),)
 
 
 # --- model utilities --------------------------------------------------------------------------
