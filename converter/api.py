@@ -103,12 +103,12 @@ def fuse_file(
     report.source, report.destination = os.fspath(src), os.fspath(dst)
     options = {"inputs": inputs, "input_shapes": input_shapes, "trials": trials}
     options.update(atol=0.0 if strict else atol, rtol=0.0 if strict else rtol)
-    if validate and report.fusions and determinism.random_nodes(model):
+    if validate and report.modified and determinism.random_nodes(model):
         # A model that may disagree with itself is run twice before anything is written.
         determinism.check_deterministic(src, seed=seed, **options)
     progress("writing", None, None)
     with _write(model, src, dst, report, external_data=external_data, force=force) as pending:
-        if validate and report.fusions:
+        if validate and report.modified:
             progress("validating", None, None)
             # The fused model is already in memory: validation runs its file without reloading it.
             _validate_into(report, src, OnDisk(model, pending.path), seed=seed, **options)
@@ -125,7 +125,7 @@ def fuse_file(
 
 def _write(model: ir.Model, src, dst, report: FusionReport, **options: Any) -> io.PendingOutput:
     """The rewritten model, or (nothing merged, one file) the input copied byte for byte."""
-    if not report.fusions and options["external_data"] is None and not io.has_external_data(model):
+    if not report.modified and options["external_data"] is None and not io.has_external_data(model):
         return io.write_copy(src, dst, force=options["force"])
     return io.write_model(model, dst, src=src, **options)
 

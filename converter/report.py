@@ -97,6 +97,8 @@ class FusionReport:
     validated: bool | None = None
     seconds: float | None = None
     first_divergence: int | None = None  # index in ``fusions`` of the first diverged output
+    # Patterns rewritten so that a runtime fuses them (dynamo's GELU order...), one line each.
+    runtime_rewrites: list[str] = field(default_factory=list)
 
     @property
     def diverged(self) -> FusionRecord | None:
@@ -105,7 +107,8 @@ class FusionReport:
 
     @property
     def modified(self) -> bool:
-        return bool(self.fusions)
+        """Anything was rewritten: a merge, or a pattern written the way runtimes fuse it."""
+        return bool(self.fusions or self.runtime_rewrites)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict: totals, one record per fusion, one per declined chain."""
@@ -132,7 +135,13 @@ class FusionReport:
             lines.append(f"  wall time       {self.seconds:.2f} s")
         if self.diverged is not None:
             lines.append(f"  first diverged  {_describe(self.diverged)}{_error(self.diverged)}")
+        if self.runtime_rewrites:
+            lines.append(
+                f"  for the runtime {len(self.runtime_rewrites)} pattern(s) (GELU, RMSNorm) "
+                "written in the order onnxruntime fuses into one kernel"
+            )
         if verbose:
+            lines.extend(f"  {line}" for line in self.runtime_rewrites)
             for r in self.fusions:
                 lines.append(
                     f"  merged {_describe(r)} (widths {'->'.join(map(str, r.widths))}, "

@@ -24,6 +24,7 @@ from converter.fusion import algebra
 from converter.fusion.constants import Constant, is_onnx, remove_if_unused, resolve
 from converter.fusion.conv_algebra import bn_affine
 from converter.fusion.recognize import LinearOp, usable_constant, value_rank
+from converter.fusion.runtime_patterns import kept_for_runtime
 from converter.fusion.views import VIEW_OPS, Features, follow, single_reader
 from converter.report import Declined
 
@@ -125,6 +126,9 @@ def _step_map(node: ir.Node, data: ir.Value, f: Features):
         return -ones, None
     if node.op_type == "BatchNormalization":
         return _batch_norm(node, f)
+    kept = kept_for_runtime(node)
+    if kept:
+        return kept
     index = 0 if node.inputs[0] is data else 1
     const = usable_constant(node.inputs[1 - index], (node,), f.width)
     if isinstance(const, str):

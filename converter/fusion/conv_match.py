@@ -37,6 +37,7 @@ from converter.fusion import conv_algebra as ca
 from converter.fusion.branches import JOIN_OPS, is_join, tree_leaves
 from converter.fusion.constants import Constant, is_onnx, resolve
 from converter.fusion.recognize import FLOAT_TYPES, usable_constant
+from converter.fusion.runtime_patterns import kept_for_runtime
 
 __all__ = [
     "ConvOp",
@@ -207,6 +208,9 @@ def recognize_affine(node: ir.Node, rank: int, channels: int) -> ChannelAffine |
     data_index = 1 if consts[0] else 0
     if node.op_type == "Div" and data_index == 1:
         return None  # c / x is not affine
+    kept = kept_for_runtime(node)
+    if kept:
+        return kept
     c = usable_constant(node.inputs[1 - data_index], (node,), channels)
     if isinstance(c, str):
         return c

@@ -129,6 +129,8 @@ def _find_folds(graph, convs, refused, label, reasons) -> list[ConvMerge]:
             found = recognize_affine(producer, g.rank + 2, g.in_channels)
             if isinstance(found, ChannelAffine):
                 before.append(_fold_before(found, op))
+            elif isinstance(found, str):
+                reasons.append(Declined([_name(producer), _name(node)], found, label))
     return after + before
 
 

@@ -23,6 +23,7 @@ from converter.fusion import algebra, invariants, shapes
 from converter.fusion.constants import Constant, is_onnx, parameter_count, recorded_size, resolve
 from converter.fusion.engine import Context, fuse_graph
 from converter.fusion.rewrite import Names
+from converter.fusion.runtime_patterns import rewrite_for_runtime
 from converter.gcpause import paused_collection
 from converter.model_io import training
 from converter.model_io.progress import ProgressCallback, no_progress
@@ -134,6 +135,9 @@ def _fuse_graphs(
     """Fuse every graph; again while a merge let go of a constant another graph also reads
     (that graph's decisions may change), keeping each graph's latest reasons."""
     ctx = Context(model, opset, policy, Names(g for g, _ in graphs), progress)
+    for graph, label in graphs:  # first, so that no fold sees an order the runtime misses
+        lines = rewrite_for_runtime(graph, ctx.names.fresh)
+        report.runtime_rewrites.extend(f"{label}: {line}" for line in lines)
     declined: dict[int, list[Declined]] = {}
     for _ in range(len(graphs) + 1):
         ctx.released_elsewhere = False

@@ -37,6 +37,7 @@ from converter.fusion.recognize import (
     usable_constant,
     value_rank,
 )
+from converter.fusion.runtime_patterns import kept_for_runtime
 
 __all__ = ["STEP_OPS", "recognize_step"]
 
@@ -94,6 +95,9 @@ def recognize_step(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Decline
     data, const = (left, right) if data_index == 0 else (right, left)
     if node.op_type == "Div" and data_index == 1:
         return None  # c / x is not affine
+    kept = kept_for_runtime(node)
+    if kept:
+        return Decline(node, kept)
     # The data's own width, never the constant's: x[N, 1] * c[d] broadcasts x up to d columns.
     width = _width(data, producer_of)
     if width is None:

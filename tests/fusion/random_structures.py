@@ -44,6 +44,9 @@ to the running value ``h``:
   one or two linear layers, back to channels-first, maybe a layer scale, maybe a residual);
   other blocks see the image channels-last through ``Transpose(0, 2, 3, 1)``, and an image block
   after them goes back through ``Transpose(0, 3, 1, 2)``, sometimes with a channel ``Mul``;
+- ``gelu``: exact GELU in TorchScript's, dynamo's or the ``(x * 0.5) * (1 + erf)`` order, often
+  right after a linear layer; ``norm``: a LayerNorm (weight and bias) or RMSNorm decomposition,
+  ``x / sqrt`` or ``x * Reciprocal(sqrt)`` (patterns onnxruntime fuses: property (g));
 - ``output``: the current value also becomes a graph output (an intermediate of a later chain);
 - ``if``: an ``If`` on a boolean graph input whose two branches each hold such blocks on the
   outer ``h`` (an ``If`` too, one level deep), with weights in the branch or in the outer graph
@@ -71,7 +74,9 @@ Conv).
     in (a node output or a graph output), no two records claim one value, and every record whose
     output a later merge consumed has ``output None`` and ``merged_into`` naming a merged node
     (a step folded across views has neither: the op's output name carries it; nor has a merge
-    that took over such an op, whose output name then carries the step too).
+    that took over such an op, whose output name then carries the step too);
+(g) every fused kernel onnxruntime makes of the original (``Gelu``, ``LayerNormalization``...,
+    under its extended optimisations) it makes of the fused model too.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 import converter
+from converter.equivalence.kernels import fused_kernels, lost_kernels
 from converter.equivalence.reference import BatchNormalization
 from converter.fusion.passes import fuse_model, iter_graphs
 from converter.report import FusionRecord, FusionReport
@@ -126,6 +132,7 @@ BLOCKS = (
     + ("bottleneck", "relu", "tanh", "max0", "batchnorm", "output", "if")
     + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
     + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq")
+    + ("gelu", "gelu", "norm")
 )
 
 
@@ -162,14 +169,14 @@ class Case:
     refs: dict[int, list[np.ndarray]] = field(default_factory=dict)  # float64 outputs by feed
 
     def reference_outputs(self, index: int) -> list[np.ndarray]:
-        """The float64 model's outputs on ``feeds[index]`` (onnxruntime has no float64 Conv:
-        a model with one runs on onnx's reference evaluator)."""
+        """The float64 model's outputs on ``feeds[index]`` (onnxruntime has no float64 Conv
+        or Erf: a model with one runs on onnx's reference evaluator)."""
         if index not in self.refs:
             feeds = {
                 k: v.astype(np.float64) if v.dtype.kind == "f" else v
                 for k, v in self.feeds[index].items()
             }
-            if "Conv" in op_counts(self.reference):
+            if {"Conv", "Erf"} & set(op_counts(self.reference)):
                 evaluator = onnx.reference.ReferenceEvaluator(
                     self.reference, new_ops=[BatchNormalization]
                 )
@@ -754,8 +761,67 @@ def _if(b: _Builder, h: _Val) -> _Val:
     return b.node("If", ["cond"], width, then_branch=branches[0], else_branch=branches[1])
 
 
+# --- patterns onnxruntime fuses into one kernel (converter/fusion/runtime_patterns.py) -------
+
+
+def _gelu(b: _Builder, h: _Val) -> _Val:
+    """Exact GELU (the tanh form in float64) in an exporter's order: TorchScript ``(h * (1 + erf(h / s))) * 0.5``, dynamo
+    ``h * (0.5 * (1 + erf))``, or ``(h * 0.5) * (1 + erf)``; often between two linear layers
+    (the MLP of a transformer: the 0.5 looks like a free fold), in rows or images."""
+    if not h.image and b.ch.pick((True, False)):
+        h = b.linear(h, b.ch.pick(WIDTHS))
+    half, one = b._shared("half", lambda: np.array(0.5)), b._shared("one", lambda: np.array(1.0))
+    if b.dtype == np.float32:
+        sqrt2 = b._shared("sqrt2", lambda: np.array(np.sqrt(2.0)))
+        d = b.node("Div", [h.name, sqrt2], h.width, h.image)
+        e = b.node("Erf", [d.name], h.width, h.image)
+    else:  # onnxruntime has no float64 Erf: the tanh form, tanh(c * (h + k * h^3))
+        cube = b.node("Pow", [h.name, b.constant(np.array(3.0))], h.width, h.image)
+        k = b.node("Mul", [cube.name, b.constant(np.array(0.044715))], h.width, h.image)
+        u = b.node("Add", [h.name, k.name], h.width, h.image)
+        c = b.node("Mul", [u.name, b.constant(np.array(0.7978845608))], h.width, h.image)
+        e = b.node("Tanh", [c.name], h.width, h.image)
+    a = b.node("Add", [e.name, one][:: b.ch.pick((1, -1))], h.width, h.image)
+    order = b.ch.pick(("torchscript", "dynamo", "head"))
+    if order == "torchscript":
+        xa = b.node("Mul", [h.name, a.name][:: b.ch.pick((1, -1))], h.width, h.image)
+        g = b.node("Mul", [xa.name, half][:: b.ch.pick((1, -1))], h.width, h.image)
+    elif order == "dynamo":
+        ha = b.node("Mul", [half, a.name], h.width, h.image)
+        g = b.node("Mul", [h.name, ha.name], h.width, h.image)
+    else:
+        xh = b.node("Mul", [h.name, half], h.width, h.image)
+        g = b.node("Mul", [xh.name, a.name], h.width, h.image)
+    return b.linear(g, b.ch.pick(WIDTHS)) if not g.image and b.ch.pick((True, False)) else g
+
+
+def _norm(b: _Builder, h: _Val) -> _Val:
+    """A LayerNorm (weight and bias) or RMSNorm (``h / sqrt`` or ``h * Reciprocal(sqrt)``)
+    decomposition on the last axis, as exporters write it below opset 17."""
+    two, eps = b.constant(np.array(2.0)), b.constant(np.array(1e-5))
+    mean_axes = {"axes": [-1]} if b.opset < 18 else {}
+
+    def mean(v: str) -> str:
+        inputs = [v] if b.opset < 18 else [v, b.ints([-1])]
+        return b.node("ReduceMean", inputs, 1, **mean_axes).name
+
+    layer = b.ch.pick((True, False))
+    x = b.node("Sub", [h.name, mean(h.name)], h.width).name if layer else h.name
+    sq = b.node("Pow", [x, two], h.width).name
+    root = b.node("Sqrt", [b.node("Add", [mean(sq), eps], 1).name], 1).name
+    if b.ch.pick((True, False)):
+        n = b.node("Div", [x, root], h.width)
+    else:
+        n = b.node("Mul", [x, b.node("Reciprocal", [root], 1).name], h.width)
+    gamma = b.constant(b.rng.uniform(0.5, 1.5, h.width))
+    y = b.node("Mul", [n.name, gamma][:: b.ch.pick((1, -1))], h.width)
+    if layer:
+        y = b.node("Add", [y.name, b.constant(b.rng.standard_normal(h.width) * 0.3)], h.width)
+    return y
+
+
 IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp"})
-_ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if"})
+_ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if", "gelu"})
 _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "residual": _residual,
     "lora": _lora,
@@ -773,6 +839,8 @@ _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "conv_scale": _conv_scale,
     "conv_seq": _conv_seq,
     "conv_mlp": _conv_mlp,
+    "gelu": _gelu,
+    "norm": _norm,
 }
 
 
@@ -1122,5 +1190,7 @@ def check_case(case: Case, policy: str, shuffle_seed: int = 0) -> Outcome:
     )
     assert_close(case, fused_other, "fused after shuffling")
     _assert_records(report, ir_model)
+    lost = lost_kernels(fused_kernels(case.model), fused_kernels(fused))
+    assert not lost, f"(g) onnxruntime fuses less of the fused model: {lost}"
     before_ops = sum(op_counts(case.model).values())
     return Outcome(len(report.fusions), before_ops, sum(op_counts(fused).values()))
