@@ -21,7 +21,7 @@ import onnx_ir as ir
 from converter.equivalence.inputs import check_inputs, load_inputs_npz, synthesize_inputs
 from converter.equivalence.runtime import load_side, open_session
 from converter.errors import InputError
-from converter.fusion.recognize import constant_tensor
+from converter.fusion.linear.ops import constant_tensor
 
 __all__ = ["check_deterministic", "random_nodes"]
 

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.algebra import Policy
-from converter.fusion.conv_match import ConvOp, recognize_conv
+from converter.fusion.conv.match import ConvOp, recognize_conv
+from converter.fusion.linear.algebra import Policy
+from converter.fusion.linear.ops import Decline, LinearOp, constant_tensor, is_onnx, recognize
 from converter.fusion.passes import fuse_model, iter_graphs
-from converter.fusion.recognize import Decline, LinearOp, constant_tensor, is_onnx, recognize
 from converter.model_io import files as io
 from converter.report import FusionReport
 

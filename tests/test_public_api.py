@@ -35,7 +35,7 @@ def test_pass_is_an_onnx_ir_in_place_pass():
 
 
 def test_algebra_imports_no_graph_library():
-    algebra = importlib.import_module("converter.fusion.algebra")
+    algebra = importlib.import_module("converter.fusion.linear.algebra")
     with open(algebra.__file__, encoding="utf-8") as f:
         source = f.read()
     assert "import onnx" not in source and "onnx_ir" not in source

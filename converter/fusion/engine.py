@@ -4,14 +4,14 @@ Each graph (the main graph and every ``If``/``Loop``/``Scan`` body) is fused in 
 analyses the graph as it is now (recognise every linear op and step, link them into maximal
 chains, find the trees of sums over branches of one input) and then merges:
 
-1. convolutions: folds, summed branches, compositions (:mod:`converter.fusion.convs`);
-2. every branch sum it found (:mod:`converter.fusion.branches`);
+1. convolutions: folds, summed branches, compositions (:mod:`converter.fusion.conv.merge`);
+2. every branch sum it found (:mod:`converter.fusion.linear.branches`);
 3. every constant step that folds into a linear op across views of its output
-   (:mod:`converter.fusion.absorb`);
+   (:mod:`converter.fusion.linear.absorb`);
 4. if none of these merged anything (they change which chains exist, so the round ends after
-   them), every segment the cost model chose in every chain (:mod:`converter.fusion.chains`);
+   them), every segment the cost model chose in every chain (:mod:`converter.fusion.linear.chains`);
    a chain read through a channels-last ``Transpose`` of a 1x1 Conv starts with that Conv
-   (:mod:`converter.fusion.conv_linear`), so a Conv+BN folded in step 1 of an earlier round
+   (:mod:`converter.fusion.conv.to_linear`), so a Conv+BN folded in step 1 of an earlier round
    then goes into the linear ops as one more op of the chain.
 
 Rounds repeat until one merges nothing but chain segments (see :func:`_round` for why no later
@@ -37,15 +37,16 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from converter.errors import EngineError
-from converter.fusion import chains, invariants
-from converter.fusion.absorb import Absorb, find_absorbs, remove_step
-from converter.fusion.algebra import AffineMap, Policy
-from converter.fusion.branches import find_sums
-from converter.fusion.constants import other_users
-from converter.fusion.conv_linear import prefix_pointwise_convs
-from converter.fusion.convs import merge_convs
-from converter.fusion.recognize import LinearOp, recognize
-from converter.fusion.rewrite import (
+from converter.fusion.conv.merge import merge_convs
+from converter.fusion.conv.to_linear import prefix_pointwise_convs
+from converter.fusion.core import invariants
+from converter.fusion.core.constants import other_users
+from converter.fusion.linear import chains
+from converter.fusion.linear.absorb import Absorb, find_absorbs, remove_step
+from converter.fusion.linear.algebra import AffineMap, Policy
+from converter.fusion.linear.branches import find_sums
+from converter.fusion.linear.ops import LinearOp, recognize
+from converter.fusion.linear.rewrite import (
     Decision,
     Names,
     Rewrite,
@@ -54,7 +55,7 @@ from converter.fusion.rewrite import (
     overflow,
     write,
 )
-from converter.fusion.views import VIEW_OPS, single_reader
+from converter.fusion.linear.views import VIEW_OPS, single_reader
 from converter.model_io.progress import ProgressCallback, no_progress
 from converter.report import Declined, FusionRecord
 

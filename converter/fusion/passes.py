@@ -5,7 +5,7 @@ graph and every ``If``/``Loop``/``Scan`` body, and returns a :class:`FusionPassR
 onnx-ir ``PassResult`` whose ``modified`` is computed (a merge was made) and which carries the
 :class:`~converter.report.FusionReport` saying what was merged and why the rest was not.
 
-The algebra (:mod:`converter.fusion.algebra`): a chain composes as ``W = W1 @ W2 @ ...``,
+The algebra (:mod:`converter.fusion.linear.algebra`): a chain composes as ``W = W1 @ W2 @ ...``,
 ``b = (b1 @ W2 + b2) @ W3 + ...``; a sum of branches of one input as ``W = sum s_k W_k``,
 ``b = sum s_k b_k``; Gemm normalises to ``W = alpha * op(B)``, ``b = beta * C``.
 """
@@ -19,11 +19,18 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from converter.fusion import algebra, invariants, shapes
-from converter.fusion.constants import Constant, is_onnx, parameter_count, recorded_size, resolve
+from converter.fusion.core import invariants, shapes
+from converter.fusion.core.constants import (
+    Constant,
+    is_onnx,
+    parameter_count,
+    recorded_size,
+    resolve,
+)
+from converter.fusion.core.runtime_patterns import rewrite_for_runtime
 from converter.fusion.engine import Context, fuse_graph
-from converter.fusion.rewrite import Names
-from converter.fusion.runtime_patterns import rewrite_for_runtime
+from converter.fusion.linear import algebra
+from converter.fusion.linear.rewrite import Names
 from converter.gcpause import paused_collection
 from converter.model_io import training
 from converter.model_io.progress import ProgressCallback, no_progress

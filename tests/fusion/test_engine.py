@@ -30,7 +30,8 @@ from onnx import helper
 
 import converter
 from converter.errors import EngineError
-from converter.fusion import algebra, invariants
+from converter.fusion.core import invariants
+from converter.fusion.linear import algebra
 from converter.fusion.passes import FusionPassResult, fuse_model
 
 torch = pytest.importorskip("torch")
@@ -299,7 +300,7 @@ def test_invariant_checker_finds_a_dangling_input():
 
 def test_an_inconsistent_rewrite_is_exit_3_and_writes_nothing(tmp_path, monkeypatch, capsys):
     from converter.cli import main
-    from converter.fusion import rewrite
+    from converter.fusion.linear import rewrite
 
     src = tmp_path / "m.onnx"
     onnx.save(linear_chain([4, 8, 4]), src)

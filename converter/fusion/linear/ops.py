@@ -7,7 +7,7 @@ A *linear op* is an affine map along the last axis with constant weights:
 - ``MatMul(x, W)`` with a constant 2-D right operand, optionally followed by ``Add`` of a
   constant bias (on either side) that broadcasts along the last axis only.
 
-What is constant is :mod:`converter.fusion.constants`' answer. A weight that other nodes also read
+What is constant is :mod:`converter.fusion.core.constants`' answer. A weight that other nodes also read
 stays where it is for them; the merge then cannot free it, so a *large* shared weight (bigger than
 the op's output width: a weight matrix, say a tied embedding) is refused, since merging would keep
 the old copy alive beside the new one. A small shared constant (a bias, a scale, a BatchNorm
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra, shapes
-from converter.fusion.constants import (
+from converter.fusion.core import shapes
+from converter.fusion.core.constants import (
     Constant,
     NotConstant,
     constant_array,
@@ -37,6 +37,7 @@ from converter.fusion.constants import (
     other_users,
     resolve,
 )
+from converter.fusion.linear import algebra
 
 __all__ = [
     "LinearOp",
@@ -91,7 +92,7 @@ class LinearOp:
     # The axis of the data the map acts on: -1 (x @ W), or -2 for a left MatMul (W @ x).
     axis: int = -1
     # The op reads ``Transpose(input, perm)``: a 1x1 Conv moved past the channels-last
-    # Transpose after it (:mod:`converter.fusion.conv_linear`); None for every other op.
+    # Transpose after it (:mod:`converter.fusion.conv.to_linear`); None for every other op.
     input_perm: tuple[int, ...] | None = None
 
     @property

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from converter.fusion import algebra, chains
-from converter.fusion.constants import Constant, is_onnx, resolve
-from converter.fusion.recognize import LinearOp
-from converter.fusion.views import axes_of, single_reader, static_dims
+from converter.fusion.core.constants import Constant, is_onnx, resolve
+from converter.fusion.linear import algebra, chains
+from converter.fusion.linear.ops import LinearOp
+from converter.fusion.linear.views import axes_of, single_reader, static_dims
 from converter.report import Declined
 
 __all__ = ["Term", "BranchSum", "find_sums", "is_join", "feeds_only", "tree_leaves", "JOIN_OPS"]
@@ -318,7 +318,7 @@ def find_sums(
     runs: list[list[LinearOp]], policy: algebra.Policy, label: str
 ) -> tuple[list[BranchSum], list[Declined]]:
     """Every tree of sums over linear branches of one input among ``runs`` (chains from
-    :func:`converter.fusion.chains.find_chains`, one-op chains included) worth merging."""
+    :func:`converter.fusion.linear.chains.find_chains`, one-op chains included) worth merging."""
     by_output = {run[-1].output: run for run in runs}
     found: list[BranchSum] = []
     declined: list[Declined] = []

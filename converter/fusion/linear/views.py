@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import shapes
-from converter.fusion.constants import Constant, NotConstant, is_onnx, resolve
+from converter.fusion.core import shapes
+from converter.fusion.core.constants import Constant, NotConstant, is_onnx, resolve
 
 __all__ = ["Features", "VIEW_OPS", "axes_of", "follow", "single_reader", "static_dims"]
 

@@ -1,4 +1,4 @@
-"""Tests for ``converter.fusion.conv_algebra`` against torch's convolutions in float64.
+"""Tests for ``converter.fusion.conv.algebra`` against torch's convolutions in float64.
 
 Every merged conv is run with torch (asymmetric ONNX pads applied with ``F.pad``) and compared
 with the unmerged computation, itself written with torch ops on the original arrays
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import converter.fusion.conv_algebra as conv_algebra
-from converter.fusion.conv_algebra import (
+import converter.fusion.conv.algebra as conv_algebra
+from converter.fusion.conv.algebra import (
     ConvGeometry,
     ConvMap,
     MergeCost,

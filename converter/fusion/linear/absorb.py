@@ -1,6 +1,6 @@
 """Constant steps folded into a linear op across views of its output.
 
-``z = step(view(L(x)))`` where ``view`` is a run of shape ops (:mod:`converter.fusion.views`) and
+``z = step(view(L(x)))`` where ``view`` is a run of shape ops (:mod:`converter.fusion.linear.views`) and
 ``step`` a constant ``Mul``/``Div``/``Add``/``Sub``/``Neg`` or an inference
 ``BatchNormalization`` that varies only along the axis holding ``L``'s features ``[a, b)``::
 
@@ -10,7 +10,7 @@ so ``z = view(L'(x))``: the step is removed, the views stay, and ``L'`` takes ov
 This is a BatchNorm over tokens after ``Linear -> Flatten``, a layer scale on channels after a
 permute back to channels-first, and an attention scale after ``Reshape -> Transpose`` (after a
 ``Split`` of a fused qkv projection, only the q or k columns). A step directly after ``L`` is the
-chain's business (:mod:`converter.fusion.chains`).
+chain's business (:mod:`converter.fusion.linear.chains`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra
-from converter.fusion.constants import Constant, is_onnx, remove_if_unused, resolve
-from converter.fusion.conv_algebra import bn_affine
-from converter.fusion.recognize import LinearOp, usable_constant, value_rank
-from converter.fusion.runtime_patterns import kept_for_runtime
-from converter.fusion.views import VIEW_OPS, Features, follow, single_reader
+from converter.fusion.conv.algebra import bn_affine
+from converter.fusion.core.constants import Constant, is_onnx, remove_if_unused, resolve
+from converter.fusion.core.runtime_patterns import kept_for_runtime
+from converter.fusion.linear import algebra
+from converter.fusion.linear.ops import LinearOp, usable_constant, value_rank
+from converter.fusion.linear.views import VIEW_OPS, Features, follow, single_reader
 from converter.report import Declined
 
 __all__ = ["Absorb", "find_absorbs", "STEP_TYPES"]

@@ -25,10 +25,12 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra, shapes
-from converter.fusion.constants import Constant, NotConstant, resolve
-from converter.fusion.conv_algebra import bn_affine
-from converter.fusion.recognize import (
+from converter.fusion.conv.algebra import bn_affine
+from converter.fusion.core import shapes
+from converter.fusion.core.constants import Constant, NotConstant, resolve
+from converter.fusion.core.runtime_patterns import kept_for_runtime
+from converter.fusion.linear import algebra
+from converter.fusion.linear.ops import (
     FLOAT_TYPES,
     Decline,
     LinearOp,
@@ -37,7 +39,6 @@ from converter.fusion.recognize import (
     usable_constant,
     value_rank,
 )
-from converter.fusion.runtime_patterns import kept_for_runtime
 
 __all__ = ["STEP_OPS", "recognize_step"]
 

@@ -2,7 +2,7 @@
 
 1. **decide** from shapes: the merge's nodes are all still in the graph and read the same input
    (:meth:`ConvMerge.alive`); its ``plan`` gives the merged geometry or a reason
-   (:mod:`converter.fusion.conv_algebra`); under ``policy="cost"`` a merge that adds multiply-adds
+   (:mod:`converter.fusion.conv.algebra`); under ``policy="cost"`` a merge that adds multiply-adds
    per output position or parameters is refused.
 2. **compute** the merged conv once in float64; refuse it if the model's dtype cannot hold it.
 3. **write** one ``Conv`` (explicit ``pads``, never ``auto_pad``) rounded once to the dtype, taking
@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra, invariants
-from converter.fusion import conv_algebra as ca
-from converter.fusion.constants import remove_if_unused
-from converter.fusion.conv_match import ConvMerge
+from converter.fusion.conv import algebra as ca
+from converter.fusion.conv.match import ConvMerge
+from converter.fusion.core import invariants
+from converter.fusion.core.constants import remove_if_unused
+from converter.fusion.linear import algebra
 from converter.report import Declined, FusionRecord
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """One merge, in three steps taken once each: decide (from shapes), compute (float64), write.
 
 A :class:`Rewrite` is what one merge replaces: a segment of a chain, or a tree of sums over
-branches of one input (:class:`~converter.fusion.branches.BranchSum`). Its input ``x`` and its
+branches of one input (:class:`~converter.fusion.linear.branches.BranchSum`). Its input ``x`` and its
 output are read from the live nodes when the merge is made, so an earlier merge that rewired them
 is seen, and a rewrite whose nodes another merge took is not made at all (:meth:`Rewrite.alive`).
 
@@ -15,11 +15,11 @@ is seen, and a rewrite whose nodes another merge took is not made at all (:meth:
      weight in torch's ``(out, in)`` layout, keeping the first op's ``transA``;
    - N-D input: ``MatMul(x, W)`` with an ``(in, out)`` weight, then ``Add(., b)`` if there is a bias;
    - a segment led by a 1x1 Conv moved past a channels-last Transpose
-     (:mod:`converter.fusion.conv_linear`): ``Transpose(x, perm)``, then that ``MatMul`` (+ ``Add``).
+     (:mod:`converter.fusion.conv.to_linear`): ``Transpose(x, perm)``, then that ``MatMul`` (+ ``Add``).
 
    The merged op takes over the old output value (same name, type and shape), so everything
    downstream, graph outputs included, is untouched; constants only the replaced ops read are
-   removed (:func:`converter.fusion.constants.remove_if_unused`).
+   removed (:func:`converter.fusion.core.constants.remove_if_unused`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra, chains
-from converter.fusion.branches import BranchSum
-from converter.fusion.constants import Constant, other_users, remove_if_unused, resolve
-from converter.fusion.recognize import LinearOp, value_rank
+from converter.fusion.core.constants import Constant, other_users, remove_if_unused, resolve
+from converter.fusion.linear import algebra, chains
+from converter.fusion.linear.branches import BranchSum
+from converter.fusion.linear.ops import LinearOp, value_rank
 from converter.report import Declined, FusionRecord
 
 __all__ = ["Names", "Rewrite", "Decision", "decide", "emits_gemm", "write"]

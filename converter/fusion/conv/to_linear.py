@@ -13,14 +13,14 @@ into a map on the last axis of the transposed input::
 So ``Conv1x1 -> Transpose(perm) -> L``, with ``L`` a linear op on the last axis (ConvNeXt-style
 channels-last MLPs, Conformer's pointwise conv before a Linear), is a chain whose first op is
 ``[Wc2d.T, bc]`` read through ``Transpose(x, perm)``. :func:`prefix_pointwise_convs` puts that op
-(a :class:`~converter.fusion.recognize.LinearOp` holding the Conv and the Transpose, with
+(a :class:`~converter.fusion.linear.ops.LinearOp` holding the Conv and the Transpose, with
 ``input_perm = perm``) in front of the chain ``L`` starts; the chain engine then decides and
 writes it like any chain (the cost model over the widths ``C_in -> C_mid -> C_out``, the
-parameter rule of :func:`converter.fusion.rewrite.decide`), composing once in float64::
+parameter rule of :func:`converter.fusion.linear.rewrite.decide`), composing once in float64::
 
     W = Wc2d.T @ W_L,    b = bc @ W_L + b_L
 
-and :func:`converter.fusion.rewrite.write` emits ``Transpose(x, perm) -> MatMul(W) [-> Add(b)]``,
+and :func:`converter.fusion.linear.rewrite.write` emits ``Transpose(x, perm) -> MatMul(W) [-> Add(b)]``,
 taking over ``L``'s output value.
 
 A Conv -> Transpose -> linear op that cannot be so merged is reported with the reason: a kernel,
@@ -33,11 +33,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import algebra, chains
-from converter.fusion import conv_algebra as ca
-from converter.fusion.constants import is_onnx
-from converter.fusion.conv_match import ConvOp, recognize_conv
-from converter.fusion.recognize import LinearOp
+from converter.fusion.conv import algebra as ca
+from converter.fusion.conv.match import ConvOp, recognize_conv
+from converter.fusion.core.constants import is_onnx
+from converter.fusion.linear import algebra, chains
+from converter.fusion.linear.ops import LinearOp
 from converter.report import Declined
 
 __all__ = ["prefix_pointwise_convs", "pointwise_reason"]

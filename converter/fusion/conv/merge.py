@@ -1,7 +1,7 @@
 """Structural re-parameterisation of convolutions: find the merges one round of the engine makes.
 
 The engine (:mod:`converter.fusion.engine`) calls :func:`merge_convs` at the start of every round.
-It analyses the live graph (:mod:`converter.fusion.conv_match`) and makes, in this order, the
+It analyses the live graph (:mod:`converter.fusion.conv.match`) and makes, in this order, the
 first kind of merge it finds any of (each changes what the next kind sees, so the round ends
 there and the next round analyses the graph again):
 
@@ -18,9 +18,9 @@ A merge that is folded into a branch (a BatchNorm after each branch conv, a laye
 sum) is made by the rounds: fold, then sum, then fold the scale after the sum, and so on.
 
 Each planned merge is checked to be still alive, decided from shapes
-(:mod:`converter.fusion.conv_algebra`'s ``plan_*``; a few per-channel constants may be read, never
+(:mod:`converter.fusion.conv.algebra`'s ``plan_*``; a few per-channel constants may be read, never
 a weight), computed once in float64, refused if the dtype cannot hold it, rounded once and
-written by :mod:`converter.fusion.conv_rewrite`. Under ``policy="cost"`` a branch sum or
+written by :mod:`converter.fusion.conv.rewrite`. Under ``policy="cost"`` a branch sum or
 composition that would add multiply-adds per output position or parameters is refused (a 1x1
 expansion followed by a depthwise conv stays two convs); a fold never adds either.
 """
@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from converter.fusion import conv_algebra as ca
-from converter.fusion.branches import feeds_only
-from converter.fusion.conv_match import (
+from converter.fusion.conv import algebra as ca
+from converter.fusion.conv.match import (
     ChannelAffine,
     ConvMerge,
     ConvOp,
@@ -45,7 +44,8 @@ from converter.fusion.conv_match import (
     sole_consumer,
     tree_leaves,
 )
-from converter.fusion.conv_rewrite import apply
+from converter.fusion.conv.rewrite import apply
+from converter.fusion.linear.branches import feeds_only
 from converter.report import Declined, FusionRecord
 
 if TYPE_CHECKING:

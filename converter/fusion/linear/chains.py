@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from converter.fusion import algebra
-from converter.fusion.constants import Constant, resolve
-from converter.fusion.recognize import Decline, LinearOp, recognize
-from converter.fusion.steps import STEP_OPS, recognize_step
+from converter.fusion.core.constants import Constant, resolve
+from converter.fusion.linear import algebra
+from converter.fusion.linear.ops import Decline, LinearOp, recognize
+from converter.fusion.linear.steps import STEP_OPS, recognize_step
 from converter.report import Declined
 
 __all__ = ["ChainPlan", "find_chains", "intermediate_reason", "link_reason", "plan_chain", "widths"]

@@ -1,8 +1,8 @@
 """What convolutions can merge with, read from the live graph: ``Conv`` ops, channel affines,
-and the three shapes of merge :mod:`converter.fusion.convs` makes.
+and the three shapes of merge :mod:`converter.fusion.conv.merge` makes.
 
 A *conv op* is an ONNX ``Conv`` whose weight (and bias, if any) is constant
-(:func:`converter.fusion.recognize.usable_constant`), in a float type, with ``auto_pad``
+(:func:`converter.fusion.linear.ops.usable_constant`), in a float type, with ``auto_pad``
 ``NOTSET`` or resolvable to explicit pads (:func:`conv_algebra.resolve_auto_pad`: ``VALID``,
 ``SAME_*`` at stride 1, or at any stride when the input's spatial size is known).
 
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import conv_algebra as ca
-from converter.fusion.branches import JOIN_OPS, is_join, tree_leaves
-from converter.fusion.constants import Constant, is_onnx, resolve
-from converter.fusion.recognize import FLOAT_TYPES, usable_constant
-from converter.fusion.runtime_patterns import kept_for_runtime
+from converter.fusion.conv import algebra as ca
+from converter.fusion.core.constants import Constant, is_onnx, resolve
+from converter.fusion.core.runtime_patterns import kept_for_runtime
+from converter.fusion.linear.branches import JOIN_OPS, is_join, tree_leaves
+from converter.fusion.linear.ops import FLOAT_TYPES, usable_constant
 
 __all__ = [
     "ConvOp",

@@ -1,4 +1,4 @@
-"""Property tests for ``converter.fusion.algebra``: merged maps, Gemm normalisation, rounding, cost model.
+"""Property tests for ``converter.fusion.linear.algebra``: merged maps, Gemm normalisation, rounding, cost model.
 
 References are computed independently with numpy, following the ONNX definitions directly
 (``Gemm: Y = alpha * A @ op(B) + beta * C``), never through :meth:`AffineMap.apply`.
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converter.fusion.algebra import (
+from converter.fusion.linear.algebra import (
     AffineMap,
     compose,
     compose_all,

@@ -30,8 +30,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion import shapes
-from converter.fusion.constants import Constant, is_onnx, resolve
+from converter.fusion.core import shapes
+from converter.fusion.core.constants import Constant, is_onnx, resolve
 
 __all__ = ["kept_for_runtime", "rewrite_for_runtime"]
 

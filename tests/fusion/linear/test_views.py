@@ -1,7 +1,7 @@
 """Tests of the rewrites that see past shape ops and beyond the last axis, on hand-built graphs.
 
-Steps folded across views of a linear op's output (:mod:`converter.fusion.absorb`), a Reshape
-sandwich around a branch (:mod:`converter.fusion.branches`), left MatMuls, stacked sums, the
+Steps folded across views of a linear op's output (:mod:`converter.fusion.linear.absorb`), a Reshape
+sandwich around a branch (:mod:`converter.fusion.linear.branches`), left MatMuls, stacked sums, the
 no-op steps, and shape inference for models without ``value_info``. Each test checks the number
 of fusions, the structure, onnxruntime equivalence at explicit tolerances and the full checker;
 refusals assert their reason.
