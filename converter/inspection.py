@@ -29,8 +29,10 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.conv.match import ConvOp, recognize_conv
+from converter.fusion.core.constants import constant_array, is_onnx
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear.algebra import Policy
-from converter.fusion.linear.ops import Decline, LinearOp, constant_tensor, is_onnx, recognize
+from converter.fusion.linear.ops import LinearOp, recognize
 from converter.fusion.passes import fuse_model, iter_graphs
 from converter.model_io import files as io
 from converter.report import FusionReport
@@ -105,8 +107,8 @@ def _dtype(value: ir.Value | None, array: np.ndarray | None = None) -> str:
 
 
 def _shape(value: ir.Value | None) -> list[int] | None:
-    array, _ = constant_tensor(value)
-    if array is not None:
+    array = constant_array(value)
+    if not isinstance(array, Declined):
         return list(array.shape)
     if value is not None and value.shape is not None and value.shape.is_static():
         return [int(d) for d in value.shape]
@@ -146,11 +148,11 @@ def _linear_info(op: LinearOp, label: str) -> OpInfo:
 
 
 def _declined_info(node: ir.Node, reason: str, label: str) -> OpInfo:
-    left, _ = constant_tensor(node.inputs[0]) if node.inputs else (None, None)
+    left = constant_array(node.inputs[0]) if node.inputs else None
     right = node.inputs[1] if len(node.inputs) > 1 else None
     form = node.op_type
     meaning, shape = "not constant", _shape(right)
-    if node.op_type == "MatMul" and left is not None:
+    if node.op_type == "MatMul" and isinstance(left, np.ndarray):
         form, shape = "left MatMul", list(left.shape)
         meaning = "(out,in) on the left: y = W @ x"
     features = (shape[-1], shape[-2]) if form == "left MatMul" and shape else (None, None)
@@ -161,7 +163,9 @@ def _declined_info(node: ir.Node, reason: str, label: str) -> OpInfo:
 
 def _conv_info(node: ir.Node, label: str) -> OpInfo:
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    array, reason = constant_tensor(weight)
+    array = constant_array(weight)
+    reason = array.reason if isinstance(array, Declined) else None
+    array = None if isinstance(array, Declined) else array
     shape = list(array.shape) if array is not None else _shape(weight)
     groups = node.attributes.get_int("group", 1)
     kernel = "x".join(str(d) for d in shape[2:]) if shape else "?"
@@ -190,7 +194,7 @@ def _op_infos(model: ir.Model) -> list[OpInfo]:
             found = recognize(node)
             if isinstance(found, LinearOp):
                 infos.append(_linear_info(found, label))
-            elif isinstance(found, Decline):
+            elif isinstance(found, Declined):
                 infos.append(_declined_info(node, found.reason, label))
     return infos
 

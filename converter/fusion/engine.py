@@ -41,6 +41,7 @@ from converter.fusion.conv.merge import merge_convs
 from converter.fusion.conv.to_linear import prefix_pointwise_convs
 from converter.fusion.core import invariants
 from converter.fusion.core.constants import other_users
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear import chains
 from converter.fusion.linear.absorb import Absorb, find_absorbs, remove_step
 from converter.fusion.linear.algebra import AffineMap, Policy
@@ -57,7 +58,7 @@ from converter.fusion.linear.rewrite import (
 )
 from converter.fusion.linear.views import VIEW_OPS, single_reader
 from converter.model_io.progress import ProgressCallback, no_progress
-from converter.report import Declined, FusionRecord
+from converter.report import FusionRecord
 
 __all__ = ["Context", "fuse_graph"]
 

@@ -27,6 +27,7 @@ from converter.fusion.core.constants import (
     recorded_size,
     resolve,
 )
+from converter.fusion.core.declined import Declined
 from converter.fusion.core.runtime_patterns import rewrite_for_runtime
 from converter.fusion.engine import Context, fuse_graph
 from converter.fusion.linear import algebra
@@ -34,7 +35,7 @@ from converter.fusion.linear.rewrite import Names
 from converter.gcpause import paused_collection
 from converter.model_io import training
 from converter.model_io.progress import ProgressCallback, no_progress
-from converter.report import Declined, FusionReport
+from converter.report import FusionReport
 
 __all__ = ["FuseLinearChainsPass", "FusionPassResult", "fuse_model", "iter_graphs"]
 

@@ -7,7 +7,7 @@ and pads ``pb`` (begin), ``pe`` (end), and ``x~`` the input extended by zeros on
     y[o, p] = b[o] + sum_{c in group(o), j < k} W[o, c, j] * x~[c, p*s + j*d - pb]
     len(y)  = floor((L + pb + pe - d*(k-1) - 1) / s) + 1
 
-Everything here is exact in real arithmetic; what is not is refused with a :class:`Refusal`
+Everything here is exact in real arithmetic; what is not is refused with a :class:`Declined`
 carrying a readable reason. Shapes are checked first (``plan_*`` decide from a
 :class:`ConvGeometry` alone), weights are multiplied after. Results stay float64: the engine
 rounds once to the model's dtype.
@@ -60,8 +60,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from converter.fusion.core.declined import Declined
+
 __all__ = [
-    "Refusal",
     "ConvGeometry",
     "ConvMap",
     "MergeCost",
@@ -80,16 +81,6 @@ __all__ = [
     "add_cost",
     "compose_cost",
 ]
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A merge that is not exact or not expressible, and why (a sentence for the report)."""
-
-    reason: str
-
-    def __str__(self) -> str:
-        return self.reason
 
 
 def _ints(values: Sequence[int] | None, rank: int, default: int, name: str) -> tuple[int, ...]:
@@ -257,7 +248,7 @@ def resolve_auto_pad(
     strides: Sequence[int] | None = None,
     dilations: Sequence[int] | None = None,
     input_spatial: Sequence[int] | None = None,
-) -> tuple[int, ...] | Refusal:
+) -> tuple[int, ...] | Declined:
     """Explicit ONNX pads for ``auto_pad`` ``VALID``, ``SAME_UPPER`` or ``SAME_LOWER``.
 
     SAME pads ``(ceil(L/s) - 1)*s + (k-1)*d + 1 - L`` in total, the odd one at the end (UPPER) or
@@ -272,7 +263,7 @@ def resolve_auto_pad(
     if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
         raise ValueError(f"unknown auto_pad {auto_pad!r}")
     if input_spatial is None and max(strides) > 1:
-        return Refusal(
+        return Declined.because(
             f"auto_pad {auto_pad} with strides {_kstr(strides)} pads by an amount that depends "
             "on the input size, which is not known"
         )
@@ -325,7 +316,7 @@ def scale_out(
 
 def affine_in(
     conv: ConvMap, scale: np.ndarray | float | None = None, shift: np.ndarray | float | None = None
-) -> ConvMap | Refusal:
+) -> ConvMap | Declined:
     """``conv(x * scale + shift)`` per input channel, e.g. a BatchNormalization before the conv.
 
     ``W' = W * s[c]`` always folds. The shift adds ``sum_{c,j} W[o,c,j] * t[c]`` to the bias,
@@ -337,7 +328,7 @@ def affine_in(
     if t is not None and not np.any(t):
         t = None
     if t is not None and any(conv.pads):
-        return Refusal(
+        return Declined.because(
             f"a shift before a Conv with pads {list(conv.pads)} does not fold: the padding "
             "contributes zeros, not the shift"
         )
@@ -355,20 +346,28 @@ def affine_in(
 
 def _embed_offsets(
     conv: ConvGeometry, kernel_shape: Sequence[int], pads: Sequence[int], dilations: Sequence[int]
-) -> list[int] | str:
+) -> list[int] | Declined:
     """Per axis, the tap at which ``conv``'s kernel sits inside ``kernel_shape``, or why none does."""
     r = conv.rank
     offsets = []
     for i in range(r):
         k, big, d = conv.kernel_shape[i], kernel_shape[i], dilations[i]
         grow_b, grow_e = pads[i] - conv.pads[i], pads[r + i] - conv.pads[r + i]
+        why = None
         if k > 1 and d != conv.dilations[i]:
-            return f"along spatial axis {i} the dilations differ ({conv.dilations[i]} vs {d})"
-        if min(grow_b, grow_e) < 0 or grow_b % d or grow_e % d or (grow_b + grow_e) // d != big - k:
-            return (
+            why = f"along spatial axis {i} the dilations differ ({conv.dilations[i]} vs {d})"
+        elif (
+            min(grow_b, grow_e) < 0 or grow_b % d or grow_e % d or (grow_b + grow_e) // d != big - k
+        ):
+            why = (
                 f"along spatial axis {i} the pads must grow by the zeros added on each side "
                 f"(dilation {d} x ({big} - {k}) in all, the size difference / 2 on each side "
                 "when centred)"
+            )
+        if why:
+            return Declined.because(
+                f"a {_kstr(conv.kernel_shape)} kernel with pads {list(conv.pads)} does not embed "
+                f"in a {_kstr(kernel_shape)} kernel with pads {list(pads)}: {why}"
             )
         offsets.append(grow_b // d)
     return offsets
@@ -379,7 +378,7 @@ def pad_kernel(
     kernel_shape: Sequence[int],
     pads: Sequence[int],
     dilations: Sequence[int] | None = None,
-) -> ConvMap | Refusal:
+) -> ConvMap | Declined:
     """The same conv with its kernel zero-padded to ``kernel_shape`` and the given ONNX ``pads``.
 
     Along each axis the kernel is placed ``off`` taps in, where the begin pad grows by
@@ -392,11 +391,8 @@ def pad_kernel(
     pads = _ints(pads, 2 * r, 0, "pads")
     dilations = _ints(dilations, r, 1, "dilations") if dilations is not None else conv.dilations
     offsets = _embed_offsets(conv.geometry, kernel_shape, pads, dilations)
-    if isinstance(offsets, str):
-        return Refusal(
-            f"a {_kstr(conv.kernel_shape)} kernel with pads {list(conv.pads)} does not embed in a "
-            f"{_kstr(kernel_shape)} kernel with pads {list(pads)}: {offsets}"
-        )
+    if isinstance(offsets, Declined):
+        return offsets
     weight = np.zeros(conv.weight.shape[:2] + kernel_shape)
     window = tuple(slice(o, o + k) for o, k in zip(offsets, conv.kernel_shape, strict=True))
     weight[(slice(None), slice(None), *window)] = conv.weight
@@ -412,7 +408,7 @@ def identity_conv(
     dilations: Sequence[int] | None = None,
     scale: np.ndarray | float | None = None,
     shift: np.ndarray | float | None = None,
-) -> ConvMap | Refusal:
+) -> ConvMap | Declined:
     """``y = x * scale + shift`` per channel (default ``y = x``) as a stride-1 delta-kernel conv.
 
     ``groups`` defaults to ``channels`` (depthwise, the smallest weight); any divisor of
@@ -428,12 +424,12 @@ def identity_conv(
     spans = [(k - 1) * d for k, d in zip(kernel_shape, dilations, strict=True)]
     if pads is None:
         if any(span % 2 for span in spans):
-            return Refusal(f"a {_kstr(kernel_shape)} kernel has no centre for an identity")
+            return Declined.because(f"a {_kstr(kernel_shape)} kernel has no centre for an identity")
         pads = tuple(span // 2 for span in spans) * 2
     pads = _ints(pads, 2 * rank, 0, "pads")
     for i, (span, d) in enumerate(zip(spans, dilations, strict=True)):
         if pads[i] % d or pads[i] + pads[rank + i] != span or min(pads[i], pads[rank + i]) < 0:
-            return Refusal(
+            return Declined.because(
                 f"pads {list(pads)} do not keep the size of a {_kstr(kernel_shape)} identity along "
                 f"spatial axis {i} (begin a multiple of the dilation {d}, begin + end = {span})"
             )
@@ -446,7 +442,7 @@ def identity_conv(
     return ConvMap(weight, bias, groups, None, dilations, pads)
 
 
-def to_groups(conv: ConvMap, groups: int) -> ConvMap | Refusal:
+def to_groups(conv: ConvMap, groups: int) -> ConvMap | Declined:
     """The same conv written with fewer groups (``groups`` must divide ``conv.groups``).
 
     Each old group's weight becomes a diagonal block inside the new group that contains it, e.g.
@@ -456,7 +452,7 @@ def to_groups(conv: ConvMap, groups: int) -> ConvMap | Refusal:
     if groups == old:
         return conv
     if groups < 1 or old % groups:
-        return Refusal(
+        return Declined.because(
             f"a Conv with {old} groups is not expressible with {groups} groups "
             f"({groups} must divide {old})"
         )
@@ -469,29 +465,33 @@ def to_groups(conv: ConvMap, groups: int) -> ConvMap | Refusal:
     return conv._with(weight, conv.bias, groups=groups)
 
 
-def _plan_add_pair(a: ConvGeometry, b: ConvGeometry) -> ConvGeometry | Refusal:
+def _plan_add_pair(a: ConvGeometry, b: ConvGeometry) -> ConvGeometry | Declined:
     if (a.rank, a.in_channels, a.out_channels) != (b.rank, b.in_channels, b.out_channels):
-        return Refusal(f"the branches have different shapes: {a.describe()} and {b.describe()}")
+        return Declined.because(
+            f"the branches have different shapes: {a.describe()} and {b.describe()}"
+        )
     if a.strides != b.strides:
-        return Refusal(f"the branches have different strides: {a.describe()} and {b.describe()}")
+        return Declined.because(
+            f"the branches have different strides: {a.describe()} and {b.describe()}"
+        )
     r = a.rank
     kernel, dilations, begins, ends = [], [], [], []
     for i in range(r):
         ka, kb = a.kernel_shape[i], b.kernel_shape[i]
         da, db = a.dilations[i], b.dilations[i]
         if ka > 1 and kb > 1 and da != db:
-            return Refusal(
+            return Declined.because(
                 f"the branches have different dilations: {a.describe()} and {b.describe()}"
             )
         d = da if ka > 1 else db if kb > 1 else 1  # a 1-wide kernel has no dilation
         span_a = a.pads[i] + a.pads[r + i] - d * (ka - 1)
         if span_a != b.pads[i] + b.pads[r + i] - d * (kb - 1):
-            return Refusal(
+            return Declined.because(
                 f"the branches' outputs differ in size along spatial axis {i}: {a.describe()} "
                 f"and {b.describe()}"
             )
         if (a.pads[i] - b.pads[i]) % d:
-            return Refusal(
+            return Declined.because(
                 f"the branches' windows are offset by {a.pads[i] - b.pads[i]} along spatial axis "
                 f"{i}, not a multiple of the dilation {d}"
             )
@@ -511,7 +511,7 @@ def _plan_add_pair(a: ConvGeometry, b: ConvGeometry) -> ConvGeometry | Refusal:
     )
 
 
-def plan_add(*branches: ConvGeometry) -> ConvGeometry | Refusal:
+def plan_add(*branches: ConvGeometry) -> ConvGeometry | Declined:
     """The geometry of the conv equal to the sum of parallel ``branches`` (same input), or why not.
 
     Strides must be equal, dilations equal where both kernels are wider than 1, and output sizes
@@ -523,12 +523,12 @@ def plan_add(*branches: ConvGeometry) -> ConvGeometry | Refusal:
     merged = branches[0]
     for branch in branches[1:]:
         merged = _plan_add_pair(merged, branch)
-        if isinstance(merged, Refusal):
+        if isinstance(merged, Declined):
             return merged
     return merged
 
 
-def add_convs(*branches: ConvMap) -> ConvMap | Refusal:
+def add_convs(*branches: ConvMap) -> ConvMap | Declined:
     """The conv equal to ``sum(branch(x) for branch in branches)``, or why there is none.
 
     Each branch is embedded into :func:`plan_add`'s kernel, pads and dilations
@@ -536,7 +536,7 @@ def add_convs(*branches: ConvMap) -> ConvMap | Refusal:
     ``b = sum b_i`` (None when no branch has a bias).
     """
     plan = plan_add(*(b.geometry for b in branches))
-    if isinstance(plan, Refusal):
+    if isinstance(plan, Declined):
         return plan
     weight, bias = (
         np.zeros((plan.out_channels, plan.in_channels // plan.groups, *plan.kernel_shape)),
@@ -581,7 +581,7 @@ def _compose_padding_reason(
 
 def plan_compose(
     first: ConvGeometry, second: ConvGeometry, *, first_bias: np.ndarray | None = None
-) -> ConvGeometry | Refusal:
+) -> ConvGeometry | Declined:
     """The geometry of the conv equal to ``second(first(x))``, or why there is none.
 
     Stride ``s1*s2``, pads ``pb1 + s1*pb2`` / ``pe1 + s1*pe2``, groups ``gcd(G1, G2)``, taps
@@ -593,7 +593,7 @@ def plan_compose(
         raise ValueError(f"{second.describe()} cannot follow {first.describe()}")
     reason = _compose_padding_reason(first, second, first_bias)
     if reason:
-        return Refusal(reason)
+        return Declined.because(reason)
     kernel, dilations = [], []
     for i in range(first.rank):
         s1 = first.strides[i]
@@ -619,7 +619,7 @@ def plan_compose(
     )
 
 
-def compose(first: ConvMap, second: ConvMap) -> ConvMap | Refusal:
+def compose(first: ConvMap, second: ConvMap) -> ConvMap | Declined:
     """The conv equal to ``second(first(x))`` with nothing between them, or why there is none.
 
     Exact whenever :func:`plan_compose` agrees: ``kxk`` then ``1x1`` always; ``1x1`` then
@@ -627,7 +627,7 @@ def compose(first: ConvMap, second: ConvMap) -> ConvMap | Refusal:
     conv give a dense ``kxk`` conv (``groups = gcd``; ask :func:`compose_cost` first).
     """
     plan = plan_compose(first.geometry, second.geometry, first_bias=first.bias)
-    if isinstance(plan, Refusal):
+    if isinstance(plan, Declined):
         return plan
     g = plan.groups
     a, b = to_groups(first, g), to_groups(second, g)

@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from converter.fusion.conv import algebra as ca
 from converter.fusion.core.constants import Constant, is_onnx, resolve
+from converter.fusion.core.declined import Declined
 from converter.fusion.core.runtime_patterns import kept_for_runtime
 from converter.fusion.linear.branches import JOIN_OPS, is_join, tree_leaves
 from converter.fusion.linear.ops import FLOAT_TYPES, usable_constant
@@ -110,47 +111,51 @@ class ChannelAffine:
         return max(sum(c.size for c in self.constants), vectors * channels)
 
 
-def recognize_conv(node: ir.Node) -> ConvOp | str | None:
+def recognize_conv(node: ir.Node) -> ConvOp | Declined | None:
     """``node`` as a :class:`ConvOp`, a reason why this Conv cannot merge, or None (not a Conv)."""
     if is_onnx(node, "ConvTranspose"):
-        return "ConvTranspose is not re-parameterised (only Conv is)"
+        return Declined.because("ConvTranspose is not re-parameterised (only Conv is)")
     if not is_onnx(node, "Conv") or len(node.outputs) != 1:
         return None
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
-        return "Conv is missing an input"
+        return Declined.because("Conv is missing an input")
     w = resolve(node.inputs[1])
     if not isinstance(w, Constant):
-        return w.reason
+        return w
     if len(w.shape) < 3:
-        return f"Conv weight has rank {len(w.shape)}"
+        return Declined.because(f"Conv weight has rank {len(w.shape)}")
     out_channels = w.shape[0]
     weight = usable_constant(node.inputs[1], (node,), out_channels)
-    if isinstance(weight, str):
+    if isinstance(weight, Declined):
         return weight
     bias = None
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = usable_constant(node.inputs[2], (node,), out_channels)
-        if isinstance(bias, str):
+        if isinstance(bias, Declined):
             return bias
         if bias.size != out_channels:
-            return f"Conv bias of shape {list(bias.shape)} does not match {out_channels} outputs"
+            return Declined.because(
+                f"Conv bias of shape {list(bias.shape)} does not match {out_channels} outputs"
+            )
     dtype = node.inputs[1].dtype or weight.dtype
     if dtype not in FLOAT_TYPES or (node.inputs[0].dtype not in (None, dtype)):
-        return f"Conv in {dtype.name.lower()} is not a float conv of one dtype"
+        return Declined.because(f"Conv in {dtype.name.lower()} is not a float conv of one dtype")
     geometry = _geometry(node, weight.shape, bias is not None)
-    if isinstance(geometry, str):
+    if isinstance(geometry, Declined):
         return geometry
     return ConvOp(node, geometry, weight, bias, dtype)
 
 
-def _geometry(node: ir.Node, shape: tuple[int, ...], has_bias: bool) -> ca.ConvGeometry | str:
+def _geometry(node: ir.Node, shape: tuple[int, ...], has_bias: bool) -> ca.ConvGeometry | Declined:
     """The conv's geometry from its attributes and weight shape, or why it has none we trust."""
     attrs = node.attributes
     rank = len(shape) - 2
     kernel = tuple(shape[2:])
     declared = attrs.get_ints("kernel_shape", None)
     if declared is not None and tuple(declared) != kernel:
-        return f"Conv kernel_shape {list(declared)} differs from its weight's {list(kernel)}"
+        return Declined.because(
+            f"Conv kernel_shape {list(declared)} differs from its weight's {list(kernel)}"
+        )
     strides = tuple(attrs.get_ints("strides", None) or (1,) * rank)
     dilations = tuple(attrs.get_ints("dilations", None) or (1,) * rank)
     auto_pad = attrs.get_string("auto_pad", "NOTSET") or "NOTSET"
@@ -158,18 +163,18 @@ def _geometry(node: ir.Node, shape: tuple[int, ...], has_bias: bool) -> ca.ConvG
         pads = tuple(attrs.get_ints("pads", None) or (0,) * (2 * rank))
     elif auto_pad in ("VALID", "SAME_UPPER", "SAME_LOWER"):
         resolved = ca.resolve_auto_pad(auto_pad, kernel, strides, dilations, _spatial(node, rank))
-        if isinstance(resolved, ca.Refusal):
-            return resolved.reason
+        if isinstance(resolved, Declined):
+            return resolved
         pads = resolved
     else:
-        return f"Conv auto_pad {auto_pad!r} is not understood"
+        return Declined.because(f"Conv auto_pad {auto_pad!r} is not understood")
     groups = attrs.get_int("group", 1)
     try:
         return ca.ConvGeometry(
             shape[0], shape[1] * groups, kernel, groups, strides, dilations, pads, has_bias
         )
     except ValueError as e:
-        return f"Conv attributes are inconsistent: {e}"
+        return Declined.because(f"Conv attributes are inconsistent: {e}")
 
 
 def _spatial(node: ir.Node, rank: int) -> tuple[int, ...] | None:
@@ -189,7 +194,7 @@ def _per_channel(shape: tuple[int, ...], rank: int, channels: int) -> bool:
     return all(d == 1 or (i == channel_at and d == channels) for i, d in enumerate(shape))
 
 
-def recognize_affine(node: ir.Node, rank: int, channels: int) -> ChannelAffine | str | None:
+def recognize_affine(node: ir.Node, rank: int, channels: int) -> ChannelAffine | Declined | None:
     """``node`` as a channel affine on a rank-``rank`` tensor of ``channels`` channels, a reason
     why this constant step is not one, or None (not a constant step at all)."""
     if not is_onnx(node) or node.op_type not in AFFINE_OPS or not node.outputs:
@@ -210,17 +215,17 @@ def recognize_affine(node: ir.Node, rank: int, channels: int) -> ChannelAffine |
         return None  # c / x is not affine
     kept = kept_for_runtime(node)
     if kept:
-        return kept
+        return Declined.because(kept)
     c = usable_constant(node.inputs[1 - data_index], (node,), channels)
-    if isinstance(c, str):
+    if isinstance(c, Declined):
         return c
     if not _per_channel(c.shape, rank, channels):
-        return (
+        return Declined.because(
             f"{node.op_type} by a constant of shape {list(c.shape)} varies along other axes "
             f"than the channels (axis 1 of {channels})"
         )
     if node.op_type == "Div" and not np.all(c.array() != 0):
-        return "Div by a constant that holds a zero"
+        return Declined.because("Div by a constant that holds a zero")
     vectors = _vectors(node.op_type, data_index, c)
     return ChannelAffine(node, data_index, [c], node.op_type in ("Add", "Sub"), vectors)
 
@@ -240,23 +245,27 @@ def _vectors(op_type: str, data_index: int, c: Constant):
     return lambda n: (np.full(n, -1.0), vec(n))  # Sub(c, x)
 
 
-def _batch_norm(node: ir.Node, channels: int) -> ChannelAffine | str | None:
+def _batch_norm(node: ir.Node, channels: int) -> ChannelAffine | Declined | None:
     if len(node.inputs) != 5 or None in node.inputs:
         return None
     if node.attributes.get_int("training_mode", 0) != 0 or any(
         v.uses() or v.is_graph_output() for v in node.outputs[1:]
     ):
-        return "BatchNormalization runs in training mode (export after model.eval())"
+        return Declined.because(
+            "BatchNormalization runs in training mode (export after model.eval())"
+        )
     if node.attributes.get_int("spatial", 1) != 1:
-        return "BatchNormalization with spatial=0 is not supported"
+        return Declined.because("BatchNormalization with spatial=0 is not supported")
     params: list[Constant] = []
     for value in node.inputs[1:]:
         found = usable_constant(value, (node,), 1 << 62)  # all per-channel: small
-        if isinstance(found, str):
+        if isinstance(found, Declined):
             return found
         params.append(found)
     if any(p.size != channels for p in params):
-        return f"BatchNormalization parameters are not vectors of {channels} channels"
+        return Declined.because(
+            f"BatchNormalization parameters are not vectors of {channels} channels"
+        )
     epsilon = node.attributes.get_float("epsilon", 1e-5)
 
     def vectors(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -297,8 +306,8 @@ class ConvMerge:
     nodes: list[ir.Node]
     reads: list[tuple[ir.Node, int]]
     dtype: ir.DataType
-    plan: Callable[[], ca.ConvGeometry | ca.Refusal]
-    compute: Callable[[], ca.ConvMap | ca.Refusal]
+    plan: Callable[[], ca.ConvGeometry | Declined]
+    compute: Callable[[], ca.ConvMap | Declined]
     macs_before: int
     params_before: int
     note: str

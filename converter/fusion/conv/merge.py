@@ -45,8 +45,9 @@ from converter.fusion.conv.match import (
     tree_leaves,
 )
 from converter.fusion.conv.rewrite import apply
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear.branches import feeds_only
-from converter.report import Declined, FusionRecord
+from converter.report import FusionRecord
 
 if TYPE_CHECKING:
     from converter.fusion.engine import Context
@@ -80,7 +81,7 @@ def merge_convs(
     return 0
 
 
-Refused = dict[ir.Node, str]
+Refused = dict[ir.Node, Declined]
 
 
 def _recognise(graph: ir.Graph) -> tuple[dict[ir.Node, ConvOp], Refused]:
@@ -90,7 +91,7 @@ def _recognise(graph: ir.Graph) -> tuple[dict[ir.Node, ConvOp], Refused]:
         found = recognize_conv(node)
         if isinstance(found, ConvOp):
             convs[node] = found
-        elif isinstance(found, str):
+        elif isinstance(found, Declined):
             refused[node] = found
     return convs, refused
 
@@ -121,16 +122,16 @@ def _find_folds(graph, convs, refused, label, reasons) -> list[ConvMerge]:
             found = _affine_after(consumer, op.output, g.rank + 2, g.out_channels)
             if isinstance(found, ChannelAffine):
                 after.append(_fold_after(op, found))
-            elif isinstance(found, str):
-                reasons.append(Declined([_name(node), _name(consumer)], found, label))
+            elif isinstance(found, Declined):
+                reasons.append(found.about([_name(node), _name(consumer)], label))
         x = op.input
         producer = None if x is None else x.producer()
         if producer is not None and sole_consumer(x) is node:
             found = recognize_affine(producer, g.rank + 2, g.in_channels)
             if isinstance(found, ChannelAffine):
                 before.append(_fold_before(found, op))
-            elif isinstance(found, str):
-                reasons.append(Declined([_name(producer), _name(node)], found, label))
+            elif isinstance(found, Declined):
+                reasons.append(found.about([_name(producer), _name(node)], label))
     return after + before
 
 
@@ -140,7 +141,7 @@ def _refused_fold(node: ir.Node, refused: Refused, label: str, reasons: list[Dec
         return
     consumer = sole_consumer(node.outputs[0])
     if consumer is not None and _is_constant_step(consumer):
-        reasons.append(Declined([_name(node), _name(consumer)], refused[node], label))
+        reasons.append(refused[node].about([_name(node), _name(consumer)], label))
 
 
 def _is_constant_step(node: ir.Node) -> bool:
@@ -177,17 +178,17 @@ def _fold_before(affine: ChannelAffine, op: ConvOp) -> ConvMerge:
     g = op.geometry
     n = g.in_channels
 
-    def plan() -> ca.ConvGeometry | ca.Refusal:
+    def plan() -> ca.ConvGeometry | Declined:
         if affine.has_shift and any(g.pads):
             _, shift = affine.vectors(n)  # a per-channel vector: small
             if shift is not None and shift.any():
-                return ca.Refusal(
+                return Declined.because(
                     f"{affine.node.op_type} shifts the input of a Conv with pads {list(g.pads)}: "
                     "the shift does not fold, the padding contributes zeros, not the shift"
                 )
         return _with_bias(g, g.has_bias or affine.has_shift)
 
-    def compute() -> ca.ConvMap | ca.Refusal:
+    def compute() -> ca.ConvMap | Declined:
         scale, shift = affine.vectors(n)
         return ca.affine_in(op.conv_map(), scale, shift)
 
@@ -238,11 +239,11 @@ def _find_sums(graph, convs, refused, label, reasons) -> list[ConvMerge]:
                 first_reason = found
         else:
             if first_reason is not None:
-                reasons.append(Declined([_name(j) for j in joins], first_reason, label))
+                reasons.append(first_reason.about([_name(j) for j in joins], label))
     return merges
 
 
-def _match_sum(root: ir.Node, convs, refused) -> ConvMerge | str | None:
+def _match_sum(root: ir.Node, convs, refused) -> ConvMerge | Declined | None:
     """The branch sum rooted at ``root``; a reason when it nearly is one; None otherwise."""
     joins, leaves = tree_leaves(root)
     if len(leaves) < 2 or len({id(v) for _, v in leaves}) != len(leaves):
@@ -267,11 +268,11 @@ def _match_sum(root: ir.Node, convs, refused) -> ConvMerge | str | None:
         elif value is x:
             terms.append(Term(sign))
         elif producer in refused and producer.inputs and producer.inputs[0] is x:
-            return f"branch '{_name(producer)}': {refused[producer]}"
+            return Declined.because(f"branch '{_name(producer)}': {refused[producer].reason}")
         else:
             affine = None if producer is None else _affine_after(producer, x, rank, channels)
-            if isinstance(affine, str):
-                return f"branch '{_name(producer)}': {affine}"
+            if isinstance(affine, Declined):
+                return Declined.because(f"branch '{_name(producer)}': {affine.reason}")
             if affine is None or not feeds_only(value, members):
                 return None
             terms.append(Term(sign, affine=affine))
@@ -299,7 +300,7 @@ def _sum_merge(joins, terms: list[Term], x, dtype, rank: int, channels: int) -> 
     reads = [r for t in terms for r in t.reads()]
     reads += [(j, i) for j in joins for i, v in enumerate(j.inputs) if v is x]
 
-    def compute() -> ca.ConvMap | ca.Refusal:
+    def compute() -> ca.ConvMap | Declined:
         return ca.add_convs(*(make() for make in maps_of))
 
     return ConvMerge(
@@ -357,7 +358,7 @@ def _find_compositions(graph, convs, refused, label, reasons) -> list[ConvMerge]
         second = convs.get(consumer) if consumer is not None else None
         if second is None or second.input is not first.output:
             if consumer in refused and consumer.inputs[0] is first.output:
-                reasons.append(Declined([_name(node), _name(consumer)], refused[consumer], label))
+                reasons.append(refused[consumer].about([_name(node), _name(consumer)], label))
             continue
         if first.dtype != second.dtype:
             continue
@@ -368,11 +369,11 @@ def _find_compositions(graph, convs, refused, label, reasons) -> list[ConvMerge]
 def _compose(first: ConvOp, second: ConvOp) -> ConvMerge:
     g1, g2 = first.geometry, second.geometry
 
-    def plan() -> ca.ConvGeometry | ca.Refusal:
+    def plan() -> ca.ConvGeometry | Declined:
         bias = first.bias.array().reshape(-1) if first.bias is not None else None  # small
         return ca.plan_compose(g1, g2, first_bias=bias)
 
-    def compute() -> ca.ConvMap | ca.Refusal:
+    def compute() -> ca.ConvMap | Declined:
         return ca.compose(first.conv_map(), second.conv_map())
 
     k1, k2 = ("x".join(map(str, g.kernel_shape)) for g in (g1, g2))

@@ -22,8 +22,9 @@ from converter.fusion.conv import algebra as ca
 from converter.fusion.conv.match import ConvMerge
 from converter.fusion.core import invariants
 from converter.fusion.core.constants import remove_if_unused
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear import algebra
-from converter.report import Declined, FusionRecord
+from converter.report import FusionRecord
 
 if TYPE_CHECKING:
     from converter.fusion.engine import Context
@@ -45,12 +46,12 @@ def apply(
     if not merge.alive(graph):
         return 0  # an earlier merge of this round took part of it: matched again next round
     plan = merge.plan()
-    reason = plan.reason if isinstance(plan, ca.Refusal) else _cost_reason(merge, plan, ctx)
+    reason = plan.reason if isinstance(plan, Declined) else _cost_reason(merge, plan, ctx)
     if reason:
         declined.append(Declined(merge.names, reason, label))
         return 0
     conv = merge.compute()  # the one float64 computation of this merge
-    if isinstance(conv, ca.Refusal):
+    if isinstance(conv, Declined):
         declined.append(Declined(merge.names, conv.reason, label))
         return 0
     reason = algebra.arrays_overflow((conv.weight, conv.bias), np.dtype(merge.dtype.numpy()))

@@ -36,9 +36,9 @@ import onnx_ir as ir
 from converter.fusion.conv import algebra as ca
 from converter.fusion.conv.match import ConvOp, recognize_conv
 from converter.fusion.core.constants import is_onnx
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.ops import LinearOp
-from converter.report import Declined
 
 __all__ = ["prefix_pointwise_convs", "pointwise_reason"]
 
@@ -60,13 +60,13 @@ def prefix_pointwise_convs(
             extended.append([found, *run])
             continue
         if found is not None:
-            declined.append(Declined(found[0], found[1], label))
+            declined.append(found.about(found.nodes, label))
         extended.append(run)
     return extended, declined
 
 
-def _pointwise_before(op: LinearOp) -> LinearOp | tuple[list[str], str] | None:
-    """The Conv before ``op`` (through a Transpose) as a linear op, (names, reason), or None."""
+def _pointwise_before(op: LinearOp) -> LinearOp | Declined | None:
+    """The Conv before ``op`` (through a Transpose) as a linear op, why it is not one, or None."""
     transpose = op.input.producer()
     if not is_onnx(transpose, "Transpose") or not transpose.inputs:
         return None
@@ -77,7 +77,7 @@ def _pointwise_before(op: LinearOp) -> LinearOp | tuple[list[str], str] | None:
     names = [_name(conv), _name(transpose), *op.names]
     found = recognize_conv(conv)
     if not isinstance(found, ConvOp):
-        return (names, found) if isinstance(found, str) else None
+        return found.about(names) if isinstance(found, Declined) else None
     perm = _perm(transpose, found.geometry.rank + 2)
     reason = (
         pointwise_reason(found.geometry)
@@ -89,7 +89,7 @@ def _pointwise_before(op: LinearOp) -> LinearOp | tuple[list[str], str] | None:
         reason = chains.link_reason(first, op)
         if reason is None:
             return first
-    return names, reason
+    return Declined(names, reason)
 
 
 def pointwise_reason(g: ca.ConvGeometry) -> str | None:

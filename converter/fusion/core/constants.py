@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from converter.fusion.core.declined import Declined
 from converter.model_io import training
 
 __all__ = [
     "Constant",
-    "NotConstant",
     "resolve",
     "constant_array",
     "is_onnx",
@@ -84,28 +84,21 @@ class Constant:
         return self.load()
 
 
-@dataclass(frozen=True)
-class NotConstant:
-    """Why a value is not a usable constant, in words a user can act on."""
-
-    reason: str
-
-
 _DERIVED = ("Identity", "Transpose", "Cast", "Reshape")
 
 
 # Each value's answer, kept while the value lives (a weak key: it goes with the model).
-_CACHE: weakref.WeakKeyDictionary[ir.Value, Constant | NotConstant] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[ir.Value, Constant | Declined] = weakref.WeakKeyDictionary()
 
 
-def resolve(value: ir.Value | None) -> Constant | NotConstant:
-    """The :class:`Constant` behind ``value``, or :class:`NotConstant` with the reason.
+def resolve(value: ir.Value | None) -> Constant | Declined:
+    """The :class:`Constant` behind ``value``, or why it is not one (a :class:`Declined`).
 
     The answer is remembered while the value lives: merges never change a constant, they only
     make new values, and a value whose producer a merge removed is read by nobody.
     """
     if value is None:
-        return NotConstant("input is missing")
+        return Declined.because("input is missing")
     cached = _CACHE.get(value)
     if cached is None:
         cached = _resolve(value)
@@ -113,29 +106,31 @@ def resolve(value: ir.Value | None) -> Constant | NotConstant:
     if isinstance(cached, Constant) and training.any_trained():  # marked after the cache was made
         trained = next((v for v in cached.chain if training.is_trained(v)), None)
         if trained is not None:
-            return NotConstant(f"weight '{label(trained)}' is trained by the model's training_info")
+            return Declined.because(
+                f"weight '{label(trained)}' is trained by the model's training_info"
+            )
     return cached
 
 
-def _resolve(value: ir.Value) -> Constant | NotConstant:
+def _resolve(value: ir.Value) -> Constant | Declined:
     if value.is_graph_input():
-        return NotConstant(
+        return Declined.because(
             f"weight '{label(value)}' is a graph input (it can be overridden at run time)"
         )
     if training.is_trained(value):
-        return NotConstant(f"weight '{label(value)}' is trained by the model's training_info")
+        return Declined.because(f"weight '{label(value)}' is trained by the model's training_info")
     producer = value.producer()
     if value.const_value is None and is_onnx(producer) and producer.op_type in _DERIVED:
         return _derived(value, producer)
     if value.const_value is None and not is_onnx(producer, "Constant"):
-        return NotConstant(f"weight '{label(value)}' is not constant")
+        return Declined.because(f"weight '{label(value)}' is not constant")
     try:
         tensor = ir.convenience.get_const_tensor(value)
     except ValueError as e:
-        return NotConstant(f"weight '{label(value)}' is a malformed Constant: {e}")
+        return Declined.because(f"weight '{label(value)}' is a malformed Constant: {e}")
     shape = None if tensor is None or tensor.dtype is None else _static_shape(tensor)
     if shape is None:
-        return NotConstant(f"weight '{label(value)}' is not constant")
+        return Declined.because(f"weight '{label(value)}' is not constant")
     return Constant((value,), shape, tensor.dtype, tensor.numpy)
 
 
@@ -148,12 +143,12 @@ def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...] | None:
     return tuple(int(d) for d in tensor.shape)
 
 
-def _derived(value: ir.Value, node: ir.Node) -> Constant | NotConstant:
+def _derived(value: ir.Value, node: ir.Node) -> Constant | Declined:
     """A constant computed from another by ``Identity``/``Transpose``/``Cast``/``Reshape``."""
     if not node.inputs or node.inputs[0] is None or len(node.outputs) != 1:
-        return NotConstant(f"weight '{label(value)}' is not constant")
+        return Declined.because(f"weight '{label(value)}' is not constant")
     source = resolve(node.inputs[0])
-    if isinstance(source, NotConstant):
+    if isinstance(source, Declined):
         return source
     derive = {
         "Identity": _identity,
@@ -163,7 +158,7 @@ def _derived(value: ir.Value, node: ir.Node) -> Constant | NotConstant:
     }[node.op_type]
     found = derive(node, source)
     if found is None:
-        return NotConstant(f"weight '{label(value)}' is not constant")
+        return Declined.because(f"weight '{label(value)}' is not constant")
     shape, dtype, load = found
     return Constant((value, *source.chain), shape, dtype, load)
 
@@ -201,7 +196,7 @@ def _reshape(node: ir.Node, source: Constant) -> _Derived:
     if len(node.inputs) < 2:
         return None
     target = resolve(node.inputs[1])
-    if isinstance(target, NotConstant) or target.dtype != ir.DataType.INT64:
+    if isinstance(target, Declined) or target.dtype != ir.DataType.INT64:
         return None
     dims = [int(d) for d in np.asarray(target.array()).reshape(-1)]
     if not node.attributes.get_int("allowzero", 0):
@@ -215,12 +210,10 @@ def _reshape(node: ir.Node, source: Constant) -> _Derived:
     return shape, source.dtype, lambda: np.reshape(source.array(), shape)
 
 
-def constant_array(value: ir.Value | None) -> tuple[np.ndarray | None, str | None]:
-    """``(array, None)`` for a constant ``value``, else ``(None, reason)``."""
+def constant_array(value: ir.Value | None) -> np.ndarray | Declined:
+    """The array of a constant ``value``, or why it is not one."""
     found = resolve(value)
-    if isinstance(found, NotConstant):
-        return None, found.reason
-    return found.array(), None
+    return found if isinstance(found, Declined) else found.array()
 
 
 def other_users(constant: Constant, owners: set[ir.Node]) -> list[ir.Node]:

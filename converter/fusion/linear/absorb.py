@@ -22,11 +22,11 @@ import onnx_ir as ir
 
 from converter.fusion.conv.algebra import bn_affine
 from converter.fusion.core.constants import Constant, is_onnx, remove_if_unused, resolve
+from converter.fusion.core.declined import Declined
 from converter.fusion.core.runtime_patterns import kept_for_runtime
 from converter.fusion.linear import algebra
 from converter.fusion.linear.ops import LinearOp, usable_constant, value_rank
 from converter.fusion.linear.views import VIEW_OPS, Features, follow, single_reader
-from converter.report import Declined
 
 __all__ = ["Absorb", "find_absorbs", "STEP_TYPES"]
 
@@ -87,9 +87,9 @@ def find_absorbs(ops: list[LinearOp], label: str) -> tuple[list[Absorb], list[De
         start = Features(rank - 1, rank, 0, op.out_features)
         for views, step, data, f in _paths(op.output, start):
             result = _step_map(step, data, f)
-            if isinstance(result, str):
+            if isinstance(result, Declined):
                 names = [*op.names, *(v.name or v.op_type for v in views), step.name or ""]
-                declined.append(Declined(names, result, label))
+                declined.append(result.about(names, label))
                 continue
             scale, shift = result
             found.append(Absorb(op, views, step, data, f, scale, shift))
@@ -120,7 +120,7 @@ def _is_constant_step(node: ir.Node, data: ir.Value) -> bool:
 
 
 def _step_map(node: ir.Node, data: ir.Value, f: Features):
-    """``(scale, shift)`` of the step on the features, or the reason it does not fold."""
+    """``(scale, shift)`` of the step on the features, or why it does not fold."""
     ones = np.ones(f.width)
     if node.op_type == "Neg":
         return -ones, None
@@ -128,23 +128,25 @@ def _step_map(node: ir.Node, data: ir.Value, f: Features):
         return _batch_norm(node, f)
     kept = kept_for_runtime(node)
     if kept:
-        return kept
+        return Declined.because(kept)
     index = 0 if node.inputs[0] is data else 1
     const = usable_constant(node.inputs[1 - index], (node,), f.width)
-    if isinstance(const, str):
+    if isinstance(const, Declined):
         return const
     vector = _along(const, f)
     if vector is None:
-        return (
+        return Declined.because(
             f"{node.op_type} by a constant of shape {list(const.shape)} varies along another "
-            f"axis than the one holding the features (axis {f.axis} of rank {f.rank})"
+            f"axis than the one holding the features (axis {f.axis} of rank {f.rank})",
         )
     op = node.op_type
     if op == "Mul":
         return ones * vector, None
     if op == "Div":
         if index == 1 or not np.all(vector != 0):
-            return "Div by a constant that holds a zero, or of a constant by the data"
+            return Declined.because(
+                "Div by a constant that holds a zero, or of a constant by the data"
+            )
         return ones / vector, None
     if op == "Add":
         return ones, ones * vector
@@ -169,13 +171,17 @@ def _along(const: Constant, f: Features) -> np.ndarray | None:
 def _batch_norm(node: ir.Node, f: Features):
     if len(node.inputs) != 5 or node.attributes.get_int("training_mode", 0) or f.axis != 1:
         if f.axis is None:
-            return "BatchNormalization after a view that regroups the features with other axes"
-        return "BatchNormalization's channel axis is not the one holding the features"
+            return Declined.because(
+                "BatchNormalization after a view that regroups the features with other axes"
+            )
+        return Declined.because(
+            "BatchNormalization's channel axis is not the one holding the features"
+        )
     params = [usable_constant(v, (node,), 1 << 62) for v in node.inputs[1:]]
-    if any(isinstance(p, str) for p in params):
-        return next(p for p in params if isinstance(p, str))
+    if any(isinstance(p, Declined) for p in params):
+        return next(p for p in params if isinstance(p, Declined))
     if any(p.size != f.width for p in params):
-        return "BatchNormalization's parameters do not match the features' width"
+        return Declined.because("BatchNormalization's parameters do not match the features' width")
     gamma, beta, mean, var = (np.asarray(p.array()).reshape(-1) for p in params)
     return bn_affine(gamma, beta, mean, var, node.attributes.get_float("epsilon", 1e-5))
 

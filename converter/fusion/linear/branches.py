@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from converter.fusion.core.constants import Constant, is_onnx, resolve
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.ops import LinearOp
 from converter.fusion.linear.views import axes_of, single_reader, static_dims
-from converter.report import Declined
 
 __all__ = ["Term", "BranchSum", "find_sums", "is_join", "feeds_only", "tree_leaves", "JOIN_OPS"]
 

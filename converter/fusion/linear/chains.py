@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
 from converter.fusion.core.constants import Constant, resolve
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear import algebra
-from converter.fusion.linear.ops import Decline, LinearOp, recognize
+from converter.fusion.linear.ops import LinearOp, recognize
 from converter.fusion.linear.steps import STEP_OPS, recognize_step
-from converter.report import Declined
 
 __all__ = ["ChainPlan", "find_chains", "intermediate_reason", "link_reason", "plan_chain", "widths"]
 
@@ -80,7 +79,7 @@ def find_chains(
     two linear ops, or between a linear op and a Gemm/MatMul that cannot be merged.
     """
     ops: list[LinearOp] = []
-    refused: list[Decline] = []
+    refused: dict[ir.Node, Declined] = {}
     absorbed: set[ir.Node] = set()
     producers: dict[ir.Value, LinearOp] = {}
     for node in graph:
@@ -93,8 +92,8 @@ def find_chains(
             producers[found.output] = found
             ops.append(found)
             absorbed.update(found.nodes[1:])
-        elif isinstance(found, Decline):
-            refused.append(found)
+        elif isinstance(found, Declined):
+            refused[node] = found
 
     by_output = {op.output: op for op in ops}
     declined: list[Declined] = []
@@ -125,26 +124,24 @@ def find_chains(
 
 
 def _refused_neighbours(
-    refused: Iterable[Decline], ops: list[LinearOp], label: str
+    refused: dict[ir.Node, Declined], ops: list[LinearOp], label: str
 ) -> list[Declined]:
     """Records for nodes that could not join a neighbouring linear op: a Gemm/MatMul next to any
     linear op or step, or a constant step next to a Gemm/MatMul."""
-    refused = list(refused)
-    producers: dict[ir.Value, list[LinearOp | Decline]] = {op.output: [op] for op in ops}
-    consumers: dict[ir.Value, list[LinearOp | Decline]] = {}
+    producers: dict[ir.Value, list[LinearOp | ir.Node]] = {op.output: [op] for op in ops}
+    consumers: dict[ir.Value, list[LinearOp | ir.Node]] = {}
     for op in ops:
         consumers.setdefault(op.input, []).append(op)
-    for d in refused:
-        producers[d.node.outputs[0]] = [d]
-        for value in d.node.inputs:
+    for node in refused:
+        producers[node.outputs[0]] = [node]
+        for value in node.inputs:
             if value is not None:
-                consumers.setdefault(value, []).append(d)
+                consumers.setdefault(value, []).append(node)
     records = []
-    for decline in refused:
-        node = decline.node
+    for node, decline in refused.items():
         before = [p for v in node.inputs if v is not None for p in producers.get(v, [])]
         after = consumers.get(node.outputs[0], [])
-        neighbours = [n for n in before + after if n is not decline]
+        neighbours = [n for n in before + after if n is not node]
         if node.op_type in ("Gemm", "MatMul", "Einsum"):
             # A product of two activations (attention's q @ k) is not a linear op: no reason.
             wanted = neighbours if _has_constant_operand(node) else []
@@ -152,11 +149,11 @@ def _refused_neighbours(
             wanted = [n for n in neighbours if isinstance(n, LinearOp) and not n.elementwise]
         if not wanted:
             continue
-        names = [_names(n) for n in before if n is not decline]
-        later = [_names(n) for n in after if n is not decline]
+        names = [_names(n) for n in before if n is not node]
+        later = [_names(n) for n in after if n is not node]
         flat = [x for group in names for x in group] + [_name(node)]
         flat += [x for group in later for x in group]
-        records.append(Declined(flat, decline.reason, label))
+        records.append(decline.about(flat, label))
     return records
 
 
@@ -169,8 +166,8 @@ def _has_constant_operand(node: ir.Node) -> bool:
     )
 
 
-def _names(item: LinearOp | Decline) -> list[str]:
-    return item.names if isinstance(item, LinearOp) else [_name(item.node)]
+def _names(item: LinearOp | ir.Node) -> list[str]:
+    return item.names if isinstance(item, LinearOp) else [_name(item)]
 
 
 def plan_chain(

@@ -1,4 +1,4 @@
-"""What counts as a linear op: ``ir.Node -> LinearOp | Decline | None``.
+"""What counts as a linear op: ``ir.Node -> LinearOp | Declined | None``.
 
 A *linear op* is an affine map along the last axis with constant weights:
 
@@ -30,20 +30,18 @@ import onnx_ir as ir
 from converter.fusion.core import shapes
 from converter.fusion.core.constants import (
     Constant,
-    NotConstant,
-    constant_array,
     is_onnx,
     label,
     other_users,
     resolve,
 )
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear import algebra
 
 __all__ = [
     "LinearOp",
-    "Decline",
+    "declined",
     "recognize",
-    "constant_tensor",
     "usable_constant",
     "broadcasts_along_last_axis",
     "value_rank",
@@ -57,15 +55,10 @@ FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
 
-constant_tensor = constant_array  # the name earlier callers use
 
-
-@dataclass(frozen=True)
-class Decline:
-    """A node that cannot take part in a merge, and why (in words a user can act on)."""
-
-    node: ir.Node
-    reason: str
+def declined(node: ir.Node, reason: str) -> Declined:
+    """``node`` cannot take part in a merge, and why (in words a user can act on)."""
+    return Declined([node.name or f"<{node.op_type}>"], reason)
 
 
 @dataclass
@@ -134,21 +127,21 @@ class LinearOp:
 
 def usable_constant(
     value: ir.Value | None, owners: Iterable[ir.Node], small: int
-) -> Constant | str:
+) -> Constant | Declined:
     """The constant behind ``value`` for a merge of the nodes ``owners``, or why it is not usable.
 
     A constant that nodes outside ``owners`` also read is usable only when it holds at most
     ``small`` elements (the op's width): the merge copies it, and the original stays for them.
     """
     found = resolve(value)
-    if isinstance(found, NotConstant):
-        return found.reason
+    if isinstance(found, Declined):
+        return found
     others = other_users(found, set(owners))
     if others and found.size > small:
         other = others[0]
-        return (
+        return Declined.because(
             f"weight '{label(value)}' is shared with node '{other.name or other.op_type}' "
-            f"(merging would keep both copies)"
+            f"(merging would keep both copies)",
         )
     return found
 
@@ -164,28 +157,28 @@ def _dtype_name(dtype: ir.DataType) -> str:
         return dtype.name.lower()
 
 
-def _recognize_gemm(node: ir.Node) -> LinearOp | Decline:
+def _recognize_gemm(node: ir.Node) -> LinearOp | Declined:
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
-        return Decline(node, "Gemm is missing an input")
+        return declined(node, "Gemm is missing an input")
     b = resolve(node.inputs[1])
-    if isinstance(b, NotConstant):
-        return Decline(node, b.reason)
+    if isinstance(b, Declined):
+        return declined(node, b.reason)
     if len(b.shape) != 2:
-        return Decline(node, f"Gemm weight has rank {len(b.shape)}, expected 2")
+        return declined(node, f"Gemm weight has rank {len(b.shape)}, expected 2")
     attrs = node.attributes
     trans_b = attrs.get_int("transB", 0)
     in_features, out_features = b.shape[::-1] if trans_b else b.shape
     found = _constants(node, (1, 2), out_features)
-    if isinstance(found, str):
-        return Decline(node, found)
+    if isinstance(found, Declined):
+        return declined(node, found.reason)
     b, c = found
     assert b is not None
     dtype = _float_type(node.inputs[1].dtype or b.dtype)
     if dtype is None:
-        return Decline(node, f"weight dtype {_dtype_name(b.dtype)} is not a float type")
+        return declined(node, f"weight dtype {_dtype_name(b.dtype)} is not a float type")
     reason = _gemm_bias_reason(c, out_features)
     if reason:
-        return Decline(node, reason)
+        return declined(node, reason)
     alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
     constants = tuple(x for x in (b, c) if x is not None)
 
@@ -207,7 +200,9 @@ def _recognize_gemm(node: ir.Node) -> LinearOp | Decline:
     )
 
 
-def _constants(node: ir.Node, indices: tuple[int, ...], small: int) -> list[Constant | None] | str:
+def _constants(
+    node: ir.Node, indices: tuple[int, ...], small: int
+) -> list[Constant | None] | Declined:
     """The constants at ``indices`` (None where an optional input is absent), or a reason."""
     found: list[Constant | None] = []
     for i in indices:
@@ -216,7 +211,7 @@ def _constants(node: ir.Node, indices: tuple[int, ...], small: int) -> list[Cons
             found.append(None)
             continue
         constant = usable_constant(value, (node,), small)
-        if isinstance(constant, str):
+        if isinstance(constant, Declined):
             return constant
         found.append(constant)
     return found
@@ -330,7 +325,7 @@ def _rank_source(value: ir.Value) -> tuple[ir.Value | None, int | None]:
     if node.op_type in _SAME_RANK:
         return node.inputs[0], None
     if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
-        data = [v for v in node.inputs if v is not None and isinstance(resolve(v), NotConstant)]
+        data = [v for v in node.inputs if v is not None and isinstance(resolve(v), Declined)]
         return (data[0], None) if len(data) == 1 else (None, None)
     return None, None
 
@@ -370,29 +365,29 @@ def _bias_add(
         return None
     bias = usable_constant(other, (add,), out_features)
     # MatMul(x, W) with a 2-D W has x's rank, so x stands for the Add's data.
-    if isinstance(bias, str) or not broadcasts_along_last_axis(
+    if isinstance(bias, Declined) or not broadcasts_along_last_axis(
         bias.shape, matmul.inputs[data_index], out_features
     ):
         return None
     return add, bias
 
 
-def _recognize_matmul(node: ir.Node) -> LinearOp | Decline:
+def _recognize_matmul(node: ir.Node) -> LinearOp | Declined:
     if len(node.inputs) != 2 or node.inputs[0] is None or node.inputs[1] is None:
-        return Decline(node, "MatMul is missing an input")
+        return declined(node, "MatMul is missing an input")
     w = resolve(node.inputs[1])
-    if isinstance(w, NotConstant):
+    if isinstance(w, Declined):
         if isinstance(resolve(node.inputs[0]), Constant):
             return _recognize_left_matmul(node)
-        return Decline(node, w.reason)
+        return declined(node, w.reason)
     if len(w.shape) != 2:
-        return Decline(node, f"MatMul weight has rank {len(w.shape)}, expected 2")
+        return declined(node, f"MatMul weight has rank {len(w.shape)}, expected 2")
     found = usable_constant(node.inputs[1], (node,), w.shape[1])
-    if isinstance(found, str):
-        return Decline(node, found)
+    if isinstance(found, Declined):
+        return declined(node, found.reason)
     dtype = _float_type(node.inputs[1].dtype or w.dtype)
     if dtype is None:
-        return Decline(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
+        return declined(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
     nodes: tuple[ir.Node, ...] = (node,)
     constants: tuple[Constant, ...] = (w,)
     bias = None
@@ -416,7 +411,7 @@ def _recognize_matmul(node: ir.Node) -> LinearOp | Decline:
     )
 
 
-def _recognize_left_matmul(node: ir.Node) -> LinearOp | Decline:
+def _recognize_left_matmul(node: ir.Node) -> LinearOp | Declined:
     """``MatMul(W, x)``: a map along x's second-to-last axis (token mixing), ``y.T = x.T @ W.T``.
 
     Normalised like any op on the transposed view: ``weight = W.T`` (``(in, out)``), and a bias
@@ -428,15 +423,15 @@ def _recognize_left_matmul(node: ir.Node) -> LinearOp | Decline:
     assert x is not None
     rank = value_rank(x)
     if len(w.shape) != 2:
-        return Decline(node, f"left MatMul weight has rank {len(w.shape)}, expected 2")
+        return declined(node, f"left MatMul weight has rank {len(w.shape)}, expected 2")
     if rank is None or rank < 2:
-        return Decline(node, "the constant is the left operand and the data's rank is not known")
+        return declined(node, "the constant is the left operand and the data's rank is not known")
     found = usable_constant(node.inputs[0], (node,), w.shape[0])
-    if isinstance(found, str):
-        return Decline(node, found)
+    if isinstance(found, Declined):
+        return declined(node, found.reason)
     dtype = _float_type(node.inputs[0].dtype or w.dtype)
     if dtype is None:
-        return Decline(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
+        return declined(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
     nodes: tuple[ir.Node, ...] = (node,)
     constants: tuple[Constant, ...] = (w,)
     bias = _column_bias_add(node, int(w.shape[0]), rank)
@@ -473,14 +468,14 @@ def _column_bias_add(node: ir.Node, out: int, rank: int) -> tuple[ir.Node, Const
         return None
     other = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
     bias = usable_constant(other, (add,), out)
-    if isinstance(bias, str) or len(bias.shape) < 2 or len(bias.shape) > rank:
+    if isinstance(bias, Declined) or len(bias.shape) < 2 or len(bias.shape) > rank:
         return None
     if bias.shape[-1] != 1 or bias.shape[-2] != out or any(d != 1 for d in bias.shape[:-2]):
         return None
     return add, bias
 
 
-def _recognize_einsum(node: ir.Node) -> LinearOp | Decline | None:
+def _recognize_einsum(node: ir.Node) -> LinearOp | Declined | None:
     """``Einsum`` of the data and a constant matrix that is a plain ``x @ W`` on the last axis:
     ``"...i,ij->...j"`` (``W`` as is) or ``"...i,ji->...j"`` (``W.T``, torch's layout), the
     operands in either order and the leading indices kept in order. Anything else is not
@@ -495,7 +490,7 @@ def _recognize_einsum(node: ir.Node) -> LinearOp | Decline | None:
     lhs, arrow, out = equation.partition("->")
     terms = lhs.split(",")
     if not arrow or len(terms) != 2:
-        return Decline(node, f"Einsum '{equation}' has no explicit output: not read as x @ W")
+        return declined(node, f"Einsum '{equation}' has no explicit output: not read as x @ W")
     x_sub, w_sub = terms[1 - w_at], terms[w_at]
     contracted = x_sub[-1:] if x_sub else ""
     kept = w_sub.replace(contracted, "", 1) if len(w_sub) == 2 else ""
@@ -507,17 +502,17 @@ def _recognize_einsum(node: ir.Node) -> LinearOp | Decline | None:
         and out == x_sub[:-1] + kept
     )
     if not plain:
-        return Decline(node, f"Einsum '{equation}' is not a product x @ W on the last axis")
+        return declined(node, f"Einsum '{equation}' is not a product x @ W on the last axis")
     w = resolve(node.inputs[w_at])
     assert isinstance(w, Constant)
     transposed = w_sub[1] == contracted  # "oi": torch's (out, in) layout
     in_features, out_features = (w.shape[1], w.shape[0]) if transposed else w.shape
     found = usable_constant(node.inputs[w_at], (node,), out_features)
-    if isinstance(found, str):
-        return Decline(node, found)
+    if isinstance(found, Declined):
+        return declined(node, found.reason)
     dtype = _float_type(node.inputs[w_at].dtype or w.dtype)
     if dtype is None:
-        return Decline(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
+        return declined(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
     nodes: tuple[ir.Node, ...] = (node,)
     constants: tuple[Constant, ...] = (w,)
     bias = _bias_add(node, int(out_features), 1 - w_at)
@@ -543,8 +538,8 @@ def _recognize_einsum(node: ir.Node) -> LinearOp | Decline | None:
     )
 
 
-def recognize(node: ir.Node) -> LinearOp | Decline | None:
-    """Classify ``node``: a :class:`LinearOp`, a :class:`Decline` with the reason, or None.
+def recognize(node: ir.Node) -> LinearOp | Declined | None:
+    """Classify ``node``: a :class:`LinearOp`, a :class:`Declined` with the reason, or None.
 
     None means the node is not a Gemm/MatMul at all, so it is simply not part of any chain.
     """

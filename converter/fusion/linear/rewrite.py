@@ -32,10 +32,11 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.core.constants import Constant, other_users, remove_if_unused, resolve
+from converter.fusion.core.declined import Declined
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.branches import BranchSum
 from converter.fusion.linear.ops import LinearOp, value_rank
-from converter.report import Declined, FusionRecord
+from converter.report import FusionRecord
 
 __all__ = ["Names", "Rewrite", "Decision", "decide", "emits_gemm", "write"]
 

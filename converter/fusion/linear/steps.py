@@ -14,7 +14,7 @@ or ``(1, ..., 1, d)``, never raising the rank), so it is an affine map with a di
 
 A step alone is never rewritten (as a matrix it would cost ``d*d`` multiply-adds instead of
 ``d``); it is merged only into a segment that holds a Gemm or MatMul, which it never makes more
-expensive. A step that looks affine but cannot be used says why (:class:`Decline`), and the
+expensive. A step that looks affine but cannot be used says why (a :class:`~converter.fusion.core.declined.Declined`), and the
 reason is reported when it sits next to a linear op.
 """
 
@@ -27,14 +27,15 @@ import onnx_ir as ir
 
 from converter.fusion.conv.algebra import bn_affine
 from converter.fusion.core import shapes
-from converter.fusion.core.constants import Constant, NotConstant, resolve
+from converter.fusion.core.constants import Constant, resolve
+from converter.fusion.core.declined import Declined
 from converter.fusion.core.runtime_patterns import kept_for_runtime
 from converter.fusion.linear import algebra
 from converter.fusion.linear.ops import (
     FLOAT_TYPES,
-    Decline,
     LinearOp,
     broadcasts_along_last_axis,
+    declined,
     is_onnx,
     usable_constant,
     value_rank,
@@ -72,9 +73,9 @@ def _step(
     )
 
 
-def recognize_step(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Decline | None:
+def recognize_step(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined | None:
     """The step ``node`` computes as a :class:`LinearOp` (``elementwise=True``), a
-    :class:`Decline` when it is a constant step that cannot join a chain, or None.
+    :class:`Declined` when it is a constant step that cannot join a chain, or None.
 
     ``producer_of`` gives the op already recognised that produced a value, whose width and dtype
     stand in for a shape and type the model does not record.
@@ -98,25 +99,25 @@ def recognize_step(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Decline
         return None  # c / x is not affine
     kept = kept_for_runtime(node)
     if kept:
-        return Decline(node, kept)
+        return declined(node, kept)
     # The data's own width, never the constant's: x[N, 1] * c[d] broadcasts x up to d columns.
     width = _width(data, producer_of)
     if width is None:
         return None
     c = usable_constant(const, (node,), width)
-    if isinstance(c, str):
-        return Decline(node, c)
+    if isinstance(c, Declined):
+        return declined(node, c.reason)
     dtype = _dtype(data, producer_of) or c.dtype
     if dtype not in FLOAT_TYPES:
         return None
     if not broadcasts_along_last_axis(c.shape, data, width):
-        return Decline(
+        return declined(
             node,
             f"{node.op_type} by a constant of shape {list(c.shape)} varies along another axis "
             f"than the features (width {width})",
         )
     if node.op_type == "Div" and not np.all(c.array() != 0):
-        return Decline(node, "Div by a constant that holds a zero")
+        return declined(node, "Div by a constant that holds a zero")
     make = _elementwise_maker(node.op_type, data_index, c, width)
     return _step(node, data_index, width, dtype, (c,), make, bias=node.op_type in ("Add", "Sub"))
 
@@ -153,7 +154,7 @@ def _dtype(data: ir.Value, producer_of: ProducerOf) -> ir.DataType | None:
     return data.dtype or (op.dtype if op is not None else None)
 
 
-def _unary(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Decline | None:
+def _unary(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined | None:
     """``Neg`` (``W = -I``), ``Identity`` and inference ``Dropout`` (``W = I``)."""
     data = node.inputs[0] if node.inputs else None
     if data is None or isinstance(resolve(data), Constant):
@@ -161,7 +162,7 @@ def _unary(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Decline | None:
     if node.op_type == "Dropout":
         reason = _dropout_reason(node)
         if reason:
-            return Decline(node, reason)
+            return declined(node, reason)
     elif len(node.outputs) != 1:
         return None
     if node.op_type == "Cast" and not _same_type_cast(node, _dtype(data, producer_of)):
@@ -187,35 +188,35 @@ def _dropout_reason(node: ir.Node) -> str | None:
         return "Dropout's mask output is used"
     if len(node.inputs) >= 3 and node.inputs[2] is not None:
         mode = resolve(node.inputs[2])
-        if isinstance(mode, NotConstant) or bool(np.asarray(mode.array()).reshape(-1)[0]):
+        if isinstance(mode, Declined) or bool(np.asarray(mode.array()).reshape(-1)[0]):
             return "Dropout runs in training mode (export after model.eval())"
     return None
 
 
-def _batch_norm(node: ir.Node) -> LinearOp | Decline | None:
+def _batch_norm(node: ir.Node) -> LinearOp | Declined | None:
     """BatchNormalization in inference mode on a 2-D ``(N, C)`` input."""
     if len(node.inputs) != 5 or None in node.inputs:
         return None
     if node.attributes.get_int("training_mode", 0) != 0 or len(node.outputs) != 1:
-        return Decline(node, "BatchNormalization runs in training mode")
+        return declined(node, "BatchNormalization runs in training mode")
     if node.attributes.get_int("spatial", 1) != 1:
-        return Decline(node, "BatchNormalization with spatial=0 is not supported")
+        return declined(node, "BatchNormalization with spatial=0 is not supported")
     data = node.inputs[0]
     if _rank(data) != 2:
         rank = _rank(data)
         where = "of unknown rank" if rank is None else f"of rank {rank}"
-        return Decline(
+        return declined(
             node, f"BatchNormalization on an input {where}: channels (axis 1) are not its last axis"
         )
     params: list[Constant] = []
     for value in node.inputs[1:]:
         found = usable_constant(value, (node,), 1 << 62)  # all per-channel: small
-        if isinstance(found, str):
-            return Decline(node, found)
+        if isinstance(found, Declined):
+            return declined(node, found.reason)
         params.append(found)
     width = params[0].size
     if any(len(p.shape) != 1 or p.size != width for p in params):
-        return Decline(node, "BatchNormalization parameters are not vectors of one width")
+        return declined(node, "BatchNormalization parameters are not vectors of one width")
     # X and scale share a type unless the model says otherwise (opset 15 lets them differ).
     dtype = data.dtype or node.inputs[1].dtype or params[0].dtype
     if dtype not in FLOAT_TYPES:

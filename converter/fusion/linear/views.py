@@ -29,7 +29,8 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.core import shapes
-from converter.fusion.core.constants import Constant, NotConstant, is_onnx, resolve
+from converter.fusion.core.constants import Constant, is_onnx, resolve
+from converter.fusion.core.declined import Declined
 
 __all__ = ["Features", "VIEW_OPS", "axes_of", "follow", "single_reader", "static_dims"]
 
@@ -77,7 +78,7 @@ def axes_of(node: ir.Node) -> list[int] | None:
     """``axes`` of Squeeze/Unsqueeze as written, from the input (opset 13+) or the attribute."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         found = resolve(node.inputs[1])
-        if isinstance(found, NotConstant):
+        if isinstance(found, Declined):
             return None
         return [int(a) for a in np.asarray(found.array()).reshape(-1)]
     attr = node.attributes.get_ints("axes", None)

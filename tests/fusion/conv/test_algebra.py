@@ -8,6 +8,7 @@ with the unmerged computation, itself written with torch ops on the original arr
 from __future__ import annotations
 
 import ast
+import importlib
 import math
 import re
 
@@ -23,7 +24,6 @@ from converter.fusion.conv.algebra import (
     ConvGeometry,
     ConvMap,
     MergeCost,
-    Refusal,
     add_convs,
     add_cost,
     affine_in,
@@ -39,6 +39,7 @@ from converter.fusion.conv.algebra import (
     scale_out,
     to_groups,
 )
+from converter.fusion.core.declined import Declined
 
 RTOL = 1e-10
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -102,16 +103,31 @@ def _torch_bn(y: np.ndarray, stats, eps: float) -> np.ndarray:
 # --- the module and its types ----------------------------------------------------------------
 
 
-def test_module_imports_only_numpy_and_the_standard_library():
-    with open(conv_algebra.__file__, encoding="utf-8") as f:
+def _imports(path: str) -> set[str]:
+    with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    imported = {
-        alias.name.split(".")[0]
+    return {
+        alias.name
         for node in ast.walk(tree)
         if isinstance(node, ast.Import)
         for alias in node.names
-    } | {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "math", "collections", "dataclasses", "numpy"}
+    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_module_imports_only_numpy_and_the_standard_library():
+    # ... and the one pure-Python type of the package it returns, Declined, which imports only
+    # the standard library itself.
+    imported = _imports(conv_algebra.__file__)
+    from_package = {name for name in imported if name.startswith("converter")}
+    assert from_package == {"converter.fusion.core.declined"}
+    top = {name.split(".")[0] for name in imported - from_package}
+    assert top <= {"__future__", "math", "collections", "dataclasses", "numpy"}
+    declined = importlib.import_module("converter.fusion.core.declined")
+    assert {name.split(".")[0] for name in _imports(declined.__file__)} <= {
+        "__future__",
+        "dataclasses",
+        "typing",
+    }
 
 
 def test_every_public_name_imports():
@@ -180,7 +196,7 @@ def test_resolve_auto_pad(auto_pad, kernel, strides, spatial, expected):
 
 def test_resolve_auto_pad_refuses_a_strided_same_without_the_input_size():
     result = resolve_auto_pad("SAME_UPPER", (3, 3), (2, 2))
-    assert isinstance(result, Refusal)
+    assert isinstance(result, Declined)
     assert "depends on the input size" in result.reason
 
 
@@ -232,7 +248,7 @@ def test_affine_in_refuses_a_shift_before_a_padded_conv():
     rng = np.random.default_rng(6)
     conv = _conv(rng, 4, 2, (3, 3), pads=(1, 1, 1, 1))
     result = affine_in(conv, None, np.ones(2))
-    assert isinstance(result, Refusal)
+    assert isinstance(result, Declined)
     assert "padding contributes zeros, not the shift" in result.reason
     assert "[1, 1, 1, 1]" in result.reason
 
@@ -282,7 +298,7 @@ def test_pad_kernel_gives_a_one_wide_kernel_any_dilation():
 def test_pad_kernel_refusals(kernel, pads, big, big_pads, dilations, reason):
     conv = _conv(np.random.default_rng(9), 2, 2, kernel, pads=pads)
     result = pad_kernel(conv, big, big_pads, dilations)
-    assert isinstance(result, Refusal)
+    assert isinstance(result, Declined)
     assert reason in result.reason
 
 
@@ -325,7 +341,7 @@ def test_identity_conv_with_batch_norm_statistics_is_the_batch_norm():
 )
 def test_identity_conv_refusals(kernel, pads, reason):
     result = identity_conv(4, kernel, pads=pads)
-    assert isinstance(result, Refusal)
+    assert isinstance(result, Declined)
     assert reason in result.reason
 
 
@@ -346,7 +362,7 @@ def test_to_groups_keeps_the_conv(channels, old, new, rank):
 def test_to_groups_refuses_a_count_that_does_not_divide(old, new):
     conv = _conv(np.random.default_rng(13), 12, 12, (1, 1), groups=old)
     result = to_groups(conv, new)
-    assert isinstance(result, Refusal)
+    assert isinstance(result, Declined)
     assert f"with {old} groups is not expressible with {new} groups" in result.reason
 
 
@@ -436,7 +452,7 @@ def test_repmixer_and_positional_encoding_branches():
 def test_plan_compose_counts_an_unseen_bias_as_nonzero():
     first = ConvGeometry(4, 4, (1, 1), has_bias=True)
     second = ConvGeometry(4, 4, (3, 3), pads=(1,) * 4)
-    assert isinstance(plan_compose(first, second), Refusal)
+    assert isinstance(plan_compose(first, second), Declined)
     assert isinstance(plan_compose(first, second, first_bias=np.zeros(4)), ConvGeometry)
 
 
@@ -503,9 +519,9 @@ def test_add_convs_refusals(a, b, reason):
         return _conv(rng, out, 2, kernel, **{"pads": (1,) * 4, **spec})
 
     result = add_convs(make(a), make(b))
-    assert isinstance(result, Refusal)
+    assert isinstance(result, Declined)
     assert reason in result.reason
-    assert isinstance(plan_add(make(a).geometry, make(b).geometry), Refusal)
+    assert isinstance(plan_add(make(a).geometry, make(b).geometry), Declined)
 
 
 # --- sequential convs --------------------------------------------------------------------------
@@ -600,7 +616,7 @@ def test_compose_refuses_a_bias_pushed_into_padding():
     first = _conv(rng, 4, 3, (1, 1))
     second = _conv(rng, 5, 4, (3, 3), pads=(1, 1, 1, 1))
     result = compose(first, second)
-    assert isinstance(result, Refusal)
+    assert isinstance(result, Declined)
     assert "a bias pushed through zero padding becomes non-uniform at the borders" in result.reason
     assert _naive_compose_differs(first, second, _x(rng, 3, (5, 5)))
 
@@ -610,7 +626,7 @@ def test_compose_refuses_a_padded_second_conv_after_a_kxk():
     first = _conv(rng, 4, 3, (3, 3), pads=(1, 1, 1, 1), bias=False)
     second = _conv(rng, 5, 4, (3, 3), pads=(0, 1, 0, 1))
     result = compose(first, second)
-    assert isinstance(result, Refusal)
+    assert isinstance(result, Declined)
     assert "second conv pads with zeros along spatial axis 1" in result.reason
     assert _naive_compose_differs(first, second, _x(rng, 3, (5, 5)))
 
@@ -710,7 +726,7 @@ def test_add_convs_is_the_sum_or_says_why(pair, seed):
     rng = np.random.default_rng(seed)
     a, b = _build(rng, 4, spec_a), _build(rng, 4, spec_b)
     merged = add_convs(a, b)
-    if isinstance(merged, Refusal):
+    if isinstance(merged, Declined):
         assert re.search("outputs differ in size|different dilations|offset by", merged.reason)
         return
     x = _x(rng, 4, (7,) * rank)
@@ -724,7 +740,7 @@ def test_compose_is_the_chain_or_says_why(pair, seed):
     rng = np.random.default_rng(seed)
     first, second = _build(rng, 4, spec_a), _build(rng, 4, spec_b)
     composed = compose(first, second)
-    if isinstance(composed, Refusal):
+    if isinstance(composed, Declined):
         assert any(second.pads), composed.reason  # an unpadded second conv always composes
         return
     x = _x(rng, 4, (13,) * rank)
