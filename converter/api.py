@@ -27,7 +27,7 @@ from converter.equivalence.compare import OutputStats
 from converter.equivalence.runtime import OnDisk
 from converter.equivalence.validate import EquivalenceReport, check_equivalence
 from converter.errors import InputError, ValidationError
-from converter.fusion.linear.algebra import Policy
+from converter.fusion.core.policy import Policy
 from converter.fusion.passes import fuse_model
 from converter.gcpause import paused_collection
 from converter.model_io import files as io

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from converter.equivalence.inputs import check_inputs, load_inputs_npz, synthesize_inputs
 from converter.equivalence.runtime import load_side, open_session
 from converter.errors import InputError
-from converter.fusion.core.constants import constant_array
+from converter.fusion.core.constants import Constants
 from converter.fusion.core.declined import Declined
 
 __all__ = ["check_deterministic", "random_nodes"]
@@ -51,7 +51,7 @@ def _training_mode(node: ir.Node) -> bool:
     """Dropout's ``training_mode`` input (opset 12+) is not a constant false."""
     if len(node.inputs) < 3 or node.inputs[2] is None:
         return False
-    value = constant_array(node.inputs[2])
+    value = Constants().array(node.inputs[2])
     return isinstance(value, Declined) or bool(np.any(value))
 
 

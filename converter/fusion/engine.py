@@ -30,9 +30,7 @@ is at the end. A broken invariant is an :class:`~converter.errors.EngineError` (
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
@@ -41,60 +39,28 @@ from converter.fusion.conv.merge import merge_convs
 from converter.fusion.conv.to_linear import prefix_pointwise_convs
 from converter.fusion.core import invariants
 from converter.fusion.core.constants import other_users
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import single_reader
 from converter.fusion.linear import chains
 from converter.fusion.linear.absorb import Absorb, find_absorbs, remove_step
-from converter.fusion.linear.algebra import AffineMap, Policy
+from converter.fusion.linear.algebra import AffineMap
 from converter.fusion.linear.branches import find_sums
 from converter.fusion.linear.ops import LinearOp, recognize
 from converter.fusion.linear.rewrite import (
     Decision,
-    Names,
     Rewrite,
     decide,
     emits_gemm,
     overflow,
     write,
 )
-from converter.fusion.linear.views import VIEW_OPS, single_reader
-from converter.model_io.progress import ProgressCallback, no_progress
+from converter.fusion.linear.views import VIEW_OPS
 from converter.report import FusionRecord
 
-__all__ = ["Context", "fuse_graph"]
+__all__ = ["fuse_graph"]
 
 logger = logging.getLogger(__name__)
-
-CHECK_ENV = "ONNX_FUSE_CHECK_EVERY_REWRITE"
-
-
-@dataclass
-class Context:
-    """What every step of a run needs: the model, its opset, names, policy, progress, checks."""
-
-    model: ir.Model
-    opset: int
-    policy: Policy
-    names: Names
-    progress: ProgressCallback = no_progress
-    check_every_rewrite: bool = field(
-        default_factory=lambda: (
-            bool(os.environ.get(CHECK_ENV)) or logger.isEnabledFor(logging.DEBUG)
-        )
-    )
-    merged: int = 0
-    # The record of each merged op's output value, so a later merge that consumes it can say so.
-    records: dict[ir.Value, FusionRecord] = field(default_factory=dict)
-    # Each replaced node's name -> the merged op's name, for reasons reported after the merge.
-    renamed: dict[str, str] = field(default_factory=dict)
-    # A merge dropped one use of a constant other nodes still read: their decisions may change.
-    shared_released: bool = False
-    # ... and some of those nodes are in another graph (a subgraph, or the graph around one).
-    released_elsewhere: bool = False
-    # The first node of each merged op written in the current round.
-    written: list[ir.Node] = field(default_factory=list)
-    # Output values whose name now holds a step folded across views: not the original's numbers
-    # there, so a merge that takes one over cannot be measured at it either.
-    refolded: set[ir.Value] = field(default_factory=set)
 
 
 def fuse_graph(
@@ -107,7 +73,7 @@ def fuse_graph(
         ctx.shared_released = False
         ctx.written = []
         again, chains_made, declined = _round(ctx, graph, label, fusions)
-        if again or ctx.shared_released or _folds_waiting(ctx.written, label):
+        if again or ctx.shared_released or _folds_waiting(ctx, ctx.written, label):
             continue
         if chains_made and ctx.check_every_rewrite:
             _assert_fixpoint(ctx, graph, label)
@@ -115,12 +81,12 @@ def fuse_graph(
     raise EngineError(f"internal error: fusing {label} did not reach a fixpoint; nothing written")
 
 
-def _folds_waiting(written: list[ir.Node], label: str) -> bool:
+def _folds_waiting(ctx: Context, written: list[ir.Node], label: str) -> bool:
     """A merged segment now reaches a constant step through views (``MatMul -> Neg -> Transpose
     -> Mul``: the chain took the Neg, the Mul folds next): one more round folds it."""
     near = [n for n in written if _reaches_view(n)]  # cheap test first: most merges reach none
-    ops = [op for n in near if isinstance(op := recognize(n), LinearOp)]
-    return bool(ops) and bool(find_absorbs(ops, label)[0])
+    ops = [op for n in near if isinstance(op := recognize(ctx, n), LinearOp)]
+    return bool(ops) and bool(find_absorbs(ctx, ops, label)[0])
 
 
 def _reaches_view(node: ir.Node) -> bool:
@@ -165,24 +131,24 @@ def _round(
     the Conv's input, which another 1x1 Conv may compute (two the conv cost model kept apart),
     so it counts with the merges that need another round.
     """
-    runs, declined = chains.find_chains(graph, label, min_length=1)
+    runs, declined = chains.find_chains(ctx, graph, label, min_length=1)
     made = merge_convs(ctx, graph, label, fusions, declined)
     if made:
         return made, 0, declined
-    sums, sum_declined = find_sums(runs, ctx.policy, label)
+    sums, sum_declined = find_sums(ctx, runs, label)
     declined.extend(sum_declined)
     made = 0
     for found in sums:
         made += _apply(ctx, graph, label, Rewrite.branch_sum(found), fusions, declined)
     if made:
         return made, 0, declined
-    absorbs, absorb_declined = find_absorbs([op for run in runs for op in run], label)
+    absorbs, absorb_declined = find_absorbs(ctx, [op for run in runs for op in run], label)
     declined.extend(absorb_declined)
     for absorb in absorbs:
         made += _apply_absorb(ctx, graph, label, absorb, fusions)
     if made:
         return made, 0, declined
-    runs, conv_declined = prefix_pointwise_convs(runs, label)
+    runs, conv_declined = prefix_pointwise_convs(ctx, runs, label)
     declined.extend(conv_declined)
     planned: list[list[LinearOp]] = []
     for run in runs:
@@ -223,7 +189,7 @@ def _apply(
     """Make one merge if it is still possible and worth it; 1 if made, else 0."""
     if not rewrite.alive(graph):
         return 0  # an earlier merge of this round took part of it: matched again next round
-    decision = decide(rewrite, ctx.opset, ctx.policy, label)
+    decision = decide(ctx, rewrite, label)
     if isinstance(decision, Declined):
         declined.append(decision)
         return 0
@@ -246,7 +212,7 @@ def _apply_absorb(
     rewrite = Rewrite([op], [], [op.in_features, op.out_features], op.macs, absorb.affine)
     rewrite.note = absorb.note
     has_bias = op.has_bias or absorb.shift is not None
-    decision = Decision(emits_gemm(rewrite, has_bias, ctx.opset), has_bias, 0, 0)
+    decision = Decision(emits_gemm(ctx, rewrite, has_bias), has_bias, 0, 0)
     affine = rewrite.make_affine()
     if overflow(affine, op.dtype.numpy(), absorb.names, label):
         return 0
@@ -282,7 +248,7 @@ def _write(
         ctx.released_elsewhere |= any(u.graph is not graph for u in others)
     consumed = [ctx.records.pop(v) for n in old_nodes for v in n.outputs if v in ctx.records]
     refolded = then is not None or any(v in ctx.refolded for n in old_nodes for v in n.outputs)
-    record, new_nodes = write(graph, rewrite, decision, affine, ctx.names, label)
+    record, new_nodes = write(ctx, graph, rewrite, decision, affine, label)
     if then is not None:
         then(record)
     if refolded:  # the output's name carries a folded step: nothing to compare it with

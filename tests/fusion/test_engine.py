@@ -305,8 +305,8 @@ def test_an_inconsistent_rewrite_is_exit_3_and_writes_nothing(tmp_path, monkeypa
     src = tmp_path / "m.onnx"
     onnx.save(linear_chain([4, 8, 4]), src)
 
-    def broken(graph, *args, **kwargs):  # a merge that forgets to rewire the consumers
-        record, nodes = real_write(graph, *args, **kwargs)
+    def broken(ctx, graph, *args, **kwargs):  # a merge that forgets to rewire the consumers
+        record, nodes = real_write(ctx, graph, *args, **kwargs)
         graph.append(ir.node("Relu", [ir.Value(name="ghost")], name="dangling"))
         return record, nodes
 

@@ -2,7 +2,7 @@
 and the three shapes of merge :mod:`converter.fusion.conv.merge` makes.
 
 A *conv op* is an ONNX ``Conv`` whose weight (and bias, if any) is constant
-(:func:`converter.fusion.linear.ops.usable_constant`), in a float type, with ``auto_pad``
+(:meth:`~converter.fusion.core.constants.Constants.usable`), in a float type, with ``auto_pad``
 ``NOTSET`` or resolvable to explicit pads (:func:`conv_algebra.resolve_auto_pad`: ``VALID``,
 ``SAME_*`` at stride 1, or at any stride when the input's spatial size is known).
 
@@ -34,11 +34,12 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.conv import algebra as ca
-from converter.fusion.core.constants import Constant, is_onnx, resolve
+from converter.fusion.core.constants import Constant
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import is_onnx
 from converter.fusion.core.runtime_patterns import kept_for_runtime
-from converter.fusion.linear.branches import JOIN_OPS, is_join, tree_leaves
-from converter.fusion.linear.ops import FLOAT_TYPES, usable_constant
+from converter.fusion.linear.ops import FLOAT_TYPES
 
 __all__ = [
     "ConvOp",
@@ -48,10 +49,6 @@ __all__ = [
     "recognize_conv",
     "recognize_affine",
     "AFFINE_OPS",
-    "JOIN_OPS",
-    "is_join",
-    "tree_leaves",
-    "sole_consumer",
 ]
 
 AFFINE_OPS = frozenset({"BatchNormalization", "Mul", "Div", "Add", "Sub", "Neg"})
@@ -111,7 +108,7 @@ class ChannelAffine:
         return max(sum(c.size for c in self.constants), vectors * channels)
 
 
-def recognize_conv(node: ir.Node) -> ConvOp | Declined | None:
+def recognize_conv(ctx: Context, node: ir.Node) -> ConvOp | Declined | None:
     """``node`` as a :class:`ConvOp`, a reason why this Conv cannot merge, or None (not a Conv)."""
     if is_onnx(node, "ConvTranspose"):
         return Declined.because("ConvTranspose is not re-parameterised (only Conv is)")
@@ -119,18 +116,18 @@ def recognize_conv(node: ir.Node) -> ConvOp | Declined | None:
         return None
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return Declined.because("Conv is missing an input")
-    w = resolve(node.inputs[1])
+    w = ctx.constants.resolve(node.inputs[1])
     if not isinstance(w, Constant):
         return w
     if len(w.shape) < 3:
         return Declined.because(f"Conv weight has rank {len(w.shape)}")
     out_channels = w.shape[0]
-    weight = usable_constant(node.inputs[1], (node,), out_channels)
+    weight = ctx.constants.usable(node.inputs[1], (node,), out_channels)
     if isinstance(weight, Declined):
         return weight
     bias = None
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = usable_constant(node.inputs[2], (node,), out_channels)
+        bias = ctx.constants.usable(node.inputs[2], (node,), out_channels)
         if isinstance(bias, Declined):
             return bias
         if bias.size != out_channels:
@@ -194,29 +191,31 @@ def _per_channel(shape: tuple[int, ...], rank: int, channels: int) -> bool:
     return all(d == 1 or (i == channel_at and d == channels) for i, d in enumerate(shape))
 
 
-def recognize_affine(node: ir.Node, rank: int, channels: int) -> ChannelAffine | Declined | None:
+def recognize_affine(
+    ctx: Context, node: ir.Node, rank: int, channels: int
+) -> ChannelAffine | Declined | None:
     """``node`` as a channel affine on a rank-``rank`` tensor of ``channels`` channels, a reason
     why this constant step is not one, or None (not a constant step at all)."""
     if not is_onnx(node) or node.op_type not in AFFINE_OPS or not node.outputs:
         return None
     if node.op_type == "BatchNormalization":
-        return _batch_norm(node, channels)
+        return _batch_norm(ctx, node, channels)
     if node.op_type == "Neg":
         if len(node.inputs) != 1 or node.inputs[0] is None:
             return None
         return ChannelAffine(node, 0, [], False, lambda n: (np.full(n, -1.0), None))
     if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
         return None
-    consts = [isinstance(resolve(v), Constant) for v in node.inputs]
+    consts = [ctx.constants.is_constant(v) for v in node.inputs]
     if consts[0] == consts[1]:
         return None
     data_index = 1 if consts[0] else 0
     if node.op_type == "Div" and data_index == 1:
         return None  # c / x is not affine
-    kept = kept_for_runtime(node)
+    kept = kept_for_runtime(ctx, node)
     if kept:
         return Declined.because(kept)
-    c = usable_constant(node.inputs[1 - data_index], (node,), channels)
+    c = ctx.constants.usable(node.inputs[1 - data_index], (node,), channels)
     if isinstance(c, Declined):
         return c
     if not _per_channel(c.shape, rank, channels):
@@ -245,7 +244,7 @@ def _vectors(op_type: str, data_index: int, c: Constant):
     return lambda n: (np.full(n, -1.0), vec(n))  # Sub(c, x)
 
 
-def _batch_norm(node: ir.Node, channels: int) -> ChannelAffine | Declined | None:
+def _batch_norm(ctx: Context, node: ir.Node, channels: int) -> ChannelAffine | Declined | None:
     if len(node.inputs) != 5 or None in node.inputs:
         return None
     if node.attributes.get_int("training_mode", 0) != 0 or any(
@@ -258,7 +257,7 @@ def _batch_norm(node: ir.Node, channels: int) -> ChannelAffine | Declined | None
         return Declined.because("BatchNormalization with spatial=0 is not supported")
     params: list[Constant] = []
     for value in node.inputs[1:]:
-        found = usable_constant(value, (node,), 1 << 62)  # all per-channel: small
+        found = ctx.constants.usable(value, (node,), 1 << 62)  # all per-channel: small
         if isinstance(found, Declined):
             return found
         params.append(found)
@@ -333,11 +332,3 @@ class ConvMerge:
             return False
         x = self.x
         return all(node.inputs[i] is x for node, i in self.reads)
-
-
-def sole_consumer(value: ir.Value) -> ir.Node | None:
-    """The one node that reads ``value`` (once), if it is not also a graph output."""
-    if value.is_graph_output():
-        return None
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 else None

@@ -28,7 +28,6 @@ expansion followed by a depthwise conv stays two convs); a fold never adds eithe
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
@@ -38,19 +37,15 @@ from converter.fusion.conv.match import (
     ConvMerge,
     ConvOp,
     Term,
-    is_join,
     recognize_affine,
     recognize_conv,
-    sole_consumer,
-    tree_leaves,
 )
 from converter.fusion.conv.rewrite import apply
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
-from converter.fusion.linear.branches import feeds_only
+from converter.fusion.core.graph import feeds_only, sole_consumer
+from converter.fusion.core.joins import is_join, tree_leaves
 from converter.report import FusionRecord
-
-if TYPE_CHECKING:
-    from converter.fusion.engine import Context
 
 __all__ = ["merge_convs"]
 
@@ -68,12 +63,12 @@ def merge_convs(
 
     When none is made, the reasons for what was not merged are appended to ``declined``.
     """
-    convs, refused = _recognise(graph)
+    convs, refused = _recognise(ctx, graph)
     if not convs and not refused:
         return 0
     reasons: list[Declined] = []
     for find in (_find_folds, _find_sums, _find_compositions):
-        merges = find(graph, convs, refused, label, reasons)
+        merges = find(ctx, graph, convs, refused, label, reasons)
         made = sum(apply(ctx, graph, label, m, fusions, reasons) for m in merges)
         if made:
             return made
@@ -84,11 +79,11 @@ def merge_convs(
 Refused = dict[ir.Node, Declined]
 
 
-def _recognise(graph: ir.Graph) -> tuple[dict[ir.Node, ConvOp], Refused]:
+def _recognise(ctx: Context, graph: ir.Graph) -> tuple[dict[ir.Node, ConvOp], Refused]:
     convs: dict[ir.Node, ConvOp] = {}
     refused: Refused = {}
     for node in graph:
-        found = recognize_conv(node)
+        found = recognize_conv(ctx, node)
         if isinstance(found, ConvOp):
             convs[node] = found
         elif isinstance(found, Declined):
@@ -100,26 +95,26 @@ def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
 
 
-def _affine_after(node: ir.Node, value: ir.Value, rank: int, channels: int):
+def _affine_after(ctx: Context, node: ir.Node, value: ir.Value, rank: int, channels: int):
     """The channel affine ``node`` applies to ``value``, a reason, or None."""
-    found = recognize_affine(node, rank, channels)
+    found = recognize_affine(ctx, node, rank, channels)
     if isinstance(found, ChannelAffine) and found.data is not value:
         return None
     return found
 
 
-def _find_folds(graph, convs, refused, label, reasons) -> list[ConvMerge]:
+def _find_folds(ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
     """Every conv + following affine, then every affine + following conv."""
     after, before = [], []
     for node in graph:
         op = convs.get(node)
         if op is None:
-            _refused_fold(node, refused, label, reasons)
+            _refused_fold(ctx, node, refused, label, reasons)
             continue
         g = op.geometry
         consumer = sole_consumer(op.output)
         if consumer is not None:
-            found = _affine_after(consumer, op.output, g.rank + 2, g.out_channels)
+            found = _affine_after(ctx, consumer, op.output, g.rank + 2, g.out_channels)
             if isinstance(found, ChannelAffine):
                 after.append(_fold_after(op, found))
             elif isinstance(found, Declined):
@@ -127,7 +122,7 @@ def _find_folds(graph, convs, refused, label, reasons) -> list[ConvMerge]:
         x = op.input
         producer = None if x is None else x.producer()
         if producer is not None and sole_consumer(x) is node:
-            found = recognize_affine(producer, g.rank + 2, g.in_channels)
+            found = recognize_affine(ctx, producer, g.rank + 2, g.in_channels)
             if isinstance(found, ChannelAffine):
                 before.append(_fold_before(found, op))
             elif isinstance(found, Declined):
@@ -135,17 +130,19 @@ def _find_folds(graph, convs, refused, label, reasons) -> list[ConvMerge]:
     return after + before
 
 
-def _refused_fold(node: ir.Node, refused: Refused, label: str, reasons: list[Declined]) -> None:
+def _refused_fold(
+    ctx: Context, node: ir.Node, refused: Refused, label: str, reasons: list[Declined]
+) -> None:
     """A reason for a Conv (or ConvTranspose) we cannot use when a channel affine follows it."""
     if node not in refused or not node.outputs:
         return
     consumer = sole_consumer(node.outputs[0])
-    if consumer is not None and _is_constant_step(consumer):
+    if consumer is not None and _is_constant_step(ctx, consumer):
         reasons.append(refused[node].about([_name(node), _name(consumer)], label))
 
 
-def _is_constant_step(node: ir.Node) -> bool:
-    found = recognize_affine(node, 4, 1)  # any shape: just "is it a constant step at all"
+def _is_constant_step(ctx: Context, node: ir.Node) -> bool:
+    found = recognize_affine(ctx, node, 4, 1)  # any shape: just "is it a constant step at all"
     return found is not None
 
 
@@ -219,19 +216,23 @@ def _with_bias(g: ca.ConvGeometry, has_bias: bool) -> ca.ConvGeometry:
     )
 
 
-def _roots(graph: ir.Graph) -> list[ir.Node]:
+def _roots(ctx: Context, graph: ir.Graph) -> list[ir.Node]:
     """Joins not inside a larger tree of joins, in graph order."""
-    return [n for n in graph if is_join(n) and not is_join(sole_consumer(n.outputs[0]) or None)]
+    return [
+        n
+        for n in graph
+        if is_join(ctx, n) and not is_join(ctx, sole_consumer(n.outputs[0]) or None)
+    ]
 
 
-def _find_sums(graph, convs, refused, label, reasons) -> list[ConvMerge]:
+def _find_sums(ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
     """Every tree of sums over conv branches of one input (the largest that matches)."""
     merges: list[ConvMerge] = []
-    for root in _roots(graph):
-        joins, _ = tree_leaves(root)
+    for root in _roots(ctx, graph):
+        joins, _ = tree_leaves(ctx, root)
         first_reason = None
         for candidate in joins[::-1]:  # the whole tree, then its subtrees
-            found = _match_sum(candidate, convs, refused)
+            found = _match_sum(ctx, candidate, convs, refused)
             if isinstance(found, ConvMerge):
                 merges.append(found)
                 break
@@ -243,9 +244,9 @@ def _find_sums(graph, convs, refused, label, reasons) -> list[ConvMerge]:
     return merges
 
 
-def _match_sum(root: ir.Node, convs, refused) -> ConvMerge | Declined | None:
+def _match_sum(ctx: Context, root: ir.Node, convs, refused) -> ConvMerge | Declined | None:
     """The branch sum rooted at ``root``; a reason when it nearly is one; None otherwise."""
-    joins, leaves = tree_leaves(root)
+    joins, leaves = tree_leaves(ctx, root)
     if len(leaves) < 2 or len({id(v) for _, v in leaves}) != len(leaves):
         return None
     members = set(joins)
@@ -270,7 +271,7 @@ def _match_sum(root: ir.Node, convs, refused) -> ConvMerge | Declined | None:
         elif producer in refused and producer.inputs and producer.inputs[0] is x:
             return Declined.because(f"branch '{_name(producer)}': {refused[producer].reason}")
         else:
-            affine = None if producer is None else _affine_after(producer, x, rank, channels)
+            affine = None if producer is None else _affine_after(ctx, producer, x, rank, channels)
             if isinstance(affine, Declined):
                 return Declined.because(f"branch '{_name(producer)}': {affine.reason}")
             if affine is None or not feeds_only(value, members):
@@ -350,7 +351,7 @@ def _describe(terms: list[Term]) -> str:
     return " ".join(parts)
 
 
-def _find_compositions(graph, convs, refused, label, reasons) -> list[ConvMerge]:
+def _find_compositions(ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
     """Every Conv whose only consumer is another Conv reading it as its data input."""
     merges = []
     for node, first in convs.items():

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -22,12 +21,11 @@ from converter.fusion.conv import algebra as ca
 from converter.fusion.conv.match import ConvMerge
 from converter.fusion.core import invariants
 from converter.fusion.core.constants import remove_if_unused
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import shape_list
 from converter.fusion.linear import algebra
 from converter.report import FusionRecord
-
-if TYPE_CHECKING:
-    from converter.fusion.engine import Context
 
 __all__ = ["apply"]
 
@@ -132,8 +130,8 @@ def _write(
         graph=label,
         output=old_out.name or "",
         widths=[conv.in_channels, conv.out_channels],
-        input_shape=_shape_list(x),
-        output_shape=_shape_list(old_out),
+        input_shape=shape_list(x),
+        output_shape=shape_list(old_out),
         macs_before=merge.macs_before,
         macs_after=conv.macs_per_position,
         params_before=merge.params_before,
@@ -157,9 +155,3 @@ def _write(
         invariants.check_model(ctx.model)
     ctx.merged += 1
     logger.debug("merged %s (%s)", record.nodes, record.note)
-
-
-def _shape_list(value: ir.Value) -> list[int | str | None] | None:
-    if value.shape is None:
-        return None
-    return [d if isinstance(d, int) else d.value for d in value.shape]

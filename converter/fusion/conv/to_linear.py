@@ -35,8 +35,9 @@ import onnx_ir as ir
 
 from converter.fusion.conv import algebra as ca
 from converter.fusion.conv.match import ConvOp, recognize_conv
-from converter.fusion.core.constants import is_onnx
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import is_onnx
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.ops import LinearOp
 
@@ -48,14 +49,14 @@ def _name(node: ir.Node) -> str:
 
 
 def prefix_pointwise_convs(
-    runs: list[list[LinearOp]], label: str
+    ctx: Context, runs: list[list[LinearOp]], label: str
 ) -> tuple[list[list[LinearOp]], list[Declined]]:
     """``runs`` with the 1x1 Conv (as a :class:`LinearOp` read through its Transpose) put in
     front of each run it feeds, and a reason for every Conv -> Transpose -> run that is not."""
     extended: list[list[LinearOp]] = []
     declined: list[Declined] = []
     for run in runs:
-        found = _pointwise_before(run[0])
+        found = _pointwise_before(ctx, run[0])
         if isinstance(found, LinearOp):
             extended.append([found, *run])
             continue
@@ -65,7 +66,7 @@ def prefix_pointwise_convs(
     return extended, declined
 
 
-def _pointwise_before(op: LinearOp) -> LinearOp | Declined | None:
+def _pointwise_before(ctx: Context, op: LinearOp) -> LinearOp | Declined | None:
     """The Conv before ``op`` (through a Transpose) as a linear op, why it is not one, or None."""
     transpose = op.input.producer()
     if not is_onnx(transpose, "Transpose") or not transpose.inputs:
@@ -75,7 +76,7 @@ def _pointwise_before(op: LinearOp) -> LinearOp | Declined | None:
     if conv_out is None or not is_onnx(conv, "Conv"):
         return None
     names = [_name(conv), _name(transpose), *op.names]
-    found = recognize_conv(conv)
+    found = recognize_conv(ctx, conv)
     if not isinstance(found, ConvOp):
         return found.about(names) if isinstance(found, Declined) else None
     perm = _perm(transpose, found.geometry.rank + 2)

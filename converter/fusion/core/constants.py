@@ -1,4 +1,4 @@
-"""The one answer to "is this value constant, and what is its array".
+"""The one answer to "is this value constant, and what is its array": :class:`Constants`.
 
 A value is constant when it is
 
@@ -9,52 +9,38 @@ A value is constant when it is
   through ``Identity``), ``Transpose`` of one (exports without constant folding write weights as
   ``Transpose(W)``), ``Cast`` of one, or ``Reshape`` of one by a constant shape,
 
-and no training algorithm in ``training_info`` updates it. Sparse constants are not represented:
-onnx-ir cannot load them, so such a model is refused at load time and never reaches this module.
+and no training algorithm in ``training_info`` updates it (the run's ``trained`` values). Sparse
+constants are not represented: onnx-ir cannot load them, so such a model is refused at load time
+and never reaches this module.
 
-:func:`resolve` reads shapes, not weights: the array is built on demand by
-:meth:`Constant.array`, so recognising every op of a multi-gigabyte model touches no weight.
-Recognition, the cost model, size accounting and clean-up all ask this module.
+:meth:`Constants.resolve` reads shapes, not weights: the array is built on demand by
+:meth:`Constant.array`, so recognising every op of a multi-gigabyte model touches no weight. Each
+value is resolved once per run: a :class:`Constants` belongs to one run (its
+:class:`~converter.fusion.core.context.Context`) and its answers go with it. Recognition, the cost
+model, size accounting and clean-up all ask it.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.core.declined import Declined
-from converter.model_io import training
+from converter.fusion.core.graph import is_onnx, label
 
 __all__ = [
     "Constant",
-    "resolve",
-    "constant_array",
-    "is_onnx",
-    "label",
+    "Constants",
+    "axes_of",
     "other_users",
     "parameter_count",
     "recorded_size",
     "remove_if_unused",
 ]
-
-
-def is_onnx(node: ir.Node | None, op_type: str | None = None) -> bool:
-    """``node`` is a standard ONNX op (default domain), of ``op_type`` if given."""
-    return (
-        node is not None
-        and node.domain in ("", "ai.onnx")
-        and (op_type is None or node.op_type == op_type)
-    )
-
-
-def label(value: ir.Value | None) -> str:
-    """A value's name for messages."""
-    return "<missing>" if value is None else value.name or "<unnamed>"
 
 
 @dataclass(frozen=True)
@@ -87,41 +73,68 @@ class Constant:
 _DERIVED = ("Identity", "Transpose", "Cast", "Reshape")
 
 
-# Each value's answer, kept while the value lives (a weak key: it goes with the model).
-_CACHE: weakref.WeakKeyDictionary[ir.Value, Constant | Declined] = weakref.WeakKeyDictionary()
+class Constants:
+    """One run's answers to "is this value constant, and what is it", each value asked once.
 
-
-def resolve(value: ir.Value | None) -> Constant | Declined:
-    """The :class:`Constant` behind ``value``, or why it is not one (a :class:`Declined`).
-
-    The answer is remembered while the value lives: merges never change a constant, they only
-    make new values, and a value whose producer a merge removed is read by nobody.
+    The answers are kept for the run: merges never change a constant, they only make new values,
+    and a value whose producer a merge removed is read by nobody. ``trained`` are the values the
+    model's ``training_info`` updates (never constant).
     """
-    if value is None:
-        return Declined.because("input is missing")
-    cached = _CACHE.get(value)
-    if cached is None:
-        cached = _resolve(value)
-        _CACHE[value] = cached
-    if isinstance(cached, Constant) and training.any_trained():  # marked after the cache was made
-        trained = next((v for v in cached.chain if training.is_trained(v)), None)
-        if trained is not None:
+
+    def __init__(self, trained: Collection[ir.Value] = frozenset()) -> None:
+        self.trained = trained
+        self._answers: dict[ir.Value, Constant | Declined] = {}
+
+    def resolve(self, value: ir.Value | None) -> Constant | Declined:
+        """The :class:`Constant` behind ``value``, or why it is not one."""
+        if value is None:
+            return Declined.because("input is missing")
+        found = self._answers.get(value)
+        if found is None:
+            found = self._answers[value] = _resolve(self, value)
+        return found
+
+    def is_constant(self, value: ir.Value | None) -> bool:
+        return isinstance(self.resolve(value), Constant)
+
+    def array(self, value: ir.Value | None) -> np.ndarray | Declined:
+        """The array of a constant ``value``, or why it is not one."""
+        found = self.resolve(value)
+        return found if isinstance(found, Declined) else found.array()
+
+    def usable(
+        self, value: ir.Value | None, owners: Iterable[ir.Node], small: int
+    ) -> Constant | Declined:
+        """The constant behind ``value`` for a merge of the nodes ``owners``, or why not usable.
+
+        A constant that nodes outside ``owners`` also read is usable only when it holds at most
+        ``small`` elements (the op's width): the merge copies it, and the original stays for
+        them. A large one (a weight matrix, say a tied embedding) is refused: merging would keep
+        the old copy alive beside the new one.
+        """
+        found = self.resolve(value)
+        if isinstance(found, Declined):
+            return found
+        others = other_users(found, set(owners))
+        if others and found.size > small:
+            other = others[0]
             return Declined.because(
-                f"weight '{label(trained)}' is trained by the model's training_info"
+                f"weight '{label(value)}' is shared with node '{other.name or other.op_type}' "
+                f"(merging would keep both copies)"
             )
-    return cached
+        return found
 
 
-def _resolve(value: ir.Value) -> Constant | Declined:
+def _resolve(constants: Constants, value: ir.Value) -> Constant | Declined:
     if value.is_graph_input():
         return Declined.because(
             f"weight '{label(value)}' is a graph input (it can be overridden at run time)"
         )
-    if training.is_trained(value):
+    if value in constants.trained:
         return Declined.because(f"weight '{label(value)}' is trained by the model's training_info")
     producer = value.producer()
     if value.const_value is None and is_onnx(producer) and producer.op_type in _DERIVED:
-        return _derived(value, producer)
+        return _derived(constants, value, producer)
     if value.const_value is None and not is_onnx(producer, "Constant"):
         return Declined.because(f"weight '{label(value)}' is not constant")
     try:
@@ -143,11 +156,11 @@ def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...] | None:
     return tuple(int(d) for d in tensor.shape)
 
 
-def _derived(value: ir.Value, node: ir.Node) -> Constant | Declined:
+def _derived(constants: Constants, value: ir.Value, node: ir.Node) -> Constant | Declined:
     """A constant computed from another by ``Identity``/``Transpose``/``Cast``/``Reshape``."""
     if not node.inputs or node.inputs[0] is None or len(node.outputs) != 1:
         return Declined.because(f"weight '{label(value)}' is not constant")
-    source = resolve(node.inputs[0])
+    source = constants.resolve(node.inputs[0])
     if isinstance(source, Declined):
         return source
     derive = {
@@ -156,7 +169,7 @@ def _derived(value: ir.Value, node: ir.Node) -> Constant | Declined:
         "Cast": _cast,
         "Reshape": _reshape,
     }[node.op_type]
-    found = derive(node, source)
+    found = derive(constants, node, source)
     if found is None:
         return Declined.because(f"weight '{label(value)}' is not constant")
     shape, dtype, load = found
@@ -166,11 +179,11 @@ def _derived(value: ir.Value, node: ir.Node) -> Constant | Declined:
 _Derived = tuple[tuple[int, ...], ir.DataType, Callable[[], np.ndarray]] | None
 
 
-def _identity(node: ir.Node, source: Constant) -> _Derived:
+def _identity(constants: Constants, node: ir.Node, source: Constant) -> _Derived:
     return source.shape, source.dtype, source.load
 
 
-def _transpose(node: ir.Node, source: Constant) -> _Derived:
+def _transpose(constants: Constants, node: ir.Node, source: Constant) -> _Derived:
     rank = len(source.shape)
     perm = node.attributes.get_ints("perm", None)
     perm = list(range(rank))[::-1] if perm is None else list(perm)
@@ -180,7 +193,7 @@ def _transpose(node: ir.Node, source: Constant) -> _Derived:
     return shape, source.dtype, lambda: np.transpose(source.array(), perm)
 
 
-def _cast(node: ir.Node, source: Constant) -> _Derived:
+def _cast(constants: Constants, node: ir.Node, source: Constant) -> _Derived:
     to = node.attributes.get_int("to", None)
     if to is None or node.attributes.get_int("saturate", 1) != 1:
         return None
@@ -192,10 +205,10 @@ def _cast(node: ir.Node, source: Constant) -> _Derived:
     return source.shape, dtype, lambda: source.array().astype(np_dtype)
 
 
-def _reshape(node: ir.Node, source: Constant) -> _Derived:
+def _reshape(constants: Constants, node: ir.Node, source: Constant) -> _Derived:
     if len(node.inputs) < 2:
         return None
-    target = resolve(node.inputs[1])
+    target = constants.resolve(node.inputs[1])
     if isinstance(target, Declined) or target.dtype != ir.DataType.INT64:
         return None
     dims = [int(d) for d in np.asarray(target.array()).reshape(-1)]
@@ -210,10 +223,16 @@ def _reshape(node: ir.Node, source: Constant) -> _Derived:
     return shape, source.dtype, lambda: np.reshape(source.array(), shape)
 
 
-def constant_array(value: ir.Value | None) -> np.ndarray | Declined:
-    """The array of a constant ``value``, or why it is not one."""
-    found = resolve(value)
-    return found if isinstance(found, Declined) else found.array()
+def axes_of(constants: Constants, node: ir.Node) -> list[int] | None:
+    """``axes`` of Squeeze/Unsqueeze (or a reduction) as written, from the input (opset 13+) or
+    the attribute; None when absent or not constant."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        found = constants.resolve(node.inputs[1])
+        if isinstance(found, Declined):
+            return None
+        return [int(a) for a in np.asarray(found.array()).reshape(-1)]
+    attr = node.attributes.get_ints("axes", None)
+    return None if attr is None else list(attr)
 
 
 def other_users(constant: Constant, owners: set[ir.Node]) -> list[ir.Node]:
@@ -228,12 +247,12 @@ def other_users(constant: Constant, owners: set[ir.Node]) -> list[ir.Node]:
     return users
 
 
-def parameter_count(value: ir.Value | None) -> int:
+def parameter_count(constants: Constants, value: ir.Value | None) -> int:
     """Elements held by ``value`` as a weight: its constant's size, or its static shape's."""
     size = recorded_size(value)
     if size is not None:
         return size  # a recorded static shape is the constant's (nothing resolved)
-    found = resolve(value)
+    found = constants.resolve(value)
     if isinstance(found, Constant):
         return found.size
     if value is None or value.shape is None or not value.shape.is_static():

@@ -25,13 +25,12 @@ order onnxruntime's ``GeluFusion`` does not match. :func:`rewrite_for_runtime` r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.core import shapes
-from converter.fusion.core.constants import Constant, is_onnx, resolve
+from converter.fusion.core.constants import Constant
+from converter.fusion.core.context import Context
+from converter.fusion.core.graph import is_onnx
 
 __all__ = ["kept_for_runtime", "rewrite_for_runtime"]
 
@@ -41,12 +40,12 @@ _SQUASH = {"Erf": "erf", "Tanh": "tanh"}
 _TRANSPARENT = frozenset({"Cast"})
 
 
-def kept_for_runtime(node: ir.Node) -> str | None:
+def kept_for_runtime(ctx: Context, node: ir.Node) -> str | None:
     """Why the constant step ``node`` must stay where it is (it belongs to a pattern a runtime
     fuses into one kernel), or None. ``node`` is any node; only constant steps can be kept."""
     if not is_onnx(node) or node.op_type not in _STEP_OPS:
         return None
-    data = _data_input(node)
+    data = _data_input(ctx, node)
     if data is None:
         return None
     if node.op_type == "Mul":
@@ -60,7 +59,7 @@ def kept_for_runtime(node: ir.Node) -> str | None:
                 "kept: the weight of a LayerNorm/RMSNorm decomposition, which onnxruntime fuses "
                 "into one kernel with it"
             )
-    if node.op_type == "Add" and _norm_weighted(data):
+    if node.op_type == "Add" and _norm_weighted(ctx, data):
         return (
             "kept: the bias of a LayerNorm decomposition, which onnxruntime fuses into one "
             "kernel with it"
@@ -68,11 +67,11 @@ def kept_for_runtime(node: ir.Node) -> str | None:
     return None
 
 
-def _data_input(node: ir.Node) -> ir.Value | None:
+def _data_input(ctx: Context, node: ir.Node) -> ir.Value | None:
     """The one non-constant input of a binary step (None unless exactly one is constant)."""
     if len(node.inputs) != 2 or None in node.inputs:
         return None
-    data = [v for v in node.inputs if not isinstance(resolve(v), Constant)]
+    data = [v for v in node.inputs if not ctx.constants.is_constant(v)]
     return data[0] if len(data) == 1 else None
 
 
@@ -175,16 +174,16 @@ def _normalized(value: ir.Value) -> bool:
     return False
 
 
-def _norm_weighted(value: ir.Value) -> bool:
+def _norm_weighted(ctx: Context, value: ir.Value) -> bool:
     """``value`` is a norm's output times its (constant) weight: the beta ``Add`` comes next."""
     weight = _producer(value, "Mul")
     if weight is None:
         return False
-    data = _data_input(weight)
+    data = _data_input(ctx, weight)
     return data is not None and _normalized(data)
 
 
-def rewrite_for_runtime(graph: ir.Graph, fresh: Callable[[str], str]) -> list[str]:
+def rewrite_for_runtime(ctx: Context, graph: ir.Graph) -> list[str]:
     """Write the patterns of ``graph`` (not its subgraphs) that an exporter spells in an order
     onnxruntime does not match in the order it does; one line per rewrite, for the report.
 
@@ -193,58 +192,58 @@ def rewrite_for_runtime(graph: ir.Graph, fresh: Callable[[str], str]) -> list[st
     - an RMSNorm's ``Reciprocal(sqrt(mean + eps))`` becomes ``Div(1, sqrt(...))`` (both one
       correctly rounded division), which ``SimplifiedLayerNormFusion`` matches.
 
-    ``fresh(base)`` gives a name unused in the model (for new nodes, values and constants).
+    New nodes, values and constants get names fresh in the model (``ctx.names``).
     """
     lines = []
     for node in list(graph):
-        if _reorder_gelu(graph, node, fresh):
+        if _reorder_gelu(ctx, graph, node):
             lines.append(f"GELU at '{node.name}' reordered as x * (1 + erf(x / sqrt 2)) * 0.5")
             continue
-        div = _reciprocal_as_div(graph, node, fresh)
+        div = _reciprocal_as_div(ctx, graph, node)
         if div is not None:
             lines.append(f"RMSNorm's Reciprocal '{node.name}' written as Div(1, Sqrt) '{div}'")
     return lines
 
 
-def _reorder_gelu(graph: ir.Graph, node: ir.Node, fresh: Callable[[str], str]) -> bool:
-    found = _dynamo_gelu(node)
+def _reorder_gelu(ctx: Context, graph: ir.Graph, node: ir.Node) -> bool:
+    found = _dynamo_gelu(ctx, node)
     if found is None:
         return False
     half, inner, x, total = found
     base = inner.name or "gelu_product"
-    product = ir.node("Mul", [x, total], name=fresh(base))
+    product = ir.node("Mul", [x, total], name=ctx.names.fresh(base))
     out = product.outputs[0]
-    out.name = fresh(f"{base}_output")
+    out.name = ctx.names.fresh(f"{base}_output")
     if node.outputs[0].type is not None:  # the product has the GELU's type and shape
         out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
     graph.insert_before(node, product)
     node.replace_input_with(0, out)
     node.replace_input_with(1, half)
     graph.remove(inner, safe=True)
-    node.name = node.name or fresh("gelu")
+    node.name = node.name or ctx.names.fresh("gelu")
     return True
 
 
-def _reciprocal_as_div(graph: ir.Graph, node: ir.Node, fresh: Callable[[str], str]) -> str | None:
+def _reciprocal_as_div(ctx: Context, graph: ir.Graph, node: ir.Node) -> str | None:
     """``Reciprocal(sqrt(mean(x^2) + eps))`` read by the norm's ``Mul``s, as ``Div(1, .)``:
     the new node's name, or None when ``node`` is not that."""
     if not is_onnx(node, "Reciprocal") or not node.inputs or node.inputs[0] is None:
         return None
     root, out = node.inputs[0], node.outputs[0]
     if out.dtype is None and root.dtype is None:
-        shapes.request()  # the model records no types: infer them (once per run)
+        ctx.shapes.request()  # the model records no types: infer them (once per run)
     dtype = out.dtype or root.dtype
     readers = [u.node for u in out.uses()]
     if dtype is None or not readers or not all(is_onnx(r, "Mul") for r in readers):
         return None
     if not _root_of_mean(root):
         return None
-    one = ir.Value(name=fresh("one"), const_value=ir.tensor(np.array(1, dtype.numpy())))
+    one = ir.Value(name=ctx.names.fresh("one"), const_value=ir.tensor(np.array(1, dtype.numpy())))
     one.dtype, one.shape = dtype, ir.Shape([])
     graph.register_initializer(one)
-    div = ir.node("Div", [one, root], name=fresh(node.name or "reciprocal"))
+    div = ir.node("Div", [one, root], name=ctx.names.fresh(node.name or "reciprocal"))
     div.outputs[0].name, div.outputs[0].dtype, div.outputs[0].shape = (
-        fresh(out.name or "reciprocal_output"),
+        ctx.names.fresh(out.name or "reciprocal_output"),
         dtype,
         out.shape,
     )
@@ -254,7 +253,9 @@ def _reciprocal_as_div(graph: ir.Graph, node: ir.Node, fresh: Callable[[str], st
     return div.name
 
 
-def _dynamo_gelu(node: ir.Node) -> tuple[ir.Value, ir.Node, ir.Value, ir.Value] | None:
+def _dynamo_gelu(
+    ctx: Context, node: ir.Node
+) -> tuple[ir.Value, ir.Node, ir.Value, ir.Value] | None:
     """``node`` is ``Mul(x, Mul(0.5, 1 + erf(x / s)))`` (operands in any order): (the 0.5, the
     inner Mul, x, the sum), or None. The inner Mul must feed only ``node``."""
     if not is_onnx(node, "Mul") or len(node.inputs) != 2 or None in node.inputs:
@@ -264,7 +265,7 @@ def _dynamo_gelu(node: ir.Node) -> tuple[ir.Value, ir.Node, ir.Value, ir.Value] 
         inner = scaled.producer()
         if not is_onnx(inner, "Mul") or scaled.is_graph_output() or len(scaled.uses()) != 1:
             continue
-        half = _half_operand(inner)
+        half = _half_operand(ctx, inner)
         if half is None or scaled is x:
             continue
         total = inner.inputs[1] if inner.inputs[0] is half else inner.inputs[0]
@@ -273,12 +274,12 @@ def _dynamo_gelu(node: ir.Node) -> tuple[ir.Value, ir.Node, ir.Value, ir.Value] 
     return None
 
 
-def _half_operand(node: ir.Node) -> ir.Value | None:
+def _half_operand(ctx: Context, node: ir.Node) -> ir.Value | None:
     """The operand of ``node`` that is the constant scalar 0.5, if any."""
     if len(node.inputs) != 2 or None in node.inputs:
         return None
     for v in node.inputs:
-        c = resolve(v)
+        c = ctx.constants.resolve(v)
         if isinstance(c, Constant) and c.size == 1 and np.asarray(c.array()).item() == 0.5:
             return v
     return None

@@ -1,72 +1,141 @@
-"""Shapes for decisions, never guessed: ONNX shape inference, on demand, where a model has none.
+"""Shapes for decisions, never guessed: ONNX shape inference, on demand, and ranks carried back.
 
 Which axis of a value holds a linear op's features after a ``Reshape`` or ``Transpose``, whether
 a constant varies only along that axis, how wide a scale is: all are proved from shapes. Exports
 without ``value_info`` (torch's legacy exporter writes none) get them from ONNX shape inference,
-run at most once per fusion and only when a decision asks for a shape the model does not record
-(:func:`request`): a model whose decisions need no shape pays nothing. Inference runs on a copy of
-the graph in which every initializer larger than a few values is a typed graph input (weights
-are never copied), and its results are set on the values only for the run: the undo puts every
-recorded type and shape back, so the written model carries no ``value_info`` it did not have.
+run at most once per run and only when a decision asks for a shape the model does not record
+(:meth:`Shapes.request`): a model whose decisions need no shape pays nothing. Inference runs on a
+copy of the graph in which every initializer larger than a few values is a typed graph input
+(weights are never copied), and its results are set on the values only for the run: the undo
+puts every recorded type and shape back, so the written model carries no ``value_info`` it did
+not have.
+
+A value whose shape is not recorded may still have a known rank (:meth:`Shapes.rank`): carried
+back through the linear ops and elementwise steps that produced it. Ranks are remembered for the
+run, and forgotten when inference sets new shapes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 from collections.abc import Callable, Iterator
 
 import onnx
 import onnx_ir as ir
 
-__all__ = ["on_demand", "request", "when_inferred"]
+from converter.fusion.core.constants import Constant, Constants
+from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import is_onnx
+
+__all__ = ["Shapes"]
 
 logger = logging.getLogger(__name__)
 
 _LINEAR = frozenset({"Gemm", "MatMul", "Einsum", "Conv"})
 _SMALL = 64  # initializers up to this many elements stay (Reshape targets, axes: data matters)
-_RUN: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
-    "onnx_fuse_shape_inference", default=None
-)
-_LISTENERS: list[Callable[[], None]] = []
+_SAME_RANK = frozenset({"Relu", "Neg", "Identity", "Tanh", "Sigmoid", "BatchNormalization"})
+_STEPS = ("Add", "Sub", "Mul", "Div")
 
 
-def when_inferred(listener: Callable[[], None]) -> None:
-    """Call ``listener`` after inference set new shapes (caches of shape answers clear)."""
-    _LISTENERS.append(listener)
+class Shapes:
+    """One run's shapes: inference on demand (within :meth:`on_demand`), and the ranks known."""
 
+    def __init__(self, model: ir.Model, constants: Constants) -> None:
+        self._model = model
+        self._constants = constants
+        self._enabled = False
+        self._undo: list[Callable[[], None]] = []
+        self._ranks: dict[ir.Value, int] = {}
 
-def request() -> bool:
-    """A decision needs a shape the model does not record: infer shapes now if not done yet in
-    this run. True when new shapes were just set (the caller asks again)."""
-    run = _RUN.get()
-    return run() if run is not None else False
+    @contextlib.contextmanager
+    def on_demand(self) -> Iterator[None]:
+        """Within this block, :meth:`request` infers the model's shapes once; undone at the end."""
+        self._enabled = True
+        try:
+            yield
+        finally:
+            self._enabled = False
+            for undo in self._undo:
+                undo()
+            if self._undo:
+                self._ranks.clear()
+            self._undo.clear()
 
-
-@contextlib.contextmanager
-def on_demand(model: ir.Model) -> Iterator[None]:
-    """Within this block, :func:`request` infers ``model``'s shapes once; undone at the end."""
-    restore: list[Callable[[], None]] = []
-
-    def run() -> bool:
-        if restore or not any(n.op_type in _LINEAR for n in model.graph):
+    def request(self) -> bool:
+        """A decision needs a shape the model does not record: infer shapes now if not done yet
+        in this run. True when new shapes were just set (the caller asks again)."""
+        if not self._enabled or self._undo:
             return False
-        restore.append(_infer(model))
-        for listener in _LISTENERS:
-            listener()
+        if not any(n.op_type in _LINEAR for n in self._model.graph):
+            return False
+        self._undo.append(_infer(self._model))
+        self._ranks.clear()
         return True
 
-    token = _RUN.set(run)
-    try:
-        yield
-    finally:
-        _RUN.reset(token)
-        for undo in restore:
-            undo()
-        if restore:
-            for listener in _LISTENERS:
-                listener()
+    def rank(self, value: ir.Value) -> int | None:
+        """The rank of ``value`` (see :meth:`_rank`), asking for inferred shapes if unknown."""
+        rank = self._rank(value)
+        if rank is None and self.request():
+            rank = self._rank(value)
+        return rank
+
+    def _rank(self, value: ir.Value) -> int | None:
+        """The rank of ``value``: from its shape, or else carried back through the linear ops and
+        elementwise steps that produced it (a Gemm gives 2; ``x @ W`` and a step keep ``x``'s
+        rank, a step's constant may raise it). None when nothing says.
+
+        Deciding from the rank a chain's *input* has, rather than from whatever shapes happen to
+        be recorded on its intermediates, makes a decision the same before and after a merge.
+        """
+        pending: list[ir.Value] = []
+        rank: int | None = None
+        current: ir.Value | None = value
+        while current is not None:
+            if current.shape is not None:
+                rank = len(current.shape)
+                break
+            if current in self._ranks:
+                rank = self._ranks[current]
+                break
+            pending.append(current)
+            current, rank = self._rank_source(current)
+            if rank is not None:
+                break
+        for v in reversed(pending):  # each value's rank is its source's, or more (a broadcast)
+            rank = self._raised(v, rank)
+            if rank is not None:  # a known rank never changes; an unknown one may become known
+                self._ranks[v] = rank  # when a merge replaces what produced it
+        return rank
+
+    def _rank_source(self, value: ir.Value) -> tuple[ir.Value | None, int | None]:
+        """The value whose rank ``value`` has (or a fixed rank), from its producer."""
+        node = value.producer()
+        if not is_onnx(node) or not node.inputs or node.inputs[0] is None:
+            return None, None
+        if node.op_type == "Gemm":
+            return None, 2
+        if node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is not None:
+            for w_at, x_at in ((1, 0), (0, 1)):  # x @ W, or W @ x (a left MatMul)
+                w = self._constants.resolve(node.inputs[w_at])
+                if isinstance(w, Constant) and len(w.shape) == 2:
+                    return node.inputs[x_at], None
+            return None, None
+        if node.op_type in _SAME_RANK:
+            return node.inputs[0], None
+        if node.op_type in _STEPS and len(node.inputs) == 2:
+            resolve = self._constants.resolve
+            data = [v for v in node.inputs if v is not None and isinstance(resolve(v), Declined)]
+            return (data[0], None) if len(data) == 1 else (None, None)
+        return None, None
+
+    def _raised(self, value: ir.Value, rank: int | None) -> int | None:
+        """``rank`` raised by the constant operand of the binary step producing ``value``."""
+        node = value.producer()
+        if rank is None or node is None or node.op_type not in _STEPS:
+            return rank
+        consts = [self._constants.resolve(v) for v in node.inputs]
+        return max([rank] + [len(c.shape) for c in consts if isinstance(c, Constant)])
 
 
 def _infer(model: ir.Model) -> Callable[[], None]:

@@ -21,12 +21,14 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.conv.algebra import bn_affine
-from converter.fusion.core.constants import Constant, is_onnx, remove_if_unused, resolve
+from converter.fusion.core.constants import Constant, remove_if_unused
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import is_onnx, single_reader
 from converter.fusion.core.runtime_patterns import kept_for_runtime
 from converter.fusion.linear import algebra
-from converter.fusion.linear.ops import LinearOp, usable_constant, value_rank
-from converter.fusion.linear.views import VIEW_OPS, Features, follow, single_reader
+from converter.fusion.linear.ops import LinearOp
+from converter.fusion.linear.views import VIEW_OPS, Features, follow
 
 __all__ = ["Absorb", "find_absorbs", "STEP_TYPES"]
 
@@ -74,19 +76,21 @@ class Absorb:
         return algebra.AffineMap(weight, bias)
 
 
-def find_absorbs(ops: list[LinearOp], label: str) -> tuple[list[Absorb], list[Declined]]:
+def find_absorbs(
+    ctx: Context, ops: list[LinearOp], label: str
+) -> tuple[list[Absorb], list[Declined]]:
     """Every step that folds into a Gemm/MatMul of ``ops`` through at least one view."""
     found: list[Absorb] = []
     declined: list[Declined] = []
     for op in ops:
         if op.elementwise or op.axis != -1:
             continue
-        rank = value_rank(op.output) or value_rank(op.input)
+        rank = ctx.shapes.rank(op.output) or ctx.shapes.rank(op.input)
         if rank is None:
             continue
         start = Features(rank - 1, rank, 0, op.out_features)
-        for views, step, data, f in _paths(op.output, start):
-            result = _step_map(step, data, f)
+        for views, step, data, f in _paths(ctx, op.output, start):
+            result = _step_map(ctx, step, data, f)
             if isinstance(result, Declined):
                 names = [*op.names, *(v.name or v.op_type for v in views), step.name or ""]
                 declined.append(result.about(names, label))
@@ -96,41 +100,41 @@ def find_absorbs(ops: list[LinearOp], label: str) -> tuple[list[Absorb], list[De
     return found, declined
 
 
-def _paths(value: ir.Value, f: Features, views: tuple[ir.Node, ...] = ()):
+def _paths(ctx: Context, value: ir.Value, f: Features, views: tuple[ir.Node, ...] = ()):
     """(views, step, step's data input, features) for each path of views from ``value``."""
     reader = single_reader(value)
     if reader is None or not is_onnx(reader):
         return
-    if reader.op_type in STEP_TYPES and views and _is_constant_step(reader, value):
+    if reader.op_type in STEP_TYPES and views and _is_constant_step(ctx, reader, value):
         yield list(views), reader, value, f
         return
     if reader.op_type not in VIEW_OPS or reader.inputs[0] is not value or len(views) > 16:
         return
     for index, out in enumerate(reader.outputs):
-        g = follow(reader, index, f, value)
+        g = follow(ctx, reader, index, f, value)
         if g is not None:
-            yield from _paths(out, g, (*views, reader))
+            yield from _paths(ctx, out, g, (*views, reader))
 
 
-def _is_constant_step(node: ir.Node, data: ir.Value) -> bool:
+def _is_constant_step(ctx: Context, node: ir.Node, data: ir.Value) -> bool:
     if node.op_type in ("Neg", "BatchNormalization"):
         return node.inputs[0] is data
     others = [v for v in node.inputs if v is not data]
-    return len(node.inputs) == 2 and len(others) == 1 and isinstance(resolve(others[0]), Constant)
+    return len(node.inputs) == 2 and len(others) == 1 and ctx.constants.is_constant(others[0])
 
 
-def _step_map(node: ir.Node, data: ir.Value, f: Features):
+def _step_map(ctx: Context, node: ir.Node, data: ir.Value, f: Features):
     """``(scale, shift)`` of the step on the features, or why it does not fold."""
     ones = np.ones(f.width)
     if node.op_type == "Neg":
         return -ones, None
     if node.op_type == "BatchNormalization":
-        return _batch_norm(node, f)
-    kept = kept_for_runtime(node)
+        return _batch_norm(ctx, node, f)
+    kept = kept_for_runtime(ctx, node)
     if kept:
         return Declined.because(kept)
     index = 0 if node.inputs[0] is data else 1
-    const = usable_constant(node.inputs[1 - index], (node,), f.width)
+    const = ctx.constants.usable(node.inputs[1 - index], (node,), f.width)
     if isinstance(const, Declined):
         return const
     vector = _along(const, f)
@@ -168,7 +172,7 @@ def _along(const: Constant, f: Features) -> np.ndarray | None:
     return np.asarray(const.array(), dtype=np.float64).reshape(-1)
 
 
-def _batch_norm(node: ir.Node, f: Features):
+def _batch_norm(ctx: Context, node: ir.Node, f: Features):
     if len(node.inputs) != 5 or node.attributes.get_int("training_mode", 0) or f.axis != 1:
         if f.axis is None:
             return Declined.because(
@@ -177,7 +181,7 @@ def _batch_norm(node: ir.Node, f: Features):
         return Declined.because(
             "BatchNormalization's channel axis is not the one holding the features"
         )
-    params = [usable_constant(v, (node,), 1 << 62) for v in node.inputs[1:]]
+    params = [ctx.constants.usable(v, (node,), 1 << 62) for v in node.inputs[1:]]
     if any(isinstance(p, Declined) for p in params):
         return next(p for p in params if isinstance(p, Declined))
     if any(p.size != f.width for p in params):

@@ -27,10 +27,11 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import ml_dtypes
 import numpy as np
+
+from converter.fusion.core.policy import Policy, check_policy
 
 __all__ = [
     "AffineMap",
@@ -46,10 +47,7 @@ __all__ = [
     "overflow_reason",
     "plan_segments",
     "segments_macs",
-    "Policy",
 ]
-
-Policy = Literal["cost", "always"]
 
 
 @dataclass(frozen=True)
@@ -267,10 +265,9 @@ def plan_segments(
     k = len(widths) - 1
     if k < 1:
         raise ValueError("a chain needs at least one op (two widths)")
+    check_policy(policy)
     if policy == "always":
         return [(0, k)]
-    if policy != "cost":
-        raise ValueError(f"unknown policy {policy!r}; expected 'cost' or 'always'")
     # One integer orders (macs, segments, split point) as the tuples would: ties prefer fewer
     # segments, then the earlier split. best[j] is that key for the ops [0, j).
     scale_count, scale_split = k + 1, k + 1

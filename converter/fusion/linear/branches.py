@@ -21,15 +21,17 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from converter.fusion.core.constants import Constant, is_onnx, resolve
+from converter.fusion.core.constants import axes_of
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import feeds_only, is_onnx, single_reader
+from converter.fusion.core.joins import is_inner, is_join, tree_leaves
+from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.ops import LinearOp
-from converter.fusion.linear.views import axes_of, single_reader, static_dims
+from converter.fusion.linear.views import static_dims
 
-__all__ = ["Term", "BranchSum", "find_sums", "is_join", "feeds_only", "tree_leaves", "JOIN_OPS"]
-
-JOIN_OPS = frozenset({"Add", "Sub", "Sum"})
+__all__ = ["Term", "BranchSum", "find_sums"]
 
 
 @dataclass
@@ -122,25 +124,9 @@ def _best_macs(chain: list[LinearOp]) -> int:
     )
 
 
-def is_join(node: ir.Node | None) -> bool:
-    """An ``Add``/``Sub``/``Sum`` of values none of which is constant (those are biases/steps)."""
-    if not is_onnx(node) or node.op_type not in JOIN_OPS or len(node.outputs) != 1:
-        return False
-    arity_ok = len(node.inputs) >= 1 if node.op_type == "Sum" else len(node.inputs) == 2
-    if not arity_ok or None in node.inputs:
-        return False
-    return not any(isinstance(resolve(v), Constant) for v in node.inputs)
-
-
-def _inner(value: ir.Value) -> bool:
-    """``value`` is computed by a join whose only consumer is one join: part of a larger tree."""
-    if value.is_graph_output():
-        return False
-    users = {u.node for u in value.uses()}
-    return len(users) == 1 and is_join(next(iter(users))) and is_join(value.producer())
-
-
-def _stack(node: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]] | None:
+def _stack(
+    ctx: Context, node: ir.Node
+) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]] | None:
     """``ReduceSum(Concat(Unsqueeze(v_i, a), axis=a), axes=[a], keepdims=0)``, which is how
     ``torch.stack([...]).sum(0)`` is exported: the sum of the ``v_i``. Its nodes and leaves."""
     if not is_onnx(node, "ReduceSum") or node.attributes.get_int("keepdims", 1) != 0:
@@ -149,12 +135,12 @@ def _stack(node: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]] 
     if not is_onnx(concat, "Concat") or not feeds_only(node.inputs[0], {node}):
         return None
     axis = concat.attributes.get_int("axis", 0)
-    if axes_of(node) != [axis] or axis < 0:
+    if axes_of(ctx.constants, node) != [axis] or axis < 0:
         return None
     joins: list[ir.Node] = []
     for value in concat.inputs:
         unsqueeze = value.producer() if value is not None else None
-        if not is_onnx(unsqueeze, "Unsqueeze") or axes_of(unsqueeze) != [axis]:
+        if not is_onnx(unsqueeze, "Unsqueeze") or axes_of(ctx.constants, unsqueeze) != [axis]:
             return None
         if not feeds_only(value, {concat}):
             return None
@@ -163,56 +149,31 @@ def _stack(node: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]] 
     return [*joins, concat, node], leaves
 
 
-def _stack_root(node: ir.Node) -> ir.Node | None:
+def _stack_root(ctx: Context, node: ir.Node) -> ir.Node | None:
     """The ``ReduceSum`` of a stacked sum that ``node`` (an ``Unsqueeze``) feeds, if any."""
     if not is_onnx(node, "Unsqueeze"):
         return None
     concat = single_reader(node.outputs[0])
     root = single_reader(concat.outputs[0]) if is_onnx(concat, "Concat") else None
-    return root if root is not None and _stack(root) is not None else None
+    return root if root is not None and _stack(ctx, root) is not None else None
 
 
-def _leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
+def _leaves(ctx: Context, root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
     """The nodes of the sum under ``root`` (a stacked sum or a tree) and its signed leaves."""
-    stacked = _stack(root)
-    return stacked if stacked is not None else tree_leaves(root)
+    stacked = _stack(ctx, root)
+    return stacked if stacked is not None else tree_leaves(ctx, root)
 
 
-def tree_leaves(root: ir.Node) -> tuple[list[ir.Node], list[tuple[float, ir.Value]]]:
-    """The joins of the ``Add``/``Sub``/``Sum`` tree under ``root`` (root last) and its signed
-    leaves (a ``Sub``'s second input negated)."""
-    joins: list[ir.Node] = []
-    leaves: list[tuple[float, ir.Value]] = []
-
-    def walk(node: ir.Node, sign: float) -> None:
-        for i, value in enumerate(node.inputs):
-            assert value is not None
-            s = -sign if node.op_type == "Sub" and i == 1 else sign
-            producer = value.producer()
-            if is_join(producer) and _inner(value):
-                assert producer is not None
-                walk(producer, s)
-            else:
-                leaves.append((s, value))
-        joins.append(node)
-
-    walk(root, 1.0)
-    return joins, leaves
-
-
-def feeds_only(value: ir.Value, nodes: set[ir.Node]) -> bool:
-    """``value`` is read by ``nodes`` alone and is not a graph output."""
-    return not value.is_graph_output() and all(u.node in nodes for u in value.uses())
-
-
-def _match(root: ir.Node, by_output: dict[ir.Value, list[LinearOp]]) -> BranchSum | None:
+def _match(
+    ctx: Context, root: ir.Node, by_output: dict[ir.Value, list[LinearOp]]
+) -> BranchSum | None:
     """The branch sum rooted at ``root``, when every leaf is a chain of one input or the input."""
-    joins, leaves = _leaves(root)
+    joins, leaves = _leaves(ctx, root)
     if len(leaves) < 2:
         return None
     if len({id(v) for _, v in leaves}) != len(leaves):
         return None  # one value summed twice (2 * L(x)): not a set of branches
-    found = [_branch(v, by_output) for _, v in leaves]
+    found = [_branch(ctx, v, by_output) for _, v in leaves]
     candidates = {id(f[2]): f[2] for f in found if f is not None}
     members = set(joins)
     for x in candidates.values():  # the input every branch starts from (one leaf may be it)
@@ -236,7 +197,7 @@ def _terms(leaves, found, x: ir.Value, members: set[ir.Node]) -> list[Term] | No
 
 
 def _branch(
-    value: ir.Value, by_output: dict[ir.Value, list[LinearOp]]
+    ctx: Context, value: ir.Value, by_output: dict[ir.Value, list[LinearOp]]
 ) -> tuple[list[LinearOp], list[ir.Node], ir.Value] | None:
     """(chain, wrapping Reshapes, input) of the branch ending in ``value``, if it is one."""
     run = by_output.get(value)
@@ -254,15 +215,15 @@ def _branch(
     if not feeds_only(run[0].input, set(run[0].nodes)):
         return None
     x = before.inputs[0]
-    if not _rows_flattened(x, run[0].input, value, run[-1].out_features):
+    if not _rows_flattened(ctx, x, run[0].input, value, run[-1].out_features):
         return None
     return run, [before, after], x
 
 
-def _rows_flattened(x: ir.Value, flat: ir.Value, out: ir.Value, width: int) -> bool:
+def _rows_flattened(ctx: Context, x: ir.Value, flat: ir.Value, out: ir.Value, width: int) -> bool:
     """``flat`` is ``x``'s rows as a matrix, and ``out`` has ``x``'s leading shape: the two
     Reshapes around a chain only regroup rows, so the chain can run on ``x`` itself."""
-    dims_x, dims_flat, dims_out = static_dims(x), static_dims(flat), static_dims(out)
+    dims_x, dims_flat, dims_out = (static_dims(ctx, v) for v in (x, flat, out))
     if dims_x is None or dims_flat is None or dims_out is None or len(dims_flat) != 2:
         return False
     if x.shape is None or out.shape is None or len(x.shape) != len(out.shape):
@@ -289,33 +250,33 @@ def _checked(joins: list[ir.Node], terms: list[Term], x: ir.Value) -> BranchSum 
     return BranchSum(joins, terms, width_in, outs.pop())
 
 
-def _roots(runs: list[list[LinearOp]]) -> list[ir.Node]:
+def _roots(ctx: Context, runs: list[list[LinearOp]]) -> list[ir.Node]:
     """Joins that read a chain's result and are not inside a larger tree, in a stable order."""
     roots: dict[ir.Node, None] = {}
     for run in runs:
         for use in run[-1].output.uses():
             node = use.node
-            stacked = _stack_root(node)
+            stacked = _stack_root(ctx, node)
             if stacked is not None:
                 roots[stacked] = None
                 continue
-            while is_join(node) and _inner(node.outputs[0]):
+            while is_join(ctx, node) and is_inner(ctx, node.outputs[0]):
                 node = next(iter(node.outputs[0].uses())).node
-            if is_join(node):
+            if is_join(ctx, node):
                 roots[node] = None
     return list(roots)
 
 
-def _subtrees(root: ir.Node) -> list[ir.Node]:
+def _subtrees(ctx: Context, root: ir.Node) -> list[ir.Node]:
     """Inner joins under ``root``, tried when the whole tree is not one branch sum."""
-    if _stack(root) is not None:
+    if _stack(ctx, root) is not None:
         return []
-    joins, _ = _leaves(root)
+    joins, _ = _leaves(ctx, root)
     return joins[-2::-1]
 
 
 def find_sums(
-    runs: list[list[LinearOp]], policy: algebra.Policy, label: str
+    ctx: Context, runs: list[list[LinearOp]], label: str
 ) -> tuple[list[BranchSum], list[Declined]]:
     """Every tree of sums over linear branches of one input among ``runs`` (chains from
     :func:`converter.fusion.linear.chains.find_chains`, one-op chains included) worth merging."""
@@ -323,15 +284,15 @@ def find_sums(
     found: list[BranchSum] = []
     declined: list[Declined] = []
     taken: set[ir.Node] = set()
-    for root in _roots(runs):
-        for candidate in [root, *_subtrees(root)]:
+    for root in _roots(ctx, runs):
+        for candidate in [root, *_subtrees(ctx, root)]:
             if candidate in taken:
                 continue
-            branch_sum = _match(candidate, by_output)
+            branch_sum = _match(ctx, candidate, by_output)
             if branch_sum is None:
                 continue
             taken.update(branch_sum.joins)
-            reason = _cost_reason(branch_sum, policy)
+            reason = _cost_reason(branch_sum, ctx.policy)
             if reason:
                 declined.append(Declined(branch_sum.names, reason, label))
             else:
@@ -340,7 +301,7 @@ def find_sums(
     return found, declined
 
 
-def _cost_reason(branch_sum: BranchSum, policy: algebra.Policy) -> str | None:
+def _cost_reason(branch_sum: BranchSum, policy: Policy) -> str | None:
     before = branch_sum.macs_before
     merged = branch_sum.width_in * branch_sum.width_out
     if policy == "cost" and merged > before:

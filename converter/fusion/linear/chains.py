@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from converter.fusion.core.constants import Constant, resolve
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra
 from converter.fusion.linear.ops import LinearOp, recognize
 from converter.fusion.linear.steps import STEP_OPS, recognize_step
@@ -71,7 +72,7 @@ def link_reason(prev: LinearOp, op: LinearOp) -> str | None:
 
 
 def find_chains(
-    graph: ir.Graph, label: str, *, min_length: int = 2
+    ctx: Context, graph: ir.Graph, label: str, *, min_length: int = 2
 ) -> tuple[list[list[LinearOp]], list[Declined]]:
     """All maximal chains of ``min_length`` or more linear ops in ``graph`` (not its subgraphs).
 
@@ -85,9 +86,9 @@ def find_chains(
     for node in graph:
         if node in absorbed:
             continue
-        found = recognize(node)
+        found = recognize(ctx, node)
         if found is None and node.op_type in STEP_OPS:
-            found = recognize_step(node, producers.get)
+            found = recognize_step(ctx, node, producers.get)
         if isinstance(found, LinearOp):
             producers[found.output] = found
             ops.append(found)
@@ -109,7 +110,7 @@ def find_chains(
             has_predecessor.add(id(op))
         elif not (prev.elementwise and op.elementwise):  # two steps alone would not merge anyway
             declined.append(Declined(prev.names + op.names, reason, label))
-    declined.extend(_refused_neighbours(refused, ops, label))
+    declined.extend(_refused_neighbours(ctx, refused, ops, label))
 
     chains = []
     for op in ops:
@@ -124,7 +125,7 @@ def find_chains(
 
 
 def _refused_neighbours(
-    refused: dict[ir.Node, Declined], ops: list[LinearOp], label: str
+    ctx: Context, refused: dict[ir.Node, Declined], ops: list[LinearOp], label: str
 ) -> list[Declined]:
     """Records for nodes that could not join a neighbouring linear op: a Gemm/MatMul next to any
     linear op or step, or a constant step next to a Gemm/MatMul."""
@@ -144,7 +145,7 @@ def _refused_neighbours(
         neighbours = [n for n in before + after if n is not node]
         if node.op_type in ("Gemm", "MatMul", "Einsum"):
             # A product of two activations (attention's q @ k) is not a linear op: no reason.
-            wanted = neighbours if _has_constant_operand(node) else []
+            wanted = neighbours if _has_constant_operand(ctx, node) else []
         else:  # a step matters only beside a matrix op
             wanted = [n for n in neighbours if isinstance(n, LinearOp) and not n.elementwise]
         if not wanted:
@@ -157,10 +158,10 @@ def _refused_neighbours(
     return records
 
 
-def _has_constant_operand(node: ir.Node) -> bool:
+def _has_constant_operand(ctx: Context, node: ir.Node) -> bool:
     """An operand is, or could be meant as, a weight: a constant, an initializer, a graph input."""
     return any(
-        isinstance(resolve(v), Constant) or v.is_graph_input() or v.is_initializer()
+        ctx.constants.is_constant(v) or v.is_graph_input() or v.is_initializer()
         for v in node.inputs[:2]
         if v is not None
     )
@@ -171,7 +172,7 @@ def _names(item: LinearOp | ir.Node) -> list[str]:
 
 
 def plan_chain(
-    chain: list[LinearOp], policy: algebra.Policy, label: str
+    chain: list[LinearOp], policy: Policy, label: str
 ) -> tuple[ChainPlan, list[Declined]]:
     """Choose which segments of ``chain`` to merge, recording why any split was made.
 

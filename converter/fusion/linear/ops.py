@@ -20,32 +20,23 @@ from __future__ import annotations
 import functools
 import logging
 import mmap
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.core import shapes
-from converter.fusion.core.constants import (
-    Constant,
-    is_onnx,
-    label,
-    other_users,
-    resolve,
-)
+from converter.fusion.core.constants import Constant
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import is_onnx
 from converter.fusion.linear import algebra
 
 __all__ = [
     "LinearOp",
     "declined",
     "recognize",
-    "usable_constant",
     "broadcasts_along_last_axis",
-    "value_rank",
-    "is_onnx",
     "FLOAT_TYPES",
 ]
 
@@ -125,27 +116,6 @@ class LinearOp:
         return all(n.graph is graph for n in self.nodes)
 
 
-def usable_constant(
-    value: ir.Value | None, owners: Iterable[ir.Node], small: int
-) -> Constant | Declined:
-    """The constant behind ``value`` for a merge of the nodes ``owners``, or why it is not usable.
-
-    A constant that nodes outside ``owners`` also read is usable only when it holds at most
-    ``small`` elements (the op's width): the merge copies it, and the original stays for them.
-    """
-    found = resolve(value)
-    if isinstance(found, Declined):
-        return found
-    others = other_users(found, set(owners))
-    if others and found.size > small:
-        other = others[0]
-        return Declined.because(
-            f"weight '{label(value)}' is shared with node '{other.name or other.op_type}' "
-            f"(merging would keep both copies)",
-        )
-    return found
-
-
 def _float_type(dtype: ir.DataType | None) -> ir.DataType | None:
     return dtype if dtype in FLOAT_TYPES else None
 
@@ -157,10 +127,10 @@ def _dtype_name(dtype: ir.DataType) -> str:
         return dtype.name.lower()
 
 
-def _recognize_gemm(node: ir.Node) -> LinearOp | Declined:
+def _recognize_gemm(ctx: Context, node: ir.Node) -> LinearOp | Declined:
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return declined(node, "Gemm is missing an input")
-    b = resolve(node.inputs[1])
+    b = ctx.constants.resolve(node.inputs[1])
     if isinstance(b, Declined):
         return declined(node, b.reason)
     if len(b.shape) != 2:
@@ -168,7 +138,7 @@ def _recognize_gemm(node: ir.Node) -> LinearOp | Declined:
     attrs = node.attributes
     trans_b = attrs.get_int("transB", 0)
     in_features, out_features = b.shape[::-1] if trans_b else b.shape
-    found = _constants(node, (1, 2), out_features)
+    found = _constants(ctx, node, (1, 2), out_features)
     if isinstance(found, Declined):
         return declined(node, found.reason)
     b, c = found
@@ -201,7 +171,7 @@ def _recognize_gemm(node: ir.Node) -> LinearOp | Declined:
 
 
 def _constants(
-    node: ir.Node, indices: tuple[int, ...], small: int
+    ctx: Context, node: ir.Node, indices: tuple[int, ...], small: int
 ) -> list[Constant | None] | Declined:
     """The constants at ``indices`` (None where an optional input is absent), or a reason."""
     found: list[Constant | None] = []
@@ -210,7 +180,7 @@ def _constants(
         if value is None:
             found.append(None)
             continue
-        constant = usable_constant(value, (node,), small)
+        constant = ctx.constants.usable(value, (node,), small)
         if isinstance(constant, Declined):
             return constant
         found.append(constant)
@@ -265,92 +235,20 @@ def _gemm_bias_reason(c: Constant | None, out_features: int) -> str | None:
     return None
 
 
-_RANKS: weakref.WeakKeyDictionary[ir.Value, int] = weakref.WeakKeyDictionary()
-_SAME_RANK = frozenset({"Relu", "Neg", "Identity", "Tanh", "Sigmoid", "BatchNormalization"})
-
-
-def value_rank(value: ir.Value) -> int | None:
-    """The rank of ``value`` (see :func:`_value_rank`), asking for inferred shapes if unknown."""
-    rank = _value_rank(value)
-    if rank is None and shapes.request():
-        rank = _value_rank(value)
-    return rank
-
-
-shapes.when_inferred(_RANKS.clear)
-
-
-def _value_rank(value: ir.Value) -> int | None:
-    """The rank of ``value``: from its shape, or else carried back through the linear ops and
-    elementwise steps that produced it (a Gemm gives 2; ``x @ W`` and a step keep ``x``'s rank,
-    a step's constant may raise it). None when nothing says.
-
-    Deciding from the rank a chain's *input* has, rather than from whatever shapes happen to be
-    recorded on its intermediates, makes a decision the same before and after a merge.
-    """
-    pending: list[ir.Value] = []
-    rank: int | None = None
-    current: ir.Value | None = value
-    while current is not None:
-        if current.shape is not None:
-            rank = len(current.shape)
-            break
-        if current in _RANKS:
-            rank = _RANKS[current]
-            break
-        pending.append(current)
-        current, rank = _rank_source(current)
-        if rank is not None:
-            break
-    for v in reversed(pending):  # each value's rank is its source's, or more (a broadcast)
-        rank = _raised(v, rank)
-        if rank is not None:  # a known rank never changes; an unknown one may become known
-            _RANKS[v] = rank  # when a merge replaces what produced it
-    return rank
-
-
-def _rank_source(value: ir.Value) -> tuple[ir.Value | None, int | None]:
-    """The value whose rank ``value`` has (or a fixed rank), from its producer."""
-    node = value.producer()
-    if not is_onnx(node) or not node.inputs or node.inputs[0] is None:
-        return None, None
-    if node.op_type == "Gemm":
-        return None, 2
-    if node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is not None:
-        for w_at, x_at in ((1, 0), (0, 1)):  # x @ W, or W @ x (a left MatMul)
-            w = resolve(node.inputs[w_at])
-            if isinstance(w, Constant) and len(w.shape) == 2:
-                return node.inputs[x_at], None
-        return None, None
-    if node.op_type in _SAME_RANK:
-        return node.inputs[0], None
-    if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
-        data = [v for v in node.inputs if v is not None and isinstance(resolve(v), Declined)]
-        return (data[0], None) if len(data) == 1 else (None, None)
-    return None, None
-
-
-def _raised(value: ir.Value, rank: int | None) -> int | None:
-    """``rank`` raised by the constant operand of the binary step producing ``value``."""
-    node = value.producer()
-    if rank is None or node is None or node.op_type not in ("Add", "Sub", "Mul", "Div"):
-        return rank
-    consts = [resolve(v) for v in node.inputs]
-    return max([rank] + [len(c.shape) for c in consts if isinstance(c, Constant)])
-
-
-def broadcasts_along_last_axis(shape: tuple[int, ...], data: ir.Value, width: int) -> bool:
+def broadcasts_along_last_axis(
+    ctx: Context, shape: tuple[int, ...], data: ir.Value, width: int
+) -> bool:
     """A constant of ``shape`` is a scalar or ``(1, ..., 1, width)`` and does not raise
     ``data``'s rank (a bias or scale per feature, not a broadcast along another axis)."""
     size = int(np.prod(shape, dtype=np.int64))
     if size not in (1, width) or any(d != 1 for d in shape[:-1]):
         return False
-    rank = value_rank(data)
+    rank = ctx.shapes.rank(data)
     return len(shape) <= 1 if rank is None else len(shape) <= max(rank, 1)
 
 
 def _bias_add(
-    matmul: ir.Node, out_features: int, data_index: int = 0
+    ctx: Context, matmul: ir.Node, out_features: int, data_index: int = 0
 ) -> tuple[ir.Node, Constant] | None:
     """The ``Add`` after ``matmul`` that adds a constant last-axis bias, with the bias, if any."""
     out = matmul.outputs[0]
@@ -363,26 +261,26 @@ def _bias_add(
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     if other is None or other is out:
         return None
-    bias = usable_constant(other, (add,), out_features)
+    bias = ctx.constants.usable(other, (add,), out_features)
     # MatMul(x, W) with a 2-D W has x's rank, so x stands for the Add's data.
     if isinstance(bias, Declined) or not broadcasts_along_last_axis(
-        bias.shape, matmul.inputs[data_index], out_features
+        ctx, bias.shape, matmul.inputs[data_index], out_features
     ):
         return None
     return add, bias
 
 
-def _recognize_matmul(node: ir.Node) -> LinearOp | Declined:
+def _recognize_matmul(ctx: Context, node: ir.Node) -> LinearOp | Declined:
     if len(node.inputs) != 2 or node.inputs[0] is None or node.inputs[1] is None:
         return declined(node, "MatMul is missing an input")
-    w = resolve(node.inputs[1])
+    w = ctx.constants.resolve(node.inputs[1])
     if isinstance(w, Declined):
-        if isinstance(resolve(node.inputs[0]), Constant):
-            return _recognize_left_matmul(node)
+        if ctx.constants.is_constant(node.inputs[0]):
+            return _recognize_left_matmul(ctx, node)
         return declined(node, w.reason)
     if len(w.shape) != 2:
         return declined(node, f"MatMul weight has rank {len(w.shape)}, expected 2")
-    found = usable_constant(node.inputs[1], (node,), w.shape[1])
+    found = ctx.constants.usable(node.inputs[1], (node,), w.shape[1])
     if isinstance(found, Declined):
         return declined(node, found.reason)
     dtype = _float_type(node.inputs[1].dtype or w.dtype)
@@ -391,7 +289,7 @@ def _recognize_matmul(node: ir.Node) -> LinearOp | Declined:
     nodes: tuple[ir.Node, ...] = (node,)
     constants: tuple[Constant, ...] = (w,)
     bias = None
-    found_bias = _bias_add(node, w.shape[1])
+    found_bias = _bias_add(ctx, node, w.shape[1])
     if found_bias is not None:
         add, bias = found_bias
         nodes, constants = (node, add), (w, bias)
@@ -411,22 +309,22 @@ def _recognize_matmul(node: ir.Node) -> LinearOp | Declined:
     )
 
 
-def _recognize_left_matmul(node: ir.Node) -> LinearOp | Declined:
+def _recognize_left_matmul(ctx: Context, node: ir.Node) -> LinearOp | Declined:
     """``MatMul(W, x)``: a map along x's second-to-last axis (token mixing), ``y.T = x.T @ W.T``.
 
     Normalised like any op on the transposed view: ``weight = W.T`` (``(in, out)``), and a bias
     ``Add`` of a constant ``(out, 1)`` (or ``(1, ..., out, 1)``) that varies along that axis only.
     """
-    w = resolve(node.inputs[0])
+    w = ctx.constants.resolve(node.inputs[0])
     assert isinstance(w, Constant)
     x = node.inputs[1]
     assert x is not None
-    rank = value_rank(x)
+    rank = ctx.shapes.rank(x)
     if len(w.shape) != 2:
         return declined(node, f"left MatMul weight has rank {len(w.shape)}, expected 2")
     if rank is None or rank < 2:
         return declined(node, "the constant is the left operand and the data's rank is not known")
-    found = usable_constant(node.inputs[0], (node,), w.shape[0])
+    found = ctx.constants.usable(node.inputs[0], (node,), w.shape[0])
     if isinstance(found, Declined):
         return declined(node, found.reason)
     dtype = _float_type(node.inputs[0].dtype or w.dtype)
@@ -434,7 +332,7 @@ def _recognize_left_matmul(node: ir.Node) -> LinearOp | Declined:
         return declined(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
     nodes: tuple[ir.Node, ...] = (node,)
     constants: tuple[Constant, ...] = (w,)
-    bias = _column_bias_add(node, int(w.shape[0]), rank)
+    bias = _column_bias_add(ctx, node, int(w.shape[0]), rank)
     if bias is not None:
         nodes, constants = (node, bias[0]), (w, bias[1])
     column = None if bias is None else bias[1]
@@ -457,7 +355,9 @@ def _recognize_left_matmul(node: ir.Node) -> LinearOp | Declined:
     return op
 
 
-def _column_bias_add(node: ir.Node, out: int, rank: int) -> tuple[ir.Node, Constant] | None:
+def _column_bias_add(
+    ctx: Context, node: ir.Node, out: int, rank: int
+) -> tuple[ir.Node, Constant] | None:
     """The ``Add`` of a constant ``(out, 1)`` after a left MatMul, with the constant, if any."""
     value = node.outputs[0]
     uses = value.uses()
@@ -467,7 +367,7 @@ def _column_bias_add(node: ir.Node, out: int, rank: int) -> tuple[ir.Node, Const
     if not is_onnx(add, "Add") or len(add.inputs) != 2:
         return None
     other = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
-    bias = usable_constant(other, (add,), out)
+    bias = ctx.constants.usable(other, (add,), out)
     if isinstance(bias, Declined) or len(bias.shape) < 2 or len(bias.shape) > rank:
         return None
     if bias.shape[-1] != 1 or bias.shape[-2] != out or any(d != 1 for d in bias.shape[:-2]):
@@ -475,14 +375,14 @@ def _column_bias_add(node: ir.Node, out: int, rank: int) -> tuple[ir.Node, Const
     return add, bias
 
 
-def _recognize_einsum(node: ir.Node) -> LinearOp | Declined | None:
+def _recognize_einsum(ctx: Context, node: ir.Node) -> LinearOp | Declined | None:
     """``Einsum`` of the data and a constant matrix that is a plain ``x @ W`` on the last axis:
     ``"...i,ij->...j"`` (``W`` as is) or ``"...i,ji->...j"`` (``W.T``, torch's layout), the
     operands in either order and the leading indices kept in order. Anything else is not
     recognised, with the reason when an operand is a constant."""
     if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
         return None
-    consts = [isinstance(resolve(v), Constant) for v in node.inputs]
+    consts = [ctx.constants.is_constant(v) for v in node.inputs]
     if consts.count(True) != 1:
         return None
     w_at = consts.index(True)
@@ -503,11 +403,11 @@ def _recognize_einsum(node: ir.Node) -> LinearOp | Declined | None:
     )
     if not plain:
         return declined(node, f"Einsum '{equation}' is not a product x @ W on the last axis")
-    w = resolve(node.inputs[w_at])
+    w = ctx.constants.resolve(node.inputs[w_at])
     assert isinstance(w, Constant)
     transposed = w_sub[1] == contracted  # "oi": torch's (out, in) layout
     in_features, out_features = (w.shape[1], w.shape[0]) if transposed else w.shape
-    found = usable_constant(node.inputs[w_at], (node,), out_features)
+    found = ctx.constants.usable(node.inputs[w_at], (node,), out_features)
     if isinstance(found, Declined):
         return declined(node, found.reason)
     dtype = _float_type(node.inputs[w_at].dtype or w.dtype)
@@ -515,7 +415,7 @@ def _recognize_einsum(node: ir.Node) -> LinearOp | Declined | None:
         return declined(node, f"weight dtype {_dtype_name(w.dtype)} is not a float type")
     nodes: tuple[ir.Node, ...] = (node,)
     constants: tuple[Constant, ...] = (w,)
-    bias = _bias_add(node, int(out_features), 1 - w_at)
+    bias = _bias_add(ctx, node, int(out_features), 1 - w_at)
     if bias is not None:
         nodes, constants = (node, bias[0]), (w, bias[1])
     b = None if bias is None else bias[1]
@@ -538,7 +438,7 @@ def _recognize_einsum(node: ir.Node) -> LinearOp | Declined | None:
     )
 
 
-def recognize(node: ir.Node) -> LinearOp | Declined | None:
+def recognize(ctx: Context, node: ir.Node) -> LinearOp | Declined | None:
     """Classify ``node``: a :class:`LinearOp`, a :class:`Declined` with the reason, or None.
 
     None means the node is not a Gemm/MatMul at all, so it is simply not part of any chain.
@@ -546,9 +446,9 @@ def recognize(node: ir.Node) -> LinearOp | Declined | None:
     if not is_onnx(node):
         return None
     if node.op_type == "Gemm":
-        return _recognize_gemm(node)
+        return _recognize_gemm(ctx, node)
     if node.op_type == "MatMul":
-        return _recognize_matmul(node)
+        return _recognize_matmul(ctx, node)
     if node.op_type == "Einsum":
-        return _recognize_einsum(node)
+        return _recognize_einsum(ctx, node)
     return None

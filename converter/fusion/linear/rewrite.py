@@ -25,45 +25,22 @@ is seen, and a rewrite whose nodes another merge took is not made at all (:meth:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.core.constants import Constant, other_users, remove_if_unused, resolve
+from converter.fusion.core.constants import Constant, other_users, remove_if_unused
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import shape_list
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.branches import BranchSum
-from converter.fusion.linear.ops import LinearOp, value_rank
+from converter.fusion.linear.ops import LinearOp
 from converter.report import FusionRecord
 
-__all__ = ["Names", "Rewrite", "Decision", "decide", "emits_gemm", "write"]
-
-
-class Names:
-    """Unique node and value names across the whole model (ONNX names are global in a model)."""
-
-    def __init__(self, graphs: Iterable[ir.Graph]) -> None:
-        """Collect the names already used in ``graphs`` (the model's graph and all subgraphs)."""
-        self.used: set[str] = set()
-        self._next: dict[str, int] = {}  # per base, the suffix to try next: O(1) amortised
-        for graph in graphs:
-            self.used.update(v.name for v in graph.inputs if v.name)
-            self.used.update(graph.initializers)
-            for node in graph:
-                self.used.update(v.name for v in node.outputs if v.name)
-                if node.name:
-                    self.used.add(node.name)
-
-    def fresh(self, base: str) -> str:
-        """``base``, or ``base_N`` with the smallest N not taken since (unique in the model)."""
-        name, i = base, self._next.get(base, 1)
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self._next[base] = i
-        self.used.add(name)
-        return name
+__all__ = ["Rewrite", "Decision", "decide", "emits_gemm", "write"]
 
 
 @dataclass
@@ -171,23 +148,23 @@ def _freed(rewrite: Rewrite) -> list[Constant]:
     return list(seen.values())
 
 
-def emits_gemm(rewrite: Rewrite, has_bias: bool, opset: int) -> bool:
+def emits_gemm(ctx: Context, rewrite: Rewrite, has_bias: bool) -> bool:
     """The merged op is a ``Gemm``: a last-axis map of a 2-D input (by rank, or, with the rank
     unknown, because a Gemm is among the ops), with a bias or at opset 11+ (where C is optional;
     a bias-free 2-D merge is a bare MatMul before that). Never after a Transpose of a conv's
     input (rank 3 or more)."""
     if rewrite.input_perm is not None:
         return False
-    rank = value_rank(rewrite.x)
+    rank = ctx.shapes.rank(rewrite.x)
     two_d = rank == 2 if rank is not None else any(op.is_gemm for op in rewrite.ops)
-    return two_d and rewrite.ops[0].axis == -1 and (has_bias or opset >= 11)
+    return two_d and rewrite.ops[0].axis == -1 and (has_bias or ctx.opset >= 11)
 
 
-def decide(rewrite: Rewrite, opset: int, policy: algebra.Policy, label: str) -> Decision | Declined:
+def decide(ctx: Context, rewrite: Rewrite, label: str) -> Decision | Declined:
     """Accept or refuse ``rewrite`` from shapes alone (no weight is read)."""
     ops = rewrite.ops
     has_bias = any(op.has_bias for op in ops)
-    as_gemm = emits_gemm(rewrite, has_bias, opset)
+    as_gemm = emits_gemm(ctx, rewrite, has_bias)
     per_row = [op for op in ops if op.per_row_bias]
     if per_row and not as_gemm:
         return Declined(rewrite.names, "a per-row Gemm bias cannot be emitted as MatMul+Add", label)
@@ -199,7 +176,7 @@ def decide(rewrite: Rewrite, opset: int, policy: algebra.Policy, label: str) -> 
     freed = _freed(rewrite)
     params_before = sum(c.size for c in freed)
     params_after = width_in * width_out + bias_size
-    if policy == "cost" and params_after > params_before:
+    if ctx.policy == "cost" and params_after > params_before:
         return Declined(
             rewrite.names,
             f"cost model: the merged weight and bias would hold {params_after} parameters, "
@@ -222,8 +199,8 @@ def _fused_name(ops: list[LinearOp]) -> str:
     return "fused(" + "+".join(names) + ")"
 
 
-def _initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
-    name = names.fresh(base)
+def _initializer(ctx: Context, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    name = ctx.names.fresh(base)
     tensor = ir.Tensor(array, name=name)
     value = ir.Value(  # the tensor's frozen shape serves the value too (as onnx-ir's loader does)
         name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor
@@ -233,14 +210,15 @@ def _initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) ->
 
 
 def _new_nodes(
+    ctx: Context,
     rewrite: Rewrite,
     decision: Decision,
     x: ir.Value,
     weight: ir.Value,
     bias: ir.Value | None,
-    names: Names,
 ) -> list[ir.Node]:
     """The merged op reading ``x``: ``Gemm(transB=1)``, or ``MatMul`` then ``Add`` of the bias."""
+    names = ctx.names
     base = _base(weight, names)
     doc = "onnx-fuse merged: " + ", ".join(rewrite.names)
     if rewrite.ops[0].axis == -2:  # W @ x (+ b as a column), as the ops came
@@ -261,11 +239,12 @@ def _new_nodes(
     return nodes
 
 
-def _base(weight: ir.Value, names: Names) -> str:
+def _base(weight: ir.Value, names) -> str:
     return weight.name.removesuffix(".weight") if weight.name else names.fresh("fused")
 
 
-def _transposed(x: ir.Value, perm: tuple[int, ...], base: str, names: Names) -> ir.Node:
+def _transposed(ctx: Context, x: ir.Value, perm: tuple[int, ...], base: str) -> ir.Node:
+    names = ctx.names
     """``Transpose(x, perm)``, its output typed as ``x`` and shaped by ``perm`` when known."""
     node = ir.Node(
         "",
@@ -284,35 +263,33 @@ def _transposed(x: ir.Value, perm: tuple[int, ...], base: str, names: Names) -> 
 
 
 def write(
+    ctx: Context,
     graph: ir.Graph,
     rewrite: Rewrite,
     decision: Decision,
     affine: algebra.AffineMap,
-    names: Names,
     label: str,
 ) -> tuple[FusionRecord, list[ir.Node]]:
     """Replace ``rewrite``'s nodes by one op computing ``affine`` rounded once to the model's
     dtype; return the record and the new nodes in graph order (the last computes the merged
     output; a ``Transpose`` of the input comes first when :attr:`Rewrite.input_perm` is set)."""
     np_dtype = rewrite.ops[0].dtype.numpy()
-    base = names.fresh(_fused_name(rewrite.ops))
+    base = ctx.names.fresh(_fused_name(rewrite.ops))
     left = rewrite.ops[0].axis == -2
     w = affine.weight.T if decision.as_gemm or left else affine.weight
-    w_value = _initializer(graph, names, f"{base}.weight", algebra.round_to_dtype(w, np_dtype))
+    w_value = _initializer(ctx, graph, f"{base}.weight", algebra.round_to_dtype(w, np_dtype))
     b_value = None
     if affine.bias is not None:
         b = affine.bias.reshape(-1, 1) if left else affine.bias
-        b_value = _initializer(graph, names, f"{base}.bias", algebra.round_to_dtype(b, np_dtype))
+        b_value = _initializer(ctx, graph, f"{base}.bias", algebra.round_to_dtype(b, np_dtype))
     old_nodes, old_out, x = rewrite.old_nodes, rewrite.out, rewrite.x
     lead: list[ir.Node] = []
     if rewrite.input_perm is not None:
-        lead = [_transposed(x, rewrite.input_perm, _base(w_value, names), names)]
+        lead = [_transposed(ctx, x, rewrite.input_perm, _base(w_value, ctx.names))]
         x = lead[0].outputs[0]
-    op_nodes = _new_nodes(rewrite, decision, x, w_value, b_value, names)
+    op_nodes = _new_nodes(ctx, rewrite, decision, x, w_value, b_value)
     new_nodes = lead + op_nodes
-    join_constants = [
-        v for n in rewrite.joins for v in n.inputs if isinstance(resolve(v), Constant)
-    ]
+    join_constants = [v for n in rewrite.joins for v in n.inputs if ctx.constants.is_constant(v)]
     new_out = new_nodes[-1].outputs[0]
     record = FusionRecord(
         nodes=rewrite.names,
@@ -321,8 +298,8 @@ def write(
         graph=label,
         output=old_out.name or "",
         widths=rewrite.widths,
-        input_shape=_shape_list(x),
-        output_shape=_shape_list(old_out),
+        input_shape=shape_list(x),
+        output_shape=shape_list(old_out),
         macs_before=rewrite.macs_before,
         macs_after=rewrite.widths[0] * rewrite.widths[-1],
         params_before=decision.params_before,
@@ -337,9 +314,3 @@ def write(
     for value in join_constants:  # e.g. the axes of a stacked sum's Unsqueeze and ReduceSum
         remove_if_unused(value)
     return record, new_nodes
-
-
-def _shape_list(value: ir.Value) -> list[int | str | None] | None:
-    if value.shape is None:
-        return None
-    return [d if isinstance(d, int) else d.value for d in value.shape]

@@ -26,8 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.conv.algebra import bn_affine
-from converter.fusion.core import shapes
-from converter.fusion.core.constants import Constant, resolve
+from converter.fusion.core.constants import Constant
+from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.runtime_patterns import kept_for_runtime
 from converter.fusion.linear import algebra
@@ -37,8 +37,6 @@ from converter.fusion.linear.ops import (
     broadcasts_along_last_axis,
     declined,
     is_onnx,
-    usable_constant,
-    value_rank,
 )
 
 __all__ = ["STEP_OPS", "recognize_step"]
@@ -51,18 +49,14 @@ STEP_OPS = BINARY_OPS | {"BatchNormalization", "Neg", "Identity", "Dropout", "Ca
 ProducerOf = Callable[[ir.Value], "LinearOp | None"]
 
 
-def _static_last_dim(value: ir.Value) -> int | None:
+def _static_last_dim(ctx: Context, value: ir.Value) -> int | None:
     if value.shape is None:
-        shapes.request()  # the model records none: infer shapes (once per run)
+        ctx.shapes.request()  # the model records none: infer shapes (once per run)
     shape = value.shape
     if shape is None or len(shape) == 0:
         return None
     last = shape[-1]
     return last if isinstance(last, int) and last > 0 else None
-
-
-def _rank(value: ir.Value) -> int | None:
-    return value_rank(value)
 
 
 def _step(
@@ -73,7 +67,9 @@ def _step(
     )
 
 
-def recognize_step(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined | None:
+def recognize_step(
+    ctx: Context, node: ir.Node, producer_of: ProducerOf
+) -> LinearOp | Declined | None:
     """The step ``node`` computes as a :class:`LinearOp` (``elementwise=True``), a
     :class:`Declined` when it is a constant step that cannot join a chain, or None.
 
@@ -83,34 +79,34 @@ def recognize_step(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Decline
     if not is_onnx(node) or node.op_type not in STEP_OPS or not node.outputs:
         return None
     if node.op_type == "BatchNormalization":
-        return _batch_norm(node)
+        return _batch_norm(ctx, node)
     if node.op_type in ("Neg", "Identity", "Dropout", "Cast"):
-        return _unary(node, producer_of)
+        return _unary(ctx, node, producer_of)
     if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
         return None
     left, right = node.inputs
-    right_const = isinstance(resolve(right), Constant)
-    left_const = isinstance(resolve(left), Constant)
+    right_const = ctx.constants.is_constant(right)
+    left_const = ctx.constants.is_constant(left)
     if right_const == left_const:
         return None  # not exactly one constant operand (both constant is constant folding)
     data_index = 0 if right_const else 1
     data, const = (left, right) if data_index == 0 else (right, left)
     if node.op_type == "Div" and data_index == 1:
         return None  # c / x is not affine
-    kept = kept_for_runtime(node)
+    kept = kept_for_runtime(ctx, node)
     if kept:
         return declined(node, kept)
     # The data's own width, never the constant's: x[N, 1] * c[d] broadcasts x up to d columns.
-    width = _width(data, producer_of)
+    width = _width(ctx, data, producer_of)
     if width is None:
         return None
-    c = usable_constant(const, (node,), width)
+    c = ctx.constants.usable(const, (node,), width)
     if isinstance(c, Declined):
         return declined(node, c.reason)
     dtype = _dtype(data, producer_of) or c.dtype
     if dtype not in FLOAT_TYPES:
         return None
-    if not broadcasts_along_last_axis(c.shape, data, width):
+    if not broadcasts_along_last_axis(ctx, c.shape, data, width):
         return declined(
             node,
             f"{node.op_type} by a constant of shape {list(c.shape)} varies along another axis "
@@ -144,9 +140,9 @@ def _elementwise_maker(
     return negate_then_shift
 
 
-def _width(data: ir.Value, producer_of: ProducerOf) -> int | None:
+def _width(ctx: Context, data: ir.Value, producer_of: ProducerOf) -> int | None:
     op = producer_of(data)
-    return _static_last_dim(data) or (op.out_features if op is not None else None)
+    return _static_last_dim(ctx, data) or (op.out_features if op is not None else None)
 
 
 def _dtype(data: ir.Value, producer_of: ProducerOf) -> ir.DataType | None:
@@ -154,46 +150,46 @@ def _dtype(data: ir.Value, producer_of: ProducerOf) -> ir.DataType | None:
     return data.dtype or (op.dtype if op is not None else None)
 
 
-def _unary(node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined | None:
+def _unary(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined | None:
     """``Neg`` (``W = -I``), ``Identity`` and inference ``Dropout`` (``W = I``)."""
     data = node.inputs[0] if node.inputs else None
-    if data is None or isinstance(resolve(data), Constant):
+    if data is None or ctx.constants.is_constant(data):
         return None
     if node.op_type == "Dropout":
-        reason = _dropout_reason(node)
+        reason = _dropout_reason(ctx, node)
         if reason:
             return declined(node, reason)
     elif len(node.outputs) != 1:
         return None
-    if node.op_type == "Cast" and not _same_type_cast(node, _dtype(data, producer_of)):
+    if node.op_type == "Cast" and not _same_type_cast(ctx, node, _dtype(data, producer_of)):
         return None
-    width, dtype = _width(data, producer_of), _dtype(data, producer_of)
+    width, dtype = _width(ctx, data, producer_of), _dtype(data, producer_of)
     if width is None or dtype not in FLOAT_TYPES:
         return None
     sign = -1.0 if node.op_type == "Neg" else 1.0
     return _step(node, 0, width, dtype, (), lambda: algebra.scale_affine(sign, width))
 
 
-def _same_type_cast(node: ir.Node, dtype: ir.DataType | None) -> bool:
+def _same_type_cast(ctx: Context, node: ir.Node, dtype: ir.DataType | None) -> bool:
     """A ``Cast`` to the type its input already has (exporters write ``result.to(dtype)``)."""
-    if dtype is None and shapes.request():
+    if dtype is None and ctx.shapes.request():
         dtype = node.inputs[0].dtype
     to = node.attributes.get_int("to", None)
     return dtype is not None and to is not None and ir.DataType(to) == dtype
 
 
-def _dropout_reason(node: ir.Node) -> str | None:
+def _dropout_reason(ctx: Context, node: ir.Node) -> str | None:
     """Why ``Dropout`` is not the identity here, or None when it is (inference mode)."""
     if len(node.outputs) > 1 and node.outputs[1].uses():
         return "Dropout's mask output is used"
     if len(node.inputs) >= 3 and node.inputs[2] is not None:
-        mode = resolve(node.inputs[2])
+        mode = ctx.constants.resolve(node.inputs[2])
         if isinstance(mode, Declined) or bool(np.asarray(mode.array()).reshape(-1)[0]):
             return "Dropout runs in training mode (export after model.eval())"
     return None
 
 
-def _batch_norm(node: ir.Node) -> LinearOp | Declined | None:
+def _batch_norm(ctx: Context, node: ir.Node) -> LinearOp | Declined | None:
     """BatchNormalization in inference mode on a 2-D ``(N, C)`` input."""
     if len(node.inputs) != 5 or None in node.inputs:
         return None
@@ -202,15 +198,15 @@ def _batch_norm(node: ir.Node) -> LinearOp | Declined | None:
     if node.attributes.get_int("spatial", 1) != 1:
         return declined(node, "BatchNormalization with spatial=0 is not supported")
     data = node.inputs[0]
-    if _rank(data) != 2:
-        rank = _rank(data)
+    rank = ctx.shapes.rank(data)
+    if rank != 2:
         where = "of unknown rank" if rank is None else f"of rank {rank}"
         return declined(
             node, f"BatchNormalization on an input {where}: channels (axis 1) are not its last axis"
         )
     params: list[Constant] = []
     for value in node.inputs[1:]:
-        found = usable_constant(value, (node,), 1 << 62)  # all per-channel: small
+        found = ctx.constants.usable(value, (node,), 1 << 62)  # all per-channel: small
         if isinstance(found, Declined):
             return declined(node, found.reason)
         params.append(found)

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.core import shapes
-from converter.fusion.core.constants import Constant, is_onnx, resolve
-from converter.fusion.core.declined import Declined
+from converter.fusion.core.constants import Constant, axes_of
+from converter.fusion.core.context import Context
+from converter.fusion.core.graph import is_onnx
 
-__all__ = ["Features", "VIEW_OPS", "axes_of", "follow", "single_reader", "static_dims"]
+__all__ = ["Features", "VIEW_OPS", "follow", "static_dims"]
 
 VIEW_OPS = frozenset(
     {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast", "Split"}
@@ -57,35 +57,18 @@ class Features:
         return self.stop - self.start
 
 
-def static_dims(value: ir.Value) -> list[int | None] | None:
+def static_dims(ctx: Context, value: ir.Value) -> list[int | None] | None:
     """The value's dimensions (None where symbolic), or None if its shape is unknown."""
-    if value.shape is None and not shapes.request():
+    if value.shape is None and not ctx.shapes.request():
         return None
     if value.shape is None:
         return None
     return [d if isinstance(d, int) else None for d in value.shape]
 
 
-def single_reader(value: ir.Value) -> ir.Node | None:
-    """The one node that reads ``value``'s elements (``Shape`` reads only its shape), if any."""
-    if value.is_graph_output():
-        return None
-    readers = {u.node for u in value.uses() if not is_onnx(u.node, "Shape")}
-    return next(iter(readers)) if len(readers) == 1 else None
-
-
-def axes_of(node: ir.Node) -> list[int] | None:
-    """``axes`` of Squeeze/Unsqueeze as written, from the input (opset 13+) or the attribute."""
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        found = resolve(node.inputs[1])
-        if isinstance(found, Declined):
-            return None
-        return [int(a) for a in np.asarray(found.array()).reshape(-1)]
-    attr = node.attributes.get_ints("axes", None)
-    return None if attr is None else list(attr)
-
-
-def follow(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features | None:
+def follow(
+    ctx: Context, node: ir.Node, index: int, f: Features, value: ir.Value
+) -> Features | None:
     """Where the features are in output ``index`` of the view ``node`` reading ``value``."""
     if not is_onnx(node):
         return None
@@ -97,13 +80,13 @@ def follow(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features 
             return None
         return (
             f
-            if op != "Cast" or follow(node, index, Features(0, 1, f.start, f.stop), value)
+            if op != "Cast" or follow(ctx, node, index, Features(0, 1, f.start, f.stop), value)
             else None
         )
     if op == "Cast":
         out = node.outputs[0]
         if out.dtype is None:
-            shapes.request()
+            ctx.shapes.request()
         same = value.dtype is not None and out.dtype == value.dtype
         return f if same and node.attributes.get_int("saturate", 1) == 1 else None
     if op == "Transpose":
@@ -111,16 +94,16 @@ def follow(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features 
         perm = list(range(f.rank))[::-1] if perm is None else list(perm)
         return Features(perm.index(f.axis), f.rank, f.start, f.stop) if f.axis in perm else None
     if op in ("Squeeze", "Unsqueeze"):
-        return _squeeze(node, f)
+        return _squeeze(ctx, node, f)
     if op in ("Reshape", "Flatten"):
-        return _regroup(value, node.outputs[0], f) or Features(None, None, f.start, f.stop)
+        return _regroup(ctx, value, node.outputs[0], f) or Features(None, None, f.start, f.stop)
     if op == "Split":
-        return _split(node, index, f, value)
+        return _split(ctx, node, index, f, value)
     return None
 
 
-def _squeeze(node: ir.Node, f: Features) -> Features | None:
-    axes = axes_of(node)
+def _squeeze(ctx: Context, node: ir.Node, f: Features) -> Features | None:
+    axes = axes_of(ctx.constants, node)
     if axes is None:
         return None  # Squeeze without axes drops every 1: decided only from shapes, not here
     if node.op_type == "Squeeze":
@@ -134,9 +117,9 @@ def _squeeze(node: ir.Node, f: Features) -> Features | None:
     return Features(kept[f.axis], rank, f.start, f.stop)
 
 
-def _regroup(value: ir.Value, out: ir.Value, f: Features) -> Features | None:
+def _regroup(ctx: Context, value: ir.Value, out: ir.Value, f: Features) -> Features | None:
     """Reshape/Flatten: the features' axis in ``out``, proved from both shapes."""
-    dims_in, dims_out = static_dims(value), static_dims(out)
+    dims_in, dims_out = static_dims(ctx, value), static_dims(ctx, out)
     if dims_in is None or dims_out is None:
         return None
     after = dims_in[f.axis + 1 :]
@@ -154,28 +137,30 @@ def _regroup(value: ir.Value, out: ir.Value, f: Features) -> Features | None:
     return None
 
 
-def _split(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features | None:
+def _split(
+    ctx: Context, node: ir.Node, index: int, f: Features, value: ir.Value
+) -> Features | None:
     axis = node.attributes.get_int("axis", 0)
     axis = axis + f.rank if axis < 0 else axis
     if axis != f.axis:
         return f
-    sizes = _split_sizes(node, value, f.axis)
+    sizes = _split_sizes(ctx, node, value, f.axis)
     if sizes is None or f.start != 0 or sum(sizes) != f.stop:
         return None  # only a split of the op's whole feature axis is followed
     offset = sum(sizes[:index])
     return Features(f.axis, f.rank, offset, offset + sizes[index])
 
 
-def _split_sizes(node: ir.Node, value: ir.Value, axis: int) -> list[int] | None:
+def _split_sizes(ctx: Context, node: ir.Node, value: ir.Value, axis: int) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
-        found = resolve(node.inputs[1])
+        found = ctx.constants.resolve(node.inputs[1])
         if isinstance(found, Constant):
             return [int(s) for s in np.asarray(found.array()).reshape(-1)]
         return None
     attr = node.attributes.get_ints("split", None)
     if attr is not None:
         return list(attr)
-    dims = static_dims(value)
+    dims = static_dims(ctx, value)
     n = len(node.outputs)
     if dims is None or dims[axis] is None or dims[axis] % n:
         return None
