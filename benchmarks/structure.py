@@ -7,8 +7,9 @@
   ``TYPE_CHECKING`` imports included: they are a cycle a reader has to untangle too): its
   *floors* (the longest chain of imports, a module importing nothing of the package on floor 1),
   and every cycle;
-* imports that point *up* a part (``linear`` importing ``conv``, a part importing ``engine``),
-  when the package has the parts ``core``, ``linear``, ``conv``;
+* imports that point *up* (``core`` importing ``linear``, ``linear`` importing ``conv``, a part
+  importing ``engine`` or ``passes``), when the package has the parts ``core`` < ``linear`` <
+  ``conv``; and, for information, the imports of a part down into another one than ``core``;
 * functions over 40 and over 60 lines;
 * the classes that carry "not merged, because" (a dataclass with a ``reason: str`` field).
 """
@@ -21,7 +22,8 @@ import sys
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
-# Which part may import which: a part reads only core and itself; engine and passes read all.
+# Which part may import which: a part reads itself and the parts below it; engine and passes
+# (the top level) read all of them.
 _RANK = {"core": 0, "linear": 1, "conv": 2}
 
 
@@ -100,21 +102,23 @@ def _part(module: str, base: str) -> str | None:
     return rest[0] if len(rest) > 1 and rest[0] in _RANK else None
 
 
-def _upward(graph: dict[str, set[str]], base: str) -> list[str]:
-    bad = []
+def _crossings(graph: dict[str, set[str]], base: str) -> tuple[list[str], list[str]]:
+    """(imports up a part or into the top level, imports down into a part other than core)."""
+    up, down = [], []
     for module, targets in sorted(graph.items()):
         part = _part(module, base)
+        if part is None:
+            continue  # engine, passes, the package itself: they may read every part
         for target in sorted(targets):
             other = _part(target, base)
-            if part is None:
-                continue  # engine, passes, the package itself: they may read every part
+            short = f"{module.removeprefix(base + '.')} -> {target.removeprefix(base + '.')}"
             if other is None and target != base:
-                bad.append(f"{module} -> {target} (a part importing the top level)")
-            elif other is not None and other != part and _RANK[other] > _RANK[part]:
-                bad.append(f"{module} -> {target} (up a part)")
-            elif other is not None and other != part and other != "core":
-                bad.append(f"{module} -> {target} (across parts)")
-    return bad
+                up.append(f"{short} (a part importing the top level)")
+            elif other is not None and _RANK[other] > _RANK[part]:
+                up.append(f"{short} (up a part)")
+            elif other not in (None, part, "core"):
+                down.append(short)
+    return up, down
 
 
 def _functions(path: Path) -> list[tuple[str, int]]:
@@ -159,9 +163,12 @@ def report(package: Path) -> None:
     print(f"import cycles: {len(cycles)}")
     for cycle in cycles:
         print("  " + " <-> ".join(m.removeprefix(base + ".") for m in cycle))
-    upward = _upward(graph, base)
-    print(f"imports up or across parts: {len(upward)}")
-    for line in upward:
+    up, down = _crossings(graph, base)
+    print(f"imports up a part (or into the top level): {len(up)}")
+    for line in up:
+        print("  " + line)
+    print(f"imports down into another part than core: {len(down)}")
+    for line in down:
         print("  " + line)
     functions = [
         (n, length, name) for name, path in modules.items() for n, length in _functions(path)

@@ -28,24 +28,24 @@ where it reads its input ``x``:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.conv import algebra as ca
+from converter.fusion.conv.geometry import ConvGeometry, resolve_auto_pad
 from converter.fusion.core.constants import Constant
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.dtypes import FLOAT_TYPES
 from converter.fusion.core.graph import is_onnx
-from converter.fusion.core.runtime_patterns import kept_for_runtime
-from converter.fusion.linear.ops import FLOAT_TYPES
+from converter.fusion.core.steps import batch_norm_params, bn_affine, constant_step
 
 __all__ = [
     "ConvOp",
     "ChannelAffine",
     "Term",
-    "ConvMerge",
     "recognize_conv",
     "recognize_affine",
     "AFFINE_OPS",
@@ -63,7 +63,7 @@ class ConvOp:
     """A Conv with constant weights: its node, geometry and constants (weights read on demand)."""
 
     node: ir.Node
-    geometry: ca.ConvGeometry
+    geometry: ConvGeometry
     weight: Constant
     bias: Constant | None
     dtype: ir.DataType
@@ -143,7 +143,7 @@ def recognize_conv(ctx: Context, node: ir.Node) -> ConvOp | Declined | None:
     return ConvOp(node, geometry, weight, bias, dtype)
 
 
-def _geometry(node: ir.Node, shape: tuple[int, ...], has_bias: bool) -> ca.ConvGeometry | Declined:
+def _geometry(node: ir.Node, shape: tuple[int, ...], has_bias: bool) -> ConvGeometry | Declined:
     """The conv's geometry from its attributes and weight shape, or why it has none we trust."""
     attrs = node.attributes
     rank = len(shape) - 2
@@ -159,7 +159,7 @@ def _geometry(node: ir.Node, shape: tuple[int, ...], has_bias: bool) -> ca.ConvG
     if auto_pad == "NOTSET":
         pads = tuple(attrs.get_ints("pads", None) or (0,) * (2 * rank))
     elif auto_pad in ("VALID", "SAME_UPPER", "SAME_LOWER"):
-        resolved = ca.resolve_auto_pad(auto_pad, kernel, strides, dilations, _spatial(node, rank))
+        resolved = resolve_auto_pad(auto_pad, kernel, strides, dilations, _spatial(node, rank))
         if isinstance(resolved, Declined):
             return resolved
         pads = resolved
@@ -167,7 +167,7 @@ def _geometry(node: ir.Node, shape: tuple[int, ...], has_bias: bool) -> ca.ConvG
         return Declined.because(f"Conv auto_pad {auto_pad!r} is not understood")
     groups = attrs.get_int("group", 1)
     try:
-        return ca.ConvGeometry(
+        return ConvGeometry(
             shape[0], shape[1] * groups, kernel, groups, strides, dilations, pads, has_bias
         )
     except ValueError as e:
@@ -204,18 +204,12 @@ def recognize_affine(
         if len(node.inputs) != 1 or node.inputs[0] is None:
             return None
         return ChannelAffine(node, 0, [], False, lambda n: (np.full(n, -1.0), None))
-    if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
-        return None
-    consts = [ctx.constants.is_constant(v) for v in node.inputs]
-    if consts[0] == consts[1]:
-        return None
-    data_index = 1 if consts[0] else 0
-    if node.op_type == "Div" and data_index == 1:
+    step = constant_step(ctx, node)
+    if step is None or isinstance(step, Declined):
+        return step
+    if not step.is_affine:
         return None  # c / x is not affine
-    kept = kept_for_runtime(ctx, node)
-    if kept:
-        return Declined.because(kept)
-    c = ctx.constants.usable(node.inputs[1 - data_index], (node,), channels)
+    c = step.constant(ctx, channels)
     if isinstance(c, Declined):
         return c
     if not _per_channel(c.shape, rank, channels):
@@ -225,23 +219,13 @@ def recognize_affine(
         )
     if node.op_type == "Div" and not np.all(c.array() != 0):
         return Declined.because("Div by a constant that holds a zero")
-    vectors = _vectors(node.op_type, data_index, c)
-    return ChannelAffine(node, data_index, [c], node.op_type in ("Add", "Sub"), vectors)
 
+    def vectors(n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return step.scale_shift(
+            np.broadcast_to(c.array().astype(np.float64).reshape(-1), (n,)).copy()
+        )
 
-def _vectors(op_type: str, data_index: int, c: Constant):
-    def vec(n: int) -> np.ndarray:
-        return np.broadcast_to(c.array().astype(np.float64).reshape(-1), (n,)).copy()
-
-    if op_type == "Mul":
-        return lambda n: (vec(n), None)
-    if op_type == "Div":
-        return lambda n: (1.0 / vec(n), None)
-    if op_type == "Add":
-        return lambda n: (None, vec(n))
-    if data_index == 0:  # Sub(x, c)
-        return lambda n: (None, -vec(n))
-    return lambda n: (np.full(n, -1.0), vec(n))  # Sub(c, x)
+    return ChannelAffine(node, step.data_index, [c], step.has_shift, vectors)
 
 
 def _batch_norm(ctx: Context, node: ir.Node, channels: int) -> ChannelAffine | Declined | None:
@@ -255,12 +239,9 @@ def _batch_norm(ctx: Context, node: ir.Node, channels: int) -> ChannelAffine | D
         )
     if node.attributes.get_int("spatial", 1) != 1:
         return Declined.because("BatchNormalization with spatial=0 is not supported")
-    params: list[Constant] = []
-    for value in node.inputs[1:]:
-        found = ctx.constants.usable(value, (node,), 1 << 62)  # all per-channel: small
-        if isinstance(found, Declined):
-            return found
-        params.append(found)
+    params = batch_norm_params(ctx, node)
+    if isinstance(params, Declined):
+        return params
     if any(p.size != channels for p in params):
         return Declined.because(
             f"BatchNormalization parameters are not vectors of {channels} channels"
@@ -269,7 +250,7 @@ def _batch_norm(ctx: Context, node: ir.Node, channels: int) -> ChannelAffine | D
 
     def vectors(n: int) -> tuple[np.ndarray, np.ndarray]:
         gamma, beta, mean, var = (p.array().reshape(-1) for p in params)
-        return ca.bn_affine(gamma, beta, mean, var, epsilon)
+        return bn_affine(gamma, beta, mean, var, epsilon)
 
     return ChannelAffine(node, 0, params, True, vectors)
 
@@ -292,43 +273,3 @@ class Term:
         if self.conv is not None:
             return [(self.conv.node, 0)]
         return [(self.affine.node, self.affine.data_index)] if self.affine is not None else []
-
-
-@dataclass
-class ConvMerge:
-    """One planned merge: its nodes (the last computes the result) and where it reads ``x``.
-
-    ``plan`` decides from shapes (and small constants); ``compute`` builds the float64 conv.
-    """
-
-    kind: str
-    nodes: list[ir.Node]
-    reads: list[tuple[ir.Node, int]]
-    dtype: ir.DataType
-    plan: Callable[[], ca.ConvGeometry | Declined]
-    compute: Callable[[], ca.ConvMap | Declined]
-    macs_before: int
-    params_before: int
-    note: str
-    constants: list[Constant] = field(default_factory=list)
-    identity_input: ir.Value | None = None  # a sum with an identity term reads x as a leaf too
-
-    @property
-    def x(self) -> ir.Value | None:
-        node, index = self.reads[0]
-        return node.inputs[index]
-
-    @property
-    def out(self) -> ir.Value:
-        return self.nodes[-1].outputs[0]
-
-    @property
-    def names(self) -> list[str]:
-        return [_name(n) for n in self.nodes]
-
-    def alive(self, graph: ir.Graph) -> bool:
-        """All nodes still in ``graph`` and every branch still reads the same input."""
-        if not all(n.graph is graph for n in self.nodes):
-            return False
-        x = self.x
-        return all(node.inputs[i] is x for node, i in self.reads)

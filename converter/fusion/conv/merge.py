@@ -1,9 +1,9 @@
-"""Structural re-parameterisation of convolutions: find the merges one round of the engine makes.
+"""Structural re-parameterisation of convolutions: the finders of the merges convs make.
 
-The engine (:mod:`converter.fusion.engine`) calls :func:`merge_convs` at the start of every round.
-It analyses the live graph (:mod:`converter.fusion.conv.match`) and makes, in this order, the
-first kind of merge it finds any of (each changes what the next kind sees, so the round ends
-there and the next round analyses the graph again):
+Three finders, first in the engine's list (:mod:`converter.fusion.engine`), read one analysis of
+the live graph per round (every Conv recognised, :mod:`converter.fusion.conv.match`); the engine
+makes the first kind of merge any of them finds (each changes what the next kind sees, so the
+round ends there and the next round analyses the graph again):
 
 1. **folds**: a channel affine after a Conv (``W' = W * s[o]``, ``b' = b * s + t``), then one
    before a Conv (``W' = W * s[c]``, ``b' = b + sum W t``; a shift only into an unpadded conv);
@@ -17,73 +17,84 @@ there and the next round analyses the graph again):
 A merge that is folded into a branch (a BatchNorm after each branch conv, a layer scale after a
 sum) is made by the rounds: fold, then sum, then fold the scale after the sum, and so on.
 
-Each planned merge is checked to be still alive, decided from shapes
-(:mod:`converter.fusion.conv.algebra`'s ``plan_*``; a few per-channel constants may be read, never
-a weight), computed once in float64, refused if the dtype cannot hold it, rounded once and
-written by :mod:`converter.fusion.conv.rewrite`. Under ``policy="cost"`` a branch sum or
+Each planned merge (a :class:`~converter.fusion.conv.rewrite.ConvMerge`) is checked to be still
+alive, decided from shapes (:mod:`converter.fusion.conv.geometry`'s ``plan_*``; a few per-channel
+constants may be read, never a weight), computed once in float64
+(:mod:`converter.fusion.conv.algebra`), refused if the dtype cannot hold it, rounded once and
+written. Under ``policy="cost"`` a branch sum or
 composition that would add multiply-adds per output position or parameters is refused (a 1x1
 expansion followed by a depthwise conv stays two convs); a fold never adds either.
 """
 
 from __future__ import annotations
 
-import logging
+import abc
 
 import onnx_ir as ir
 
 from converter.fusion.conv import algebra as ca
+from converter.fusion.conv.geometry import ConvGeometry, chain_macs, plan_add, plan_compose
 from converter.fusion.conv.match import (
     ChannelAffine,
-    ConvMerge,
     ConvOp,
     Term,
     recognize_affine,
     recognize_conv,
 )
-from converter.fusion.conv.rewrite import apply
+from converter.fusion.conv.rewrite import ConvMerge
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import feeds_only, sole_consumer
 from converter.fusion.core.joins import is_join, tree_leaves
-from converter.report import FusionRecord
+from converter.fusion.core.merge import Finder, Merge, Round
 
-__all__ = ["merge_convs"]
-
-logger = logging.getLogger(__name__)
-
-
-def merge_convs(
-    ctx: Context,
-    graph: ir.Graph,
-    label: str,
-    fusions: list[FusionRecord],
-    declined: list[Declined],
-) -> int:
-    """Make one round's convolution merges in ``graph``; return how many were made.
-
-    When none is made, the reasons for what was not merged are appended to ``declined``.
-    """
-    convs, refused = _recognise(ctx, graph)
-    if not convs and not refused:
-        return 0
-    reasons: list[Declined] = []
-    for find in (_find_folds, _find_sums, _find_compositions):
-        merges = find(ctx, graph, convs, refused, label, reasons)
-        made = sum(apply(ctx, graph, label, m, fusions, reasons) for m in merges)
-        if made:
-            return made
-    declined.extend(reasons)
-    return 0
-
+__all__ = ["ConvCompositions", "ConvFolds", "ConvSums"]
 
 Refused = dict[ir.Node, Declined]
 
 
-def _recognise(ctx: Context, graph: ir.Graph) -> tuple[dict[ir.Node, ConvOp], Refused]:
+class _ConvFinder(Finder):
+    """A finder of conv merges: nothing to find in a graph without a Conv."""
+
+    def find(self, round: Round) -> list[Merge | Declined]:
+        convs, refused = round.shared(_analyse)
+        if not convs and not refused:
+            return []
+        reasons: list[Declined] = []
+        merges = self._find(round.ctx, round.graph, convs, refused, round.label, reasons)
+        return [*reasons, *merges]
+
+    @abc.abstractmethod
+    def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]: ...
+
+
+class ConvFolds(_ConvFinder):
+    """A channel affine folded into the Conv before it, then one into the Conv after it."""
+
+    def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+        return _find_folds(ctx, graph, convs, refused, label, reasons)
+
+
+class ConvSums(_ConvFinder):
+    """A tree of sums over conv branches of one input (RepVGG, ACNet, MobileOne, ...)."""
+
+    def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+        return _find_sums(ctx, graph, convs, refused, label, reasons)
+
+
+class ConvCompositions(_ConvFinder):
+    """A Conv whose only consumer is another Conv, with nothing between them."""
+
+    def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+        return _find_compositions(ctx, graph, convs, refused, label, reasons)
+
+
+def _analyse(round: Round) -> tuple[dict[ir.Node, ConvOp], Refused]:
+    """Every Conv of the round's graph recognised, or refused with the reason."""
     convs: dict[ir.Node, ConvOp] = {}
     refused: Refused = {}
-    for node in graph:
-        found = recognize_conv(ctx, node)
+    for node in round.graph:
+        found = recognize_conv(round.ctx, node)
         if isinstance(found, ConvOp):
             convs[node] = found
         elif isinstance(found, Declined):
@@ -150,7 +161,7 @@ def _fold_after(op: ConvOp, affine: ChannelAffine) -> ConvMerge:
     g = op.geometry
     n = g.out_channels
 
-    def plan() -> ca.ConvGeometry:
+    def plan() -> ConvGeometry:
         return _with_bias(g, g.has_bias or affine.has_shift)
 
     def compute() -> ca.ConvMap:
@@ -158,7 +169,6 @@ def _fold_after(op: ConvOp, affine: ChannelAffine) -> ConvMerge:
         return ca.scale_out(op.conv_map(), scale, shift)
 
     return ConvMerge(
-        "fold",
         [op.node, affine.node],
         [(op.node, 0)],
         op.dtype,
@@ -175,7 +185,7 @@ def _fold_before(affine: ChannelAffine, op: ConvOp) -> ConvMerge:
     g = op.geometry
     n = g.in_channels
 
-    def plan() -> ca.ConvGeometry | Declined:
+    def plan() -> ConvGeometry | Declined:
         if affine.has_shift and any(g.pads):
             _, shift = affine.vectors(n)  # a per-channel vector: small
             if shift is not None and shift.any():
@@ -190,7 +200,6 @@ def _fold_before(affine: ChannelAffine, op: ConvOp) -> ConvMerge:
         return ca.affine_in(op.conv_map(), scale, shift)
 
     return ConvMerge(
-        "fold",
         [affine.node, op.node],
         [(affine.node, affine.data_index)],
         op.dtype,
@@ -203,8 +212,8 @@ def _fold_before(affine: ChannelAffine, op: ConvOp) -> ConvMerge:
     )
 
 
-def _with_bias(g: ca.ConvGeometry, has_bias: bool) -> ca.ConvGeometry:
-    return ca.ConvGeometry(
+def _with_bias(g: ConvGeometry, has_bias: bool) -> ConvGeometry:
+    return ConvGeometry(
         g.out_channels,
         g.in_channels,
         g.kernel_shape,
@@ -291,7 +300,7 @@ def _sum_merge(joins, terms: list[Term], x, dtype, rank: int, channels: int) -> 
             maps_of.append(_signed(term.sign, term.conv.conv_map))
         else:
             has_shift = term.affine is not None and term.affine.has_shift
-            g = ca.ConvGeometry(channels, channels, ones, channels, has_bias=has_shift)
+            g = ConvGeometry(channels, channels, ones, channels, has_bias=has_shift)
             if term.affine is not None:
                 macs, params = macs + channels, params + term.affine.params(channels)
                 constants += term.affine.constants
@@ -305,11 +314,10 @@ def _sum_merge(joins, terms: list[Term], x, dtype, rank: int, channels: int) -> 
         return ca.add_convs(*(make() for make in maps_of))
 
     return ConvMerge(
-        "sum",
         [n for t in terms for n in t.nodes] + joins,
         reads,
         dtype,
-        lambda: ca.plan_add(*geometries),
+        lambda: plan_add(*geometries),
         compute,
         macs + (len(terms) - 1) * out_channels,
         params,
@@ -370,22 +378,21 @@ def _find_compositions(ctx, graph, convs, refused, label, reasons) -> list[ConvM
 def _compose(first: ConvOp, second: ConvOp) -> ConvMerge:
     g1, g2 = first.geometry, second.geometry
 
-    def plan() -> ca.ConvGeometry | Declined:
+    def plan() -> ConvGeometry | Declined:
         bias = first.bias.array().reshape(-1) if first.bias is not None else None  # small
-        return ca.plan_compose(g1, g2, first_bias=bias)
+        return plan_compose(g1, g2, first_bias=bias)
 
     def compute() -> ca.ConvMap | Declined:
         return ca.compose(first.conv_map(), second.conv_map())
 
     k1, k2 = ("x".join(map(str, g.kernel_shape)) for g in (g1, g2))
     return ConvMerge(
-        "compose",
         [first.node, second.node],
         [(first.node, 0)],
         first.dtype,
         plan,
         compute,
-        ca.chain_macs([g1, g2]),
+        chain_macs([g1, g2]),
         g1.params + g2.params,
         f"sequential convs composed: {k1} then {k2}",
         first.constants + second.constants,

@@ -12,16 +12,16 @@ into a map on the last axis of the transposed input::
 
 So ``Conv1x1 -> Transpose(perm) -> L``, with ``L`` a linear op on the last axis (ConvNeXt-style
 channels-last MLPs, Conformer's pointwise conv before a Linear), is a chain whose first op is
-``[Wc2d.T, bc]`` read through ``Transpose(x, perm)``. :func:`prefix_pointwise_convs` puts that op
-(a :class:`~converter.fusion.linear.ops.LinearOp` holding the Conv and the Transpose, with
-``input_perm = perm``) in front of the chain ``L`` starts; the chain engine then decides and
-writes it like any chain (the cost model over the widths ``C_in -> C_mid -> C_out``, the
-parameter rule of :func:`converter.fusion.linear.rewrite.decide`), composing once in float64::
+``[Wc2d.T, bc]`` read through ``Transpose(x, perm)``. :func:`pointwise_before` finds that op (a
+:class:`~converter.fusion.linear.ops.LinearOp` holding the Conv and the Transpose, with
+``input_perm = perm``); the engine gives it to the chain finder as the ``lead`` of every chain
+(:class:`converter.fusion.linear.chains.Segments`), which then decides and writes it like any
+chain (the cost model over the widths ``C_in -> C_mid -> C_out``, the parameter rule of
+:meth:`converter.fusion.linear.rewrite.LinearMerge.decide`), composing once in float64::
 
     W = Wc2d.T @ W_L,    b = bc @ W_L + b_L
 
-and :func:`converter.fusion.linear.rewrite.write` emits ``Transpose(x, perm) -> MatMul(W) [-> Add(b)]``,
-taking over ``L``'s output value.
+and writes ``Transpose(x, perm) -> MatMul(W) [-> Add(b)]``, taking over ``L``'s output value.
 
 A Conv -> Transpose -> linear op that cannot be so merged is reported with the reason: a kernel,
 stride, padding or group that is not pointwise, a perm that does not put the channels last, an
@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.conv import algebra as ca
+from converter.fusion.conv.geometry import ConvGeometry
 from converter.fusion.conv.match import ConvOp, recognize_conv
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
@@ -41,33 +41,16 @@ from converter.fusion.core.graph import is_onnx
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.ops import LinearOp
 
-__all__ = ["prefix_pointwise_convs", "pointwise_reason"]
+__all__ = ["pointwise_before", "pointwise_reason"]
 
 
 def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
 
 
-def prefix_pointwise_convs(
-    ctx: Context, runs: list[list[LinearOp]], label: str
-) -> tuple[list[list[LinearOp]], list[Declined]]:
-    """``runs`` with the 1x1 Conv (as a :class:`LinearOp` read through its Transpose) put in
-    front of each run it feeds, and a reason for every Conv -> Transpose -> run that is not."""
-    extended: list[list[LinearOp]] = []
-    declined: list[Declined] = []
-    for run in runs:
-        found = _pointwise_before(ctx, run[0])
-        if isinstance(found, LinearOp):
-            extended.append([found, *run])
-            continue
-        if found is not None:
-            declined.append(found.about(found.nodes, label))
-        extended.append(run)
-    return extended, declined
-
-
-def _pointwise_before(ctx: Context, op: LinearOp) -> LinearOp | Declined | None:
-    """The Conv before ``op`` (through a Transpose) as a linear op, why it is not one, or None."""
+def pointwise_before(ctx: Context, op: LinearOp) -> LinearOp | Declined | None:
+    """The 1x1 Conv before ``op`` (through a channels-last Transpose) as the linear op that
+    leads ``op``'s chain, why the Conv there is not one, or None (no Conv there)."""
     transpose = op.input.producer()
     if not is_onnx(transpose, "Transpose") or not transpose.inputs:
         return None
@@ -93,7 +76,7 @@ def _pointwise_before(ctx: Context, op: LinearOp) -> LinearOp | Declined | None:
     return Declined(names, reason)
 
 
-def pointwise_reason(g: ca.ConvGeometry) -> str | None:
+def pointwise_reason(g: ConvGeometry) -> str | None:
     """Why a conv of geometry ``g`` is not a map of the channels alone, or None if it is."""
     problems = []
     if any(k != 1 for k in g.kernel_shape):

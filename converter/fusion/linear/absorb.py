@@ -20,17 +20,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.conv.algebra import bn_affine
 from converter.fusion.core.constants import Constant, remove_if_unused
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import is_onnx, single_reader
-from converter.fusion.core.runtime_patterns import kept_for_runtime
-from converter.fusion.linear import algebra
-from converter.fusion.linear.ops import LinearOp
+from converter.fusion.core.merge import Finder, Merge, Round, Written
+from converter.fusion.core.steps import batch_norm_params, bn_affine, constant_step
+from converter.fusion.linear import algebra, chains
+from converter.fusion.linear.ops import LinearOp, recognize
+from converter.fusion.linear.rewrite import Decision, LinearMerge, emits_gemm
 from converter.fusion.linear.views import VIEW_OPS, Features, follow
 
-__all__ = ["Absorb", "find_absorbs", "STEP_TYPES"]
+__all__ = ["STEP_TYPES", "Absorb", "Fold", "FoldsAcrossViews", "find_absorbs"]
 
 STEP_TYPES = frozenset({"Mul", "Div", "Add", "Sub", "Neg", "BatchNormalization"})
 
@@ -119,22 +120,20 @@ def _paths(ctx: Context, value: ir.Value, f: Features, views: tuple[ir.Node, ...
 def _is_constant_step(ctx: Context, node: ir.Node, data: ir.Value) -> bool:
     if node.op_type in ("Neg", "BatchNormalization"):
         return node.inputs[0] is data
-    others = [v for v in node.inputs if v is not data]
-    return len(node.inputs) == 2 and len(others) == 1 and ctx.constants.is_constant(others[0])
+    return constant_step(ctx, node) is not None  # (one the runtime fuses says so when mapped)
 
 
 def _step_map(ctx: Context, node: ir.Node, data: ir.Value, f: Features):
     """``(scale, shift)`` of the step on the features, or why it does not fold."""
-    ones = np.ones(f.width)
     if node.op_type == "Neg":
-        return -ones, None
+        return -np.ones(f.width), None
     if node.op_type == "BatchNormalization":
         return _batch_norm(ctx, node, f)
-    kept = kept_for_runtime(ctx, node)
-    if kept:
-        return Declined.because(kept)
-    index = 0 if node.inputs[0] is data else 1
-    const = ctx.constants.usable(node.inputs[1 - index], (node,), f.width)
+    step = constant_step(ctx, node)
+    assert step is not None  # a path ends only at a constant step
+    if isinstance(step, Declined):
+        return step
+    const = step.constant(ctx, f.width)
     if isinstance(const, Declined):
         return const
     vector = _along(const, f)
@@ -143,18 +142,10 @@ def _step_map(ctx: Context, node: ir.Node, data: ir.Value, f: Features):
             f"{node.op_type} by a constant of shape {list(const.shape)} varies along another "
             f"axis than the one holding the features (axis {f.axis} of rank {f.rank})",
         )
-    op = node.op_type
-    if op == "Mul":
-        return ones * vector, None
-    if op == "Div":
-        if index == 1 or not np.all(vector != 0):
-            return Declined.because(
-                "Div by a constant that holds a zero, or of a constant by the data"
-            )
-        return ones / vector, None
-    if op == "Add":
-        return ones, ones * vector
-    return (ones, -ones * vector) if index == 0 else (-ones, ones * vector)  # Sub
+    if step.op_type == "Div" and (not step.is_affine or not np.all(vector != 0)):
+        return Declined.because("Div by a constant that holds a zero, or of a constant by the data")
+    scale, shift = step.scale_shift(vector)
+    return np.ones(f.width) if scale is None else scale, shift
 
 
 def _along(const: Constant, f: Features) -> np.ndarray | None:
@@ -181,9 +172,9 @@ def _batch_norm(ctx: Context, node: ir.Node, f: Features):
         return Declined.because(
             "BatchNormalization's channel axis is not the one holding the features"
         )
-    params = [ctx.constants.usable(v, (node,), 1 << 62) for v in node.inputs[1:]]
-    if any(isinstance(p, Declined) for p in params):
-        return next(p for p in params if isinstance(p, Declined))
+    params = batch_norm_params(ctx, node)
+    if isinstance(params, Declined):
+        return params
     if any(p.size != f.width for p in params):
         return Declined.because("BatchNormalization's parameters do not match the features' width")
     gamma, beta, mean, var = (np.asarray(p.array()).reshape(-1) for p in params)
@@ -203,3 +194,86 @@ def remove_step(absorb: Absorb) -> None:
     step.graph.remove(step, safe=True)
     for value in constants:
         remove_if_unused(value)
+
+
+@dataclass(eq=False)
+class Fold(Merge):
+    """One step folded into its linear op across views: ``W' = W * s``, ``b' = b * s + t`` on
+    the features, the step taken out, the views left; never more work, never more weights."""
+
+    absorb: Absorb
+
+    left_as_is = "step left as it was"
+    refolds = True  # the op's output name now holds the folded values
+
+    def __post_init__(self) -> None:
+        op = self.absorb.op
+        widths = [op.in_features, op.out_features]
+        self._merge = LinearMerge([op], [], widths, op.macs, self.absorb.affine, self.absorb.note)
+
+    @property
+    def names(self) -> list[str]:
+        return self.absorb.names
+
+    @property
+    def old_nodes(self) -> list[ir.Node]:
+        return [*self.absorb.op.nodes, self.absorb.step]
+
+    @property
+    def constants(self) -> list[Constant]:
+        return list(self.absorb.op.constants)
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return self.absorb.op.dtype
+
+    @property
+    def renames(self) -> list[str]:
+        step = self.absorb.step
+        return [*self.absorb.op.names, step.name or step.op_type]
+
+    def alive(self, graph: ir.Graph) -> bool:
+        return self.absorb.alive(graph)
+
+    def decide(self, round: Round) -> Decision:
+        has_bias = self.absorb.op.has_bias or self.absorb.shift is not None
+        return Decision(emits_gemm(round.ctx, self._merge, has_bias), has_bias, 0, 0)
+
+    def compute(self, plan: Decision) -> algebra.AffineMap:
+        return self._merge.compute(plan)
+
+    def write(self, round: Round, plan: Decision, computed: algebra.AffineMap) -> Written:
+        """The op with the step's values in it takes the op's place; the step goes."""
+        written = self._merge.write(round, plan, computed)
+        remove_step(self.absorb)
+        record, absorb = written.record, self.absorb
+        record.output = None
+        record.nodes = absorb.names
+        record.op_types = [n.op_type for n in (*absorb.op.nodes, *absorb.views, absorb.step)]
+        record.macs_after = record.macs_before
+        return written
+
+
+class FoldsAcrossViews(Finder):
+    """Every constant step that folds into a Gemm/MatMul of the round's chains through views."""
+
+    def find(self, round: Round) -> list[Merge | Declined]:
+        runs = round.shared(chains.analyse).runs
+        absorbs, declined = find_absorbs(round.ctx, [op for run in runs for op in run], round.label)
+        return [*declined, *(Fold(absorb) for absorb in absorbs)]
+
+    def pending(self, round: Round, written: list[ir.Node]) -> bool:
+        """A merged segment now reaches a constant step through views (``MatMul -> Neg ->
+        Transpose -> Mul``: the chain took the Neg, the Mul folds next): one more round."""
+        near = [n for n in written if _reaches_view(n)]  # cheap test first: most reach none
+        ops = [op for n in near if isinstance(op := recognize(round.ctx, n), LinearOp)]
+        return bool(ops) and bool(find_absorbs(round.ctx, ops, round.label)[0])
+
+
+def _reaches_view(node: ir.Node) -> bool:
+    """The merged op (``node``, or the bias ``Add`` after it) is read by a view."""
+    out = node.outputs[0]
+    reader = single_reader(out)
+    if reader is not None and reader.op_type == "Add" and len(out.uses()) == 1:
+        reader = single_reader(reader.outputs[0])  # MatMul + Add: the Add's reader
+    return reader is not None and reader.op_type in VIEW_OPS

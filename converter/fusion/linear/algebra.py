@@ -23,12 +23,9 @@ segments that minimises total multiply-adds per row, ``sum(d_i * d_j)`` over seg
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from converter.fusion.core.policy import Policy, check_policy
@@ -43,8 +40,6 @@ __all__ = [
     "matmul_affine",
     "scale_affine",
     "shift_affine",
-    "round_to_dtype",
-    "overflow_reason",
     "plan_segments",
     "segments_macs",
 ]
@@ -204,50 +199,6 @@ def scale_affine(scale: np.ndarray, width: int) -> AffineMap:
 def shift_affine(shift: np.ndarray, width: int) -> AffineMap:
     """``y = x + t`` along the last axis as a map: ``W = I``, ``b = t``."""
     return AffineMap(np.eye(width), np.broadcast_to(_f64(shift).reshape(-1), (width,)).copy())
-
-
-def round_to_dtype(a: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
-    """Round a float64 result once to the model's storage dtype (float16/32/64, bfloat16).
-
-    ml_dtypes converts float64 to bfloat16 by way of float32, which rounds twice; so for
-    bfloat16 we round the significand to its 8 bits in float64 first (ties to even), after which
-    the cast is exact.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    if np.dtype(dtype) == ml_dtypes.bfloat16:
-        mantissa, exponent = np.frexp(a)
-        a = np.ldexp(np.rint(np.ldexp(mantissa, 8)), exponent - 8)
-    return np.ascontiguousarray(a.astype(dtype))
-
-
-def overflow_reason(a: np.ndarray, dtype: np.dtype | type) -> str | None:
-    """Why ``a`` cannot be stored in ``dtype`` (non-finite, or beyond its range), or None if it can."""
-    a = np.asarray(a, dtype=np.float64)
-    # One reduction: the largest magnitude is NaN or inf exactly when some value is.
-    peak = float(np.abs(a).max()) if a.size else 0.0
-    if not math.isfinite(peak):
-        return "merged values are not finite"
-    dt = np.dtype(dtype)
-    limit = _largest(dt)
-    if peak > limit:
-        return f"merged value {peak:.6g} overflows {dt.name} (max {limit:.6g})"
-    return None
-
-
-def arrays_overflow(arrays: Iterable[np.ndarray | None], dtype: np.dtype | type) -> str | None:
-    """The first reason one of ``arrays`` (a merge's weight and bias; None skipped) cannot be
-    stored in ``dtype``, or None if all can."""
-    for array in arrays:
-        reason = None if array is None else overflow_reason(array, dtype)
-        if reason:
-            return reason
-    return None
-
-
-@functools.cache
-def _largest(dt: np.dtype) -> float:
-    """The largest finite value of the float dtype ``dt``."""
-    return float(ml_dtypes.finfo(dt).max) if dt == ml_dtypes.bfloat16 else float(np.finfo(dt).max)
 
 
 def plan_segments(

@@ -13,6 +13,9 @@ Every chain result and every inner node of the tree must feed only the tree and 
 output. Under the cost policy the merge is made only where the merged op costs no more
 multiply-adds per row than the branches (each at its own best segmentation) plus the additions:
 a LoRA adapter always merges; two low-rank branches of a wide layer may not.
+
+The finder (:class:`Sums`) reads the round's chains (:func:`converter.fusion.linear.chains.analyse`)
+and plans one :class:`~converter.fusion.linear.rewrite.LinearMerge` per sum worth merging.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import feeds_only, is_onnx, single_reader
 from converter.fusion.core.joins import is_inner, is_join, tree_leaves
+from converter.fusion.core.merge import Finder, Merge, Round
 from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.ops import LinearOp
+from converter.fusion.linear.rewrite import LinearMerge
 from converter.fusion.linear.views import static_dims
 
-__all__ = ["Term", "BranchSum", "find_sums"]
+__all__ = ["BranchSum", "BranchSums", "Term", "find_sums"]
 
 
 @dataclass
@@ -310,3 +315,22 @@ def _cost_reason(branch_sum: BranchSum, policy: Policy) -> str | None:
             f"from {before} to {merged} (--policy always merges anyway)"
         )
     return None
+
+
+class BranchSums(Finder):
+    """Every tree of sums over linear branches of one input worth merging, as one op each."""
+
+    def find(self, round: Round) -> list[Merge | Declined]:
+        runs = round.shared(chains.analyse).runs
+        sums, declined = find_sums(round.ctx, runs, round.label)
+        return [*declined, *(_merge(found) for found in sums)]
+
+
+def _merge(found: BranchSum) -> LinearMerge:
+    """The sum as one merge: its ops, the Reshapes around flattened branches and the joins."""
+    widths = [found.width_in, found.width_out]
+    macs = sum(op.macs for op in found.ops) + (len(found.terms) - 1) * found.width_out
+    wraps = [n for t in found.terms for n in t.wrap]
+    return LinearMerge(
+        found.ops, wraps + found.joins, widths, macs, found.affine, found.note(), found.x_at
+    )

@@ -1,28 +1,53 @@
-"""Find chains of linear ops in one graph, check the safety preconditions, choose segments.
+"""Chains of linear ops: find them, check the safety preconditions, merge the segments chosen.
 
 A *chain* is a run of linear ops where each op's data input is the previous op's output, and
 each intermediate result has exactly one consumer and is not a graph output (otherwise someone
 else still needs the intermediate, and merging would have to keep both). Every link that is
-*not* made, between ops that are otherwise linear, is recorded as a :class:`~converter.report.Declined`
-with the reason, as is every split the cost model chooses.
+*not* made, between ops that are otherwise linear, is declined with the reason
+(:class:`RefusedLinks`), as is every split the cost model chooses (:class:`Segments`).
+
+The analysis (:func:`analyse`: every linear op and step of the graph, linked into maximal
+chains, one-op chains included) is made once a round and shared by the finders that read chains:
+branch sums and folds across views start from it too. A chain's segments merge as
+``W = W1 @ W2 @ ...``, ``b = (b1 @ W2 + b2) @ W3 + ...``; a chain may be led by an op another
+part recognises before its first op (a 1x1 Conv read through a channels-last Transpose,
+:mod:`converter.fusion.conv.to_linear`): the engine gives :class:`Segments` that ``lead``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.merge import Finder, Merge, Round
 from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra
 from converter.fusion.linear.ops import LinearOp, recognize
+from converter.fusion.linear.rewrite import LinearMerge
 from converter.fusion.linear.steps import STEP_OPS, recognize_step
 
-__all__ = ["ChainPlan", "find_chains", "intermediate_reason", "link_reason", "plan_chain", "widths"]
+__all__ = [
+    "ChainPlan",
+    "Lead",
+    "RefusedLinks",
+    "Segment",
+    "Segments",
+    "analyse",
+    "find_chains",
+    "intermediate_reason",
+    "link_reason",
+    "plan_chain",
+    "widths",
+]
+
+#: What may lead a chain from before its first op: the op found there, why not, or None.
+Lead = Callable[[Context, LinearOp], "LinearOp | Declined | None"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,3 +226,108 @@ def plan_chain(
         (i, j) for i, j in segments if j - i >= 2 and not all(op.elementwise for op in chain[i:j])
     ]
     return ChainPlan(chain, merged_segments), declined
+
+
+@dataclass
+class ChainAnalysis:
+    """A round's chains (each in order of application, one-op chains included) and the reasons
+    for every link refused between two linear ops or beside a Gemm/MatMul that cannot merge."""
+
+    runs: list[list[LinearOp]]
+    declined: list[Declined]
+
+
+def analyse(round: Round) -> ChainAnalysis:
+    """The chains of ``round``'s graph as it is now (share it: ``round.shared(analyse)``)."""
+    runs, declined = find_chains(round.ctx, round.graph, round.label, min_length=1)
+    return ChainAnalysis(runs, declined)
+
+
+class RefusedLinks(Finder):
+    """No merge, only reasons: every link refused between linear ops of the round's chains."""
+
+    def find(self, round: Round) -> list[Declined]:
+        return round.shared(analyse).declined
+
+
+@dataclass(eq=False)
+class Segment(LinearMerge):
+    """A segment of a chain, merged into one op: ``W = W1 @ W2 @ ...``."""
+
+    @classmethod
+    def of(cls, ops: list[LinearOp], tick: Callable[[], None] = lambda: None) -> Segment:
+        def maps() -> Iterator[algebra.AffineMap]:
+            for op in ops:  # one float64 map at a time, built when the fold reaches it
+                yield op.affine
+                tick()
+
+        def make() -> algebra.AffineMap:
+            return algebra.compose_all(maps())
+
+        note = None
+        if ops[0].input_perm is not None:
+            note = (
+                f"1x1 Conv '{ops[0].names[0]}' moved past the Transpose "
+                f"(perm {list(ops[0].input_perm)}) into the channels-last linear op"
+            )
+        return cls(ops, [], widths(ops), sum(op.macs for op in ops), make, note)
+
+    @property
+    def reanalyse(self) -> bool:
+        """The cost model chose every segment of each maximal chain at once, and a merged
+        segment takes the place and the output value of the ops it replaces, so no chain, link
+        or branch sum a further round could find was not already in this one. A segment led by
+        a 1x1 Conv is not maximal that way: its new Transpose reads the Conv's input, which
+        another 1x1 Conv may compute (two the conv cost model kept apart)."""
+        return self.input_perm is not None
+
+
+class Segments(Finder):
+    """Every segment the cost model chose in every chain of the round (led, where ``lead``
+    finds one, by the op before the chain's first)."""
+
+    def __init__(self, lead: Lead | None = None) -> None:
+        self.lead = lead
+
+    def find(self, round: Round) -> list[Merge | Declined]:
+        found: list[Merge | Declined] = []
+        runs = self._led(round, round.shared(analyse).runs, found)
+        planned: list[list[LinearOp]] = []
+        for run in runs:
+            if len(run) < 2:
+                continue
+            plan, split_reasons = plan_chain(run, round.ctx.policy, round.label)
+            found.extend(split_reasons)
+            planned.extend(run[i:j] for i, j in plan.segments)
+        tick = _ticker(round.ctx, sum(len(ops) for ops in planned))
+        found.extend(Segment.of(ops, tick) for ops in planned)
+        return found
+
+    def _led(
+        self, round: Round, runs: list[list[LinearOp]], found: list[Merge | Declined]
+    ) -> list[list[LinearOp]]:
+        """``runs``, each with the op ``lead`` finds before it in front (and its reasons)."""
+        if self.lead is None:
+            return runs
+        led: list[list[LinearOp]] = []
+        for run in runs:
+            first = self.lead(round.ctx, run[0])
+            if isinstance(first, LinearOp):
+                led.append([first, *run])
+                continue
+            if first is not None:
+                found.append(first)
+            led.append(run)
+        return led
+
+
+def _ticker(ctx: Context, total: int) -> Callable[[], None]:
+    """Progress for the composition of ``total`` ops: ``merging done/total``, one op at a time."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        ctx.progress("merging", done, total)
+
+    return tick

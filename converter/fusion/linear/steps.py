@@ -25,11 +25,16 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.conv.algebra import bn_affine
 from converter.fusion.core.constants import Constant
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
-from converter.fusion.core.runtime_patterns import kept_for_runtime
+from converter.fusion.core.steps import (
+    BINARY_STEPS,
+    ConstantStep,
+    batch_norm_params,
+    bn_affine,
+    constant_step,
+)
 from converter.fusion.linear import algebra
 from converter.fusion.linear.ops import (
     FLOAT_TYPES,
@@ -41,8 +46,7 @@ from converter.fusion.linear.ops import (
 
 __all__ = ["STEP_OPS", "recognize_step"]
 
-BINARY_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
-STEP_OPS = BINARY_OPS | {"BatchNormalization", "Neg", "Identity", "Dropout", "Cast"}
+STEP_OPS = BINARY_STEPS | {"BatchNormalization", "Neg", "Identity", "Dropout", "Cast"}
 
 # The op already recognised that produced a value (its width and dtype stand in for shapes and
 # types a model does not record, as in subgraphs).
@@ -82,25 +86,17 @@ def recognize_step(
         return _batch_norm(ctx, node)
     if node.op_type in ("Neg", "Identity", "Dropout", "Cast"):
         return _unary(ctx, node, producer_of)
-    if len(node.inputs) != 2 or None in node.inputs or len(node.outputs) != 1:
+    step = constant_step(ctx, node)
+    if isinstance(step, Declined):
+        return declined(node, step.reason)
+    if step is None or not step.is_affine:
         return None
-    left, right = node.inputs
-    right_const = ctx.constants.is_constant(right)
-    left_const = ctx.constants.is_constant(left)
-    if right_const == left_const:
-        return None  # not exactly one constant operand (both constant is constant folding)
-    data_index = 0 if right_const else 1
-    data, const = (left, right) if data_index == 0 else (right, left)
-    if node.op_type == "Div" and data_index == 1:
-        return None  # c / x is not affine
-    kept = kept_for_runtime(ctx, node)
-    if kept:
-        return declined(node, kept)
+    data = step.data
     # The data's own width, never the constant's: x[N, 1] * c[d] broadcasts x up to d columns.
     width = _width(ctx, data, producer_of)
     if width is None:
         return None
-    c = ctx.constants.usable(const, (node,), width)
+    c = step.constant(ctx, width)
     if isinstance(c, Declined):
         return declined(node, c.reason)
     dtype = _dtype(data, producer_of) or c.dtype
@@ -114,30 +110,22 @@ def recognize_step(
         )
     if node.op_type == "Div" and not np.all(c.array() != 0):
         return declined(node, "Div by a constant that holds a zero")
-    make = _elementwise_maker(node.op_type, data_index, c, width)
-    return _step(node, data_index, width, dtype, (c,), make, bias=node.op_type in ("Add", "Sub"))
+    make = _elementwise_maker(step, c, width)
+    return _step(node, step.data_index, width, dtype, (c,), make, bias=step.has_shift)
 
 
 def _elementwise_maker(
-    op_type: str, data_index: int, const: Constant, width: int
+    step: ConstantStep, const: Constant, width: int
 ) -> Callable[[], algebra.AffineMap]:
-    """The map of ``op_type`` with the constant on the other side of the data."""
-    c = const.array
-    if op_type == "Mul":
-        return lambda: algebra.scale_affine(c(), width)
-    if op_type == "Div":
-        return lambda: algebra.scale_affine(1.0 / c().astype(np.float64), width)
-    if op_type == "Add":
-        return lambda: algebra.shift_affine(c(), width)
-    if data_index == 0:  # Sub(x, c)
-        return lambda: algebra.shift_affine(-c().astype(np.float64), width)
+    """The step as a map on the last axis: ``W = diag(s)``, ``b = t``."""
 
-    def negate_then_shift() -> algebra.AffineMap:  # Sub(c, x)
-        return algebra.compose(
-            algebra.scale_affine(np.float64(-1.0), width), algebra.shift_affine(c(), width)
-        )
+    def make() -> algebra.AffineMap:
+        c = np.broadcast_to(np.asarray(const.array(), dtype=np.float64).reshape(-1), (width,))
+        s, t = step.scale_shift(c)
+        weight = np.diag(np.ones(width) if s is None else s)
+        return algebra.AffineMap(weight, None if t is None else t.copy())
 
-    return negate_then_shift
+    return make
 
 
 def _width(ctx: Context, data: ir.Value, producer_of: ProducerOf) -> int | None:
@@ -204,12 +192,9 @@ def _batch_norm(ctx: Context, node: ir.Node) -> LinearOp | Declined | None:
         return declined(
             node, f"BatchNormalization on an input {where}: channels (axis 1) are not its last axis"
         )
-    params: list[Constant] = []
-    for value in node.inputs[1:]:
-        found = ctx.constants.usable(value, (node,), 1 << 62)  # all per-channel: small
-        if isinstance(found, Declined):
-            return declined(node, found.reason)
-        params.append(found)
+    params = batch_norm_params(ctx, node)
+    if isinstance(params, Declined):
+        return declined(node, params.reason)
     width = params[0].size
     if any(len(p.shape) != 1 or p.size != width for p in params):
         return declined(node, "BatchNormalization parameters are not vectors of one width")

@@ -1,4 +1,4 @@
-"""Tests for ``converter.fusion.conv.algebra`` against torch's convolutions in float64.
+"""Tests for ``converter.fusion.conv.algebra`` and ``.geometry`` against torch's convolutions in float64.
 
 Every merged conv is run with torch (asymmetric ONNX pads applied with ``F.pad``) and compared
 with the unmerged computation, itself written with torch ops on the original arrays
@@ -20,26 +20,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import converter.fusion.conv.algebra as conv_algebra
+import converter.fusion.conv.geometry as conv_geometry
 from converter.fusion.conv.algebra import (
-    ConvGeometry,
     ConvMap,
-    MergeCost,
     add_convs,
-    add_cost,
     affine_in,
-    bn_affine,
-    chain_macs,
     compose,
-    compose_cost,
     identity_conv,
     pad_kernel,
-    plan_add,
-    plan_compose,
-    resolve_auto_pad,
     scale_out,
     to_groups,
 )
+from converter.fusion.conv.geometry import (
+    ConvGeometry,
+    chain_macs,
+    plan_add,
+    plan_compose,
+    resolve_auto_pad,
+)
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.steps import bn_affine
 
 RTOL = 1e-10
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -114,12 +114,19 @@ def _imports(path: str) -> set[str]:
     } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
 
 
-def test_module_imports_only_numpy_and_the_standard_library():
-    # ... and the one pure-Python type of the package it returns, Declined, which imports only
-    # the standard library itself.
-    imported = _imports(conv_algebra.__file__)
+@pytest.mark.parametrize(
+    "module, package_imports",
+    [
+        (conv_algebra, {"converter.fusion.core.declined", "converter.fusion.conv.geometry"}),
+        (conv_geometry, {"converter.fusion.core.declined"}),
+    ],
+)
+def test_module_imports_only_numpy_and_the_standard_library(module, package_imports):
+    # ... and, of the package, each other and the one pure-Python type they return, Declined,
+    # which imports only the standard library itself.
+    imported = _imports(module.__file__)
     from_package = {name for name in imported if name.startswith("converter")}
-    assert from_package == {"converter.fusion.core.declined"}
+    assert from_package == package_imports
     top = {name.split(".")[0] for name in imported - from_package}
     assert top <= {"__future__", "math", "collections", "dataclasses", "numpy"}
     declined = importlib.import_module("converter.fusion.core.declined")
@@ -130,9 +137,10 @@ def test_module_imports_only_numpy_and_the_standard_library():
     }
 
 
-def test_every_public_name_imports():
-    for name in conv_algebra.__all__:
-        assert getattr(conv_algebra, name) is not None, name
+@pytest.mark.parametrize("module", [conv_algebra, conv_geometry])
+def test_every_public_name_imports(module):
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
 
 
 @pytest.mark.parametrize(
@@ -645,9 +653,11 @@ def test_cost_of_an_expansion_then_depthwise_grows_when_merged():
     depthwise = ConvGeometry(64, 64, (3, 3), groups=64, pads=(1, 1, 1, 1))
     merged = plan_compose(expand, depthwise)
     assert isinstance(merged, ConvGeometry) and merged.groups == 1
-    cost = compose_cost([expand, depthwise], merged)
-    assert cost == MergeCost(64 * 16 + 64 * 9, 64 * 16 * 9, 64 * 16 + 64 * 9, 64 * 16 * 9)
-    assert cost.macs_after > cost.macs_before
+    macs_before = chain_macs([expand, depthwise])
+    params_before = expand.params + depthwise.params
+    assert (macs_before, merged.macs_per_position) == (64 * 16 + 64 * 9, 64 * 16 * 9)
+    assert (params_before, merged.params) == (64 * 16 + 64 * 9, 64 * 16 * 9)
+    assert merged.macs_per_position > macs_before
 
 
 def test_chain_macs_counts_earlier_convs_at_their_own_positions():
@@ -665,9 +675,10 @@ def test_cost_of_repvgg_branches_shrinks_when_merged():
     ]
     merged = plan_add(*branches)
     assert isinstance(merged, ConvGeometry)
-    cost = add_cost(branches, merged)
-    assert (cost.macs_before, cost.macs_after) == (c * c * 9 + c * c + c, c * c * 9)
-    assert (cost.params_before, cost.params_after) == (c * c * 10 + c + 3 * c, c * c * 9 + c)
+    macs_before = sum(b.macs_per_position for b in branches)
+    params_before = sum(b.params for b in branches)
+    assert (macs_before, merged.macs_per_position) == (c * c * 9 + c * c + c, c * c * 9)
+    assert (params_before, merged.params) == (c * c * 10 + c + 3 * c, c * c * 9 + c)
 
 
 # --- properties --------------------------------------------------------------------------------
