@@ -34,7 +34,8 @@ from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import is_onnx, iter_graphs
 from converter.fusion.core.policy import Policy
-from converter.fusion.linear.ops import LinearOp, recognize
+from converter.fusion.linear.linear_op import LinearOp
+from converter.fusion.linear.ops import recognize
 from converter.fusion.passes import fuse_model
 from converter.model_io import files as io
 from converter.model_io import training

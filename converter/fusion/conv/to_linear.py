@@ -39,7 +39,7 @@ from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import is_onnx
 from converter.fusion.linear import algebra, chains
-from converter.fusion.linear.ops import LinearOp
+from converter.fusion.linear.linear_op import LinearOp
 
 __all__ = ["pointwise_before", "pointwise_reason"]
 

@@ -27,7 +27,8 @@ from converter.fusion.core.graph import is_onnx, single_reader
 from converter.fusion.core.merge import Finder, Merge, Round, Written
 from converter.fusion.core.steps import batch_norm_params, bn_affine, constant_step
 from converter.fusion.linear import algebra, chains
-from converter.fusion.linear.ops import LinearOp, recognize
+from converter.fusion.linear.linear_op import LinearOp
+from converter.fusion.linear.ops import recognize
 from converter.fusion.linear.rewrite import Decision, LinearMerge, emits_gemm
 from converter.fusion.linear.views import VIEW_OPS, Features, follow
 

@@ -32,7 +32,7 @@ from converter.fusion.core.joins import is_inner, is_join, tree_leaves
 from converter.fusion.core.merge import Finder, Merge, Round
 from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra, chains
-from converter.fusion.linear.ops import LinearOp
+from converter.fusion.linear.linear_op import LinearOp
 from converter.fusion.linear.rewrite import LinearMerge
 from converter.fusion.linear.views import static_dims
 

@@ -28,7 +28,8 @@ from converter.fusion.core.declined import Declined
 from converter.fusion.core.merge import Finder, Merge, Round
 from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra
-from converter.fusion.linear.ops import LinearOp, recognize
+from converter.fusion.linear.linear_op import LinearOp
+from converter.fusion.linear.ops import recognize
 from converter.fusion.linear.rewrite import LinearMerge
 from converter.fusion.linear.steps import STEP_OPS, recognize_step
 
@@ -104,6 +105,24 @@ def find_chains(
     Returns the chains, each in order of application, and a record for every link refused between
     two linear ops, or between a linear op and a Gemm/MatMul that cannot be merged.
     """
+    ops, refused = _recognise_all(ctx, graph)
+    successor, declined = _links(ops, label)
+    declined.extend(_refused_neighbours(ctx, refused, ops, label))
+    has_predecessor = {id(op) for op in successor.values()}
+    chains = []
+    for op in ops:
+        if id(op) in has_predecessor:
+            continue
+        chain = [op]
+        while id(chain[-1]) in successor:
+            chain.append(successor[id(chain[-1])])
+        if len(chain) >= min_length:
+            chains.append(chain)
+    return chains, declined
+
+
+def _recognise_all(ctx: Context, graph: ir.Graph) -> tuple[list[LinearOp], dict[ir.Node, Declined]]:
+    """Every linear op and step of ``graph`` in graph order, and every node refused, with why."""
     ops: list[LinearOp] = []
     refused: dict[ir.Node, Declined] = {}
     absorbed: set[ir.Node] = set()
@@ -120,11 +139,14 @@ def find_chains(
             absorbed.update(found.nodes[1:])
         elif isinstance(found, Declined):
             refused[node] = found
+    return ops, refused
 
+
+def _links(ops: list[LinearOp], label: str) -> tuple[dict[int, LinearOp], list[Declined]]:
+    """Each op's successor in its chain (by the op's id), and why each refused link is."""
     by_output = {op.output: op for op in ops}
     declined: list[Declined] = []
     successor: dict[int, LinearOp] = {}
-    has_predecessor: set[int] = set()
     for op in ops:
         prev = by_output.get(op.input)
         if prev is None:
@@ -132,21 +154,9 @@ def find_chains(
         reason = link_reason(prev, op)
         if reason is None:
             successor[id(prev)] = op
-            has_predecessor.add(id(op))
         elif not (prev.elementwise and op.elementwise):  # two steps alone would not merge anyway
             declined.append(Declined(prev.names + op.names, reason, label))
-    declined.extend(_refused_neighbours(ctx, refused, ops, label))
-
-    chains = []
-    for op in ops:
-        if id(op) in has_predecessor:
-            continue
-        chain = [op]
-        while id(chain[-1]) in successor:
-            chain.append(successor[id(chain[-1])])
-        if len(chain) >= min_length:
-            chains.append(chain)
-    return chains, declined
+    return successor, declined
 
 
 def _refused_neighbours(

@@ -43,7 +43,7 @@ from converter.fusion.core.graph import shape_list
 from converter.fusion.core.merge import Merge, Round, Written
 from converter.fusion.core.writing import fused_name, initializer, replace
 from converter.fusion.linear import algebra
-from converter.fusion.linear.ops import LinearOp
+from converter.fusion.linear.linear_op import LinearOp
 from converter.report import FusionRecord
 
 __all__ = ["Decision", "LinearMerge", "emits_gemm"]

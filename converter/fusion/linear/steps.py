@@ -1,4 +1,4 @@
-"""Elementwise affine steps that can join a chain: scales, shifts, BatchNormalization, no-ops.
+"""Elementwise affine steps that can join a chain: a table, one entry per op (:data:`STEPS`).
 
 Each step acts on the last axis with a constant ``c`` that broadcasts along it (a scalar, ``(d,)``
 or ``(1, ..., 1, d)``, never raising the rank), so it is an affine map with a diagonal weight::
@@ -14,8 +14,10 @@ or ``(1, ..., 1, d)``, never raising the rank), so it is an affine map with a di
 
 A step alone is never rewritten (as a matrix it would cost ``d*d`` multiply-adds instead of
 ``d``); it is merged only into a segment that holds a Gemm or MatMul, which it never makes more
-expensive. A step that looks affine but cannot be used says why (a :class:`~converter.fusion.core.declined.Declined`), and the
-reason is reported when it sits next to a linear op.
+expensive. A step that looks affine but cannot be used says why (a
+:class:`~converter.fusion.core.declined.Declined`), and the reason is reported when it sits next
+to a linear op. Which node is a constant step, and what it is as a map, is
+:mod:`converter.fusion.core.steps`' answer; this module says when it acts on the last axis.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import onnx_ir as ir
 from converter.fusion.core.constants import Constant
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.dtypes import FLOAT_TYPES
+from converter.fusion.core.graph import is_onnx
 from converter.fusion.core.steps import (
     BINARY_STEPS,
     ConstantStep,
@@ -36,21 +40,15 @@ from converter.fusion.core.steps import (
     constant_step,
 )
 from converter.fusion.linear import algebra
-from converter.fusion.linear.ops import (
-    FLOAT_TYPES,
+from converter.fusion.linear.linear_op import (
     LinearOp,
+    ProducerOf,
+    Recognise,
     broadcasts_along_last_axis,
     declined,
-    is_onnx,
 )
 
-__all__ = ["STEP_OPS", "recognize_step"]
-
-STEP_OPS = BINARY_STEPS | {"BatchNormalization", "Neg", "Identity", "Dropout", "Cast"}
-
-# The op already recognised that produced a value (its width and dtype stand in for shapes and
-# types a model does not record, as in subgraphs).
-ProducerOf = Callable[[ir.Value], "LinearOp | None"]
+__all__ = ["STEPS", "STEP_OPS", "recognize_step"]
 
 
 def _static_last_dim(ctx: Context, value: ir.Value) -> int | None:
@@ -80,12 +78,13 @@ def recognize_step(
     ``producer_of`` gives the op already recognised that produced a value, whose width and dtype
     stand in for a shape and type the model does not record.
     """
-    if not is_onnx(node) or node.op_type not in STEP_OPS or not node.outputs:
-        return None
-    if node.op_type == "BatchNormalization":
-        return _batch_norm(ctx, node)
-    if node.op_type in ("Neg", "Identity", "Dropout", "Cast"):
-        return _unary(ctx, node, producer_of)
+    entry = STEPS.get(node.op_type) if is_onnx(node) and node.outputs else None
+    return None if entry is None else entry(ctx, node, producer_of)
+
+
+def _binary(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined | None:
+    """``Mul``/``Div``/``Add``/``Sub`` by a constant along the last axis (``W = diag(s)``,
+    ``b = t``): the constant a scalar or ``(1, ..., 1, d)``, never raising the data's rank."""
     step = constant_step(ctx, node)
     if isinstance(step, Declined):
         return declined(node, step.reason)
@@ -177,7 +176,7 @@ def _dropout_reason(ctx: Context, node: ir.Node) -> str | None:
     return None
 
 
-def _batch_norm(ctx: Context, node: ir.Node) -> LinearOp | Declined | None:
+def _batch_norm(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined | None:
     """BatchNormalization in inference mode on a 2-D ``(N, C)`` input."""
     if len(node.inputs) != 5 or None in node.inputs:
         return None
@@ -209,3 +208,12 @@ def _batch_norm(ctx: Context, node: ir.Node) -> LinearOp | Declined | None:
         return algebra.AffineMap(np.diag(s), t)
 
     return _step(node, 0, width, dtype, params, make, bias=True)
+
+
+#: The elementwise steps: how each maps an affine value along the last axis.
+STEPS: dict[str, Recognise] = {
+    **dict.fromkeys(BINARY_STEPS, _binary),
+    "BatchNormalization": _batch_norm,
+    **dict.fromkeys(("Neg", "Identity", "Dropout", "Cast"), _unary),
+}
+STEP_OPS = frozenset(STEPS)
