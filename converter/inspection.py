@@ -287,6 +287,11 @@ def _table(header: tuple[str, ...], rows: list[list[str]], *, rule: str) -> list
     return [line(header), rule * len(line(header)), *(line(r) for r in rows)]
 
 
+def _keep(reason: str) -> str:
+    """The decision cell of a declined record (a reason kept for the runtime says so itself)."""
+    return reason if reason.startswith("kept:") else f"keep: {reason}"
+
+
 def format_table(inspection: Inspection, *, terminal: bool = False) -> str:
     """The human-readable tables; ``terminal`` adds bold headings and box-drawing rules."""
     rule = "─" if terminal else "-"
@@ -305,7 +310,10 @@ def format_table(inspection: Inspection, *, terminal: bool = False) -> str:
         ]
         for r in plan.fusions
     ]
-    rows += [[" + ".join(d.nodes) or "-", "", "", "", f"keep: {d.reason}"] for d in plan.declined]
+    rows += [[" + ".join(d.nodes) or "-", "", "", "", _keep(d.reason)] for d in plan.declined]
+    rows += [
+        ["-", "", "", "", f"rewrite for the runtime: {line}"] for line in plan.runtime_rewrites
+    ]
     if rows:
         header = ("nodes", "widths", "MACs/row", "params", "decision")
         lines += _table(header, rows, rule=rule)
