@@ -80,6 +80,7 @@ class Inspection:
             "ops": [op.to_dict() for op in self.ops],
             "merges": plan["fusions"],
             "declined": plan["declined"],
+            "runtime_rewrites": plan["runtime_rewrites"],
             "totals": {
                 key: [plan[f"{key}_before"], plan[f"{key}_after"]]
                 for key in ("linear_ops", "macs", "params")
