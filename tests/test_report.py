@@ -45,3 +45,16 @@ def test_record_to_dict_copies_lists_and_adds_macs_saved():
     assert d["macs_saved"] == 64 and d["nodes"] == ["conv", "t", "fc"]
     d["nodes"].append("x")
     assert record.nodes == ["conv", "t", "fc"]  # a copy, not the record's own list
+
+
+def test_rewrites_for_the_runtime_count_as_a_change_and_are_listed():
+    line = "main graph: GELU at 'g' reordered as x * (1 + erf(x / sqrt 2)) * 0.5"
+    report = FusionReport(runtime_rewrites=[line])
+    assert report.modified and report.to_dict()["runtime_rewrites"] == [line]
+    quiet = report.summary_lines()
+    assert (
+        "  for the runtime 1 pattern(s) (GELU, RMSNorm) written in the order onnxruntime fuses "
+        "into one kernel"
+    ) in quiet
+    assert f"  {line}" not in quiet and f"  {line}" in report.summary_lines(verbose=True)
+    assert not FusionReport().modified
