@@ -770,9 +770,9 @@ def _gelu(b: _Builder, h: _Val) -> _Val:
     (the MLP of a transformer: the 0.5 looks like a free fold), in rows or images."""
     if not h.image and b.ch.pick((True, False)):
         h = b.linear(h, b.ch.pick(WIDTHS))
-    half, one = b._shared("half", lambda: np.array(0.5)), b._shared("one", lambda: np.array(1.0))
+    half, one = b._shared("half_", lambda: np.array(0.5)), b._shared("one_", lambda: np.array(1.0))
     if b.dtype == np.float32:
-        sqrt2 = b._shared("sqrt2", lambda: np.array(np.sqrt(2.0)))
+        sqrt2 = b._shared("sqrt2_", lambda: np.array(np.sqrt(2.0)))
         d = b.node("Div", [h.name, sqrt2], h.width, h.image)
         e = b.node("Erf", [d.name], h.width, h.image)
     else:  # onnxruntime has no float64 Erf: the tanh form, tanh(c * (h + k * h^3))
