@@ -26,7 +26,7 @@ from converter import determinism
 from converter.equivalence.compare import OutputStats
 from converter.equivalence.runtime import OnDisk
 from converter.equivalence.validate import EquivalenceReport, check_equivalence
-from converter.errors import InputError, ValidationError
+from converter.errors import InputError, OriginalModelError, ValidationError
 from converter.fusion.algebra import Policy
 from converter.fusion.passes import fuse_model
 from converter.gcpause import paused_collection
@@ -170,7 +170,10 @@ def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None
     the fusion, where the value still exists: a later merge may have absorbed it.
     """
     outputs = [r.output for r in report.fusions if r.graph == _MAIN_GRAPH and r.output]
-    result = check_equivalence(src, candidate, extra_outputs=outputs, **options)
+    try:
+        result = check_equivalence(src, candidate, extra_outputs=outputs, **options)
+    except OriginalModelError as e:  # nothing can run the original: say how to go on
+        raise OriginalModelError(f"{e}; --no-validate writes the fused model unvalidated") from e
     # The intermediate values' facts live in each fusion record, not in this dict.
     report.validation = dataclasses.replace(result, intermediates=()).to_dict()
     del report.validation["intermediates"]

@@ -127,7 +127,10 @@ class FusionReport:
         if self.validated is None:
             lines.append("  validation      skipped")
         else:
-            lines.append(f"  validation      {'passed' if self.validated else 'FAILED'}")
+            lines.append(
+                f"  validation      {'passed' if self.validated else 'FAILED'}"
+                + _computed_in(self.validation, verbose=verbose)
+            )
         if self.seconds is not None:
             lines.append(f"  wall time       {self.seconds:.2f} s")
         if self.diverged is not None:
@@ -175,6 +178,15 @@ class FusionReport:
 
     def __str__(self) -> str:
         return "\n".join(self.summary_lines(verbose=True))
+
+
+def _computed_in(validation: dict[str, Any] | None, *, verbose: bool) -> str:
+    """How validation ran when not in the models' own types: ``" (bfloat16 computed in
+    float32)"``, and with ``verbose`` why (see :mod:`converter.equivalence.widen`)."""
+    widened = (validation or {}).get("widened")
+    if not widened:
+        return ""
+    return f" ({widened if verbose else widened.split(':')[0]})"
 
 
 def _describe(record: FusionRecord) -> str:

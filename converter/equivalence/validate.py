@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -75,6 +76,7 @@ from converter.equivalence.runtime import (
     one_line,
     open_session,
 )
+from converter.equivalence.widen import narrow_float_types, open_float32
 from converter.errors import InputError, OriginalModelError
 from converter.gcpause import paused_collection
 
@@ -103,6 +105,9 @@ class EquivalenceReport:
             ``measured=False`` entry saying why it could not be compared. Never decide ``passed``.
         first_divergence: When an output failed, the first intermediate value (in the original
             graph's order) beyond its tolerance in a failing trial; else ``None``.
+        widened: ``""`` when both models ran in their own types; else how and why they ran
+            as float32 copies (``"bfloat16 computed in float32: onnxruntime cannot run ..."``,
+            see :mod:`converter.equivalence.widen`).
     """
 
     passed: bool
@@ -114,6 +119,7 @@ class EquivalenceReport:
     failures: tuple[str, ...] = ()
     intermediates: tuple[OutputStats, ...] = ()
     first_divergence: str | None = None
+    widened: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return the whole report as JSON-serialisable data."""
@@ -122,6 +128,7 @@ class EquivalenceReport:
             "seed": self.seed,
             "trials": [dict(t) for t in self.trials],
             "reference": self.reference,
+            "widened": self.widened,
             "failures": list(self.failures),
             "outputs": [s.to_dict() for s in self.outputs],
             "results": [s.to_dict() for s in self.results],
@@ -134,6 +141,8 @@ class EquivalenceReport:
             f"equivalence {'PASS' if self.passed else 'FAIL'} (outputs: {len(self.outputs)}, "
             f"trials: {len(self.trials)}, seed: {self.seed}, float64 reference: {self.reference})"
         ]
+        if self.widened:
+            lines.append(f"computed in float32: {self.widened}")
         for trial in self.trials:
             dims = ", ".join(f"{k}={v}" for k, v in trial["dims"].items())
             lines.append(
@@ -199,7 +208,7 @@ def check_equivalence(
     absent = set(expose(cand, intermediates))
     measured = [n for n in intermediates if n not in absent]
     with tempfile.TemporaryDirectory(prefix="onnx-fuse-validate-") as workdir:
-        original_runner, candidate_runner = _open_both(orig, cand, workdir, failures)
+        original_runner, candidate_runner, widened = _open_both(orig, cand, workdir, failures)
         reference = Reference(orig, workdir)
         runners = _Runners(original_runner, candidate_runner, orig, set(intermediates))
         runs: list[_TrialResult] = []
@@ -218,7 +227,7 @@ def check_equivalence(
             runs.append(result)
     diagnostics = _diagnostics(runs, intermediates, absent, orig)
     report = _make_report(runs, orig.outputs, feeds, seed, reference.note, failures)
-    return dataclasses.replace(report, **diagnostics)
+    return dataclasses.replace(report, widened=widened, **diagnostics)
 
 
 @dataclasses.dataclass
@@ -335,6 +344,39 @@ def _input_signature(value: ir.Value) -> str:
 
 def _open_both(
     orig: Side, cand: Side, workdir: str, failures: list[str]
+) -> tuple[Runner, Runner | None, str]:
+    """Both sessions, and ``""`` or how they compute when not in the models' own types.
+
+    An original onnxruntime cannot load, that holds float types narrower than float32 (a
+    bfloat16 export: the CPU provider has no bfloat16 ``Mul``), is run as its float32 copy, and
+    so is the candidate (:mod:`converter.equivalence.widen`)."""
+    try:
+        return (*_open_pair(orig, cand, workdir, failures), "")
+    except OriginalModelError as error:
+        narrow = narrow_float_types(orig.model)
+        if not narrow:
+            raise
+        reason = _ort_reason(error.__cause__)
+    types = ", ".join(narrow)
+    try:
+        original = open_float32(orig, workdir, "original.float32")
+    except Exception as e:  # onnxruntime raises many types
+        raise OriginalModelError(
+            f"onnxruntime cannot load the {orig.label} ({reason}), nor its float32 copy "
+            f"({_ort_reason(e)})"
+        ) from e
+    failures[:] = [f for f in failures if not f.startswith("onnxruntime cannot load")]
+    candidate = _open_candidate(cand, workdir, failures, float32=True)
+    note = (
+        f"{types} computed in float32: onnxruntime cannot run the original model in {types} "
+        f"({reason})"
+    )
+    logger.info("validation: %s", note)
+    return original, candidate, note
+
+
+def _open_pair(
+    orig: Side, cand: Side, workdir: str, failures: list[str]
 ) -> tuple[Runner, Runner | None]:
     """Both sessions, built at the same time: onnxruntime lets go of the interpreter for much
     of the work, so on two cores the pair costs about as much as the larger one (3.7 -> 2.7 s
@@ -345,6 +387,14 @@ def _open_both(
         return original.result(), candidate  # the original's error, if any, is raised here
 
 
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def _ort_reason(error: BaseException | None) -> str:
+    """onnxruntime's message on one line, without its ``[ONNXRuntimeError] : 9 : ...`` prefix."""
+    return _ORT_PREFIX.sub("", one_line(error))
+
+
 def _open_original(side: Side, workdir: str) -> Runner:
     try:
         return open_session(side, workdir, "original")
@@ -352,13 +402,18 @@ def _open_original(side: Side, workdir: str) -> Runner:
         raise OriginalModelError(f"onnxruntime cannot load the {side.label}: {one_line(e)}") from e
 
 
-def _open_candidate(side: Side, workdir: str, failures: list[str]) -> Runner | None:
+def _open_candidate(
+    side: Side, workdir: str, failures: list[str], *, float32: bool = False
+) -> Runner | None:
     if any(f.startswith("inputs differ") for f in failures):
         return None
     try:
+        if float32:
+            return open_float32(side, workdir, "candidate.float32")
         return open_session(side, workdir, "candidate")
     except Exception as e:  # onnxruntime raises many types
-        failures.append(f"onnxruntime cannot load the {side.label}: {one_line(e)}")
+        copy = " (its float32 copy)" if float32 else ""
+        failures.append(f"onnxruntime cannot load the {side.label}{copy}: {one_line(e)}")
         return None
 
 
