@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from converter.equivalence.timing import BenchmarkResult
+
 __all__ = ["FusionRecord", "Declined", "FusionReport"]
 
 
@@ -81,7 +83,8 @@ class Declined:
 
 @dataclass
 class FusionReport:
-    """The outcome of one run: fusions, declined chains, model totals, validation, timing."""
+    """The outcome of one run: fusions, declined chains, model totals, validation, timing, and
+    (``benchmark``) the latency under onnxruntime before -> after when it was asked for."""
 
     fusions: list[FusionRecord] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
@@ -97,6 +100,7 @@ class FusionReport:
     validated: bool | None = None
     seconds: float | None = None
     first_divergence: int | None = None  # index in ``fusions`` of the first diverged output
+    benchmark: BenchmarkResult | None = None  # latency before -> after, when asked for
 
     @property
     def diverged(self) -> FusionRecord | None:
@@ -112,6 +116,7 @@ class FusionReport:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["fusions"] = [r.to_dict() for r in self.fusions]
         d["declined"] = [r.to_dict() for r in self.declined]
+        d["benchmark"] = None if self.benchmark is None else self.benchmark.to_dict()
         return d
 
     def summary_lines(self, *, verbose: bool = False) -> list[str]:
@@ -133,6 +138,8 @@ class FusionReport:
             )
         if self.seconds is not None:
             lines.append(f"  wall time       {self.seconds:.2f} s")
+        if self.benchmark is not None:
+            lines.extend(f"  {line}" for line in self.benchmark.summary_lines(verbose=verbose))
         if self.diverged is not None:
             lines.append(f"  first diverged  {_describe(self.diverged)}{_error(self.diverged)}")
         if verbose:

@@ -41,7 +41,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from converter.equivalence import timing
 from converter.equivalence.compare import (
     OutputStats,
     compare_arrays,
@@ -58,24 +58,20 @@ from converter.equivalence.compare import (
     judge_with_reference,
     needs_reference,
 )
-from converter.equivalence.inputs import (
-    TrialInputs,
-    check_inputs,
-    describe_input,
-    load_inputs_npz,
-    model_inputs,
-    synthesize_inputs,
-)
+from converter.equivalence.inputs import TrialInputs, describe_input, model_inputs, trial_inputs
 from converter.equivalence.reference import Reference
 from converter.equivalence.runtime import (
     ModelLike,
+    OnDisk,
     Runner,
     Side,
     expose,
     load_side,
     one_line,
     open_session,
+    ort_reason,
 )
+from converter.equivalence.timing import BenchmarkOptions, BenchmarkResult
 from converter.equivalence.widen import narrow_float_types, open_float32
 from converter.errors import InputError, OriginalModelError
 from converter.gcpause import paused_collection
@@ -105,6 +101,8 @@ class EquivalenceReport:
             ``measured=False`` entry saying why it could not be compared. Never decide ``passed``.
         first_divergence: When an output failed, the first intermediate value (in the original
             graph's order) beyond its tolerance in a failing trial; else ``None``.
+        benchmark: With ``benchmark=``, both models' latency under onnxruntime
+            (:class:`~converter.equivalence.timing.BenchmarkResult`), or ``None``.
         widened: ``""`` when both models ran in their own types; else how and why they ran
             as float32 copies (``"bfloat16 computed in float32: onnxruntime cannot run ..."``,
             see :mod:`converter.equivalence.widen`).
@@ -120,6 +118,7 @@ class EquivalenceReport:
     intermediates: tuple[OutputStats, ...] = ()
     first_divergence: str | None = None
     widened: str = ""
+    benchmark: BenchmarkResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the whole report as JSON-serialisable data."""
@@ -134,6 +133,7 @@ class EquivalenceReport:
             "results": [s.to_dict() for s in self.results],
             "first_divergence": self.first_divergence,
             "intermediates": [s.to_dict() for s in self.intermediates],
+            "benchmark": None if self.benchmark is None else self.benchmark.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -155,6 +155,8 @@ class EquivalenceReport:
             lines.extend(f"  {s}" for s in self.intermediates)
         if self.first_divergence is not None:
             lines.append(f"first divergence: '{self.first_divergence}'")
+        if self.benchmark is not None:
+            lines.extend(self.benchmark.summary_lines(verbose=True))
         return "\n".join(lines)
 
 
@@ -173,6 +175,7 @@ def check_equivalence(
     trials: int = 3,
     seed: int = 0,
     extra_outputs: Sequence[str] = (),
+    benchmark: BenchmarkOptions | bool | None = None,
 ) -> EquivalenceReport:
     """Run ``original`` and ``candidate`` on the same inputs and compare their outputs.
 
@@ -189,13 +192,19 @@ def check_equivalence(
         seed: Seed of the synthetic inputs.
         extra_outputs: Intermediate values of the original to compare as diagnostics where
             the candidate has them too (see the module docstring); they never decide the verdict.
+        benchmark: ``True`` or :class:`~converter.equivalence.timing.BenchmarkOptions`: also
+            time both models under onnxruntime on the first trial's inputs, unless the
+            candidate failed to load or run (:attr:`EquivalenceReport.benchmark`; ``None``,
+            and a logged warning, when onnxruntime cannot run them with the options' provider).
 
     Raises:
-        InputError: Unreadable models or inputs, bad options, an unknown ``extra_outputs`` name.
+        InputError: Unreadable models or inputs, bad options (an unavailable benchmark
+            provider), an unknown ``extra_outputs`` name.
         OriginalModelError: The original model does not load or run in onnxruntime.
     """
     if trials < 1:
         raise InputError(f"trials must be at least 1, got {trials}")
+    timed = timing.options_of(benchmark)
     orig, cand = load_side(original, "original"), load_side(candidate, "candidate")
     graph_outputs = set(orig.outputs)
     intermediates = [n for n in dict.fromkeys(extra_outputs) if n and n not in graph_outputs]
@@ -203,7 +212,7 @@ def check_equivalence(
         raise InputError(f"extra output '{missing[0]}' is not a value of the {orig.label}")
     _check_tolerances(atol, "atol", orig.outputs + intermediates)
     _check_tolerances(rtol, "rtol", orig.outputs + intermediates)
-    feeds = _trial_inputs(orig.interface, inputs, input_shapes, trials, seed)
+    feeds = trial_inputs(orig.interface, inputs, input_shapes, trials, seed)
     failures = _interface_failures(orig, cand)
     absent = set(expose(cand, intermediates))
     measured = [n for n in intermediates if n not in absent]
@@ -227,7 +236,23 @@ def check_equivalence(
             runs.append(result)
     diagnostics = _diagnostics(runs, intermediates, absent, orig)
     report = _make_report(runs, orig.outputs, feeds, seed, reference.note, failures)
+    if timed is not None and not failures:
+        diagnostics["benchmark"] = _benchmark(original, candidate, feeds[0], timed)
     return dataclasses.replace(report, widened=widened, **diagnostics)
+
+
+def _benchmark(
+    original: ModelLike, candidate: ModelLike, feeds: TrialInputs, options: BenchmarkOptions
+) -> BenchmarkResult | None:
+    """Both models timed on ``feeds``, or ``None`` (and a warning) if onnxruntime cannot."""
+    if isinstance(candidate, OnDisk):  # the file: validation added outputs to the model
+        candidate = candidate.path
+    try:
+        inputs = timing.describe_feeds(feeds)
+        return timing.benchmark(original, candidate, feeds.values, options, inputs=inputs)
+    except InputError as e:
+        logger.warning("benchmark skipped: %s", e)
+        return None
 
 
 @dataclasses.dataclass
@@ -299,26 +324,6 @@ def _tolerance_for(tolerance: Tolerance, name: str) -> float | None:
     return tolerance
 
 
-def _trial_inputs(
-    model: ir.Model,
-    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None,
-    input_shapes: Mapping[str, Sequence[int]] | None,
-    trials: int,
-    seed: int,
-) -> list[TrialInputs]:
-    """Real inputs as one trial, or ``trials`` seeded synthetic ones."""
-    if inputs is not None and input_shapes:
-        logger.warning("input_shapes ignored: real inputs are given")
-    if isinstance(inputs, (str, os.PathLike)):
-        return [load_inputs_npz(inputs, model)]
-    if inputs is not None:
-        return [check_inputs(model, inputs)]
-    return [
-        synthesize_inputs(model, trial=i, seed=seed, input_shapes=input_shapes)
-        for i in range(trials)
-    ]
-
-
 def _interface_failures(orig: Side, cand: Side) -> list[str]:
     """Differences in the graph inputs and outputs, which callers would notice."""
     failures = []
@@ -356,14 +361,14 @@ def _open_both(
         narrow = narrow_float_types(orig.model)
         if not narrow:
             raise
-        reason = _ort_reason(error.__cause__)
+        reason = ort_reason(error.__cause__)
     types = ", ".join(narrow)
     try:
         original = open_float32(orig, workdir, "original.float32")
     except Exception as e:  # onnxruntime raises many types
         raise OriginalModelError(
             f"onnxruntime cannot load the {orig.label} ({reason}), nor its float32 copy "
-            f"({_ort_reason(e)})"
+            f"({ort_reason(e)})"
         ) from e
     failures[:] = [f for f in failures if not f.startswith("onnxruntime cannot load")]
     candidate = _open_candidate(cand, workdir, failures, float32=True)
@@ -385,14 +390,6 @@ def _open_pair(
         original = pool.submit(_open_original, orig, workdir)
         candidate = _open_candidate(cand, workdir, failures)
         return original.result(), candidate  # the original's error, if any, is raised here
-
-
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
-
-
-def _ort_reason(error: BaseException | None) -> str:
-    """onnxruntime's message on one line, without its ``[ONNXRuntimeError] : 9 : ...`` prefix."""
-    return _ORT_PREFIX.sub("", one_line(error))
 
 
 def _open_original(side: Side, workdir: str) -> Runner:
