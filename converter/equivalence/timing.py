@@ -21,8 +21,8 @@ original's figure is the mean of its two sessions', and the *noise* is how far a
 
     candidate / original > 1 + max(noise, NOISE_FLOOR)
 
-Time is bounded. Timing runs doubled in number until they take a twentieth of ``budget`` gives
-the cost of a run of each session; rounds then fill the rest of the budget, at most
+Time is bounded. Runs doubled in number until they took a twentieth of ``budget`` give the
+cost of a run of each session; rounds then fill what is left of the budget, at most
 :data:`MAX_ROUNDS`. A model too slow for that gets one run per round and at least
 :data:`MIN_ROUNDS` rounds: beyond building the sessions, a large model costs about
 ``3 * (2 + MIN_ROUNDS)`` runs of it.
@@ -303,10 +303,11 @@ def measure(
 ) -> Timing:
     """Time each of ``runs`` in interleaved rounds within about ``budget`` seconds; return
     each one's figure, in seconds per run (see the module docstring)."""
+    start = timer()
     for run in runs:  # the first run allocates and plans: never timed
         run()
     costs = [_cost(run, budget / (_CALIBRATION * len(runs)), timer) for run in runs]
-    budget *= 1 - 2 / _CALIBRATION  # what calibrating took (at most twice its share)
+    budget -= timer() - start
     per_round = max(1, min(_MAX_RUNS_PER_ROUND, int(ROUND_SECONDS / max(max(costs), 1e-9))))
     rounds = int(budget / (per_round * sum(costs))) if sum(costs) > 0 else MAX_ROUNDS
     rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, rounds))
@@ -319,10 +320,11 @@ def measure(
 
 
 def _cost(run: Callable[[], object], least: float, timer: Timer) -> float:
-    """Seconds per run of ``run``: runs doubled until they take ``least`` seconds (one run
-    right after another is faster than in a loop of many: caches are warm, nothing waits)."""
-    times = 1
-    while (spent := _time(run, times, timer)) < least and times < _MAX_RUNS_PER_ROUND:
+    """Seconds per run of ``run``: runs doubled in number until they took ``least`` seconds
+    (one run alone, right after another, is faster than runs in a row: caches are warm)."""
+    times, spent = 1, _time(run, 1, timer)
+    while spent < least and times < _MAX_RUNS_PER_ROUND:
+        spent += _time(run, times, timer)
         times *= 2
     return spent / times
 
