@@ -19,8 +19,9 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.equivalence.inputs import check_inputs, load_inputs_npz, synthesize_inputs
-from converter.equivalence.runtime import load_side, open_session
-from converter.errors import InputError
+from converter.equivalence.runtime import Runner, Side, load_side, one_line, open_session
+from converter.equivalence.widen import narrow_float_types, open_float32
+from converter.errors import InputError, OriginalModelError
 from converter.fusion.recognize import constant_tensor
 
 __all__ = ["check_deterministic", "random_nodes"]
@@ -71,7 +72,7 @@ def check_deterministic(
     else:
         feeds = synthesize_inputs(side.model, seed=seed, input_shapes=input_shapes).values
     with tempfile.TemporaryDirectory(prefix="onnx-fuse-determinism-") as workdir:
-        runner = open_session(side, workdir, "original")
+        runner = _open(side, workdir)
         first, second = runner.run(feeds), runner.run(feeds)
     differing = [name for name in first if not _same(first[name], second[name])]
     if not differing:
@@ -82,6 +83,21 @@ def check_deterministic(
         f"{os.fspath(model_path)}: not deterministic: {causes[0]} (output '{differing[0]}' "
         "differs between two runs of the original model, so no rewrite of it can be validated)"
     )
+
+
+def _open(side: Side, workdir: str) -> Runner:
+    """The original's session, or its float32 copy's as validation runs it when onnxruntime
+    cannot run the model in its own narrow float type (:mod:`converter.equivalence.widen`)."""
+    try:
+        return open_session(side, workdir, "original")
+    except Exception as e:  # onnxruntime raises many types
+        error: Exception = e
+    if narrow_float_types(side.model):
+        try:
+            return open_float32(side, workdir, "original.float32")
+        except Exception as e:  # onnxruntime raises many types
+            error = e
+    raise OriginalModelError(f"onnxruntime cannot load the {side.label}: {one_line(error)}")
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

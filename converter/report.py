@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from converter.equivalence.timing import BenchmarkResult
+
 __all__ = ["FusionRecord", "Declined", "FusionReport"]
 
 
@@ -81,7 +83,8 @@ class Declined:
 
 @dataclass
 class FusionReport:
-    """The outcome of one run: fusions, declined chains, model totals, validation, timing."""
+    """The outcome of one run: fusions, declined chains, model totals, validation, timing, and
+    (``benchmark``) the latency under onnxruntime before -> after when it was asked for."""
 
     fusions: list[FusionRecord] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
@@ -99,6 +102,7 @@ class FusionReport:
     first_divergence: int | None = None  # index in ``fusions`` of the first diverged output
     # Patterns rewritten so that a runtime fuses them (dynamo's GELU order...), one line each.
     runtime_rewrites: list[str] = field(default_factory=list)
+    benchmark: BenchmarkResult | None = None  # latency before -> after, when asked for
 
     @property
     def diverged(self) -> FusionRecord | None:
@@ -115,6 +119,7 @@ class FusionReport:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["fusions"] = [r.to_dict() for r in self.fusions]
         d["declined"] = [r.to_dict() for r in self.declined]
+        d["benchmark"] = None if self.benchmark is None else self.benchmark.to_dict()
         return d
 
     def summary_lines(self, *, verbose: bool = False) -> list[str]:
@@ -130,9 +135,14 @@ class FusionReport:
         if self.validated is None:
             lines.append("  validation      skipped")
         else:
-            lines.append(f"  validation      {'passed' if self.validated else 'FAILED'}")
+            lines.append(
+                f"  validation      {'passed' if self.validated else 'FAILED'}"
+                + _computed_in(self.validation, verbose=verbose)
+            )
         if self.seconds is not None:
             lines.append(f"  wall time       {self.seconds:.2f} s")
+        if self.benchmark is not None:
+            lines.extend(f"  {line}" for line in self.benchmark.summary_lines(verbose=verbose))
         if self.diverged is not None:
             lines.append(f"  first diverged  {_describe(self.diverged)}{_error(self.diverged)}")
         if self.runtime_rewrites:
@@ -184,6 +194,15 @@ class FusionReport:
 
     def __str__(self) -> str:
         return "\n".join(self.summary_lines(verbose=True))
+
+
+def _computed_in(validation: dict[str, Any] | None, *, verbose: bool) -> str:
+    """How validation ran when not in the models' own types: ``" (bfloat16 computed in
+    float32)"``, and with ``verbose`` why (see :mod:`converter.equivalence.widen`)."""
+    widened = (validation or {}).get("widened")
+    if not widened:
+        return ""
+    return f" ({widened if verbose else widened.split(':')[0]})"
 
 
 def _describe(record: FusionRecord) -> str:
