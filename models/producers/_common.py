@@ -67,7 +67,9 @@ def save(
     graph_inputs = [i.name for i in proto.graph.input]
     graph_outputs = [o.name for o in proto.graph.output]
     if sorted(graph_inputs) != sorted(inputs) or sorted(graph_outputs) != sorted(outputs):
-        sys.exit(f"{name}: names differ: {graph_inputs} / {graph_outputs} vs {list(inputs)} / {list(outputs)}")
+        sys.exit(
+            f"{name}: names differ: {graph_inputs} / {graph_outputs} vs {list(inputs)} / {list(outputs)}"
+        )
     actual = run_onnx(proto, inputs)
     for key, want in outputs.items():
         got = actual[key]

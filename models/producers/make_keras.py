@@ -69,7 +69,10 @@ def randomise(model: keras.Model, rng: np.random.Generator) -> None:
         elif isinstance(layer, layers.LayerNormalization):
             c = layer.gamma.shape[0]
             layer.set_weights(
-                [rng.uniform(0.5, 1.5, c).astype("float32"), rng.normal(0, 0.3, c).astype("float32")]
+                [
+                    rng.uniform(0.5, 1.5, c).astype("float32"),
+                    rng.normal(0, 0.3, c).astype("float32"),
+                ]
             )
         elif isinstance(layer, LayerScale):
             c = layer.scale.shape[0]
