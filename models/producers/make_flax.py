@@ -8,6 +8,9 @@ Rebuild (from the repository root; a venv of its own, outside the checkout, neve
         jax2onnx==0.17.1 onnx==1.23.2 onnx-ir==1.1.0 onnxruntime==1.32.0 numpy==2.5.5
     /tmp/venv-jax/bin/python models/producers/make_flax.py
 
+or, for the whole environment exactly as it was (``pip freeze`` of the one that built the files),
+``/tmp/venv-jax/bin/pip install -r models/producers/requirements-flax.txt``.
+
 Each model is an ``nnx.Module`` as Flax users write it (NHWC convolutions, ``nnx.BatchNorm``
 switched to its running averages by ``model.eval()``), with random weights and biases and
 non-trivial BatchNorm statistics and scale/bias under a fixed seed, exported with

@@ -7,6 +7,9 @@ Rebuild (from the repository root; a venv of its own, outside the checkout, neve
         onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6 protobuf==7.36.2
     /tmp/venv-tf/bin/python models/producers/make_keras.py
 
+or, for the whole environment exactly as it was (``pip freeze`` of the one that built the files),
+``/tmp/venv-tf/bin/pip install -r models/producers/requirements-keras.txt``.
+
 Each model is built as a Keras user writes it (functional API, ``channels_last``), given random
 weights and non-trivial BatchNorm statistics, gamma/beta and layer scales under a fixed seed, and
 exported with ``tf2onnx.convert.from_keras`` at tf2onnx's default opset. The fixtures:

@@ -7,6 +7,9 @@ Rebuild (from the repository root; a venv of its own, outside the checkout, neve
         onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6
     /tmp/venv-skl/bin/python models/producers/make_sklearn.py
 
+or, for the whole environment exactly as it was (``pip freeze`` of the one that built the files),
+``/tmp/venv-skl/bin/pip install -r models/producers/requirements-sklearn.txt``.
+
 Each pipeline is fitted on a small seeded synthetic data set (12 features with different means
 and scales, so the scaler's statistics are far from 0/1) and converted with
 ``skl2onnx.to_onnx`` at its default opsets, a float32 input ``X`` with a dynamic batch axis, and

@@ -225,7 +225,8 @@ class Fused:
         if self.batchnorm_after:
             words.append(f"{self.batchnorm_after} BatchNormalization left")
         words += [f"free fold left: {w}" for w in self.folds]
-        words += [f"{b} (hand-folded)" for b in self.over_bounds]
+        if self.over_bounds:
+            words.append("over the hand-folded bounds: " + ", ".join(self.over_bounds))
         words += [f"fused kernel lost: {k}" for k in self.lost]
         if self.checker:
             words.append(f"checker: {self.checker}")
