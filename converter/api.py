@@ -89,7 +89,8 @@ def fuse_file(
 
     The output is written into a temporary folder beside ``dst`` and moved into place only when
     complete and (with ``validate``) proven equivalent by onnxruntime; the input is never touched.
-    A model with nothing to merge is copied byte for byte. ``strict`` requires bit-exact outputs
+    A model with nothing to merge is copied byte for byte, unless its nodes were out of
+    topological order: then it is written sorted. ``strict`` requires bit-exact outputs
     (no tolerance, no float64 acceptance).
     Raises :class:`InputError` for unreadable input, a refused destination or an original model
     that disagrees with itself, and :class:`ValidationError` when outputs differ (nothing is
@@ -99,16 +100,20 @@ def fuse_file(
     check_inputs_file(inputs)
     progress("loading", None, None)
     model = io.load_model(src)
-    report = fuse_model(model, policy=policy, progress=progress)
+    try:
+        report = fuse_model(model, policy=policy, progress=progress)
+    except InputError as e:  # a graph with no topological order: name the file too
+        raise type(e)(f"{os.fspath(src)}: {e}") from None
     report.source, report.destination = os.fspath(src), os.fspath(dst)
     options = {"inputs": inputs, "input_shapes": input_shapes, "trials": trials}
     options.update(atol=0.0 if strict else atol, rtol=0.0 if strict else rtol)
-    if validate and report.fusions and determinism.random_nodes(model):
+    # report.modified: something merged, or the input's nodes were sorted (then it is rewritten).
+    if validate and report.modified and determinism.random_nodes(model):
         # A model that may disagree with itself is run twice before anything is written.
         determinism.check_deterministic(src, seed=seed, **options)
     progress("writing", None, None)
     with _write(model, src, dst, report, external_data=external_data, force=force) as pending:
-        if validate and report.fusions:
+        if validate and report.modified:
             progress("validating", None, None)
             # The fused model is already in memory: validation runs its file without reloading it.
             _validate_into(report, src, OnDisk(model, pending.path), seed=seed, **options)
@@ -124,8 +129,9 @@ def fuse_file(
 
 
 def _write(model: ir.Model, src, dst, report: FusionReport, **options: Any) -> io.PendingOutput:
-    """The rewritten model, or (nothing merged, one file) the input copied byte for byte."""
-    if not report.fusions and options["external_data"] is None and not io.has_external_data(model):
+    """The rewritten model, or (nothing merged nor sorted, one file) the input copied byte for
+    byte."""
+    if not report.modified and options["external_data"] is None and not io.has_external_data(model):
         return io.write_copy(src, dst, force=options["force"])
     return io.write_model(model, dst, src=src, **options)
 

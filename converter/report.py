@@ -11,7 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FusionRecord", "Declined", "FusionReport"]
+__all__ = ["FusionRecord", "Declined", "FusionReport", "NOT_SORTED_NOTE"]
+
+#: What a report says about an input whose nodes had to be sorted (:mod:`converter.fusion.order`).
+NOT_SORTED_NOTE = "input nodes were not in topological order; sorted"
 
 
 @dataclass
@@ -97,6 +100,8 @@ class FusionReport:
     validated: bool | None = None
     seconds: float | None = None
     first_divergence: int | None = None  # index in ``fusions`` of the first diverged output
+    # The graphs whose nodes the input listed out of topological order (sorted before fusing).
+    sorted_graphs: list[str] = field(default_factory=list)
 
     @property
     def diverged(self) -> FusionRecord | None:
@@ -105,7 +110,8 @@ class FusionReport:
 
     @property
     def modified(self) -> bool:
-        return bool(self.fusions)
+        """Whether the model was changed: something merged, or its nodes had to be sorted."""
+        return bool(self.fusions or self.sorted_graphs)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict: totals, one record per fusion, one per declined chain."""
@@ -130,6 +136,8 @@ class FusionReport:
             lines.append(f"  validation      {'passed' if self.validated else 'FAILED'}")
         if self.seconds is not None:
             lines.append(f"  wall time       {self.seconds:.2f} s")
+        if self.sorted_graphs:
+            lines.append(f"  note            {NOT_SORTED_NOTE} ({', '.join(self.sorted_graphs)})")
         if self.diverged is not None:
             lines.append(f"  first diverged  {_describe(self.diverged)}{_error(self.diverged)}")
         if verbose:

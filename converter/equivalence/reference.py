@@ -121,6 +121,8 @@ def _widen(array: np.ndarray) -> np.ndarray:
 def _float64_model(model: ir.Model) -> ir.Model:
     """A copy of ``model`` computing in float64 wherever it computed in another float type."""
     ref = model.clone()
+    # onnxruntime sorts a main graph listed out of order; onnx's evaluator runs nodes as listed.
+    ref.graph.sort()
     for graph in ref.graphs():
         _retype_values(graph)
         for value in graph.initializers.values():
