@@ -71,7 +71,11 @@ Conv).
     in (a node output or a graph output), no two records claim one value, and every record whose
     output a later merge consumed has ``output None`` and ``merged_into`` naming a merged node
     (a step folded across views has neither: the op's output name carries it; nor has a merge
-    that took over such an op, whose output name then carries the step too).
+    that took over such an op, whose output name then carries the step too);
+(g) with ``scramble``: fusing a copy whose nodes (in every graph) are listed in a random order,
+    not a topological one (``builders.scrambled``), gives the same result as the sorted graph:
+    the same op-type counts and number of fusions, matching outputs, a fused model in topological
+    order that the full checker accepts, and a report that says the input was sorted.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ import onnx
 import onnx.reference
 import onnx_ir as ir
 import onnxruntime as ort
+from builders import in_topological_order, scrambled
 from onnx import helper, numpy_helper
 
 import converter
@@ -1092,8 +1097,40 @@ def _loads(model: onnx.ModelProto) -> None:
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def check_case(case: Case, policy: str, shuffle_seed: int = 0) -> Outcome:
-    """Assert properties (a) to (f) of the module docstring for ``case`` under ``policy``."""
+def _check_scrambled(
+    case: Case,
+    policy: str,
+    fused: onnx.ModelProto,
+    report: FusionReport,
+    rng: np.random.Generator,
+) -> None:
+    """(g) The nodes listed out of order fuse as the sorted graph does."""
+    other = scrambled(case.model, rng)
+    unsorted = not in_topological_order(other)
+    fused_other, report_other, _ = fuse_with_report(other, policy)
+    assert bool(report_other.sorted_graphs) == unsorted, (
+        f"(g) the report says sorted {report_other.sorted_graphs} of an input "
+        f"{'out of' if unsorted else 'in'} order"
+    )
+    try:
+        _loads(fused_other)  # the full checker requires topological order
+    except Exception as e:
+        raise AssertionError(f"(g) the fused scrambled model is invalid: {e}") from e
+    assert op_counts(fused_other) == op_counts(fused), (
+        f"(g) listing the nodes out of order changed the result: {dict(op_counts(fused))} vs "
+        f"{dict(op_counts(fused_other))}"
+    )
+    assert len(report_other.fusions) == len(report.fusions), (
+        f"(g) {len(report.fusions)} fusions sorted, {len(report_other.fusions)} scrambled"
+    )
+    assert_close(case, fused_other, "fused after scrambling")
+
+
+def check_case(
+    case: Case, policy: str, shuffle_seed: int = 0, *, scramble: bool = False
+) -> Outcome:
+    """Assert properties (a) to (f) of the module docstring for ``case`` under ``policy``, and
+    (g) with ``scramble``."""
     before = case.model.SerializeToString()
     fused = converter.fuse(case.model, policy=policy)
     assert case.model.SerializeToString() == before, "(a) fuse() mutated its argument"
@@ -1122,5 +1159,7 @@ def check_case(case: Case, policy: str, shuffle_seed: int = 0) -> Outcome:
     )
     assert_close(case, fused_other, "fused after shuffling")
     _assert_records(report, ir_model)
+    if scramble:
+        _check_scrambled(case, policy, fused, report, np.random.default_rng(shuffle_seed))
     before_ops = sum(op_counts(case.model).values())
     return Outcome(len(report.fusions), before_ops, sum(op_counts(fused).values()))
