@@ -90,7 +90,8 @@ def fuse_file(
     The output is written into a temporary folder beside ``dst`` and moved into place only when
     complete and (with ``validate``) proven equivalent by onnxruntime; the input is never touched.
     A model with nothing to merge is copied byte for byte, unless its nodes were out of
-    topological order: then it is written sorted. ``strict`` requires bit-exact outputs
+    topological order: then it is written sorted (not validated: it holds the input's own nodes).
+    ``strict`` requires bit-exact outputs
     (no tolerance, no float64 acceptance).
     Raises :class:`InputError` for unreadable input, a refused destination or an original model
     that disagrees with itself, and :class:`ValidationError` when outputs differ (nothing is
@@ -107,13 +108,13 @@ def fuse_file(
     report.source, report.destination = os.fspath(src), os.fspath(dst)
     options = {"inputs": inputs, "input_shapes": input_shapes, "trials": trials}
     options.update(atol=0.0 if strict else atol, rtol=0.0 if strict else rtol)
-    # report.modified: something merged, or the input's nodes were sorted (then it is rewritten).
-    if validate and report.modified and determinism.random_nodes(model):
+    if validate and report.fusions and determinism.random_nodes(model):
         # A model that may disagree with itself is run twice before anything is written.
         determinism.check_deterministic(src, seed=seed, **options)
     progress("writing", None, None)
     with _write(model, src, dst, report, external_data=external_data, force=force) as pending:
-        if validate and report.modified:
+        # Nothing merged, nothing to prove: at most the input's own nodes in another order.
+        if validate and report.fusions:
             progress("validating", None, None)
             # The fused model is already in memory: validation runs its file without reloading it.
             _validate_into(report, src, OnDisk(model, pending.path), seed=seed, **options)

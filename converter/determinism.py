@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from converter.equivalence.inputs import check_inputs, load_inputs_npz, synthesize_inputs
 from converter.equivalence.runtime import load_side, open_session
-from converter.errors import InputError
+from converter.errors import InputError, OriginalModelError
 from converter.fusion.recognize import constant_tensor
 
 __all__ = ["check_deterministic", "random_nodes"]
@@ -62,7 +62,8 @@ def check_deterministic(
     seed: int = 0,
     **_ignored: object,
 ) -> None:
-    """Run the model twice on the same inputs; raise :class:`InputError` if the runs differ."""
+    """Run the model twice on the same inputs; raise :class:`InputError` if the runs differ
+    (:class:`~converter.errors.OriginalModelError` if onnxruntime cannot run it at all)."""
     side = load_side(model_path, "original")
     if isinstance(inputs, (str, os.PathLike)):
         feeds = load_inputs_npz(inputs, side.model).values
@@ -71,8 +72,13 @@ def check_deterministic(
     else:
         feeds = synthesize_inputs(side.model, seed=seed, input_shapes=input_shapes).values
     with tempfile.TemporaryDirectory(prefix="onnx-fuse-determinism-") as workdir:
-        runner = open_session(side, workdir, "original")
-        first, second = runner.run(feeds), runner.run(feeds)
+        try:
+            runner = open_session(side, workdir, "original")
+            first, second = runner.run(feeds), runner.run(feeds)
+        except Exception as e:  # onnxruntime raises many types: the original's fault, not ours
+            raise OriginalModelError(
+                f"onnxruntime cannot run the {side.label}: {' '.join(str(e).split())}"
+            ) from e
     differing = [name for name in first if not _same(first[name], second[name])]
     if not differing:
         return
