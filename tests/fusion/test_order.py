@@ -401,3 +401,31 @@ def test_an_undefined_input_in_a_subgraph_is_refused() -> None:
         InputError, match=r"^main graph/if\.then_branch: node 'inner' \(Add\) reads 'ghost'"
     ):
         converter.fuse(model)
+
+
+def test_inspect_plans_on_the_sorted_graph_and_refuses_a_cycle(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "unsorted.onnx"
+    onnx.save(scrambled(linear_chain([4, 6, 4]), rng(1)), src)
+    assert main(["inspect", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "fc0 + fc1" in out and "merge" in out
+    assert out.rstrip().endswith(
+        "note: input nodes were not in topological order; sorted (main graph)"
+    )
+
+    bad = tmp_path / "cycle.onnx"
+    onnx.save(
+        _model(
+            [
+                helper.make_node("Relu", ["b"], ["a"], name="n1"),
+                helper.make_node("Neg", ["a"], ["b"], name="n2"),
+                helper.make_node("Identity", ["x"], ["y"], name="n3"),
+            ]
+        ),
+        bad,
+    )
+    assert main(["inspect", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"onnx-fuse: error: {bad}: main graph: the nodes form a cycle, so they have no "
+        "topological order: 'n1' reads 'b' from 'n2', 'n2' reads 'a' from 'n1'"
+    )
