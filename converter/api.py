@@ -92,7 +92,9 @@ def fuse_file(
 
     The output is written into a temporary folder beside ``dst`` and moved into place only when
     complete and (with ``validate``) proven equivalent by onnxruntime; the input is never touched.
-    A model with nothing to merge is copied byte for byte. ``strict`` requires bit-exact outputs
+    A model with nothing to merge is copied byte for byte, unless its nodes were out of
+    topological order: then it is written sorted (not validated: it holds the input's own nodes).
+    ``strict`` requires bit-exact outputs
     (no tolerance, no float64 acceptance).
     ``benchmark`` (``True``, or :class:`~converter.equivalence.timing.BenchmarkOptions` for
     threads and provider) times both models under onnxruntime on validation's first inputs (or,
@@ -107,16 +109,20 @@ def fuse_file(
     timed = timing.options_of(benchmark)  # an unavailable provider is refused before any work
     progress("loading", None, None)
     model = io.load_model(src)
-    report = fuse_model(model, policy=policy, progress=progress)
+    try:
+        report = fuse_model(model, policy=policy, progress=progress)
+    except InputError as e:  # a graph with no topological order: name the file too
+        raise type(e)(f"{os.fspath(src)}: {e}") from None
     report.source, report.destination = os.fspath(src), os.fspath(dst)
     options = {"inputs": inputs, "input_shapes": input_shapes, "trials": trials}
     options.update(atol=0.0 if strict else atol, rtol=0.0 if strict else rtol)
-    if validate and report.modified and determinism.random_nodes(model):
+    if validate and report.rewritten and determinism.random_nodes(model):
         # A model that may disagree with itself is run twice before anything is written.
         determinism.check_deterministic(src, seed=seed, **options)
     progress("writing", None, None)
     with _write(model, src, dst, report, external_data=external_data, force=force) as pending:
-        if validate and report.modified:
+        # Nothing rewritten, nothing to prove: at most the input's own nodes in another order.
+        if validate and report.rewritten:
             progress("validating", None, None)
             # The fused model is already in memory: validation runs its file without reloading it.
             candidate = OnDisk(model, pending.path)
@@ -129,7 +135,7 @@ def fuse_file(
                 raise ValidationError(_failure_message(report, dst))
         pending.commit()
     if timed is not None:
-        if not (validate and report.modified):  # else validation timed them, on its inputs
+        if not (validate and report.rewritten):  # else validation timed them, on its inputs
             report.benchmark = _benchmark(src, dst, timed, inputs, input_shapes, seed)
         _warn(report.benchmark, "the fused model")
     report.seconds = time.perf_counter() - start
@@ -155,7 +161,8 @@ def _warn(result: BenchmarkResult | None, candidate: str) -> None:
 
 
 def _write(model: ir.Model, src, dst, report: FusionReport, **options: Any) -> io.PendingOutput:
-    """The rewritten model, or (nothing merged, one file) the input copied byte for byte."""
+    """The rewritten model, or (nothing rewritten nor sorted, one file) the input copied byte
+    for byte."""
     if not report.modified and options["external_data"] is None and not io.has_external_data(model):
         return io.write_copy(src, dst, force=options["force"])
     return io.write_model(model, dst, src=src, **options)

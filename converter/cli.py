@@ -1,7 +1,8 @@
 """The ``onnx-fuse`` command: parse, call the API with keyword arguments, map errors to exit codes.
 
 Exit codes: 0 success; 1 validation found a difference (nothing written); 2 bad usage or
-unreadable input (one line on stderr); 3 an internal error (a bug: ``--debug`` shows the traceback);
+unreadable input (one line on stderr); 3 an internal error (a bug in onnx-fuse, never a property
+of the input: ``--debug`` shows the traceback);
 130 interrupted by Ctrl-C (SIGINT) and 143 stopped by SIGTERM, both after removing any partial
 output. With several models the exit code is the worst of theirs. This is the only module that
 prints.

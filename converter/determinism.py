@@ -63,7 +63,8 @@ def check_deterministic(
     seed: int = 0,
     **_ignored: object,
 ) -> None:
-    """Run the model twice on the same inputs; raise :class:`InputError` if the runs differ."""
+    """Run the model twice on the same inputs; raise :class:`InputError` if the runs differ
+    (:class:`~converter.errors.OriginalModelError` if onnxruntime cannot run it at all)."""
     side = load_side(model_path, "original")
     if isinstance(inputs, (str, os.PathLike)):
         feeds = load_inputs_npz(inputs, side.model).values
@@ -73,7 +74,12 @@ def check_deterministic(
         feeds = synthesize_inputs(side.model, seed=seed, input_shapes=input_shapes).values
     with tempfile.TemporaryDirectory(prefix="onnx-fuse-determinism-") as workdir:
         runner = _open(side, workdir)
-        first, second = runner.run(feeds), runner.run(feeds)
+        try:
+            first, second = runner.run(feeds), runner.run(feeds)
+        except Exception as e:  # onnxruntime raises many types: the original's fault, not ours
+            raise OriginalModelError(
+                f"onnxruntime cannot run the {side.label}: {one_line(e)}"
+            ) from e
     differing = [name for name in first if not _same(first[name], second[name])]
     if not differing:
         return

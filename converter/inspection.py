@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from converter.errors import InputError
 from converter.fusion.algebra import Policy
 from converter.fusion.conv_match import ConvOp, recognize_conv
 from converter.fusion.passes import fuse_model, iter_graphs
 from converter.fusion.recognize import Decline, LinearOp, constant_tensor, is_onnx, recognize
 from converter.model_io import files as io
-from converter.report import FusionReport
+from converter.report import NOT_SORTED_NOTE, FusionReport
 
 __all__ = [
     "OpInfo",
@@ -204,8 +205,14 @@ def inspect_model(model: ir.Model, plan_model: ir.Model, *, policy: Policy = "co
 
 
 def inspect_file(path: str | os.PathLike, *, policy: Policy = "cost") -> Inspection:
-    """Load ``path`` twice (weights stay on disk), list its ops and the fuser's plan for it."""
-    inspection = inspect_model(io.load_model(path), io.load_model(path), policy=policy)
+    """Load ``path`` twice (weights stay on disk), list its ops and the fuser's plan for it.
+
+    The ops are listed in the file's node order; the plan is made on the graph sorted, as the
+    fuser sees it (a graph with no topological order is refused, naming the file)."""
+    try:
+        inspection = inspect_model(io.load_model(path), io.load_model(path), policy=policy)
+    except InputError as e:  # the fuser's refusal of the graph: name the file too
+        raise type(e)(f"{os.fspath(path)}: {e}") from None
     inspection.source = os.fspath(path)
     return inspection
 
@@ -325,4 +332,6 @@ def format_table(inspection: Inspection, *, terminal: bool = False) -> str:
         f"MACs per row {plan.macs_before:,} -> {plan.macs_after:,}, "
         f"weight params {plan.params_before:,} -> {plan.params_after:,}"
     )
+    if plan.sorted_graphs:
+        lines.append(f"note: {NOT_SORTED_NOTE} ({', '.join(plan.sorted_graphs)})")
     return "\n".join(lines)

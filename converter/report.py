@@ -13,7 +13,10 @@ from typing import Any
 
 from converter.equivalence.timing import BenchmarkResult
 
-__all__ = ["FusionRecord", "Declined", "FusionReport"]
+__all__ = ["FusionRecord", "Declined", "FusionReport", "NOT_SORTED_NOTE"]
+
+#: What a report says about an input whose nodes had to be sorted (:mod:`converter.fusion.order`).
+NOT_SORTED_NOTE = "input nodes were not in topological order; sorted"
 
 
 @dataclass
@@ -103,6 +106,8 @@ class FusionReport:
     # Patterns rewritten so that a runtime fuses them (dynamo's GELU order...), one line each.
     runtime_rewrites: list[str] = field(default_factory=list)
     benchmark: BenchmarkResult | None = None  # latency before -> after, when asked for
+    # The graphs whose nodes the input listed out of topological order (sorted before fusing).
+    sorted_graphs: list[str] = field(default_factory=list)
 
     @property
     def diverged(self) -> FusionRecord | None:
@@ -111,7 +116,13 @@ class FusionReport:
 
     @property
     def modified(self) -> bool:
-        """Anything was rewritten: a merge, or a pattern written the way runtimes fuse it."""
+        """Whether the model was changed: rewritten, or its nodes had to be sorted."""
+        return bool(self.rewritten or self.sorted_graphs)
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether what the model computes was rewritten (so validation has something to
+        prove): a merge, or a pattern written the way runtimes fuse it."""
         return bool(self.fusions or self.runtime_rewrites)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +154,8 @@ class FusionReport:
             lines.append(f"  wall time       {self.seconds:.2f} s")
         if self.benchmark is not None:
             lines.extend(f"  {line}" for line in self.benchmark.summary_lines(verbose=verbose))
+        if self.sorted_graphs:
+            lines.append(f"  note            {NOT_SORTED_NOTE} ({', '.join(self.sorted_graphs)})")
         if self.diverged is not None:
             lines.append(f"  first diverged  {_describe(self.diverged)}{_error(self.diverged)}")
         if self.runtime_rewrites:

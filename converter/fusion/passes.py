@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from converter.fusion import algebra, invariants, shapes
+from converter.fusion import algebra, invariants, order, shapes
 from converter.fusion.constants import Constant, is_onnx, parameter_count, recorded_size, resolve
 from converter.fusion.engine import Context, fuse_graph
 from converter.fusion.rewrite import Names
@@ -50,6 +50,13 @@ def iter_graphs(graph: ir.Graph, label: str = "main graph") -> Iterator[tuple[ir
             for i, sub in enumerate(subgraphs):
                 suffix = f"[{i}]" if len(subgraphs) > 1 else ""
                 yield from iter_graphs(sub, f"{node.name or node.op_type}.{attr.name}{suffix}")
+
+
+def _onnx_opset(model: ir.Model) -> int:
+    """The model's ai.onnx opset as onnxruntime reads it (0 if none is imported): ``""`` and
+    ``"ai.onnx"`` name one domain, and of two imports of it the later one counts."""
+    versions = [v for domain, v in model.opset_imports.items() if domain in ("", "ai.onnx")]
+    return versions[-1] if versions else 0
 
 
 def _model_totals(graphs: list[tuple[ir.Graph, str]]) -> tuple[int, int, int]:
@@ -95,15 +102,25 @@ def fuse_model(
     progress: ProgressCallback = no_progress,
 ) -> FusionReport:
     """Merge every chain and branch sum of linear ops in ``model`` in place; return what was done
-    and why the rest was not. ``progress(stage, done, total)`` is called as graphs are fused."""
+    and why the rest was not. ``progress(stage, done, total)`` is called as graphs are fused.
+
+    Graphs whose nodes are out of topological order are sorted first (the report lists them);
+    one with no such order is refused (:func:`converter.fusion.order.sort_model`).
+
+    Raises:
+        InputError: a graph with a cycle, or a node or graph output reading an undefined value.
+        EngineError: a rewrite broke an invariant (a bug in onnx-fuse).
+    """
     if policy not in ("cost", "always"):
         raise ValueError(f"unknown policy {policy!r}; expected 'cost' or 'always'")
     start = time.perf_counter()
     report = FusionReport()
+    # Before anything reads the graph: the engine and its invariants read nodes in order.
+    report.sorted_graphs = order.sort_model(model)
     # Merges never add or remove a subgraph (they replace linear ops and their joins only).
     graphs = list(iter_graphs(model.graph))
     report.linear_ops_before, report.macs_before, report.params_before = _model_totals(graphs)
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    opset = _onnx_opset(model)
     if opset < _MIN_OPSET:
         reason = f"ai.onnx opset {opset} is older than {_MIN_OPSET}; nothing merged"
         report.declined.append(Declined([], reason, "model"))
@@ -162,7 +179,8 @@ class FuseLinearChainsPass(ir.passes.InPlacePass):
 
     Works on any ``onnx_ir.Model``, including what ``torch.onnx.export(..., dynamo=True).model``
     returns. The result is a :class:`FusionPassResult` (``result.report``); the report of the last
-    call is also kept in ``self.report``.
+    call is also kept in ``self.report``. ``modified`` is also true when nothing merged but the
+    input's nodes had to be put in topological order.
     """
 
     def __init__(self, policy: algebra.Policy = "cost") -> None:

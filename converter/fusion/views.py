@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.fusion import shapes
-from converter.fusion.constants import Constant, NotConstant, is_onnx, resolve
+from converter.fusion.constants import Constant, axes_of, is_onnx, resolve
 
 __all__ = ["Features", "VIEW_OPS", "axes_of", "follow", "single_reader", "static_dims"]
 
@@ -71,17 +71,6 @@ def single_reader(value: ir.Value) -> ir.Node | None:
         return None
     readers = {u.node for u in value.uses() if not is_onnx(u.node, "Shape")}
     return next(iter(readers)) if len(readers) == 1 else None
-
-
-def axes_of(node: ir.Node) -> list[int] | None:
-    """``axes`` of Squeeze/Unsqueeze as written, from the input (opset 13+) or the attribute."""
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        found = resolve(node.inputs[1])
-        if isinstance(found, NotConstant):
-            return None
-        return [int(a) for a in np.asarray(found.array()).reshape(-1)]
-    attr = node.attributes.get_ints("axes", None)
-    return None if attr is None else list(attr)
 
 
 def follow(node: ir.Node, index: int, f: Features, value: ir.Value) -> Features | None:

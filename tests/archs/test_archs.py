@@ -9,7 +9,10 @@ For every block of :mod:`archs.vision` and :mod:`archs.reparam`:
 * ``test_fuse_reaches_target``: the fused model has the block's target number of constant-weight
   linear ops (Gemm/MatMul/Conv; for issue 11 the deploy form's Conv count), no BatchNormalization
   and no free fold left. The few pairs the engine does not reach yet (``NOT_YET``) are
-  ``xfail(strict=True)``: each turns into a failure the day it passes, and the mark goes.
+  ``xfail(strict=True)``: each turns into a failure the day it passes, and the mark goes;
+* ``test_unsorted_export_fuses_as_the_sorted_one`` (issue 19): a few representative blocks with
+  their exported nodes listed in a seeded random order (as graph-surgery tools leave them) fuse
+  to the same result as the export itself, written in topological order.
 
 Exports are cached per run in a folder shared by xdist workers. Every test appends one JSON record
 (name, exporter, op counts, free folds, ...) to ``archs-record.jsonl`` in pytest's base temp
@@ -26,9 +29,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import zlib  # noqa: E402
+
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from builders import in_topological_order, scrambled  # noqa: E402
 
 import converter  # noqa: E402
 
@@ -249,3 +255,32 @@ def test_fuse_reaches_target(cache_dir, name, exporter):
     assert bn == 0, "BatchNormalization left"
     assert folds == 0, where
     assert not {op: ops[op] for op in GONE.get(name, ()) if ops[op]}
+
+
+# Attention with its scale behind views, BatchNorm after a Linear, a stacked sum, RepVGG and
+# MobileOne conv branches: each exporter's graph, its nodes listed out of order.
+UNSORTED = ("levit_attention", "linear_bn1d", "stack_sum", "repvgg", "mobileone_k2")
+
+
+@pytest.mark.parametrize(
+    ("name", "exporter"), [pytest.param(n, e, id=f"{n}-{e}") for n in UNSORTED for e in EXPORTERS]
+)
+def test_unsorted_export_fuses_as_the_sorted_one(cache_dir, tmp_path, name, exporter):
+    sorted_fused, facts = _fused(cache_dir, name, exporter)
+    model = onnx.load(_exported(cache_dir, name, exporter))
+    unsorted = scrambled(model, np.random.default_rng(zlib.crc32(f"{name}-{exporter}".encode())))
+    assert not in_topological_order(unsorted)
+    src, dst = tmp_path / "unsorted.onnx", tmp_path / "fused.onnx"
+    onnx.save(unsorted, src)
+
+    report = converter.fuse_file(src, dst, validate=True)
+
+    assert report.sorted_graphs == ["main graph"]
+    assert len(report.fusions) == facts["fusions"]  # 0 for linear_bn1d-dynamo: sorted only
+    assert report.validated is (True if report.fusions else None)  # nothing merged: not run
+    fused = onnx.load(dst)
+    onnx.checker.check_model(fused, full_check=True)  # in topological order again
+    assert count_ops(fused) == count_ops(sorted_fused)
+    assert count_linear(fused) == TARGET_LINEAR[name]
+    args, expected = _torch(name)
+    np.testing.assert_allclose(_run(dst, args), expected, atol=ATOL, rtol=RTOL)
