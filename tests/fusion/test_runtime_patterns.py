@@ -25,6 +25,7 @@ from builders import (
 )
 from onnx import TensorProto, helper
 
+import converter
 from converter.equivalence.kernels import fused_kernels, lost_kernels
 
 W = 8
@@ -371,3 +372,12 @@ def test_stacked_blocks_keep_every_pattern_and_reach_a_fixpoint():
     again, second = fuse_with_report(fused)
     assert second.fusions == [] and second.runtime_rewrites == []
     assert op_types(again) == op_types(fused)
+
+
+def test_a_model_rewritten_only_for_the_runtime_is_validated_and_written(tmp_path):
+    src, dst = tmp_path / "gelu.onnx", tmp_path / "gelu.fused.onnx"
+    onnx.save(_between_linears(*_erf_gelu("dynamo")), src)
+    report = converter.fuse_file(src, dst)
+    assert report.fusions == [] and report.rewritten and report.validated is True
+    assert dst.read_bytes() != src.read_bytes()  # not the byte copy of an unchanged model
+    assert fused_kernels(onnx.load(dst)).get("Gelu") == 1
