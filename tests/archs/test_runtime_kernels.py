@@ -100,9 +100,7 @@ def test_keeps_fused_kernels(cache_dir, name, exporter):
 def test_every_exact_gelu_is_one_kernel(cache_dir, name, exporter):
     src, dst, _ = _pair(cache_dir, name, exporter)
     ops = count_ops(src)
-    gelus = ops["Erf"] + ops["Gelu"]
-    if not gelus:
-        pytest.skip("no exact GELU")
+    gelus = ops["Erf"] + ops["Gelu"]  # none in most models: then none may appear either
 
     fused = cache.kernels(dst)
 
