@@ -25,7 +25,7 @@ import converter
 from converter.equivalence.kernels import fused_kernels
 
 from . import reparam, vision
-from .export import export_onnx
+from .export import export_onnx, kept_for_runtime
 
 __all__ = ["EXPORTERS", "MODELS", "exported", "exported_lm", "fused", "kernels", "shared_dir"]
 
@@ -95,7 +95,7 @@ def fused(cache_dir: Path, src: Path) -> tuple[Path, dict]:
     """``converter.fuse_file(src, ...)`` (validation on), once: the fused path and report facts.
 
     The facts: ``validated`` (``True``, ``False``, or ``None`` when nothing changed), the number of
-    ``fusions`` and the ``declined`` reasons. A language model is validated on its token ids.
+    ``fusions``, the ``declined`` reasons and the nodes ``kept`` for the runtime. A language model is validated on its token ids.
     """
     dst = src.with_suffix(".fused.onnx")
     inputs = src.with_suffix(".inputs.npz")
@@ -108,6 +108,7 @@ def fused(cache_dir: Path, src: Path) -> tuple[Path, dict]:
             "validated": report.validated,
             "fusions": len(report.fusions),
             "declined": [str(d) for d in report.declined],
+            "kept": sorted(kept_for_runtime([d.to_dict() for d in report.declined])),
         }
         _once(dst.with_suffix(".json"), lambda p: p.write_text(json.dumps(facts)))
 

@@ -36,6 +36,8 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from builders import in_topological_order, scrambled  # noqa: E402
 
+import converter  # noqa: E402
+
 from . import cache, reparam, vision  # noqa: E402
 from .export import count_linear, count_ops, free_folds  # noqa: E402
 

@@ -37,6 +37,7 @@ import torch
 from filelock import FileLock  # a dependency of transformers (huggingface_hub)
 
 from archs import language
+from archs.export import kept_for_runtime, unexplained_folds
 from archs.free_folds import free_folds
 from archs.scales import projection_scales
 from converter import cli
@@ -103,13 +104,6 @@ def shared_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.getbasetemp().parent / f"archs-{run}"
     directory.mkdir(exist_ok=True)
     return directory
-
-
-def unexplained_folds(where: list[str], report: dict) -> list[str]:
-    """The free folds (``free_folds``' lines, ``"Mul NODE before LINEAR"``) whose step the
-    report does not keep for the runtime with a ``kept: ...`` reason."""
-    kept = {n for d in report["declined"] if d["reason"].startswith("kept:") for n in d["nodes"]}
-    return [line for line in where if line.split()[1] not in kept]
 
 
 def _once(directory: Path, done: str, make) -> None:
@@ -201,10 +195,8 @@ def test_fuse_leaves_no_free_fold(fused, name, exporter):
     assert language.count_linear_ops(model) == MERGED_LINEAR_OPS[name]
     where: list[str] = []
     free_folds(model, where)
-    # the tool's heuristic lists the final RMSNorm's weight behind a Cast (LLaMA, TorchScript):
-    # folding it costs onnxruntime its SimplifiedLayerNormalization, so the report keeps it
     report = json.loads((out.parent / "fused.json").read_text())
-    assert unexplained_folds(where, report) == [], where
+    assert unexplained_folds(where, kept_for_runtime(report["declined"])) == [], where
     assert projection_scales(model) == []
 
 

@@ -169,9 +169,13 @@ def test_a_path_and_a_proto_give_the_same_runtime_graph(tmp_path):
         (
             {"Gelu": 2, "SkipLayerNormalization": 1},
             {"Gelu": 1},
-            ["Gelu 2 -> 1", "SkipLayerNormalization 1 -> 0"],
+            ["Gelu 2 -> 1", "LayerNormalization 1 -> 0"],
         ),
         ({"FusedMatMul": 8}, {"FusedMatMul": 2}, []),  # a scale folded into the weight does as much
+        # a kernel that took in the Add before it is the same kernel and more
+        ({"Gelu": 1, "FusedMatMul": 1}, {"BiasGelu": 1}, []),
+        ({"SkipLayerNormalization": 4, "LayerNormalization": 1}, {"LayerNormalization": 5}, []),
+        ({"Gelu": 1, "BiasGelu": 1}, {"BiasGelu": 1}, ["Gelu 2 -> 1"]),
         ({}, {}, []),
     ],
 )
