@@ -53,6 +53,26 @@ def _model(nodes, inputs=None, outputs=None, inits=(), opsets=(("", 17),)) -> on
     return model
 
 
+def _if_around(then_nodes) -> onnx.ModelProto:
+    """``y = If(c, then: then_nodes -> o, else: x)``, the then branch reading the outer ``x``."""
+    then = helper.make_graph(
+        list(then_nodes), "then", [], [helper.make_tensor_value_info("o", FLOAT, [2, 4])]
+    )
+    otherwise = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", FLOAT, [2, 4])],
+    )
+    return _model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=otherwise, name="if")],
+        [
+            helper.make_tensor_value_info("x", FLOAT, [2, 4]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+    )
+
+
 def _ort_runs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     """onnxruntime runs ``model`` (it sorts the main graph itself)."""
     so = ort.SessionOptions()
@@ -325,28 +345,12 @@ def test_a_cycle_through_a_subgraph_is_refused() -> None:
 
 
 def test_a_cycle_inside_a_subgraph_names_the_subgraph() -> None:
-    body = helper.make_graph(
+    model = _if_around(
         [
             helper.make_node("Add", ["x", "q"], ["p"], name="p"),
             helper.make_node("Neg", ["p"], ["q"], name="q"),
             helper.make_node("Identity", ["q"], ["o"], name="o"),
-        ],
-        "then",
-        [],
-        [helper.make_tensor_value_info("o", FLOAT, [2, 4])],
-    )
-    otherwise = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["e"])],
-        "else",
-        [],
-        [helper.make_tensor_value_info("e", FLOAT, [2, 4])],
-    )
-    model = _model(
-        [helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=otherwise, name="if")],
-        [
-            helper.make_tensor_value_info("x", FLOAT, [2, 4]),
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-        ],
+        ]
     )
     with pytest.raises(InputError, match=r"^main graph/if\.then_branch: the nodes form a cycle"):
         converter.fuse(model)
@@ -378,25 +382,7 @@ def test_an_output_nothing_produces_is_refused(tmp_path: Path, capsys) -> None:
 
 
 def test_an_undefined_input_in_a_subgraph_is_refused() -> None:
-    then = helper.make_graph(
-        [helper.make_node("Add", ["x", "ghost"], ["o"], name="inner")],
-        "then",
-        [],
-        [helper.make_tensor_value_info("o", FLOAT, [2, 4])],
-    )
-    otherwise = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["e"])],
-        "else",
-        [],
-        [helper.make_tensor_value_info("e", FLOAT, [2, 4])],
-    )
-    model = _model(
-        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=otherwise, name="if")],
-        [
-            helper.make_tensor_value_info("x", FLOAT, [2, 4]),
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-        ],
-    )
+    model = _if_around([helper.make_node("Add", ["x", "ghost"], ["o"], name="inner")])
     with pytest.raises(
         InputError, match=r"^main graph/if\.then_branch: node 'inner' \(Add\) reads 'ghost'"
     ):
