@@ -1,12 +1,14 @@
 """Fuzz the fusion engine: thousands of random structured graphs through ``converter.fuse``.
 
     python benchmarks/fuzz.py [--n 2000] [--seed 0] [--policy cost|always|both] [--only INDEX]
+                              [--shuffle]
 
 Graph ``i`` is built by the generator of ``tests/fusion/random_structures.py`` from a numpy
 generator seeded with ``(seed, i)``, so ``--seed S --only I`` rebuilds exactly one graph. Each
 graph is checked for properties (a) to (f) of that module (checker and onnxruntime load, outputs
 against float64, idempotence, node order, the IR invariants after every merge, report records),
-under ``--policy`` (both by default). Prints one line per failure with its reproducer and the path
+under ``--policy`` (both by default). ``--shuffle`` also checks (g): the graph with the nodes of
+every graph listed in a random order, not a topological one, fuses to the same result. Prints one line per failure with its reproducer and the path
 of the original model saved in a temporary folder, then a one-line summary. Exits 1 if any graph
 failed, else 0.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 # The engine checks its IR invariants after every merge (property (e)); set before it is imported.
 os.environ.setdefault("ONNX_FUSE_CHECK_EVERY_REWRITE", "1")
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "tests")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "tests", "tests/fusion")]
 
 import onnx  # noqa: E402
 from fusion.random_structures import (  # noqa: E402
@@ -42,6 +44,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--policy", choices=("cost", "always", "both"), default="both")
     parser.add_argument("--only", type=int, default=None, help="check only graph INDEX")
+    parser.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="also list every graph's nodes in a random, not topological, order (property (g))",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print failure tracebacks")
     return parser.parse_args(argv)
 
@@ -49,7 +56,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _property(error: BaseException) -> str:
     """Which property failed: the letter an assertion starts with, else the exception type."""
     text = str(error)
-    if isinstance(error, AssertionError) and text[:3] in {f"({c})" for c in "abcdef"}:
+    if isinstance(error, AssertionError) and text[:3] in {f"({c})" for c in "abcdefg"}:
         return text[:3]
     if type(error).__name__ == "EngineError":
         return "(e)"
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         stats["with Conv"] += bool(IMAGE_BLOCKS & set(case.blocks))
         for policy in policies:
             try:
-                outcome = check_case(case, policy, shuffle_seed=i)
+                outcome = check_case(case, policy, shuffle_seed=i, scramble=args.shuffle)
             except Exception as e:  # every failure is reported; none hides the others
                 failed[_property(e)] += 1
                 _report_failure(args, i, policy, case.model, e, folder, None)
@@ -98,7 +105,7 @@ def _report_failure(
     print(
         f"FAIL {_property(error)} seed={args.seed} index={index} policy={policy}: {message[:300]}"
         f"{tag}\n     model: {path}\n     rerun: python benchmarks/fuzz.py --seed {args.seed} "
-        f"--only {index} --policy {policy} -v",
+        f"--only {index} --policy {policy}{' --shuffle' * args.shuffle} -v",
         flush=True,
     )
     if args.verbose:
@@ -112,8 +119,9 @@ def _summary(args, policies, stats, failed, seconds: float, folder: Path) -> str
     failures = sum(failed.values())
     by_property = " ".join(f"{k}={v}" for k, v in sorted(failed.items())) or "none"
     where = f"; models in {folder}" if failures else ""
+    mode = " shuffled (nodes listed out of order)" if args.shuffle else ""
     return (
-        f"fuzz seed={args.seed}: {stats['graphs']} graphs ({stats['nodes']} nodes, "
+        f"fuzz{mode} seed={args.seed}: {stats['graphs']} graphs ({stats['nodes']} nodes, "
         f"{stats['with If']} with If, {stats['with Conv']} with Conv) x {len(policies)} "
         f"{'policies' if len(policies) > 1 else 'policy'}: {stats['checks']} passed, "
         f"{failures} failed (by property: {by_property}); {merged}; {seconds:.0f} s{where}"

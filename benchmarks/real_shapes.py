@@ -1,12 +1,15 @@
 """Issue 10: free folds left in whole vision networks as the two torch exporters write them.
 
-Three networks from ``tests/archs/vision.py`` (random weights; BatchNorm statistics, affines and
+The networks of ``tests/archs/vision.py`` (random weights; BatchNorm statistics, affines and
 layer scales randomised), input ``(2, 3, 32, 32)``:
 
 * ``resmlp``: MLP-only classifier (patch embedding Linear, 4 ResMLP blocks with Affine and layer
   scale, token-mixing Linear, head);
 * ``levit``: hybrid conv stem + 2 LeViT attention/MLP blocks with Linear + BatchNorm1d on tokens;
-* ``deit_distilled``: ViT with layer scale, class and distillation tokens, two averaged heads.
+* ``deit_distilled``: ViT with layer scale, class and distillation tokens, two averaged heads
+  (``deit_tanh``: the same with tanh GELU);
+* issue 18's ``convnext``, ``efficientformer`` and ``mixer`` (see ``benchmarks/runtime.py`` for
+  what onnxruntime makes of them).
 
 For each network and exporter it prints: constant-weight linear ops (Gemm/MatMul/Conv) before ->
 after fusion, free folds before -> after, BatchNormalization left, the validation result, and the

@@ -1,11 +1,14 @@
 """Issue 11: structural re-parameterisation of exported training-form conv networks.
 
-Two networks from ``tests/archs/reparam.py`` (BatchNorm statistics randomised), input
+The networks of ``tests/archs/reparam.py`` (BatchNorm statistics randomised), input
 ``(2, 3, 32, 32)``:
 
 * ``repvgg_a0``: 6 RepVGG blocks (3x3 + BN, 1x1 + BN, identity BN), three with stride 2;
 * ``mobileone_s0``: a MobileOne stem and 4 units (depthwise 3x3 and pointwise 1x1 blocks with
-  k = 4 over-parameterised branches, a 1x1 scale branch, BN identity).
+  k = 4 over-parameterised branches, a 1x1 scale branch, BN identity);
+* ``repvit_m09``, ``fastvit_t8`` (issue 18): RepViT blocks (RepVGGDW token mixer, ConvBN -> GELU
+  -> ConvBN channel mixer) and FastViT RepMixer blocks (ConvMlp with GELU, layer scale kept in
+  the deploy form, as timm does), a MobileOne stem with GELU and a RepCPE.
 
 Each is exported in its training form and, after its own ``reparameterize()``, in its deploy form,
 with both torch exporters. The training form is fused with ``converter.fuse_file`` (validation on).

@@ -4,7 +4,9 @@
 
 Public API: :func:`fuse` (in memory), :func:`fuse_file` (the CLI's job), :func:`export`
 (torch export then fuse), :class:`FuseLinearChainsPass` (an onnx-ir pass) and
-:func:`check_equivalence` (compare any two models).
+:func:`check_equivalence` (compare any two models); ``benchmark=`` (``True`` or a
+:class:`BenchmarkOptions`) on ``fuse_file`` and ``check_equivalence`` times both models under
+onnxruntime into a :class:`BenchmarkResult`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __all__ = [
     "Declined",
     "check_equivalence",
     "EquivalenceReport",
+    "BenchmarkOptions",
+    "BenchmarkResult",
     "ConverterError",
     "InputError",
     "UnsafeModelError",
@@ -31,6 +35,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 from converter.api import export, fuse, fuse_file
+from converter.equivalence.timing import BenchmarkOptions, BenchmarkResult
 from converter.equivalence.validate import EquivalenceReport, check_equivalence
 from converter.errors import (
     ConverterError,

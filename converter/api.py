@@ -23,10 +23,12 @@ import onnx
 import onnx_ir as ir
 
 from converter import determinism
+from converter.equivalence import timing
 from converter.equivalence.compare import OutputStats
 from converter.equivalence.runtime import OnDisk
+from converter.equivalence.timing import BenchmarkOptions, BenchmarkResult
 from converter.equivalence.validate import EquivalenceReport, check_equivalence
-from converter.errors import InputError, ValidationError
+from converter.errors import InputError, OriginalModelError, ValidationError
 from converter.fusion.core.policy import Policy
 from converter.fusion.passes import fuse_model
 from converter.gcpause import paused_collection
@@ -84,34 +86,47 @@ def fuse_file(
     force: bool = False,
     keep_on_fail: bool = False,
     progress: ProgressCallback = no_progress,
+    benchmark: BenchmarkOptions | bool = False,
 ) -> FusionReport:
     """Fuse the model at ``src`` and write it to ``dst``; return the :class:`FusionReport`.
 
     The output is written into a temporary folder beside ``dst`` and moved into place only when
     complete and (with ``validate``) proven equivalent by onnxruntime; the input is never touched.
-    A model with nothing to merge is copied byte for byte. ``strict`` requires bit-exact outputs
+    A model with nothing to merge is copied byte for byte, unless its nodes were out of
+    topological order: then it is written sorted (not validated: it holds the input's own nodes).
+    ``strict`` requires bit-exact outputs
     (no tolerance, no float64 acceptance).
+    ``benchmark`` (``True``, or :class:`~converter.equivalence.timing.BenchmarkOptions` for
+    threads and provider) times both models under onnxruntime on validation's first inputs (or,
+    unvalidated, inputs synthesised the same way) into ``report.benchmark``; a slowdown beyond
+    noise, or a fused kernel lost, is logged as a warning.
     Raises :class:`InputError` for unreadable input, a refused destination or an original model
     that disagrees with itself, and :class:`ValidationError` when outputs differ (nothing is
     written unless ``keep_on_fail``).
     """
     start = time.perf_counter()
     check_inputs_file(inputs)
+    timed = timing.options_of(benchmark)  # an unavailable provider is refused before any work
     progress("loading", None, None)
     model = io.load_model(src)
-    report = fuse_model(model, policy=policy, progress=progress)
+    try:
+        report = fuse_model(model, policy=policy, progress=progress)
+    except InputError as e:  # a graph with no topological order: name the file too
+        raise type(e)(f"{os.fspath(src)}: {e}") from None
     report.source, report.destination = os.fspath(src), os.fspath(dst)
     options = {"inputs": inputs, "input_shapes": input_shapes, "trials": trials}
     options.update(atol=0.0 if strict else atol, rtol=0.0 if strict else rtol)
-    if validate and report.modified and determinism.random_nodes(model):
+    if validate and report.rewritten and determinism.random_nodes(model):
         # A model that may disagree with itself is run twice before anything is written.
         determinism.check_deterministic(src, seed=seed, **options)
     progress("writing", None, None)
     with _write(model, src, dst, report, external_data=external_data, force=force) as pending:
-        if validate and report.modified:
+        # Nothing rewritten, nothing to prove: at most the input's own nodes in another order.
+        if validate and report.rewritten:
             progress("validating", None, None)
             # The fused model is already in memory: validation runs its file without reloading it.
-            _validate_into(report, src, OnDisk(model, pending.path), seed=seed, **options)
+            candidate = OnDisk(model, pending.path)
+            _validate_into(report, src, candidate, seed=seed, benchmark=timed, **options)
             if strict:
                 _require_bit_exact(report)
             if not report.validated:
@@ -119,12 +134,35 @@ def fuse_file(
             if not report.validated and not keep_on_fail:
                 raise ValidationError(_failure_message(report, dst))
         pending.commit()
+    if timed is not None:
+        if not (validate and report.rewritten):  # else validation timed them, on its inputs
+            report.benchmark = _benchmark(src, dst, timed, inputs, input_shapes, seed)
+        _warn(report.benchmark, "the fused model")
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _benchmark(src, dst, options: BenchmarkOptions, inputs, input_shapes, seed: int):
+    """Both files timed on inputs synthesised as validation would (or the real ones), or
+    ``None`` and a warning when onnxruntime cannot run them."""
+    try:
+        return timing.benchmark_models(
+            src, dst, options, inputs=inputs, input_shapes=input_shapes, seed=seed
+        )
+    except InputError as e:
+        logger.warning("benchmark skipped: %s", e)
+        return None
+
+
+def _warn(result: BenchmarkResult | None, candidate: str) -> None:
+    """A benchmark's findings (slower beyond noise, a fused kernel lost) as log warnings."""
+    for line in result.warnings(candidate) if result is not None else []:
+        logger.warning("%s", line)
+
+
 def _write(model: ir.Model, src, dst, report: FusionReport, **options: Any) -> io.PendingOutput:
-    """The rewritten model, or (nothing merged, one file) the input copied byte for byte."""
+    """The rewritten model, or (nothing rewritten nor sorted, one file) the input copied byte
+    for byte."""
     if not report.modified and options["external_data"] is None and not io.has_external_data(model):
         return io.write_copy(src, dst, force=options["force"])
     return io.write_model(model, dst, src=src, **options)
@@ -163,18 +201,26 @@ def _require_bit_exact(report: FusionReport) -> None:
 _MAIN_GRAPH = "main graph"
 
 
-def _validate_into(report: FusionReport, src, candidate, **options: Any) -> None:
+def _validate_into(
+    report: FusionReport, src, candidate, *, benchmark: BenchmarkOptions | None, **options: Any
+) -> None:
     """Check equivalence on the graph outputs; record each fusion's own error as a diagnostic.
 
     Each fused chain's output keeps its name, so comparing that value in both models measures
     the fusion, where the value still exists: a later merge may have absorbed it.
     """
     outputs = [r.output for r in report.fusions if r.graph == _MAIN_GRAPH and r.output]
-    result = check_equivalence(src, candidate, extra_outputs=outputs, **options)
+    try:
+        result = check_equivalence(
+            src, candidate, extra_outputs=outputs, benchmark=benchmark, **options
+        )
+    except OriginalModelError as e:  # nothing can run the original: say how to go on
+        raise OriginalModelError(f"{e}; --no-validate writes the fused model unvalidated") from e
     # The intermediate values' facts live in each fusion record, not in this dict.
     report.validation = dataclasses.replace(result, intermediates=()).to_dict()
     del report.validation["intermediates"]
     report.validated = bool(result.passed)
+    report.benchmark = result.benchmark
     stats = {s.name: s for s in (*result.outputs, *result.intermediates)}
     for index, record in enumerate(report.fusions):
         if record.graph != _MAIN_GRAPH:
@@ -276,7 +322,8 @@ def check(
 
     Inputs named differently are refused first, naming both lists, unless ``match_inputs`` is
     ``"position"`` (the candidate's inputs are then renamed, in memory, to the original's, in
-    order). ``strict`` requires bit-exact outputs.
+    order). ``strict`` requires bit-exact outputs. ``benchmark=`` (in ``options``) times both
+    models too, as :func:`fuse_file` does.
     """
     check_inputs_file(options.get("inputs"))
     if match_inputs not in ("name", "position"):
@@ -285,6 +332,7 @@ def check(
     if strict:
         options.update(atol=0.0, rtol=0.0)
     result = check_equivalence(original, cand, **options)
+    _warn(result.benchmark, "the candidate")
     return _bit_exact(result) if strict else result
 
 

@@ -1,7 +1,8 @@
 """The ``onnx-fuse`` command: parse, call the API with keyword arguments, map errors to exit codes.
 
 Exit codes: 0 success; 1 validation found a difference (nothing written); 2 bad usage or
-unreadable input (one line on stderr); 3 an internal error (a bug: ``--debug`` shows the traceback);
+unreadable input (one line on stderr); 3 an internal error (a bug in onnx-fuse, never a property
+of the input: ``--debug`` shows the traceback);
 130 interrupted by Ctrl-C (SIGINT) and 143 stopped by SIGTERM, both after removing any partial
 output. With several models the exit code is the worst of theirs. This is the only module that
 prints.
@@ -25,6 +26,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from converter import __version__, api, batch, inspection
+from converter.equivalence import timing
 from converter.errors import ConverterError, InputError
 from converter.gcpause import paused_collection
 from converter.model_io import files as io
@@ -95,6 +97,41 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_benchmark_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark")
+    g.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="also time both models under onnxruntime (default optimisations) and print the "
+        "latency before -> after",
+    )
+    g.add_argument(
+        "--benchmark-threads",
+        type=int,
+        metavar="N",
+        help="intra-op threads of the timed sessions (default 1)",
+    )
+    g.add_argument(
+        "--benchmark-provider",
+        metavar="NAME",
+        help="onnxruntime execution provider to time with (default CPUExecutionProvider)",
+    )
+
+
+def _benchmark_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    threads, provider = args.benchmark_threads, args.benchmark_provider
+    if not args.benchmark:
+        if threads is not None or provider is not None:
+            raise InputError("--benchmark-threads and --benchmark-provider go with --benchmark")
+        return {}
+    if threads is not None and threads < 1:
+        raise InputError("--benchmark-threads must be at least 1")
+    options = timing.BenchmarkOptions(
+        threads=1 if threads is None else threads, provider=provider or "CPUExecutionProvider"
+    )
+    return {"benchmark": options}
+
+
 def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="say what was and was not done")
@@ -138,6 +175,7 @@ def _fuse_parser() -> argparse.ArgumentParser:
         help="write weights to external data file NAME beside the output",
     )
     _add_validation_options(p)
+    _add_benchmark_options(p)
     _add_common_options(p)
     return p
 
@@ -157,6 +195,7 @@ def _check_parser() -> argparse.ArgumentParser:
         help="pair the models' inputs by name (default) or by position",
     )
     _add_validation_options(p)
+    _add_benchmark_options(p)
     _add_common_options(p)
     return p
 
@@ -238,6 +277,7 @@ def _fuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "force": args.force,
         "keep_on_fail": args.keep_on_fail,
         **_validation_kwargs(args),
+        **_benchmark_kwargs(args),
     }
 
 
@@ -247,6 +287,11 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     if args.output is not None and not Path(args.output).is_dir():
         raise InputError(f"{args.output}: with several models, -o must be an existing folder")
+    if args.benchmark and args.jobs > 1:
+        raise InputError(
+            "--benchmark with --jobs N would time each model against the others' work: "
+            "use --jobs 1 (files are then benchmarked one after the other)"
+        )
     show = not args.quiet and sys.stderr.isatty()
     with tqdm(total=len(args.model), disable=not show, unit="file", file=sys.stderr) as bar:
         result = batch.fuse_files(
@@ -294,11 +339,12 @@ def _batch_lines(result: batch.BatchReport) -> list[str]:
 
 
 def _detail(report: dict[str, Any]) -> str:
+    timed = report.get("benchmark")
+    latency = f", latency {timed['ratio']:.2f}x" if timed else ""
     if not report["fusions"]:
-        return "nothing merged"
-    return {True: "validated", False: "validation failed", None: "not validated"}[
-        report["validated"]
-    ]
+        return "nothing merged" + latency
+    verdict = {True: "validated", False: "validation failed", None: "not validated"}
+    return verdict[report["validated"]] + latency
 
 
 def _run_check(argv: Sequence[str]) -> int:
@@ -306,7 +352,11 @@ def _run_check(argv: Sequence[str]) -> int:
     _configure_logging(args)
     _check_report_path(args.report)
     result = api.check(
-        args.original, args.candidate, match_inputs=args.match_inputs, **_validation_kwargs(args)
+        args.original,
+        args.candidate,
+        match_inputs=args.match_inputs,
+        **_validation_kwargs(args),
+        **_benchmark_kwargs(args),
     )
     _write_json(args.report, result.to_dict())
     if not args.quiet or not result.passed:

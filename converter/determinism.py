@@ -19,8 +19,9 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.equivalence.inputs import check_inputs, load_inputs_npz, synthesize_inputs
-from converter.equivalence.runtime import load_side, open_session
-from converter.errors import InputError
+from converter.equivalence.runtime import Runner, Side, load_side, one_line, open_session
+from converter.equivalence.widen import narrow_float_types, open_float32
+from converter.errors import InputError, OriginalModelError
 from converter.fusion.core.constants import Constants
 from converter.fusion.core.declined import Declined
 
@@ -63,7 +64,8 @@ def check_deterministic(
     seed: int = 0,
     **_ignored: object,
 ) -> None:
-    """Run the model twice on the same inputs; raise :class:`InputError` if the runs differ."""
+    """Run the model twice on the same inputs; raise :class:`InputError` if the runs differ
+    (:class:`~converter.errors.OriginalModelError` if onnxruntime cannot run it at all)."""
     side = load_side(model_path, "original")
     if isinstance(inputs, (str, os.PathLike)):
         feeds = load_inputs_npz(inputs, side.model).values
@@ -72,8 +74,13 @@ def check_deterministic(
     else:
         feeds = synthesize_inputs(side.model, seed=seed, input_shapes=input_shapes).values
     with tempfile.TemporaryDirectory(prefix="onnx-fuse-determinism-") as workdir:
-        runner = open_session(side, workdir, "original")
-        first, second = runner.run(feeds), runner.run(feeds)
+        runner = _open(side, workdir)
+        try:
+            first, second = runner.run(feeds), runner.run(feeds)
+        except Exception as e:  # onnxruntime raises many types: the original's fault, not ours
+            raise OriginalModelError(
+                f"onnxruntime cannot run the {side.label}: {one_line(e)}"
+            ) from e
     differing = [name for name in first if not _same(first[name], second[name])]
     if not differing:
         return
@@ -83,6 +90,21 @@ def check_deterministic(
         f"{os.fspath(model_path)}: not deterministic: {causes[0]} (output '{differing[0]}' "
         "differs between two runs of the original model, so no rewrite of it can be validated)"
     )
+
+
+def _open(side: Side, workdir: str) -> Runner:
+    """The original's session, or its float32 copy's as validation runs it when onnxruntime
+    cannot run the model in its own narrow float type (:mod:`converter.equivalence.widen`)."""
+    try:
+        return open_session(side, workdir, "original")
+    except Exception as e:  # onnxruntime raises many types
+        error: Exception = e
+    if narrow_float_types(side.model):
+        try:
+            return open_float32(side, workdir, "original.float32")
+        except Exception as e:  # onnxruntime raises many types
+            error = e
+    raise OriginalModelError(f"onnxruntime cannot load the {side.label}: {one_line(error)}")
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

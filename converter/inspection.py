@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from converter.errors import InputError
 from converter.fusion.conv.match import ConvOp, recognize_conv
 from converter.fusion.core.constants import Constants
 from converter.fusion.core.context import Context
@@ -39,7 +40,7 @@ from converter.fusion.linear.ops import recognize
 from converter.fusion.passes import fuse_model
 from converter.model_io import files as io
 from converter.model_io import training
-from converter.report import FusionReport
+from converter.report import NOT_SORTED_NOTE, FusionReport
 
 __all__ = [
     "OpInfo",
@@ -86,6 +87,7 @@ class Inspection:
             "ops": [op.to_dict() for op in self.ops],
             "merges": plan["fusions"],
             "declined": plan["declined"],
+            "runtime_rewrites": plan["runtime_rewrites"],
             "totals": {
                 key: [plan[f"{key}_before"], plan[f"{key}_after"]]
                 for key in ("linear_ops", "macs", "params")
@@ -221,8 +223,14 @@ def inspect_model(model: ir.Model, plan_model: ir.Model, *, policy: Policy = "co
 
 
 def inspect_file(path: str | os.PathLike, *, policy: Policy = "cost") -> Inspection:
-    """Load ``path`` twice (weights stay on disk), list its ops and the fuser's plan for it."""
-    inspection = inspect_model(io.load_model(path), io.load_model(path), policy=policy)
+    """Load ``path`` twice (weights stay on disk), list its ops and the fuser's plan for it.
+
+    The ops are listed in the file's node order; the plan is made on the graph sorted, as the
+    fuser sees it (a graph with no topological order is refused, naming the file)."""
+    try:
+        inspection = inspect_model(io.load_model(path), io.load_model(path), policy=policy)
+    except InputError as e:  # the fuser's refusal of the graph: name the file too
+        raise type(e)(f"{os.fspath(path)}: {e}") from None
     inspection.source = os.fspath(path)
     return inspection
 
@@ -306,6 +314,11 @@ def _table(header: tuple[str, ...], rows: list[list[str]], *, rule: str) -> list
     return [line(header), rule * len(line(header)), *(line(r) for r in rows)]
 
 
+def _keep(reason: str) -> str:
+    """The decision cell of a declined record (a reason kept for the runtime says so itself)."""
+    return reason if reason.startswith("kept:") else f"keep: {reason}"
+
+
 def format_table(inspection: Inspection, *, terminal: bool = False) -> str:
     """The human-readable tables; ``terminal`` adds bold headings and box-drawing rules."""
     rule = "─" if terminal else "-"
@@ -324,7 +337,10 @@ def format_table(inspection: Inspection, *, terminal: bool = False) -> str:
         ]
         for r in plan.fusions
     ]
-    rows += [[" + ".join(d.nodes) or "-", "", "", "", f"keep: {d.reason}"] for d in plan.declined]
+    rows += [[" + ".join(d.nodes) or "-", "", "", "", _keep(d.reason)] for d in plan.declined]
+    rows += [
+        ["-", "", "", "", f"rewrite for the runtime: {line}"] for line in plan.runtime_rewrites
+    ]
     if rows:
         header = ("nodes", "widths", "MACs/row", "params", "decision")
         lines += _table(header, rows, rule=rule)
@@ -335,4 +351,6 @@ def format_table(inspection: Inspection, *, terminal: bool = False) -> str:
         f"MACs per row {plan.macs_before:,} -> {plan.macs_after:,}, "
         f"weight params {plan.params_before:,} -> {plan.params_after:,}"
     )
+    if plan.sorted_graphs:
+        lines.append(f"note: {NOT_SORTED_NOTE} ({', '.join(plan.sorted_graphs)})")
     return "\n".join(lines)

@@ -12,9 +12,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from converter.equivalence.timing import BenchmarkResult
 from converter.fusion.core.declined import Declined
 
-__all__ = ["FusionRecord", "Declined", "FusionReport"]
+__all__ = ["FusionRecord", "Declined", "FusionReport", "NOT_SORTED_NOTE"]
+
+#: What a report says about an input whose nodes had to be sorted (:mod:`converter.fusion.core.order`).
+NOT_SORTED_NOTE = "input nodes were not in topological order; sorted"
 
 
 @dataclass
@@ -69,7 +73,8 @@ _RECORD_FIELDS = dataclasses.fields(FusionRecord)
 
 @dataclass
 class FusionReport:
-    """The outcome of one run: fusions, declined chains, model totals, validation, timing."""
+    """The outcome of one run: fusions, declined chains, model totals, validation, timing, and
+    (``benchmark``) the latency under onnxruntime before -> after when it was asked for."""
 
     fusions: list[FusionRecord] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
@@ -87,6 +92,9 @@ class FusionReport:
     first_divergence: int | None = None  # index in ``fusions`` of the first diverged output
     # Patterns rewritten so that a runtime fuses them (dynamo's GELU order...), one line each.
     runtime_rewrites: list[str] = field(default_factory=list)
+    benchmark: BenchmarkResult | None = None  # latency before -> after, when asked for
+    # The graphs whose nodes the input listed out of topological order (sorted before fusing).
+    sorted_graphs: list[str] = field(default_factory=list)
 
     @property
     def diverged(self) -> FusionRecord | None:
@@ -95,7 +103,13 @@ class FusionReport:
 
     @property
     def modified(self) -> bool:
-        """Anything was rewritten: a merge, or a pattern written the way runtimes fuse it."""
+        """Whether the model was changed: rewritten, or its nodes had to be sorted."""
+        return bool(self.rewritten or self.sorted_graphs)
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether what the model computes was rewritten (so validation has something to
+        prove): a merge, or a pattern written the way runtimes fuse it."""
         return bool(self.fusions or self.runtime_rewrites)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +117,7 @@ class FusionReport:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["fusions"] = [r.to_dict() for r in self.fusions]
         d["declined"] = [r.to_dict() for r in self.declined]
+        d["benchmark"] = None if self.benchmark is None else self.benchmark.to_dict()
         return d
 
     def summary_lines(self, *, verbose: bool = False) -> list[str]:
@@ -118,9 +133,16 @@ class FusionReport:
         if self.validated is None:
             lines.append("  validation      skipped")
         else:
-            lines.append(f"  validation      {'passed' if self.validated else 'FAILED'}")
+            lines.append(
+                f"  validation      {'passed' if self.validated else 'FAILED'}"
+                + _computed_in(self.validation, verbose=verbose)
+            )
         if self.seconds is not None:
             lines.append(f"  wall time       {self.seconds:.2f} s")
+        if self.benchmark is not None:
+            lines.extend(f"  {line}" for line in self.benchmark.summary_lines(verbose=verbose))
+        if self.sorted_graphs:
+            lines.append(f"  note            {NOT_SORTED_NOTE} ({', '.join(self.sorted_graphs)})")
         if self.diverged is not None:
             lines.append(f"  first diverged  {_describe(self.diverged)}{_error(self.diverged)}")
         if self.runtime_rewrites:
@@ -172,6 +194,15 @@ class FusionReport:
 
     def __str__(self) -> str:
         return "\n".join(self.summary_lines(verbose=True))
+
+
+def _computed_in(validation: dict[str, Any] | None, *, verbose: bool) -> str:
+    """How validation ran when not in the models' own types: ``" (bfloat16 computed in
+    float32)"``, and with ``verbose`` why (see :mod:`converter.equivalence.widen`)."""
+    widened = (validation or {}).get("widened")
+    if not widened:
+        return ""
+    return f" ({widened if verbose else widened.split(':')[0]})"
 
 
 def _describe(record: FusionRecord) -> str:

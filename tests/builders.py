@@ -27,6 +27,8 @@ __all__ = [
     "fuse_with_report",
     "xy_io",
     "feeds",
+    "scrambled",
+    "in_topological_order",
 ]
 
 FLOAT = TensorProto.FLOAT
@@ -162,3 +164,70 @@ def assert_same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
         np.testing.assert_array_equal(arrays_b[name], array)
     assert list(a.graph.input) == list(b.graph.input)
     assert list(a.graph.output) == list(b.graph.output)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))]
+
+
+def scrambled(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+    """A copy of ``model`` with the nodes of every graph (subgraphs too) in a random order,
+    topological or not, as graph-surgery scripts write them. A graph of two or more nodes that
+    depend on each other is left out of order (a permutation that happens to be topological is
+    drawn again)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _scramble(copy.graph, rng, frozenset())
+    return copy
+
+
+def _scramble(graph: onnx.GraphProto, rng: np.random.Generator, outer: frozenset[str]) -> None:
+    nodes = list(graph.node)
+    for _ in range(20):
+        order = [nodes[i] for i in rng.permutation(len(nodes))]
+        del graph.node[:]
+        graph.node.extend(order)
+        if not _in_order(graph, outer):
+            break
+    scope = outer | _defined(graph)
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _scramble(sub, rng, scope)
+
+
+def _defined(graph: onnx.GraphProto) -> frozenset[str]:
+    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    return frozenset(names | {o for n in graph.node for o in n.output if o})
+
+
+def in_topological_order(model: onnx.ModelProto) -> bool:
+    """Every node of every graph reads only values defined before it (or in an outer scope)."""
+    return _in_order(model.graph, frozenset(), deep=True)
+
+
+def _in_order(graph: onnx.GraphProto, outer: frozenset[str], *, deep: bool = False) -> bool:
+    """``graph``'s nodes read only values defined before them; with ``deep``, its subgraphs'
+    too. Values of outer scopes count as defined (whichever node of the scope defines them)."""
+    local = _defined(graph)
+    defined = (
+        set(outer - local) | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    )
+    for node in graph.node:
+        reads = {i for i in node.input if i} | _outer_reads(node)
+        if not reads <= defined:
+            return False
+        if deep and not all(_in_order(sub, frozenset(defined)) for sub in _subgraphs(node)):
+            return False
+        defined.update(node.output)
+    return True
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """The names ``node``'s subgraphs read from the scopes around them."""
+    names: set[str] = set()
+    for sub in _subgraphs(node):
+        local = _defined(sub)  # whatever the order of its nodes
+        for inner in sub.node:
+            names |= ({i for i in inner.input if i} | _outer_reads(inner)) - local
+        names |= {v.name for v in sub.output} - local
+    return names

@@ -188,6 +188,33 @@ def test_training_mode_dropout_is_named_and_nothing_is_written(tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.onnx"]
 
 
+def test_a_random_op_onnxruntime_cannot_run_is_the_originals_fault_not_ours(tmp_path, capsys):
+    """A chain that merges beside a ``RandomUniformLike`` of opset 22, which onnxruntime 1.32
+    has no kernel for: the determinism check cannot run the original, and says so (exit 2;
+    exit 3 before issue 19, the session error escaping as an internal error)."""
+    r = rng(6)
+    nodes = [
+        gemm_node("fc0", "x", "W0", None, "h", transB=1),
+        gemm_node("fc1", "h", "W1", None, "g", transB=1),
+        helper.make_node("RandomUniformLike", ["g"], ["u"], name="noise"),
+        helper.make_node("Add", ["g", "u"], ["y"], name="add"),
+    ]
+    inits = [init(f"W{i}", r.standard_normal((4, 4)).astype(np.float32)) for i in range(2)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    src = tmp_path / "noise.onnx"
+    onnx.save(make_model(nodes, [x], [y], inits, opset=22), src)
+
+    assert main([str(src), "-o", str(tmp_path / "o.onnx")]) == 2
+
+    line = _one_error_line(capsys)
+    assert line.startswith(
+        f"onnx-fuse: error: onnxruntime cannot load the original model {src}: "
+    ), line
+    assert "NOT_IMPLEMENTED" in line and "RandomUniformLike(22)" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noise.onnx"]
+
+
 # ---------------------------------------------------------------- interrupts
 
 

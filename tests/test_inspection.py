@@ -190,3 +190,43 @@ def test_fused_conv_kernels_are_written_in_onnx_and_torch_layout(tmp_path):
     original = _weights(tmp_path / "orig", model)  # the unfused model: both kernels, biases
     assert original["conv1.weight"].shape == (4, 3, 1, 1)
     np.testing.assert_array_equal(original["conv1.bias"], np.zeros(4, np.float32))
+
+
+def test_rewrites_and_patterns_kept_for_the_runtime_are_listed(tmp_path, capsys):
+    """Dynamo's GELU between two layers: the reorder is a row, the kept 0.5 says why once."""
+    one, half, sqrt2 = (
+        init(n, np.array(v, np.float32))
+        for n, v in [("one", 1.0), ("half", 0.5), ("sqrt2", 1.4142135)]
+    )
+    r = rng(2)
+    nodes = [
+        gemm_node("fc0", "x", "W0", "b0", "h", transB=1),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"], name="div"),
+        helper.make_node("Erf", ["d"], ["e"], name="erf"),
+        helper.make_node("Add", ["e", "one"], ["a"], name="add"),
+        helper.make_node("Mul", ["half", "a"], ["ha"], name="mul_half"),
+        helper.make_node("Mul", ["h", "ha"], ["g"], name="gelu"),
+        gemm_node("fc1", "g", "W1", "b1", "y", transB=1),
+    ]
+    inits = [
+        init("W0", r.standard_normal((6, 4)).astype(np.float32)),
+        init("b0", r.standard_normal(6).astype(np.float32)),
+        init("W1", r.standard_normal((3, 6)).astype(np.float32)),
+        init("b1", r.standard_normal(3).astype(np.float32)),
+        one,
+        half,
+        sqrt2,
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    src = tmp_path / "gelu.onnx"
+    onnx.save(make_model(nodes, [x], [y], inits), src)
+    assert main(["inspect", str(src)]) == 0
+    text = capsys.readouterr().out
+    assert "rewrite for the runtime: main graph: GELU at 'gelu' reordered" in text
+    assert "kept: part of GELU (erf form)" in text and "keep: kept" not in text
+    assert main(["inspect", str(src), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["runtime_rewrites"] == [
+        "main graph: GELU at 'gelu' reordered as x * (1 + erf(x / sqrt 2)) * 0.5"
+    ]

@@ -21,6 +21,8 @@ def test_public_api_is_small_and_complete():
         "FusionReport",
         "check_equivalence",
         "EquivalenceReport",
+        "BenchmarkOptions",
+        "BenchmarkResult",
         "ConverterError",
         "ValidationError",
     }

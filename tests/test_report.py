@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from converter.equivalence.timing import BenchmarkResult
 from converter.report import Declined, FusionRecord, FusionReport
 
 
@@ -45,3 +46,49 @@ def test_record_to_dict_copies_lists_and_adds_macs_saved():
     assert d["macs_saved"] == 64 and d["nodes"] == ["conv", "t", "fc"]
     d["nodes"].append("x")
     assert record.nodes == ["conv", "t", "fc"]  # a copy, not the record's own list
+
+
+def test_rewrites_for_the_runtime_count_as_a_change_and_are_listed():
+    line = "main graph: GELU at 'g' reordered as x * (1 + erf(x / sqrt 2)) * 0.5"
+    report = FusionReport(runtime_rewrites=[line])
+    assert report.modified and report.to_dict()["runtime_rewrites"] == [line]
+    quiet = report.summary_lines()
+    assert (
+        "  for the runtime 1 pattern(s) (GELU, RMSNorm) written in the order onnxruntime fuses "
+        "into one kernel"
+    ) in quiet
+    assert f"  {line}" not in quiet and f"  {line}" in report.summary_lines(verbose=True)
+    assert not FusionReport().modified
+
+
+def test_validation_in_float32_is_said_and_verbose_says_why():
+    why = "bfloat16 computed in float32: onnxruntime cannot run the original model in bfloat16 (no Mul)"
+    report = FusionReport(fusions=[_record(None)], validated=True, validation={"widened": why})
+    assert "  validation      passed (bfloat16 computed in float32)" in report.summary_lines()
+    assert f"  validation      passed ({why})" in report.summary_lines(verbose=True)
+    plain = FusionReport(fusions=[_record(None)], validated=True, validation={"widened": ""})
+    assert "  validation      passed" in plain.summary_lines()
+
+
+def test_a_benchmark_adds_its_lines_and_its_dict():
+    result = BenchmarkResult(
+        original_ms=2.0,
+        candidate_ms=1.0,
+        ratio=0.5,
+        noise=0.01,
+        slower=False,
+        threads=4,
+        provider="CPUExecutionProvider",
+        rounds=9,
+        runs_per_round=3,
+        kernels_before={"Gelu": 2},
+        kernels_after={"Gelu": 2},
+    )
+    report = FusionReport(fusions=[_record(None)], benchmark=result)
+    lines = report.summary_lines()
+    assert "  latency under onnxruntime CPU (4 threads): 2 ms -> 1 ms (0.50x)" in lines
+    assert not any("fused kernels" in line for line in lines)  # the same: said only with -v
+    verbose = report.summary_lines(verbose=True)
+    assert "  fused kernels under onnxruntime: Gelu 2 -> 2" in verbose
+    assert report.to_dict()["benchmark"]["kernels_after"] == {"Gelu": 2}
+    assert FusionReport().to_dict()["benchmark"] is None

@@ -44,6 +44,7 @@ __all__ = [
     "load_inputs_npz",
     "model_inputs",
     "synthesize_inputs",
+    "trial_inputs",
 ]
 
 import dataclasses
@@ -415,3 +416,24 @@ def _bound_symbols(model: ir.Model, values: Mapping[str, np.ndarray]) -> dict[st
             if _is_named(dim):
                 symbols.setdefault(dim.value, int(size))
     return symbols
+
+
+def trial_inputs(
+    model: ir.Model,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    trials: int,
+    seed: int,
+) -> list[TrialInputs]:
+    """Real inputs (a mapping or an ``.npz`` path) as one trial, or ``trials`` seeded
+    synthetic ones (``input_shapes`` fixing the shapes it names)."""
+    if inputs is not None and input_shapes:
+        logger.warning("input_shapes ignored: real inputs are given")
+    if isinstance(inputs, (str, os.PathLike)):
+        return [load_inputs_npz(inputs, model)]
+    if inputs is not None:
+        return [check_inputs(model, inputs)]
+    return [
+        synthesize_inputs(model, trial=i, seed=seed, input_shapes=input_shapes)
+        for i in range(trials)
+    ]

@@ -41,6 +41,13 @@ FUSED_KERNELS = (
 )
 # A MatMul that absorbed a scale: a fold of that scale into the weight does as much.
 _NOT_A_LOSS = frozenset({"FusedMatMul"})
+# A kernel that also took in the Add before it is the same kernel and more: a Gelu that became a
+# BiasGelu (a merged op's bias now next to it), a LayerNormalization that took in a residual Add.
+_FAMILY = {
+    "BiasGelu": "Gelu",
+    "SkipLayerNormalization": "LayerNormalization",
+    "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
+}
 
 
 def runtime_graph_ops(model: str | os.PathLike | onnx.ModelProto) -> collections.Counter:
@@ -67,9 +74,18 @@ def fused_kernels(model: str | os.PathLike | onnx.ModelProto) -> dict[str, int]:
 
 
 def lost_kernels(before: dict[str, int], after: dict[str, int]) -> list[str]:
-    """The fused kernels ``before`` has more of than ``after``: ``["Gelu 12 -> 0", ...]``."""
-    return [
-        f"{op} {count} -> {after.get(op, 0)}"
-        for op, count in before.items()
-        if op not in _NOT_A_LOSS and after.get(op, 0) < count
-    ]
+    """The fused kernels ``before`` has more of than ``after``: ``["Gelu 12 -> 0", ...]``.
+
+    Kernels are counted by family (``Gelu`` with ``BiasGelu``, ``LayerNormalization`` with
+    ``SkipLayerNormalization``...): one that took in the Add before it is not a loss."""
+    a, b = _by_family(before), _by_family(after)
+    return [f"{op} {count} -> {b.get(op, 0)}" for op, count in a.items() if b.get(op, 0) < count]
+
+
+def _by_family(kernels: dict[str, int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op, count in kernels.items():
+        if op not in _NOT_A_LOSS:
+            family = _FAMILY.get(op, op)
+            counts[family] = counts.get(family, 0) + count
+    return counts

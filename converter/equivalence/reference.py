@@ -25,11 +25,10 @@ import onnx_ir as ir
 from onnx.reference.op_run import OpRun
 
 from converter.equivalence.compare import dtype_kind
-from converter.equivalence.runtime import Runner, Side, all_nodes, one_line, open_session
+from converter.equivalence.runtime import Runner, Side, one_line, open_session
+from converter.equivalence.widen import retyped
 
 logger = logging.getLogger(__name__)
-
-_DTYPE_ATTRIBUTES = ("to", "dtype", "output_dtype")
 
 
 class Reference:
@@ -120,58 +119,7 @@ def _widen(array: np.ndarray) -> np.ndarray:
 
 def _float64_model(model: ir.Model) -> ir.Model:
     """A copy of ``model`` computing in float64 wherever it computed in another float type."""
-    ref = model.clone()
-    for graph in ref.graphs():
-        _retype_values(graph)
-        for value in graph.initializers.values():
-            if value.const_value is not None and _is_float(value.const_value.dtype):
-                value.const_value = _float64_tensor(value.const_value)
-    for node in all_nodes(ref):
-        _retype_attributes(node)
+    ref = retyped(model, ir.DataType.DOUBLE, lambda dtype: True)
+    # onnxruntime sorts a main graph listed out of order; onnx's evaluator runs nodes as listed.
+    ref.graph.sort()
     return ref
-
-
-def _retype_values(graph: ir.Graph) -> None:
-    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
-    values.extend(output for node in graph for output in node.outputs)
-    for value in values:
-        if isinstance(value.type, ir.TensorType) and _is_float(value.dtype):
-            value.type = ir.TensorType(ir.DataType.DOUBLE)  # a new object: types may be shared
-
-
-def _float64_tensor(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
-    return ir.LazyTensor(
-        lambda: ir.tensor(tensor.numpy().astype(np.float64), name=tensor.name),
-        dtype=ir.DataType.DOUBLE,
-        shape=tensor.shape,
-        name=tensor.name,
-    )
-
-
-def _retype_attributes(node: ir.Node) -> None:
-    """Turn float tensor attributes and float dtype attributes (``Cast.to``...) into float64."""
-    if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-        for key in ("value_float", "value_floats"):
-            if key in node.attributes:
-                array = np.asarray(node.attributes.pop(key).value, dtype=np.float64)
-                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
-    for key, attr in list(node.attributes.items()):
-        if attr.is_ref():
-            continue
-        if attr.type == ir.AttributeType.TENSOR and _is_float(attr.as_tensor().dtype):
-            node.attributes[key] = ir.AttrTensor(key, _float64_tensor(attr.as_tensor()))
-        elif key in _DTYPE_ATTRIBUTES and _is_float_dtype_attr(attr):
-            node.attributes[key] = ir.AttrInt64(key, ir.DataType.DOUBLE)
-
-
-def _is_float_dtype_attr(attr: ir.Attr) -> bool:
-    if attr.type != ir.AttributeType.INT:
-        return False
-    try:
-        return _is_float(ir.DataType(attr.as_int()))
-    except ValueError:
-        return False
-
-
-def _is_float(dtype: ir.DataType | None) -> bool:
-    return dtype is not None and dtype.is_floating_point()

@@ -21,13 +21,17 @@ __all__ = [
     "all_nodes",
     "expose",
     "load_side",
+    "model_source",
     "one_line",
     "open_session",
+    "ort_reason",
+    "ort_value",
 ]
 
 import ctypes
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -180,6 +184,23 @@ class Runner:
         return dict(zip(names, arrays, strict=True))
 
 
+def model_source(model: ModelLike, workdir: str, stem: str) -> tuple[bytes | str, str | None]:
+    """What an onnxruntime session of ``model`` as given (no outputs added) is built from: its
+    file, or its bytes and the folder of any external data (saved in ``workdir`` when too big)."""
+    if isinstance(model, OnDisk):
+        return os.fspath(model.path), None
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model), None
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString(), None
+    return _serialise(model, workdir, stem)
+
+
+def ort_value(array: np.ndarray) -> ort.OrtValue:
+    """``array`` as an onnxruntime value (types numpy lacks, bfloat16 and float8, too)."""
+    return _ort_input(array, True)
+
+
 def _ort_input(array: np.ndarray, as_ortvalue: bool) -> Any:
     """Numpy arrays pass as they are; types numpy lacks (bfloat16, float8) go as raw OrtValues."""
     dtype = ir_dtype(array.dtype)
@@ -197,6 +218,14 @@ def _ortvalue_to_numpy(value: ort.OrtValue) -> np.ndarray:
     count = value.tensor_size_in_bytes()
     raw = np.frombuffer((ctypes.c_uint8 * count).from_address(value.data_ptr()), np.uint8)
     return raw.copy().view(dtype).reshape(value.shape())
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def ort_reason(error: object) -> str:
+    """:func:`one_line` without onnxruntime's ``[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED :``."""
+    return _ORT_PREFIX.sub("", one_line(error))
 
 
 def one_line(error: object) -> str:

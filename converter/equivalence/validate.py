@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from converter.equivalence import timing
 from converter.equivalence.compare import (
     OutputStats,
     compare_arrays,
@@ -57,24 +58,21 @@ from converter.equivalence.compare import (
     judge_with_reference,
     needs_reference,
 )
-from converter.equivalence.inputs import (
-    TrialInputs,
-    check_inputs,
-    describe_input,
-    load_inputs_npz,
-    model_inputs,
-    synthesize_inputs,
-)
+from converter.equivalence.inputs import TrialInputs, describe_input, model_inputs, trial_inputs
 from converter.equivalence.reference import Reference
 from converter.equivalence.runtime import (
     ModelLike,
+    OnDisk,
     Runner,
     Side,
     expose,
     load_side,
     one_line,
     open_session,
+    ort_reason,
 )
+from converter.equivalence.timing import BenchmarkOptions, BenchmarkResult
+from converter.equivalence.widen import narrow_float_types, open_float32
 from converter.errors import InputError, OriginalModelError
 from converter.gcpause import paused_collection
 
@@ -103,6 +101,11 @@ class EquivalenceReport:
             ``measured=False`` entry saying why it could not be compared. Never decide ``passed``.
         first_divergence: When an output failed, the first intermediate value (in the original
             graph's order) beyond its tolerance in a failing trial; else ``None``.
+        benchmark: With ``benchmark=``, both models' latency under onnxruntime
+            (:class:`~converter.equivalence.timing.BenchmarkResult`), or ``None``.
+        widened: ``""`` when both models ran in their own types; else how and why they ran
+            as float32 copies (``"bfloat16 computed in float32: onnxruntime cannot run ..."``,
+            see :mod:`converter.equivalence.widen`).
     """
 
     passed: bool
@@ -114,6 +117,8 @@ class EquivalenceReport:
     failures: tuple[str, ...] = ()
     intermediates: tuple[OutputStats, ...] = ()
     first_divergence: str | None = None
+    widened: str = ""
+    benchmark: BenchmarkResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the whole report as JSON-serialisable data."""
@@ -122,11 +127,13 @@ class EquivalenceReport:
             "seed": self.seed,
             "trials": [dict(t) for t in self.trials],
             "reference": self.reference,
+            "widened": self.widened,
             "failures": list(self.failures),
             "outputs": [s.to_dict() for s in self.outputs],
             "results": [s.to_dict() for s in self.results],
             "first_divergence": self.first_divergence,
             "intermediates": [s.to_dict() for s in self.intermediates],
+            "benchmark": None if self.benchmark is None else self.benchmark.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -134,6 +141,8 @@ class EquivalenceReport:
             f"equivalence {'PASS' if self.passed else 'FAIL'} (outputs: {len(self.outputs)}, "
             f"trials: {len(self.trials)}, seed: {self.seed}, float64 reference: {self.reference})"
         ]
+        if self.widened:
+            lines.append(f"computed in float32: {self.widened}")
         for trial in self.trials:
             dims = ", ".join(f"{k}={v}" for k, v in trial["dims"].items())
             lines.append(
@@ -146,6 +155,8 @@ class EquivalenceReport:
             lines.extend(f"  {s}" for s in self.intermediates)
         if self.first_divergence is not None:
             lines.append(f"first divergence: '{self.first_divergence}'")
+        if self.benchmark is not None:
+            lines.extend(self.benchmark.summary_lines(verbose=True))
         return "\n".join(lines)
 
 
@@ -164,6 +175,7 @@ def check_equivalence(
     trials: int = 3,
     seed: int = 0,
     extra_outputs: Sequence[str] = (),
+    benchmark: BenchmarkOptions | bool | None = None,
 ) -> EquivalenceReport:
     """Run ``original`` and ``candidate`` on the same inputs and compare their outputs.
 
@@ -180,13 +192,19 @@ def check_equivalence(
         seed: Seed of the synthetic inputs.
         extra_outputs: Intermediate values of the original to compare as diagnostics where
             the candidate has them too (see the module docstring); they never decide the verdict.
+        benchmark: ``True`` or :class:`~converter.equivalence.timing.BenchmarkOptions`: also
+            time both models under onnxruntime on the first trial's inputs, unless the
+            candidate failed to load or run (:attr:`EquivalenceReport.benchmark`; ``None``,
+            and a logged warning, when onnxruntime cannot run them with the options' provider).
 
     Raises:
-        InputError: Unreadable models or inputs, bad options, an unknown ``extra_outputs`` name.
+        InputError: Unreadable models or inputs, bad options (an unavailable benchmark
+            provider), an unknown ``extra_outputs`` name.
         OriginalModelError: The original model does not load or run in onnxruntime.
     """
     if trials < 1:
         raise InputError(f"trials must be at least 1, got {trials}")
+    timed = timing.options_of(benchmark)
     orig, cand = load_side(original, "original"), load_side(candidate, "candidate")
     graph_outputs = set(orig.outputs)
     intermediates = [n for n in dict.fromkeys(extra_outputs) if n and n not in graph_outputs]
@@ -194,12 +212,12 @@ def check_equivalence(
         raise InputError(f"extra output '{missing[0]}' is not a value of the {orig.label}")
     _check_tolerances(atol, "atol", orig.outputs + intermediates)
     _check_tolerances(rtol, "rtol", orig.outputs + intermediates)
-    feeds = _trial_inputs(orig.interface, inputs, input_shapes, trials, seed)
+    feeds = trial_inputs(orig.interface, inputs, input_shapes, trials, seed)
     failures = _interface_failures(orig, cand)
     absent = set(expose(cand, intermediates))
     measured = [n for n in intermediates if n not in absent]
     with tempfile.TemporaryDirectory(prefix="onnx-fuse-validate-") as workdir:
-        original_runner, candidate_runner = _open_both(orig, cand, workdir, failures)
+        original_runner, candidate_runner, widened = _open_both(orig, cand, workdir, failures)
         reference = Reference(orig, workdir)
         runners = _Runners(original_runner, candidate_runner, orig, set(intermediates))
         runs: list[_TrialResult] = []
@@ -218,7 +236,23 @@ def check_equivalence(
             runs.append(result)
     diagnostics = _diagnostics(runs, intermediates, absent, orig)
     report = _make_report(runs, orig.outputs, feeds, seed, reference.note, failures)
-    return dataclasses.replace(report, **diagnostics)
+    if timed is not None and not failures:
+        diagnostics["benchmark"] = _benchmark(original, candidate, feeds[0], timed)
+    return dataclasses.replace(report, widened=widened, **diagnostics)
+
+
+def _benchmark(
+    original: ModelLike, candidate: ModelLike, feeds: TrialInputs, options: BenchmarkOptions
+) -> BenchmarkResult | None:
+    """Both models timed on ``feeds``, or ``None`` (and a warning) if onnxruntime cannot."""
+    if isinstance(candidate, OnDisk):  # the file: validation added outputs to the model
+        candidate = candidate.path
+    try:
+        inputs = timing.describe_feeds(feeds)
+        return timing.benchmark(original, candidate, feeds.values, options, inputs=inputs)
+    except InputError as e:
+        logger.warning("benchmark skipped: %s", e)
+        return None
 
 
 @dataclasses.dataclass
@@ -290,26 +324,6 @@ def _tolerance_for(tolerance: Tolerance, name: str) -> float | None:
     return tolerance
 
 
-def _trial_inputs(
-    model: ir.Model,
-    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None,
-    input_shapes: Mapping[str, Sequence[int]] | None,
-    trials: int,
-    seed: int,
-) -> list[TrialInputs]:
-    """Real inputs as one trial, or ``trials`` seeded synthetic ones."""
-    if inputs is not None and input_shapes:
-        logger.warning("input_shapes ignored: real inputs are given")
-    if isinstance(inputs, (str, os.PathLike)):
-        return [load_inputs_npz(inputs, model)]
-    if inputs is not None:
-        return [check_inputs(model, inputs)]
-    return [
-        synthesize_inputs(model, trial=i, seed=seed, input_shapes=input_shapes)
-        for i in range(trials)
-    ]
-
-
 def _interface_failures(orig: Side, cand: Side) -> list[str]:
     """Differences in the graph inputs and outputs, which callers would notice."""
     failures = []
@@ -335,6 +349,39 @@ def _input_signature(value: ir.Value) -> str:
 
 def _open_both(
     orig: Side, cand: Side, workdir: str, failures: list[str]
+) -> tuple[Runner, Runner | None, str]:
+    """Both sessions, and ``""`` or how they compute when not in the models' own types.
+
+    An original onnxruntime cannot load, that holds float types narrower than float32 (a
+    bfloat16 export: the CPU provider has no bfloat16 ``Mul``), is run as its float32 copy, and
+    so is the candidate (:mod:`converter.equivalence.widen`)."""
+    try:
+        return (*_open_pair(orig, cand, workdir, failures), "")
+    except OriginalModelError as error:
+        narrow = narrow_float_types(orig.model)
+        if not narrow:
+            raise
+        reason = ort_reason(error.__cause__)
+    types = ", ".join(narrow)
+    try:
+        original = open_float32(orig, workdir, "original.float32")
+    except Exception as e:  # onnxruntime raises many types
+        raise OriginalModelError(
+            f"onnxruntime cannot load the {orig.label} ({reason}), nor its float32 copy "
+            f"({ort_reason(e)})"
+        ) from e
+    failures[:] = [f for f in failures if not f.startswith("onnxruntime cannot load")]
+    candidate = _open_candidate(cand, workdir, failures, float32=True)
+    note = (
+        f"{types} computed in float32: onnxruntime cannot run the original model in {types} "
+        f"({reason})"
+    )
+    logger.info("validation: %s", note)
+    return original, candidate, note
+
+
+def _open_pair(
+    orig: Side, cand: Side, workdir: str, failures: list[str]
 ) -> tuple[Runner, Runner | None]:
     """Both sessions, built at the same time: onnxruntime lets go of the interpreter for much
     of the work, so on two cores the pair costs about as much as the larger one (3.7 -> 2.7 s
@@ -352,13 +399,18 @@ def _open_original(side: Side, workdir: str) -> Runner:
         raise OriginalModelError(f"onnxruntime cannot load the {side.label}: {one_line(e)}") from e
 
 
-def _open_candidate(side: Side, workdir: str, failures: list[str]) -> Runner | None:
+def _open_candidate(
+    side: Side, workdir: str, failures: list[str], *, float32: bool = False
+) -> Runner | None:
     if any(f.startswith("inputs differ") for f in failures):
         return None
     try:
+        if float32:
+            return open_float32(side, workdir, "candidate.float32")
         return open_session(side, workdir, "candidate")
     except Exception as e:  # onnxruntime raises many types
-        failures.append(f"onnxruntime cannot load the {side.label}: {one_line(e)}")
+        copy = " (its float32 copy)" if float32 else ""
+        failures.append(f"onnxruntime cannot load the {side.label}{copy}: {one_line(e)}")
         return None
 
 

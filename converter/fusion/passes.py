@@ -18,7 +18,7 @@ import time
 
 import onnx_ir as ir
 
-from converter.fusion.core import invariants
+from converter.fusion.core import invariants, order
 from converter.fusion.core.constants import Constants, parameter_count, recorded_size
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
@@ -82,10 +82,20 @@ def fuse_model(
     progress: ProgressCallback = no_progress,
 ) -> FusionReport:
     """Merge every chain and branch sum of linear ops in ``model`` in place; return what was done
-    and why the rest was not. ``progress(stage, done, total)`` is called as graphs are fused."""
+    and why the rest was not. ``progress(stage, done, total)`` is called as graphs are fused.
+
+    Graphs whose nodes are out of topological order are sorted first (the report lists them);
+    one with no such order is refused (:func:`converter.fusion.core.order.sort_model`).
+
+    Raises:
+        InputError: a graph with a cycle, or a node or graph output reading an undefined value.
+        EngineError: a rewrite broke an invariant (a bug in onnx-fuse).
+    """
     check_policy(policy)
     start = time.perf_counter()
     report = FusionReport()
+    # Before anything reads the graph: the engine and its invariants read nodes in order.
+    report.sorted_graphs = order.sort_model(model)
     # Merges never add or remove a subgraph (they replace linear ops and their joins only).
     graphs = list(iter_graphs(model.graph))
     report.linear_ops_before, report.macs_before, report.params_before = _model_totals(graphs)
@@ -139,7 +149,8 @@ class FuseLinearChainsPass(ir.passes.InPlacePass):
 
     Works on any ``onnx_ir.Model``, including what ``torch.onnx.export(..., dynamo=True).model``
     returns. The result is a :class:`FusionPassResult` (``result.report``); the report of the last
-    call is also kept in ``self.report``.
+    call is also kept in ``self.report``. ``modified`` is also true when nothing merged but the
+    input's nodes had to be put in topological order.
     """
 
     def __init__(self, policy: Policy = "cost") -> None:

@@ -90,13 +90,17 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     proto, external = _checked_proto(path)
     model_dir = os.path.dirname(os.path.abspath(path))
     try:
-        model = ir.serde.deserialize_model(proto)
+        with _scope_warnings_to_debug():
+            model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx_ir raises a variety of types on malformed protos
         if _has_sparse(proto.graph):
             raise InputError(
                 f"{path}: holds sparse tensors (a sparse initializer or a Constant's "
                 "sparse_value), which onnx-fuse cannot read; densify them first"
             ) from None
+        twice = _defined_twice(proto.graph, "main graph")
+        if twice is not None:
+            raise InputError(f"{path}: {twice}") from None
         raise InputError(f"{path}: is not a valid ONNX model ({_one_line(e)})") from None
     if external:  # a walk over every tensor: only when some live in external data
         _set_base_dir(model, model_dir)
@@ -104,6 +108,29 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if logger.isEnabledFor(logging.DEBUG):  # sizing walks every tensor: only when it is shown
         logger.debug("loaded %s (%d tensor bytes)", path, model_size_bytes(model))
     return model
+
+
+# onnx_ir warns, in several lines, of a value that no scope defines; the fuser refuses such a
+# graph in one line naming the node (converter.fusion.core.order), so these go to the debug log.
+_SCOPE_WARNINGS = ("Input '%s' of node", "Caveat: The value is created", "Output '%s' is not")
+
+
+class _ScopeWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(_SCOPE_WARNINGS):
+            logger.debug("onnx_ir: %s", record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _scope_warnings_to_debug() -> Iterator[None]:
+    serde_logger, only = logging.getLogger(ir.serde.__name__), _ScopeWarningFilter()
+    serde_logger.addFilter(only)
+    try:
+        yield
+    finally:
+        serde_logger.removeFilter(only)
 
 
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -174,9 +201,10 @@ def _check_model_proto(proto: onnx.ModelProto, path: str) -> None:
     if not opsets:
         raise InputError(f"{path}: is not a usable ONNX model: it imports no ai.onnx opset")
     newest = onnx.defs.onnx_opset_version()
-    if not _MIN_OPSET <= opsets[0] <= newest:
+    # "" and "ai.onnx" are one domain; imported twice, onnxruntime (and onnx_ir) use the last.
+    if not _MIN_OPSET <= opsets[-1] <= newest:
         raise InputError(
-            f"{path}: uses ai.onnx opset {opsets[0]}; supported are {_MIN_OPSET}..{newest} "
+            f"{path}: uses ai.onnx opset {opsets[-1]}; supported are {_MIN_OPSET}..{newest} "
             "(convert the model with onnx.version_converter, or upgrade onnx)"
         )
 
@@ -196,6 +224,29 @@ def _has_sparse(graph: onnx.GraphProto) -> bool:
             if any(_has_sparse(g) for g in subgraphs):
                 return True
     return False
+
+
+def _defined_twice(graph: onnx.GraphProto, label: str) -> str | None:
+    """A value ``graph`` (or a subgraph) defines twice, in words: ONNX graphs define each name
+    once (static single assignment), and onnxruntime refuses one that does not. A graph input
+    that is also an initializer is allowed (a weight the caller may override)."""
+    defined = {v.name: "a graph input" for v in graph.input}
+    defined.update((t.name, "an initializer") for t in graph.initializer)
+    for node in graph.node:
+        where = f"node '{node.name or node.op_type}'"
+        for name in filter(None, node.output):
+            if name in defined:
+                return (
+                    f"{label}: value '{name}' is defined twice, by {defined[name]} and by "
+                    f"{where}; an ONNX graph defines each value once"
+                )
+            defined[name] = where
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found = _defined_twice(sub, f"{label}/{node.name or node.op_type}.{attr.name}")
+                if found is not None:
+                    return found
+    return None
 
 
 def _set_base_dir(model: ir.Model, model_dir: str) -> None:

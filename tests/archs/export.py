@@ -28,6 +28,8 @@ __all__ = [
     "count_ops",
     "export_onnx",
     "free_folds",
+    "kept_for_runtime",
+    "unexplained_folds",
     "randomise",
 ]
 
@@ -148,3 +150,17 @@ def free_folds(model: str | os.PathLike | onnx.ModelProto) -> tuple[int, int, li
     n = _free_folds_module().free_folds(model, where)
     bn = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
     return n, bn, where
+
+
+def kept_for_runtime(declined: list[dict]) -> set[str]:
+    """The nodes a report's declined records (``to_dict()`` form) keep for the runtime."""
+    return {n for d in declined if d["reason"].startswith("kept:") for n in d["nodes"]}
+
+
+def unexplained_folds(where: list[str], kept: set[str]) -> list[str]:
+    """The free folds (``free_folds``' lines, ``"Mul NODE before LINEAR"``) whose step is not
+    among ``kept`` (nodes the report keeps for the runtime, :func:`kept_for_runtime`). The
+    tool's heuristic lists, for one, an RMSNorm's weight reached through a ``Cast`` (LLaMA,
+    TorchScript) or through ``Div(1, Sqrt)``: folding it costs onnxruntime its
+    SimplifiedLayerNormalization."""
+    return [line for line in where if line.split()[1] not in kept]

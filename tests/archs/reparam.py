@@ -1,4 +1,4 @@
-"""Training forms of structurally re-parameterised conv blocks (issue 11), each with its deploy form.
+"""Training forms of structurally re-parameterised conv blocks (issues 11, 18), each with its deploy form.
 
 Every block's ``reparameterize()`` returns a *new* module (the deploy form: one ``Conv2d`` with a
 bias, then the block's activation) and leaves the training form as it was, so a test can compare
@@ -11,6 +11,10 @@ the two. The algebra, written here once:
   a lone BN on the input is that delta kernel through the Conv + BN rule.
 * Summed branches: ``K = sum K_i``, ``b = sum b_i``; a scaled branch ``s * B`` scales both.
 
+Issue 18 adds the blocks with a GELU between convs, as RepViT's channel mixer and FastViT's
+``ConvMlp`` have it, and networks of them. Their deploy forms are what timm's ``reparameterize``
+makes of them: FastViT keeps its layer scale as a ``Mul``.
+
 :data:`BLOCKS` and :data:`NETWORKS` map names to builders of :class:`vision.Case` with randomised
 BN statistics and layer scales. Images are ``(2, C, 8, 8)`` for blocks, ``(2, 3, 32, 32)`` for
 networks.
@@ -18,19 +22,22 @@ networks.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .export import randomise
-from .vision import Case, seeded
+from .vision import Case, Residual, seeded
 
 __all__ = [
     "BLOCKS",
     "NETWORKS",
     "ACBlock",
+    "BNLinear",
     "ConvBN",
+    "ConvFFN",
     "MobileOneBlock",
     "MobileOneUnit",
     "mobileone_net",
@@ -38,8 +45,12 @@ __all__ = [
     "RepConv",
     "RepDW",
     "RepMixer",
+    "RepMixerBlock",
     "RepVGGBlock",
+    "RepViTBlock",
+    "fastvit_net",
     "repvgg_net",
+    "repvit_net",
 ]
 
 
@@ -80,6 +91,12 @@ class ConvBN(nn.Sequential):
         if kh is not None:
             kernel = _pad_to(kernel, kh, kw)
         return kernel, bias
+
+    def reparameterize(self) -> nn.Conv2d:
+        """One ``Conv2d`` with a bias; the pair must pad to keep size (``padding = k // 2``)."""
+        conv = self[0]
+        assert conv.padding == (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
+        return _deploy_conv(*self.fused(), stride=conv.stride, groups=conv.groups)
 
 
 def _bn_identity(bn: nn.BatchNorm2d, groups: int, k: int):
@@ -279,21 +296,116 @@ class RepCPE(nn.Module):
         return _deploy_conv(self.pe.weight + identity, self.pe.bias, groups=self.dim)
 
 
-class RepStack(nn.Module):
-    """Blocks in sequence, then global average pooling and a Linear head."""
+def _deploy(module: nn.Module) -> nn.Module:
+    """``module``'s deploy form: its ``reparameterize()``, or a copy of a module that has none."""
+    reparameterize = getattr(module, "reparameterize", None)
+    return reparameterize() if reparameterize is not None else copy.deepcopy(module)
 
-    def __init__(self, blocks: list[nn.Module], channels: int, classes: int = 10) -> None:
+
+class RepViTBlock(nn.Module):
+    """RepViT block (stride 1): token mixer :class:`RepDW`, residual channel mixer with GELU.
+
+    ``x = dw(x)``, then ``x + bn(conv1x1(gelu(bn(conv1x1(x)))))`` (2x hidden width).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.token_mixer = RepDW(dim)
+        self.channel_mixer = Residual(
+            nn.Sequential(ConvBN(dim, 2 * dim, 1), nn.GELU(), ConvBN(2 * dim, dim, 1))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.channel_mixer(self.token_mixer(x))
+
+    def reparameterize(self) -> nn.Module:
+        mlp = nn.Sequential(*(_deploy(m) for m in self.channel_mixer.m))
+        return nn.Sequential(self.token_mixer.reparameterize(), Residual(mlp))
+
+
+class ConvFFN(nn.Module):
+    """FastViT's ``ConvMlp``: depthwise 7x7 conv + BN, 1x1 conv (4x), GELU, 1x1 conv."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = ConvBN(dim, dim, 7, 1, 3, groups=dim)
+        self.fc1, self.act, self.fc2 = (
+            nn.Conv2d(dim, 4 * dim, 1),
+            nn.GELU(),
+            nn.Conv2d(4 * dim, dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.conv(x))))
+
+    def reparameterize(self) -> nn.Module:
+        deploy = copy.deepcopy(self)
+        deploy.conv = self.conv.reparameterize()
+        return deploy
+
+
+class RepMixerBlock(nn.Module):
+    """FastViT's ``RepMixerBlock``: ``x = repmixer(x)``, then ``x + ls * convffn(x)``.
+
+    The deploy form re-parameterises the mixer and the FFN's conv + BN, and keeps the layer scale
+    ``ls`` (``(dim, 1, 1)``) as timm does.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mixer, self.ffn = RepMixer(dim), ConvFFN(dim)
+        self.layer_scale = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mixer(x)
+        return x + self.layer_scale * self.ffn(x)
+
+    def reparameterize(self) -> nn.Module:
+        deploy = copy.deepcopy(self)
+        deploy.mixer, deploy.ffn = self.mixer.reparameterize(), self.ffn.reparameterize()
+        return deploy
+
+
+class BNLinear(nn.Sequential):
+    """RepViT's classifier ``BN_Linear``: ``BatchNorm1d`` then ``Linear``; deploy folds the BN in.
+
+    ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``: ``W' = W * s``, ``b' = b + W @ t``.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(nn.BatchNorm1d(cin), nn.Linear(cin, cout))
+
+    def reparameterize(self) -> nn.Linear:
+        bn, fc = self[0], self[1]
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        t = bn.bias - bn.running_mean * s
+        linear = nn.Linear(fc.in_features, fc.out_features).to(fc.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(fc.weight * s)
+            linear.bias.copy_(fc.bias + fc.weight @ t)
+        return linear
+
+
+class RepStack(nn.Module):
+    """Blocks in sequence, then global average pooling and a head (a Linear unless given)."""
+
+    def __init__(
+        self,
+        blocks: list[nn.Module],
+        channels: int,
+        classes: int = 10,
+        head: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(channels, classes)
+        self.head = nn.Linear(channels, classes) if head is None else head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(x).mean((2, 3)))
 
     def reparameterize(self) -> nn.Module:
-        deploy = RepStack([b.reparameterize() for b in self.blocks], self.head.in_features)
-        deploy.head = self.head
-        return deploy
+        """Each block's and the head's deploy form (a module without one, a GELU, is copied)."""
+        return RepStack([_deploy(b) for b in self.blocks], 0, head=_deploy(self.head))
 
 
 def repvgg_net() -> RepStack:
@@ -312,6 +424,29 @@ def mobileone_net(branches: int = 4) -> RepStack:
         MobileOneUnit(32, 64, 2, branches),
     ]
     return RepStack([stem, *units], 64)
+
+
+def repvit_net() -> RepStack:
+    """RepViT-M0.9-like: stem ``ConvBN -> GELU -> ConvBN`` (stride 4), 2 blocks at 32 channels,
+    a depthwise stride-2 ``ConvBN`` and a pointwise ``ConvBN`` to 64, 1 block, a ``BN_Linear`` head.
+    """
+    stem = [ConvBN(3, 16, 3, 2, 1), nn.GELU(), ConvBN(16, 32, 3, 2, 1)]
+    blocks = [RepViTBlock(32), RepViTBlock(32), ConvBN(32, 32, 3, 2, 1, groups=32)]
+    blocks += [ConvBN(32, 64, 1), RepViTBlock(64)]
+    return RepStack([*stem, *blocks], 64, head=BNLinear(64, 10))
+
+
+def fastvit_net() -> RepStack:
+    """FastViT-T8-like: a MobileOne stem with GELU (3x3 stride 2, depthwise 3x3 stride 2, 1x1),
+    2 ``RepMixerBlock``, a ``RepCPE``, 1 ``RepMixerBlock`` at 32 channels, a Linear head.
+    """
+    stem = [
+        MobileOneBlock(3, 16, 3, 2, act=nn.GELU),
+        MobileOneBlock(16, 16, 3, 2, groups=16, act=nn.GELU),
+        MobileOneBlock(16, 32, 1, act=nn.GELU),
+    ]
+    blocks = [RepMixerBlock(32), RepMixerBlock(32), RepCPE(32), RepMixerBlock(32)]
+    return RepStack([*stem, *blocks], 32)
 
 
 def _image(channels: int, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -334,11 +469,15 @@ _BLOCKS: dict[str, Callable[[], Case]] = {
     "repmixer": lambda: _case(RepMixer(8), 8),
     "cpe": lambda: _case(RepCPE(8), 8),
     "repconv_yolo": lambda: _case(RepConv(8, 8), 8),
+    "repvit_block": lambda: _case(RepViTBlock(8), 8),
+    "fastvit_block": lambda: _case(RepMixerBlock(8), 8),
 }
 
 _NETWORKS: dict[str, Callable[[], Case]] = {
     "repvgg_a0": lambda: _case(repvgg_net(), 3, 32),
     "mobileone_s0": lambda: _case(mobileone_net(4), 3, 32),
+    "repvit_m09": lambda: _case(repvit_net(), 3, 32),
+    "fastvit_t8": lambda: _case(fastvit_net(), 3, 32),
 }
 
 BLOCKS = {name: seeded(build) for name, build in _BLOCKS.items()}

@@ -1,11 +1,18 @@
-"""Small torch modules with the structures of issue 10's table, and three whole networks.
+"""Small torch modules with the structures of issues 10 and 18, and whole networks built of them.
 
 Each structure is a module a few thousand parameters big with an example input of a handful of
 tokens, so one export plus one onnxruntime run takes well under a second. :data:`BLOCKS` maps a
 name to a builder returning a :class:`Case` (module, example args); :data:`NETWORKS` the same for
-the benchmark's whole networks (an MLP-only classifier, a hybrid conv/attention net with Linear+BN,
-a ViT with layer scale and two averaged heads). Every builder calls :func:`export.randomise`, so
-BatchNorm statistics, affines and layer scales are never the identity.
+the benchmarks' whole networks: an MLP-only classifier (ResMLP), a hybrid conv/attention net with
+Linear+BN (LeViT), a ViT with layer scale and two averaged heads (DeiT-III-like, exact and tanh
+GELU), ConvNeXt (with its written-out channels-first LayerNorm), EfficientFormer (pooling and
+attention blocks, BatchNorm in both MLPs) and MLP-Mixer. Every builder calls
+:func:`export.randomise`, so BatchNorm statistics, affines and layer scales are never the identity.
+
+Issue 18's blocks put a GELU between two linear layers the way each architecture does (exact
+``nn.GELU()`` unless named ``_tanh``): the exporters write it as a pattern onnxruntime fuses into
+one kernel (or, for ``torch.export`` at opset 18, one it does not), and a fold of its constants
+into a neighbouring layer can cost the runtime that kernel.
 
 Shapes: tokens are ``(B, N, C) = (2, 8, 16)``, images ``(2, 3, 16, 16)``.
 """
@@ -32,6 +39,17 @@ __all__ = [
     "ResMLP",
     "LeViT",
     "DeiTDistilled",
+    "ViTBlock",
+    "LayerNorm2d",
+    "ConvNeXtBlock",
+    "ConvNeXt",
+    "TokenMlpBN",
+    "TokenMlpBlock",
+    "Meta3D",
+    "Meta4D",
+    "EfficientFormer",
+    "MixerBlock",
+    "Mixer",
 ]
 
 B, N, C = 2, 8, 16
@@ -59,9 +77,9 @@ def _image(seed: int = 0, channels: int = 3, size: int = 16) -> torch.Tensor:
 class LinearBN(nn.Module):
     """LeViT's ``Linear_BN``: ``bn(linear(x).flatten(0, 1)).reshape_as(...)`` over tokens."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, bias: bool = False) -> None:
         super().__init__()
-        self.c = nn.Linear(cin, cout, bias=False)
+        self.c = nn.Linear(cin, cout, bias=bias)
         self.bn = nn.BatchNorm1d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,6 +345,109 @@ class LinearBN1d(nn.Module):
         return self
 
 
+class LayerNorm2d(nn.Module):
+    """ConvNeXt's channels-first ``LayerNorm``, written out as its official code does.
+
+    ``u = mean_c(x)``, ``s = mean_c((x - u)^2)``, ``w * (x - u) / sqrt(s + eps) + b`` with ``w, b``
+    per channel: exported as ``ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div ->
+    Mul(w) -> Add(b)`` over axis 1 (onnxruntime's ``LayerNormFusion`` wants the last axis).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: ``x + permute_back(gamma * fc2(gelu(fc1(norm(permute(dwconv7x7(x)))))))``.
+
+    The depthwise 7x7 conv works channels-first; the permute to channels-last puts the
+    ``LayerNorm``, the 4x ``Linear``, exact GELU, the ``Linear`` back and the per-channel layer scale
+    ``gamma`` on the last axis, and a permute back feeds the residual.
+    """
+
+    def __init__(self, dim: int = C) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(1e-6 * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.fc2(self.act(self.fc1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TokenMlpBN(nn.Module):
+    """EfficientFormer's token MLP with BatchNorm: ``LinearBN -> GELU -> LinearBN`` over tokens."""
+
+    def __init__(self, dim: int = C, hidden: int = 4 * C) -> None:
+        super().__init__()
+        self.fc1, self.act = LinearBN(dim, hidden, bias=True), nn.GELU()
+        self.fc2 = LinearBN(hidden, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TokenMlpBlock(nn.Module):
+    """The MLP sublayer of EfficientFormer's ``Meta3D``: ``x + ls * mlp(norm(x))``."""
+
+    def __init__(self, dim: int = C) -> None:
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(dim), TokenMlpBN(dim, 4 * dim)
+        self.ls = nn.Parameter(1e-5 * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ls * self.mlp(self.norm(x))
+
+
+class Meta4D(nn.Module):
+    """EfficientFormer's ``Meta4D``: pooling mixer, then a 1x1-conv MLP with BatchNorm, layer scales.
+
+    ``x + ls1 * (avgpool3x3(x) - x)``, then ``x + ls2 * bn(conv1x1(gelu(bn(conv1x1(x)))))``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(dim, 4 * dim, 1), nn.BatchNorm2d(4 * dim), nn.GELU(),
+            nn.Conv2d(4 * dim, dim, 1), nn.BatchNorm2d(dim),
+        )  # fmt: skip
+        self.ls1 = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+        self.ls2 = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1 * (self.pool(x) - x)
+        return x + self.ls2 * self.mlp(x)
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer block: token MLP on the transposed tokens, channel MLP, both with exact GELU."""
+
+    def __init__(self, dim: int = C, tokens: int = N) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.tokens = nn.Sequential(
+            nn.Linear(tokens, 2 * tokens), nn.GELU(), nn.Linear(2 * tokens, tokens)
+        )
+        self.channels = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.norm2(x))
+
+
 # ----------------------------------------------------------------------------- whole networks
 
 
@@ -387,14 +508,19 @@ class LeViT(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm ViT block with layer scale on both sublayers (CaiT/DeiT-III style)."""
+    """Pre-norm ViT block with layer scale on both sublayers (CaiT/DeiT-III style).
 
-    def __init__(self, dim: int, heads: int = 4) -> None:
+    ``approximate`` is ``nn.GELU``'s: ``"none"`` (exact, erf) or ``"tanh"``.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, approximate: str = "none") -> None:
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(approximate=approximate), nn.Linear(4 * dim, dim)
+        )
         self.gamma1 = nn.Parameter(1e-5 * torch.ones(dim))
         self.gamma2 = nn.Parameter(1e-5 * torch.ones(dim))
 
@@ -410,14 +536,21 @@ class ViTBlock(nn.Module):
 class DeiTDistilled(nn.Module):
     """ViT with class and distillation tokens, layer scale, ``(head(t0) + head_dist(t1)) / 2``."""
 
-    def __init__(self, dim: int = 64, patch: int = 4, size: int = 32, classes: int = 10) -> None:
+    def __init__(
+        self,
+        dim: int = 64,
+        patch: int = 4,
+        size: int = 32,
+        classes: int = 10,
+        approximate: str = "none",
+    ) -> None:
         super().__init__()
         tokens = (size // patch) ** 2
         self.embed = nn.Conv2d(3, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, tokens + 2, dim))
-        self.blocks = nn.Sequential(*(ViTBlock(dim) for _ in range(4)))
+        self.blocks = nn.Sequential(*(ViTBlock(dim, approximate=approximate) for _ in range(4)))
         self.norm = nn.LayerNorm(dim)
         self.head, self.head_dist = nn.Linear(dim, classes), nn.Linear(dim, classes)
 
@@ -427,6 +560,68 @@ class DeiTDistilled(nn.Module):
         x = torch.cat([self.cls_token.expand(b, -1, -1), self.dist_token.expand(b, -1, -1), x], 1)
         x = self.norm(self.blocks(x + self.pos))
         return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt: patchify stem + channels-first LayerNorm, 2 stages of 2 blocks, LN + head.
+
+    Between the stages, ConvNeXt's downsampling: channels-first LayerNorm then a 2x2 stride-2 conv.
+    """
+
+    def __init__(self, dims: tuple[int, int] = (32, 64), classes: int = 10) -> None:
+        super().__init__()
+        a, b = dims
+        self.stem = nn.Sequential(nn.Conv2d(3, a, 4, 4), LayerNorm2d(a))
+        self.stages = nn.Sequential(
+            ConvNeXtBlock(a), ConvNeXtBlock(a), LayerNorm2d(a), nn.Conv2d(a, b, 2, 2),
+            ConvNeXtBlock(b), ConvNeXtBlock(b),
+        )  # fmt: skip
+        self.norm, self.head = nn.LayerNorm(b), nn.Linear(b, classes)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(img))
+        return self.head(self.norm(x.mean((2, 3))))
+
+
+class Meta3D(ViTBlock):
+    """EfficientFormer's ``Meta3D``: a layer-scaled ViT block whose MLP is :class:`TokenMlpBN`."""
+
+    def __init__(self, dim: int, heads: int = 4) -> None:
+        super().__init__(dim, heads)
+        self.mlp = TokenMlpBN(dim, 4 * dim)
+
+
+class EfficientFormer(nn.Module):
+    """EfficientFormer-L1-like: Conv+BN stem, 2 ``Meta4D`` blocks, flatten, 1 ``Meta3D``, head."""
+
+    def __init__(self, dim: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, dim // 2, 3, 2, 1), nn.BatchNorm2d(dim // 2), nn.ReLU(),
+            nn.Conv2d(dim // 2, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.ReLU(),
+        )  # fmt: skip
+        self.convs = nn.Sequential(Meta4D(dim), Meta4D(dim))
+        self.attention = Meta3D(dim, heads=4)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.convs(self.stem(img)).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.attention(x)).mean(1))
+
+
+class Mixer(nn.Module):
+    """MLP-Mixer: patch embedding conv, 2 :class:`MixerBlock`, LayerNorm, mean pool, head."""
+
+    def __init__(self, dim: int = 32, patch: int = 4, size: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        tokens = (size // patch) ** 2
+        self.blocks = nn.Sequential(MixerBlock(dim, tokens), MixerBlock(dim, tokens))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))
 
 
 # ----------------------------------------------------------------------------- registries
@@ -477,12 +672,23 @@ _BLOCKS: dict[str, Callable[[], Case]] = {
     "linear_bn1d_tied": lambda: Case(
         randomise(LinearBN1d()).tie_statistics().eval(), (_tokens(shape=(4, C)),)
     ),
+    # issue 18: GELU (and norms) between the layers, as each architecture writes them
+    "vit_block": lambda: _case(ViTBlock(C, heads=2), _tokens()),
+    "vit_block_tanh": lambda: _case(ViTBlock(C, heads=2, approximate="tanh"), _tokens()),
+    "convnext_block": lambda: _case(ConvNeXtBlock(), _image(channels=C, size=8)),
+    "efficientformer_mlp": lambda: _case(TokenMlpBlock(), _tokens()),
+    "efficientformer_meta4d": lambda: _case(Meta4D(8), _image(channels=8, size=8)),
+    "mixer_block": lambda: _case(MixerBlock(), _tokens()),
 }
 
 _NETWORKS: dict[str, Callable[[], Case]] = {
     "resmlp": lambda: _case(ResMLP(), _image(size=32)),
     "levit": lambda: _case(LeViT(), _image(size=32)),
     "deit_distilled": lambda: _case(DeiTDistilled(), _image(size=32)),
+    "deit_tanh": lambda: _case(DeiTDistilled(approximate="tanh"), _image(size=32)),
+    "convnext": lambda: _case(ConvNeXt(), _image(size=32)),
+    "efficientformer": lambda: _case(EfficientFormer(), _image(size=32)),
+    "mixer": lambda: _case(Mixer(), _image(size=32)),
 }
 
 BLOCKS = {name: seeded(build) for name, build in _BLOCKS.items()}

@@ -76,7 +76,11 @@ Conv).
     (a step folded across views has neither: the op's output name carries it; nor has a merge
     that took over such an op, whose output name then carries the step too);
 (g) every fused kernel onnxruntime makes of the original (``Gelu``, ``LayerNormalization``...,
-    under its extended optimisations) it makes of the fused model too.
+    under its extended optimisations) it makes of the fused model too;
+(h) with ``scramble``: fusing a copy whose nodes (in every graph) are listed in a random order,
+    not a topological one (``builders.scrambled``), gives the same result as the sorted graph:
+    the same op-type counts and number of fusions, matching outputs, a fused model in topological
+    order that the full checker accepts, and a report that says the input was sorted.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ import onnx
 import onnx.reference
 import onnx_ir as ir
 import onnxruntime as ort
+from builders import in_topological_order, scrambled
 from onnx import helper, numpy_helper
 
 import converter
@@ -132,7 +137,7 @@ BLOCKS = (
     + ("bottleneck", "relu", "tanh", "max0", "batchnorm", "output", "if")
     + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
     + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq")
-    + ("gelu", "gelu", "norm")
+    + ("gelu", "norm", "max0")
 )
 
 
@@ -770,9 +775,9 @@ def _gelu(b: _Builder, h: _Val) -> _Val:
     (the MLP of a transformer: the 0.5 looks like a free fold), in rows or images."""
     if not h.image and b.ch.pick((True, False)):
         h = b.linear(h, b.ch.pick(WIDTHS))
-    half, one = b._shared("half", lambda: np.array(0.5)), b._shared("one", lambda: np.array(1.0))
+    half, one = b._shared("half_", lambda: np.array(0.5)), b._shared("one_", lambda: np.array(1.0))
     if b.dtype == np.float32:
-        sqrt2 = b._shared("sqrt2", lambda: np.array(np.sqrt(2.0)))
+        sqrt2 = b._shared("sqrt2_", lambda: np.array(np.sqrt(2.0)))
         d = b.node("Div", [h.name, sqrt2], h.width, h.image)
         e = b.node("Erf", [d.name], h.width, h.image)
     else:  # onnxruntime has no float64 Erf: the tanh form, tanh(c * (h + k * h^3))
@@ -1160,8 +1165,40 @@ def _loads(model: onnx.ModelProto) -> None:
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def check_case(case: Case, policy: str, shuffle_seed: int = 0) -> Outcome:
-    """Assert properties (a) to (f) of the module docstring for ``case`` under ``policy``."""
+def _check_scrambled(
+    case: Case,
+    policy: str,
+    fused: onnx.ModelProto,
+    report: FusionReport,
+    rng: np.random.Generator,
+) -> None:
+    """(h) The nodes listed out of order fuse as the sorted graph does."""
+    other = scrambled(case.model, rng)
+    unsorted = not in_topological_order(other)
+    fused_other, report_other, _ = fuse_with_report(other, policy)
+    assert bool(report_other.sorted_graphs) == unsorted, (
+        f"(h) the report says sorted {report_other.sorted_graphs} of an input "
+        f"{'out of' if unsorted else 'in'} order"
+    )
+    try:
+        _loads(fused_other)  # the full checker requires topological order
+    except Exception as e:
+        raise AssertionError(f"(h) the fused scrambled model is invalid: {e}") from e
+    assert op_counts(fused_other) == op_counts(fused), (
+        f"(h) listing the nodes out of order changed the result: {dict(op_counts(fused))} vs "
+        f"{dict(op_counts(fused_other))}"
+    )
+    assert len(report_other.fusions) == len(report.fusions), (
+        f"(h) {len(report.fusions)} fusions sorted, {len(report_other.fusions)} scrambled"
+    )
+    assert_close(case, fused_other, "fused after scrambling")
+
+
+def check_case(
+    case: Case, policy: str, shuffle_seed: int = 0, *, scramble: bool = False
+) -> Outcome:
+    """Assert properties (a) to (f) of the module docstring for ``case`` under ``policy``, and
+    (h) with ``scramble``."""
     before = case.model.SerializeToString()
     fused = converter.fuse(case.model, policy=policy)
     assert case.model.SerializeToString() == before, "(a) fuse() mutated its argument"
@@ -1192,5 +1229,7 @@ def check_case(case: Case, policy: str, shuffle_seed: int = 0) -> Outcome:
     _assert_records(report, ir_model)
     lost = lost_kernels(fused_kernels(case.model), fused_kernels(fused))
     assert not lost, f"(g) onnxruntime fuses less of the fused model: {lost}"
+    if scramble:
+        _check_scrambled(case, policy, fused, report, np.random.default_rng(shuffle_seed))
     before_ops = sum(op_counts(case.model).values())
     return Outcome(len(report.fusions), before_ops, sum(op_counts(fused).values()))

@@ -16,7 +16,11 @@ Properties, under both policies unless said otherwise:
   (checked on graphs whose linear ops all carry a full-width bias: otherwise the merged bias can
   outgrow the ones it replaces, a converter bug reproduced at the end of this file);
 - outputs stay as close to a float64 evaluation of the original as the original is, up to the
-  dtype's tolerance (bit-identical when nothing was merged). onnxruntime runs float16/32/64;
+  dtype's tolerance (bit-identical when nothing was merged);
+- the same graph with its nodes listed in a random order, not a topological one (as graph-surgery
+  scripts write them), fuses to the same result: as many linear ops and parameters, a merge
+  exactly when the sorted graph has one, a fused model in topological order that passes the full
+  checker, and the same closeness to float64. onnxruntime runs float16/32/64;
   it has no bfloat16 kernels on CPU, so bfloat16 graphs are run by a numpy evaluator that
   rounds every op's result to bfloat16 (float64 accumulation).
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +39,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from builders import in_topological_order, scrambled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -341,7 +347,20 @@ def _check(case: Case, policy: str) -> onnx.ModelProto:
     assert _io(fused) == _io(case.model), "graph inputs/outputs changed"
     assert _linear_ops(fused) <= _linear_ops(case.model)
     _assert_outputs(case, fused, merged=_merged(fused))
+    _check_scrambled(case, policy, fused)
     return fused
+
+
+def _check_scrambled(case: Case, policy: str, fused: onnx.ModelProto) -> None:
+    """The nodes listed out of order (seeded by the graph) fuse as the sorted graph does."""
+    other = scrambled(case.model, np.random.default_rng(zlib.crc32(case.model.SerializeToString())))
+    fused_other = converter.fuse(other, policy=policy)
+    assert in_topological_order(fused_other), "the fused output is not in topological order"
+    onnx.checker.check_model(fused_other, full_check=True)
+    assert _io(fused_other) == _io(case.model), "graph inputs/outputs changed"
+    assert (_linear_ops(fused_other), _params(fused_other)) == (_linear_ops(fused), _params(fused))
+    assert _merged(fused_other) == _merged(fused)
+    _assert_outputs(case, fused_other, merged=_merged(fused))  # against the sorted original
 
 
 # --- tests ------------------------------------------------------------------------------------

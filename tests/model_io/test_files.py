@@ -595,3 +595,45 @@ def test_sparse_constants_are_refused_with_what_to_do(tmp_path: Path) -> None:
     onnx.save(model, path)
     with pytest.raises(InputError, match=r"holds sparse tensors .* densify them first"):
         cio.load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "inits", "message"),
+    [
+        (
+            [
+                ("Relu", ["x"], ["a"], "r1"),
+                ("Tanh", ["x"], ["a"], "r2"),
+                ("Neg", ["a"], ["y"], "n"),
+            ],
+            [],
+            "main graph: value 'a' is defined twice, by node 'r1' and by node 'r2'",
+        ),
+        (
+            [("Relu", ["x"], ["w"], "r1"), ("Add", ["w", "x"], ["y"], "add")],
+            ["w"],
+            "main graph: value 'w' is defined twice, by an initializer and by node 'r1'",
+        ),
+        (
+            [("Relu", ["x"], ["x"], "r1"), ("Neg", ["x"], ["y"], "n")],
+            [],
+            "main graph: value 'x' is defined twice, by a graph input and by node 'r1'",
+        ),
+    ],
+    ids=["two_nodes", "initializer_and_node", "input_and_node"],
+)
+def test_a_value_defined_twice_is_named(tmp_path: Path, nodes, inits, message) -> None:
+    """onnx-ir cannot load a graph that is not in static single assignment form (onnxruntime
+    refuses it too, "Duplicate definition"): the refusal names the value and both definitions."""
+    graph = helper.make_graph(
+        [helper.make_node(op, i, o, name=n) for op, i, o, n in nodes],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.ones(4, np.float32), name) for name in inits],
+    )
+    path = tmp_path / "twice.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(InputError) as info:
+        cio.load_model(path)
+    assert str(info.value) == f"{path}: {message}; an ONNX graph defines each value once"

@@ -7,7 +7,9 @@ A value is constant when it is
 - the output of a ``Constant`` node (``value``, ``value_float(s)``, ``value_int(s)``),
 - ``Identity`` of a constant (torch's exporters deduplicate equal initializers and hand them out
   through ``Identity``), ``Transpose`` of one (exports without constant folding write weights as
-  ``Transpose(W)``), ``Cast`` of one, or ``Reshape`` of one by a constant shape,
+  ``Transpose(W)``), ``Cast`` of one, ``Reshape`` of one by a constant shape, or ``Unsqueeze`` or
+  ``Squeeze`` of one by constant axes (a per-channel vector shaped ``(C, 1, 1)`` for the
+  ``Mul``/``Add`` after a ``Conv``),
 
 and no training algorithm in ``training_info`` updates it (the run's ``trained`` values). Sparse
 constants are not represented: onnx-ir cannot load them, so such a model is refused at load time
@@ -48,7 +50,7 @@ class Constant:
     """A constant value: its shape and dtype, and its array on demand.
 
     ``chain`` is the value asked about followed by each value it was derived from (through
-    ``Identity``/``Transpose``/``Cast``/``Reshape``), ending at the initializer or ``Constant``
+    ``Identity``/``Transpose``/``Cast``/``Reshape``/``Squeeze``/``Unsqueeze``), ending at the initializer or ``Constant``
     output that holds the data. Clean-up walks it; sharing checks look at the uses of all of it.
     """
 
@@ -70,7 +72,7 @@ class Constant:
         return self.load()
 
 
-_DERIVED = ("Identity", "Transpose", "Cast", "Reshape")
+_DERIVED = ("Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze")
 
 
 class Constants:
@@ -157,7 +159,7 @@ def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...] | None:
 
 
 def _derived(constants: Constants, value: ir.Value, node: ir.Node) -> Constant | Declined:
-    """A constant computed from another by ``Identity``/``Transpose``/``Cast``/``Reshape``."""
+    """A constant computed from another by one of ``_DERIVED``."""
     if not node.inputs or node.inputs[0] is None or len(node.outputs) != 1:
         return Declined.because(f"weight '{label(value)}' is not constant")
     source = constants.resolve(node.inputs[0])
@@ -168,6 +170,8 @@ def _derived(constants: Constants, value: ir.Value, node: ir.Node) -> Constant |
         "Transpose": _transpose,
         "Cast": _cast,
         "Reshape": _reshape,
+        "Squeeze": _squeeze,
+        "Unsqueeze": _unsqueeze,
     }[node.op_type]
     found = derive(constants, node, source)
     if found is None:
@@ -224,15 +228,50 @@ def _reshape(constants: Constants, node: ir.Node, source: Constant) -> _Derived:
 
 
 def axes_of(constants: Constants, node: ir.Node) -> list[int] | None:
-    """``axes`` of Squeeze/Unsqueeze (or a reduction) as written, from the input (opset 13+) or
-    the attribute; None when absent or not constant."""
+    """``axes`` of a Squeeze/Unsqueeze (or a reduction) as written: from its second input
+    (Squeeze/Unsqueeze from opset 13) or its ``axes`` attribute (before); None when absent or
+    not constant. onnxruntime loads only the form of the model's opset, so the form written is
+    the opset's."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         found = constants.resolve(node.inputs[1])
-        if isinstance(found, Declined):
+        if isinstance(found, Declined) or found.dtype != ir.DataType.INT64:
             return None
         return [int(a) for a in np.asarray(found.array()).reshape(-1)]
     attr = node.attributes.get_ints("axes", None)
     return None if attr is None else list(attr)
+
+
+def _normalized(axes: list[int], rank: int) -> list[int] | None:
+    """``axes`` in ``0..rank-1`` (negative ones count from the end), or None if out of range or
+    repeated."""
+    found = sorted(a + rank if a < 0 else a for a in axes)
+    if any(not 0 <= a < rank for a in found) or len(set(found)) != len(found):
+        return None
+    return found
+
+
+def _unsqueeze(constants: Constants, node: ir.Node, source: Constant) -> _Derived:
+    axes = axes_of(constants, node)
+    axes = None if axes is None else _normalized(axes, len(source.shape) + len(axes))
+    if axes is None:
+        return None
+    shape = list(source.shape)
+    for axis in axes:  # ascending: each insertion is at its final position
+        shape.insert(axis, 1)
+    return tuple(shape), source.dtype, lambda: np.reshape(source.array(), shape)
+
+
+def _squeeze(constants: Constants, node: ir.Node, source: Constant) -> _Derived:
+    written = (len(node.inputs) > 1 and node.inputs[1] is not None) or "axes" in node.attributes
+    if written:
+        axes = axes_of(constants, node)
+        axes = None if axes is None else _normalized(axes, len(source.shape))
+    else:  # no axes: every dimension of size 1 goes
+        axes = [i for i, d in enumerate(source.shape) if d == 1]
+    if axes is None or any(source.shape[a] != 1 for a in axes):
+        return None
+    shape = tuple(d for i, d in enumerate(source.shape) if i not in axes)
+    return shape, source.dtype, lambda: np.reshape(source.array(), shape)
 
 
 def other_users(constant: Constant, owners: set[ir.Node]) -> list[ir.Node]:
@@ -269,8 +308,9 @@ def recorded_size(value: ir.Value | None) -> int | None:
 
 
 def remove_if_unused(value: ir.Value | None) -> None:
-    """Drop an initializer, ``Constant`` node, or the ``Identity``/``Transpose``/``Cast``/
-    ``Reshape`` deriving a weight, once nothing uses it any more; then its sources likewise."""
+    """Drop an initializer, ``Constant`` node, or the node deriving a weight from another
+    (``Identity``, ``Transpose``, ``Cast``, ``Reshape``, ``Squeeze``, ``Unsqueeze``), once nothing
+    uses it any more; then its sources (and a shape or axes it read) likewise."""
     if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
         return
     producer = value.producer()

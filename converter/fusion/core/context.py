@@ -97,9 +97,10 @@ class Context:
 
     @functools.cached_property
     def opset(self) -> int:
-        """The model's ``ai.onnx`` opset (0 when it imports none)."""
-        imports = self.model.opset_imports
-        return imports.get("", imports.get("ai.onnx", 0))
+        """The model's ``ai.onnx`` opset as onnxruntime reads it (0 if none is imported): ``""``
+        and ``"ai.onnx"`` name one domain, and of two imports of it the later one counts."""
+        versions = [v for d, v in self.model.opset_imports.items() if d in ("", "ai.onnx")]
+        return versions[-1] if versions else 0
 
     @functools.cached_property
     def names(self) -> Names:

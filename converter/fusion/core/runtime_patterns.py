@@ -18,7 +18,8 @@ the recognisers of steps (chains, folds across views, conv folds) decline it wit
 
 torch's dynamo exporter writes exact GELU as ``Mul(x, Mul(0.5, Add(Erf(Div(x, s)), 1)))``, an
 order onnxruntime's ``GeluFusion`` does not match. :func:`rewrite_for_runtime` rewrites it to
-``Mul(Mul(x, Add(...)), 0.5)``, which it does. The two are equal bit for bit: multiplying by
+``Mul(Mul(x, Add(...)), 0.5)``, which it does (and the tanh form to ``Mul(Mul(x, 0.5), Add(...))``,
+the order ``FastGeluFusion`` matches). The two are equal bit for bit: multiplying by
 0.5 is exact in binary floating point (short of subnormals), so ``x * (0.5 * a)`` and
 ``(x * a) * 0.5`` round alike.
 """
@@ -187,8 +188,10 @@ def rewrite_for_runtime(ctx: Context, graph: ir.Graph) -> list[str]:
     """Write the patterns of ``graph`` (not its subgraphs) that an exporter spells in an order
     onnxruntime does not match in the order it does; one line per rewrite, for the report.
 
-    - dynamo's exact GELU ``x * (0.5 * (1 + erf(x / s)))`` becomes ``(x * (1 + erf(x / s)))
-      * 0.5`` (bit-identical: the 0.5 is exact), which ``GeluFusion`` matches;
+    - dynamo's GELU ``x * (0.5 * (1 + erf(x / s)))`` becomes ``(x * (1 + erf(x / s))) * 0.5``,
+      which ``GeluFusion`` matches, and its tanh form ``x * (0.5 * (1 + tanh(...)))`` becomes
+      ``(x * 0.5) * (1 + tanh(...))``, which ``FastGeluFusion`` matches (each bit-identical:
+      a multiplication by 0.5 is exact);
     - an RMSNorm's ``Reciprocal(sqrt(mean + eps))`` becomes ``Div(1, sqrt(...))`` (both one
       correctly rounded division), which ``SimplifiedLayerNormFusion`` matches.
 
@@ -196,8 +199,9 @@ def rewrite_for_runtime(ctx: Context, graph: ir.Graph) -> list[str]:
     """
     lines = []
     for node in list(graph):
-        if _reorder_gelu(ctx, graph, node):
-            lines.append(f"GELU at '{node.name}' reordered as x * (1 + erf(x / sqrt 2)) * 0.5")
+        form = _reorder_gelu(ctx, graph, node)
+        if form:
+            lines.append(f"GELU at '{node.name}' reordered as {_GELU_ORDER[form]}")
             continue
         div = _reciprocal_as_div(ctx, graph, node)
         if div is not None:
@@ -205,23 +209,33 @@ def rewrite_for_runtime(ctx: Context, graph: ir.Graph) -> list[str]:
     return lines
 
 
-def _reorder_gelu(ctx: Context, graph: ir.Graph, node: ir.Node) -> bool:
+# The order of its factors in which onnxruntime fuses each form of GELU.
+_GELU_ORDER = {
+    "erf": "x * (1 + erf(x / sqrt 2)) * 0.5",
+    "tanh": "x * 0.5 * (1 + tanh(...))",
+}
+
+
+def _reorder_gelu(ctx: Context, graph: ir.Graph, node: ir.Node) -> str | None:
+    """Rewrite ``node = x * (0.5 * sum)`` in the order onnxruntime fuses: the form, or None."""
     found = _dynamo_gelu(ctx, node)
     if found is None:
-        return False
-    half, inner, x, total = found
+        return None
+    half, inner, x, total, form = found
     base = inner.name or "gelu_product"
-    product = ir.node("Mul", [x, total], name=ctx.names.fresh(base))
+    # erf: (x * sum) * 0.5; tanh: (x * 0.5) * sum
+    first, second = (total, half) if form == "erf" else (half, total)
+    product = ir.node("Mul", [x, first], name=ctx.names.fresh(base))
     out = product.outputs[0]
     out.name = ctx.names.fresh(f"{base}_output")
     if node.outputs[0].type is not None:  # the product has the GELU's type and shape
         out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
     graph.insert_before(node, product)
     node.replace_input_with(0, out)
-    node.replace_input_with(1, half)
+    node.replace_input_with(1, second)
     graph.remove(inner, safe=True)
     node.name = node.name or ctx.names.fresh("gelu")
-    return True
+    return form
 
 
 def _reciprocal_as_div(ctx: Context, graph: ir.Graph, node: ir.Node) -> str | None:
@@ -253,11 +267,10 @@ def _reciprocal_as_div(ctx: Context, graph: ir.Graph, node: ir.Node) -> str | No
     return div.name
 
 
-def _dynamo_gelu(
-    ctx: Context, node: ir.Node
-) -> tuple[ir.Value, ir.Node, ir.Value, ir.Value] | None:
-    """``node`` is ``Mul(x, Mul(0.5, 1 + erf(x / s)))`` (operands in any order): (the 0.5, the
-    inner Mul, x, the sum), or None. The inner Mul must feed only ``node``."""
+def _dynamo_gelu(ctx: Context, node: ir.Node) -> tuple | None:
+    """``node`` is ``Mul(x, Mul(0.5, 1 + erf(x / s)))`` or its tanh form (operands in any
+    order): (the 0.5, the inner Mul, x, the sum, the form), or None. The inner Mul must feed
+    only ``node``, and the erf or tanh must compute from this ``x``."""
     if not is_onnx(node, "Mul") or len(node.inputs) != 2 or None in node.inputs:
         return None
     for i in (0, 1):
@@ -269,8 +282,9 @@ def _dynamo_gelu(
         if half is None or scaled is x:
             continue
         total = inner.inputs[1] if inner.inputs[0] is half else inner.inputs[0]
-        if _one_plus_squash(total) == "erf" and _erf_reads(total, x):
-            return half, inner, x, total
+        form = _one_plus_squash(total)
+        if form and _squash_reads(total, x, avoid=scaled):
+            return half, inner, x, total, form
     return None
 
 
@@ -283,11 +297,3 @@ def _half_operand(ctx: Context, node: ir.Node) -> ir.Value | None:
         if isinstance(c, Constant) and c.size == 1 and np.asarray(c.array()).item() == 0.5:
             return v
     return None
-
-
-def _erf_reads(total: ir.Value, x: ir.Value) -> bool:
-    """The ``erf`` under ``total`` reads ``x`` scaled (``x / s`` or ``x * s``): the same ``x``."""
-    add = _producer(total, "Add")
-    erf = next((p for v in add.inputs if (p := _producer(v, "Erf")) is not None), None)
-    scale = _producer(erf.inputs[0], "Div", "Mul") if erf is not None else None
-    return scale is not None and x in scale.inputs

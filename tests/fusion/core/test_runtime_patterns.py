@@ -25,6 +25,7 @@ from builders import (
 )
 from onnx import TensorProto, helper
 
+import converter
 from converter.equivalence.kernels import fused_kernels, lost_kernels
 
 W = 8
@@ -86,8 +87,9 @@ def _erf_gelu(order: str, x: str = "h0", out: str = "g") -> tuple[list, list]:
     return nodes, inits
 
 
-def _tanh_gelu() -> tuple[list, list]:
-    """GPT-2's ``gelu_new`` with the 0.5 last: ``(x * (1 + tanh(c (x + k x^3)))) * 0.5``."""
+def _tanh_gelu(order: str = "last") -> tuple[list, list]:
+    """GELU's tanh form: ``(x * (1 + tanh(c (x + k x^3)))) * 0.5`` (``last``), or dynamo's
+    ``x * (0.5 * (1 + tanh(...)))`` (``dynamo``)."""
     nodes = [
         helper.make_node("Pow", ["h0", "three"], ["p"], name="pow"),
         helper.make_node("Mul", ["p", "k"], ["kp"], name="mul_k"),
@@ -95,9 +97,17 @@ def _tanh_gelu() -> tuple[list, list]:
         helper.make_node("Mul", ["u", "c"], ["cu"], name="mul_c"),
         helper.make_node("Tanh", ["cu"], ["t"], name="tanh"),
         helper.make_node("Add", ["t", "one"], ["a"], name="add_one"),
-        helper.make_node("Mul", ["h0", "a"], ["xa"], name="mul_x"),
-        helper.make_node("Mul", ["xa", "half"], ["g"], name="mul_half"),
     ]
+    if order == "last":
+        nodes += [
+            helper.make_node("Mul", ["h0", "a"], ["xa"], name="mul_x"),
+            helper.make_node("Mul", ["xa", "half"], ["g"], name="mul_half"),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Mul", ["half", "a"], ["ha"], name="mul_half"),
+            helper.make_node("Mul", ["h0", "ha"], ["g"], name="mul_x"),
+        ]
     inits = [
         _scalar("three", 3.0),
         _scalar("k", 0.044715),
@@ -211,6 +221,23 @@ def test_tanh_gelu_half_is_kept():
         "kept: part of GELU (tanh form), which onnxruntime fuses into one kernel"
     ]
     assert op_types(fused) == op_types(model)
+
+
+def test_dynamo_tanh_gelu_is_reordered_so_the_runtime_fuses_it():
+    model = _between_linears(*_tanh_gelu("dynamo"))
+    assert "FastGelu" not in fused_kernels(model)
+    fused, report = fuse_with_report(model)
+    check(fused)
+    assert report.fusions == []
+    assert report.runtime_rewrites == [
+        "main graph: GELU at 'mul_x' reordered as x * 0.5 * (1 + tanh(...))"
+    ]
+    assert fused_kernels(fused).get("FastGelu") == 1
+    x = feeds((64, 4), seed=3)
+    for a, b in zip(run(model, x), run(fused, x), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    _, second = fuse_with_report(fused)
+    assert second.runtime_rewrites == [] and second.fusions == []
 
 
 def test_quick_gelu_scale_is_kept():
@@ -371,3 +398,12 @@ def test_stacked_blocks_keep_every_pattern_and_reach_a_fixpoint():
     again, second = fuse_with_report(fused)
     assert second.fusions == [] and second.runtime_rewrites == []
     assert op_types(again) == op_types(fused)
+
+
+def test_a_model_rewritten_only_for_the_runtime_is_validated_and_written(tmp_path):
+    src, dst = tmp_path / "gelu.onnx", tmp_path / "gelu.fused.onnx"
+    onnx.save(_between_linears(*_erf_gelu("dynamo")), src)
+    report = converter.fuse_file(src, dst)
+    assert report.fusions == [] and report.rewritten and report.validated is True
+    assert dst.read_bytes() != src.read_bytes()  # not the byte copy of an unchanged model
+    assert fused_kernels(onnx.load(dst)).get("Gelu") == 1

@@ -1,0 +1,162 @@
+"""Issue 22: models from other producers (Keras/tf2onnx, Flax NNX/jax2onnx, scikit-learn/skl2onnx).
+
+The fixtures in ``models/producers`` were exported once by that folder's ``make_*.py`` scripts,
+each in its framework's own environment; this file needs none of those frameworks (onnx,
+onnxruntime, numpy and the converter only). For every fixture:
+
+* ``test_fixture_is_valid``: it loads and passes ``onnx.checker`` (full check);
+* ``test_onnx_equals_framework``: onnxruntime's outputs on the saved sample inputs equal the
+  framework's own saved outputs (float outputs within :data:`measure.TOLERANCES`, labels exactly);
+* ``test_fuse_keeps_outputs``: ``converter.fuse_file`` with the defaults (validation on) exits
+  cleanly, validates whatever it changed, and the result passes the checker and still equals the
+  framework;
+* ``test_fuse_reaches_hand_folded``: the fused model is as far as a hand-folded one
+  (``manifest.json``): its linear-op count, no BatchNormalization or free fold left, no op count
+  over the manifest's bounds, no onnxruntime fused kernel lost. Today's engine reaches few of
+  them: those in :data:`NOT_YET` are ``xfail(strict=True)`` with what is left, so each turns into
+  a failure the day the engine gets there, and its entry goes.
+
+Each fixture is fused once per worker. Every fuse appends one JSON record (counts original ->
+fused vs hand-folded, validation, what is left) to ``producers-record.jsonl`` in pytest's base
+temp folder; ``benchmarks/producers.py`` prints the same as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from . import measure
+
+FIXTURES = measure.fixtures()
+MAX_BYTES = 200_000
+
+# What keeps each fixture from its hand-folded form with today's engine, in words.
+NOT_YET: dict[str, str] = {
+    "keras_conv1d_bn": "each BatchNorm, written by tf2onnx as Mul/Add by [1, C, 1] constants "
+    "behind Unsqueeze -> Conv -> Squeeze, is left (2 Mul, 2 Add)",
+    "keras_rescaling_conv2d": "Rescaling's scalar Mul + Add on the NHWC input, before "
+    "Transpose -> Conv, is not folded into the Conv",
+    "keras_normalization_conv2d": "Normalization's per-channel Sub + Mul on the NHWC input, "
+    "before Transpose -> Conv (unpadded), are not folded into the Conv",
+    "keras_normalization_conv2d_same": "Normalization's per-channel 1/std Mul on the NHWC "
+    "input, before Transpose -> Conv, is not folded into the kernel",
+    "keras_repvgg": "the 3x3 and 1x1 branches merge, but the identity branch's BN (Mul + Add on "
+    "the NHWC input, through a Transpose) is not taken as the third branch",
+    "keras_mlp_mixer": "the layer scales and biases fold, but the gamma/beta of tf2onnx's "
+    "decomposed LayerNorms are left: into the channel Dense and, through ReduceMean, the head "
+    "(3 Mul over the hand-folded count)",
+    "flax_conv_branches": "the BNs after the Convs fold, but each branch Transposes back to NHWC "
+    "before the Add, so the branches are not merged, and the identity BN "
+    "(Transpose -> BatchNormalization -> Transpose) is left",
+    "flax_linear_rank3": "the two Gemm(transB=0) are not merged: jax2onnx's Reshape back to "
+    "(B, 10, 32) and the next Reshape to (-1, 32) between them stop the chain",
+    "skl_pca_linreg": "nothing merged: ai.onnx.ml Scaler and LinearRegressor are not read as "
+    "affine ops, so Scaler -> Sub -> MatMul -> LinearRegressor stays",
+    "skl_pca_whiten_linreg": "nothing merged: Scaler -> Sub -> MatMul -> Div by Sqrt(constant) "
+    "-> LinearRegressor stays (ONNX-ML ops not read as affine)",
+    "skl_pca_whiten_ridge": "nothing merged: Scaler -> Sub -> MatMul -> Div by Sqrt(constant) "
+    "-> LinearRegressor stays (ONNX-ML ops not read as affine)",
+    "skl_pca_logreg_binary": "nothing merged: Scaler -> Sub -> MatMul -> LinearClassifier "
+    "stays (ONNX-ML ops not read as affine)",
+    "skl_pca_whiten_logreg_multi": "nothing merged: Scaler -> Sub -> MatMul -> Div -> "
+    "LinearClassifier stays (ONNX-ML ops not read as affine)",
+    "skl_scaler_mlp": "the ai.onnx.ml Scaler (then a float -> float Cast) is not folded into "
+    "the first MatMul; the bias Adds of shape [1, n] are declined as varying along another axis",
+    "skl_columns_ridge": "per-column Scalers and MinMaxScaler's Mul + Add -> Concat -> "
+    "LinearRegressor: nothing folded",
+}
+
+
+def _cases(marked: bool) -> list:
+    return [
+        pytest.param(
+            name,
+            id=name,
+            marks=[pytest.mark.xfail(reason=NOT_YET[name], strict=True)]
+            if marked and name in NOT_YET
+            else [],
+        )
+        for name in FIXTURES
+    ]
+
+
+@pytest.fixture(scope="session")
+def fused_results() -> dict[str, measure.Fused]:
+    """Each fixture fused at most once per worker (lazily: a ``-k`` run fuses only what it needs)."""
+    return {}
+
+
+def _fused(fused_results: dict, tmp_path_factory, name: str) -> measure.Fused:
+    if name not in fused_results:
+        out = tmp_path_factory.mktemp(f"fused-{name}")
+        result = measure.fuse(FIXTURES[name], out)
+        fused_results[name] = result
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        with open(root / "producers-record.jsonl", "a") as f:
+            f.write(json.dumps(result.to_dict(), default=str) + "\n")
+    return fused_results[name]
+
+
+def test_manifest_lists_every_fixture():
+    on_disk = {p.stem for p in measure.FIXTURES.glob("*.onnx")}
+    assert on_disk == set(FIXTURES)
+    for fixture in FIXTURES.values():
+        assert fixture.samples.exists(), fixture.name
+        assert fixture.path.stat().st_size < MAX_BYTES, fixture.name
+        assert fixture.producer in measure.TOLERANCES, fixture.name
+        assert fixture.why and fixture.hand_folded >= 1, fixture.name
+
+
+@pytest.mark.parametrize("name", _cases(marked=False))
+def test_fixture_is_valid(name):
+    fixture = FIXTURES[name]
+    model = onnx.load(fixture.path)
+
+    onnx.checker.check_model(model, full_check=True)
+
+    inputs, outputs = measure.load_samples(fixture)
+    assert sorted(i.name for i in model.graph.input) == sorted(inputs)
+    assert sorted(o.name for o in model.graph.output) == sorted(outputs)
+    # The hand-folded model has at most what the export has: a count above it is a manifest slip.
+    assert measure.count_linear(model) >= fixture.hand_folded
+
+
+@pytest.mark.parametrize("name", _cases(marked=False))
+def test_onnx_equals_framework(name):
+    fixture = FIXTURES[name]
+    inputs, expected = measure.load_samples(fixture)
+    atol, rtol = measure.tolerance(fixture)
+
+    actual = measure.run(fixture.path, inputs)
+
+    for key, want in expected.items():
+        if want.dtype.kind in "iub":
+            np.testing.assert_array_equal(actual[key], want, err_msg=key)
+        else:
+            np.testing.assert_allclose(actual[key], want, atol=atol, rtol=rtol, err_msg=key)
+
+
+@pytest.mark.parametrize("name", _cases(marked=False))
+def test_fuse_keeps_outputs(fused_results, tmp_path_factory, record_property, name):
+    result = _fused(fused_results, tmp_path_factory, name)
+    record_property(
+        "linear", f"{result.linear_before} -> {result.linear_after} ({result.fixture.hand_folded})"
+    )
+
+    assert result.error is None, result.error
+    assert result.validated or not result.modified
+    assert result.checker is None, result.checker
+    assert not result.output_errors, result.output_errors
+
+
+@pytest.mark.parametrize("name", _cases(marked=True))
+def test_fuse_reaches_hand_folded(fused_results, tmp_path_factory, name):
+    result = _fused(fused_results, tmp_path_factory, name)
+
+    assert result.reached, "; ".join(result.left())
