@@ -9,7 +9,7 @@ and how.
 
 The corpus:
 
-* ``models/*.onnx``;
+* ``models/*.onnx`` and the other producers' fixtures, ``models/producers/*.onnx``;
 * every block and network of ``tests/archs/vision.py`` and ``tests/archs/reparam.py``, exported
   by both torch exporters (``tests/archs/export.py::export_onnx``);
 * the LoRA language models of ``tests/archs/language.py``, both exporters (where the legacy one
@@ -53,6 +53,8 @@ def export(folder: Path, random_count: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted((_ROOT / "models").glob("*.onnx")):
         shutil.copyfile(path, folder / f"models-{path.name}")
+    for path in sorted((_ROOT / "models" / "producers").glob("*.onnx")):
+        shutil.copyfile(path, folder / f"producers-{path.name}")
     for path in sorted(_REAL.glob("*/*.onnx")):
         shutil.copyfile(path, folder / f"real-{path.name}")
     _export_random(folder, random_count)
