@@ -15,7 +15,7 @@ change what the later finders see ends the round (every kind but a chain segment
    (:mod:`converter.fusion.linear.absorb`);
 5. every segment the cost model chose in every chain (:mod:`converter.fusion.linear.chains`), a
    chain read through a channels-last ``Transpose`` of a 1x1 Conv led by that Conv
-   (:mod:`converter.fusion.conv.to_linear`), so a Conv+BN folded in an earlier round then goes
+   (:mod:`converter.fusion.conv_to_linear`), so a Conv+BN folded in an earlier round then goes
    into the linear ops as one more op of the chain.
 
 Adding a kind of merge is adding a finder to the list. Rounds repeat until one merges only what
@@ -41,8 +41,8 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from converter.errors import EngineError
+from converter.fusion import conv_to_linear
 from converter.fusion.conv import merge as conv_merge
-from converter.fusion.conv import to_linear
 from converter.fusion.core import invariants
 from converter.fusion.core.constants import other_users
 from converter.fusion.core.context import Context
@@ -64,7 +64,7 @@ FINDERS: tuple[Finder, ...] = (
     conv_merge.ConvCompositions(),
     branches.BranchSums(),
     absorb.FoldsAcrossViews(),
-    chains.Segments(lead=to_linear.pointwise_before),
+    chains.Segments(lead=conv_to_linear.pointwise_before),
 )
 
 

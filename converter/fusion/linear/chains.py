@@ -11,7 +11,7 @@ chains, one-op chains included) is made once a round and shared by the finders t
 branch sums and folds across views start from it too. A chain's segments merge as
 ``W = W1 @ W2 @ ...``, ``b = (b1 @ W2 + b2) @ W3 + ...``; a chain may be led by an op another
 part recognises before its first op (a 1x1 Conv read through a channels-last Transpose,
-:mod:`converter.fusion.conv.to_linear`): the engine gives :class:`Segments` that ``lead``.
+:mod:`converter.fusion.conv_to_linear`): the engine gives :class:`Segments` that ``lead``.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class LinearOp:
     # The axis of the data the map acts on: -1 (x @ W), or -2 for a left MatMul (W @ x).
     axis: int = -1
     # The op reads ``Transpose(input, perm)``: a 1x1 Conv moved past the channels-last
-    # Transpose after it (:mod:`converter.fusion.conv.to_linear`); None for every other op.
+    # Transpose after it (:mod:`converter.fusion.conv_to_linear`); None for every other op.
     input_perm: tuple[int, ...] | None = None
 
     @property

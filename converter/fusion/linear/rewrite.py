@@ -21,7 +21,7 @@ merge whose nodes another merge took is not made at all (:meth:`LinearMerge.aliv
    - N-D input: ``MatMul(x, W)`` with an ``(in, out)`` weight, then ``Add(., b)`` if there is a bias;
    - a left MatMul (``W @ x``): ``MatMul(W, x)``, the bias a column;
    - a segment led by a 1x1 Conv moved past a channels-last Transpose
-     (:mod:`converter.fusion.conv.to_linear`): ``Transpose(x, perm)``, then that ``MatMul`` (+ ``Add``).
+     (:mod:`converter.fusion.conv_to_linear`): ``Transpose(x, perm)``, then that ``MatMul`` (+ ``Add``).
 
    The merged op takes over the old output value, and constants only the replaced ops read are
    removed (:mod:`converter.fusion.core.writing`).
