@@ -44,6 +44,7 @@ from converter.errors import EngineError
 from converter.fusion import conv_to_linear
 from converter.fusion.conv import merge as conv_merge
 from converter.fusion.core import invariants
+from converter.fusion.core.computed import NotComputable
 from converter.fusion.core.constants import other_users
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
@@ -118,7 +119,10 @@ def apply(round: Round, merge: Merge) -> FusionRecord | Declined | None:
     plan = merge.decide(round)
     if isinstance(plan, Declined):
         return plan
-    computed = merge.compute(plan)  # the one float64 computation of this merge
+    try:
+        computed = merge.compute(plan)  # the one float64 computation of this merge
+    except NotComputable as e:  # a weight computed from constants that the evaluator cannot
+        return Declined(merge.names, f"{e}; {merge.left_as_is}")
     if isinstance(computed, Declined):
         return computed
     too_big = overflow((computed.weight, computed.bias), merge.dtype.numpy())
