@@ -121,6 +121,29 @@ class Constants:
         except NotComputable as e:
             return Declined.because(str(e))
 
+    def resolve_sources(self, node: ir.Node) -> None:
+        """Resolve what ``node`` computes from, sources first (without recursion), so that
+        resolving a value at the end of a long computation from constants is never deep."""
+        order: list[ir.Value] = []
+        seen: set[ir.Value] = set()
+        stack = [(v, False) for v in node.inputs if v is not None]
+        while stack:
+            v, expanded = stack.pop()
+            if expanded:
+                order.append(v)
+                continue
+            if v in seen or v in self._answers or self.varies(v):
+                continue
+            seen.add(v)
+            stack.append((v, True))
+            producer = v.producer()
+            if (v.const_value is None and computable(producer)) or (
+                producer is not None and producer.op_type in _DERIVED
+            ):
+                stack.extend((i, False) for i in producer.inputs if i is not None)
+        for v in order:
+            self.resolve(v)
+
     def varies(self, value: ir.Value) -> bool:
         """``value`` depends on something other than constants (a graph input, an op that is
         not :func:`~converter.fusion.core.computed.computable`): decided without recursion, so
@@ -198,6 +221,7 @@ def _computed(constants: Constants, value: ir.Value, node: ir.Node) -> Constant 
     """``value`` computed by ``node`` from constants only, or why it is not a constant."""
     if constants.varies(value):
         return Declined.because(f"weight '{label(value)}' is not constant")
+    constants.resolve_sources(node)
     inputs: list[Constant | None] = []
     for source in node.inputs:
         found = None if source is None else constants.resolve(source)
