@@ -50,7 +50,7 @@ from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import overflow
 from converter.fusion.core.merge import Computed, Finder, Merge, Round
-from converter.fusion.linear import absorb, branches, chains
+from converter.fusion.linear import absorb, branches, chains, fanout
 from converter.report import FusionRecord
 
 __all__ = ["FINDERS", "apply", "fuse_graph"]
@@ -65,6 +65,7 @@ FINDERS: tuple[Finder, ...] = (
     conv_merge.ConvCompositions(),
     branches.BranchSums(),
     absorb.FoldsAcrossViews(),
+    fanout.FoldsIntoReaders(),
     chains.Segments(lead=conv_to_linear.pointwise_before),
 )
 

@@ -46,7 +46,7 @@ from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp
 from converter.report import FusionRecord
 
-__all__ = ["Decision", "LinearMerge", "emits_gemm"]
+__all__ = ["Decision", "LinearMerge", "emits_gemm", "new_nodes"]
 
 
 @dataclass
@@ -153,12 +153,12 @@ class LinearMerge(Merge):
         :attr:`input_perm` is set; the last computes the merged output)."""
         ctx, graph = round.ctx, round.graph
         old_nodes, old_out, x = self.old_nodes, self.out, self.x
-        w_value, b_value = self._weights(ctx, graph, plan, computed)
+        w_value, b_value = self.weights(ctx, graph, plan, computed)
         lead: list[ir.Node] = []
         if self.input_perm is not None:
             lead = [_transposed(ctx, x, self.input_perm, _base(w_value, ctx))]
             x = lead[0].outputs[0]
-        op_nodes = _new_nodes(ctx, self, plan, x, w_value, b_value)
+        op_nodes = new_nodes(ctx, self, plan, x, w_value, b_value)
         joined = [v for n in self.joins for v in n.inputs if ctx.constants.is_constant(v)]
         record = FusionRecord(
             nodes=self.names,
@@ -180,7 +180,7 @@ class LinearMerge(Merge):
         replace(graph, old_nodes, lead + op_nodes, old_out, constants)
         return Written(lead + op_nodes, op_nodes[0], record)
 
-    def _weights(
+    def weights(
         self, ctx: Context, graph: ir.Graph, plan: Decision, affine: algebra.AffineMap
     ) -> tuple[ir.Value, ir.Value | None]:
         """The merged weight (``(out, in)`` for Gemm and a left MatMul) and bias, as initializers."""
@@ -225,7 +225,7 @@ def emits_gemm(ctx: Context, merge: LinearMerge, has_bias: bool) -> bool:
     return two_d and merge.ops[0].axis == -1 and (has_bias or ctx.opset >= 11)
 
 
-def _new_nodes(
+def new_nodes(
     ctx: Context,
     merge: LinearMerge,
     plan: Decision,
