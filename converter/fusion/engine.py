@@ -142,7 +142,7 @@ def _write(round: Round, merge: Merge, plan: object, computed: Computed) -> Fusi
     record, new_out = written.record, written.nodes[-1].outputs[0]
     if refolded:  # the output's name carries a folded step: nothing to compare it with
         record.output = None
-        ctx.refolded.add(new_out)
+        ctx.refolded.update(v for n in written.nodes for v in n.outputs)  # one or many readers
     for earlier in consumed:  # their output value is gone: name the merge that took it
         earlier.merged_into = record.new_nodes[0]
         earlier.output = None

@@ -136,7 +136,7 @@ def computed_constant(
         array = _checked(evaluate, recorded[0], name)() if recorded else evaluate()[0]
     except NotComputable as e:
         return Declined.because(str(e))
-    dtype = recorded[1] if recorded else _dtype_of(array, value)
+    dtype = recorded[1] if recorded else _dtype_of(array, node, inputs)
     if dtype is None:
         return Declined.because(f"weight '{name}' is computed as {array.dtype}, not a tensor type")
     return Constant((value,), tuple(array.shape), dtype, lambda: array, stored, node)
@@ -156,9 +156,17 @@ def _recorded(value: ir.Value) -> tuple[tuple[int, ...], ir.DataType] | None:
     return tuple(int(d) for d in value.shape), value.dtype
 
 
-def _dtype_of(array: np.ndarray, value: ir.Value) -> ir.DataType | None:
-    if value.dtype is not None:
-        return value.dtype
+def _dtype_of(
+    array: np.ndarray, node: ir.Node, inputs: Sequence[Constant | None]
+) -> ir.DataType | None:
+    """The type the op computes, when the model does not record it: a float evaluated in
+    float64 has the type of the op's float inputs (or a Cast's ``to``), anything else its own."""
+    if array.dtype == np.float64:
+        if node.op_type == "Cast":
+            return ir.DataType(node.attributes.get_int("to", ir.DataType.DOUBLE))
+        floats = [c.dtype for c in inputs if c is not None and c.dtype in _FLOATS]
+        if floats:
+            return floats[0]
     try:
         return ir.DataType.from_numpy(array.dtype)
     except TypeError:

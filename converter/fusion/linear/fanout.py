@@ -118,7 +118,6 @@ class FanOutFold(Merge):
     parts: list[LinearMerge]
 
     left_as_is = "steps left as they were"
-    refolds = True  # one merge, several outputs: no one output of the original stands for it
 
     @classmethod
     def of(cls, steps: list[LinearOp], readers: list[LinearOp]) -> FanOutFold:
@@ -195,15 +194,19 @@ class FanOutFold(Merge):
             op_types=[n.op_type for n in self.old_nodes],
             new_nodes=[n.name or n.op_type for n in written],
             graph=round.label,
-            output=None,  # several outputs: measured through the graph's outputs
+            # Each reader's output keeps its values; the record names the last (the engine
+            # tracks the last written node's output), the note says there are others.
+            output=self.readers[-1].output.name or "",
             widths=first.widths,
             input_shape=shape_list(x),
-            output_shape=None,
+            output_shape=shape_list(self.readers[-1].output),
             macs_before=sum(p.macs_before for p in self.parts),
             macs_after=sum(p.widths[0] * p.widths[-1] for p in self.parts),
             params_before=plan.params_before,
             params_after=plan.params_after,
-            note=f"steps folded into all {len(self.readers)} readers of their output",
+            note=f"steps folded into all {len(self.readers)} readers of their output ("
+            + ", ".join(f"'{r.output.name}'" for r in self.readers)
+            + ")",
         )
 
 
