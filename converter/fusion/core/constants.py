@@ -171,20 +171,26 @@ class Constants:
         return self._varying[value]
 
     def usable(
-        self, value: ir.Value | None, owners: Iterable[ir.Node], small: int
+        self, value: ir.Value | None, owners: Iterable[ir.Node], small: int, *, shared: bool = False
     ) -> Constant | Declined:
         """The constant behind ``value`` for a merge of the nodes ``owners``, or why not usable.
 
         A constant that nodes outside ``owners`` also read is usable only when it holds at most
         ``small`` elements (the op's width): the merge copies it, and the original stays for
         them. A large one (a weight matrix, say a tied embedding) is refused: merging would keep
-        the old copy alive beside the new one.
+        the old copy alive beside the new one. Unless ``shared``: a linear op's weight is read
+        by each merge (VeRA's one frozen pair of matrices, read by every layer's adapter), which
+        writes its own; the cost model counts only what a merge frees, so a merge that would
+        keep both copies and grow the model is refused there.
         """
         found = self.resolve(value)
         if isinstance(found, Declined):
             return found
         others = other_users(found, set(owners))
-        if others and found.size > small:
+        # A value computed from constants (VeRA's slices of one frozen pair shared by every
+        # layer) is read by each merge, which writes its own weight; its sources go with the
+        # last reader. The cost model counts only what a merge frees.
+        if others and found.size > small and not shared and found.computed_by is None:
             other = others[0]
             return Declined.because(
                 f"weight '{label(value)}' is shared with node '{other.name or other.op_type}' "
@@ -259,7 +265,7 @@ def _derived(constants: Constants, value: ir.Value, node: ir.Node) -> Constant |
     if found is None:
         return Declined.because(f"weight '{label(value)}' is not constant")
     shape, dtype, load = found
-    return Constant((value, *source.chain), shape, dtype, load, stored=source.stored)
+    return Constant((value, *source.chain), shape, dtype, load, source.stored, source.computed_by)
 
 
 _Derived = tuple[tuple[int, ...], ir.DataType, Callable[[], np.ndarray]] | None

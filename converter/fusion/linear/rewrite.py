@@ -133,7 +133,7 @@ class LinearMerge(Merge):
             rows = max((op.constants[-1].shape[0] for op in per_row), default=1)
             bias_size = rows * width_out
         freed = _freed(self)
-        params_before = sum(c.size for c in freed)
+        params_before = sum(c.stored for c in freed)  # what the file holds for them
         params_after = width_in * width_out + bias_size
         if round.ctx.policy == "cost" and params_after > params_before:
             return Declined(

@@ -44,8 +44,8 @@ from converter.fusion.linear.linear_op import (
     LinearOp,
     ProducerOf,
     Recognise,
-    broadcasts_along_last_axis,
     declined,
+    last_axis_vector,
 )
 
 __all__ = ["STEPS", "STEP_OPS", "recognize_step"]
@@ -101,12 +101,14 @@ def _binary(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | 
     dtype = _dtype(data, producer_of) or c.dtype
     if dtype not in FLOAT_TYPES:
         return None
-    if not broadcasts_along_last_axis(ctx, c.shape, data, width):
+    vector = last_axis_vector(ctx, c, data, width)
+    if vector is None:
         return declined(
             node,
             f"{node.op_type} by a constant of shape {list(c.shape)} varies along another axis "
             f"than the features (width {width})",
         )
+    c = vector
     if node.op_type == "Div" and not np.all(c.array() != 0):
         return declined(node, "Div by a constant that holds a zero")
     make = _elementwise_maker(step, c, width)
