@@ -29,7 +29,7 @@ os.environ.setdefault("ONNX_FUSE_CHECK_EVERY_REWRITE", "1")
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "tests", "tests/fusion")]
 
 import onnx  # noqa: E402
-from random_structures import (  # noqa: E402
+from fusion.random_structures import (  # noqa: E402
     IMAGE_BLOCKS,
     RngChoices,
     check_case,

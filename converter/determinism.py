@@ -22,7 +22,8 @@ from converter.equivalence.inputs import check_inputs, load_inputs_npz, synthesi
 from converter.equivalence.runtime import Runner, Side, load_side, one_line, open_session
 from converter.equivalence.widen import narrow_float_types, open_float32
 from converter.errors import InputError, OriginalModelError
-from converter.fusion.recognize import constant_tensor
+from converter.fusion.core.constants import Constants
+from converter.fusion.core.declined import Declined
 
 __all__ = ["check_deterministic", "random_nodes"]
 
@@ -51,8 +52,8 @@ def _training_mode(node: ir.Node) -> bool:
     """Dropout's ``training_mode`` input (opset 12+) is not a constant false."""
     if len(node.inputs) < 3 or node.inputs[2] is None:
         return False
-    value, _ = constant_tensor(node.inputs[2])
-    return value is None or bool(np.any(value))
+    value = Constants().array(node.inputs[2])
+    return isinstance(value, Declined) or bool(np.any(value))
 
 
 def check_deterministic(

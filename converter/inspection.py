@@ -29,11 +29,17 @@ import numpy as np
 import onnx_ir as ir
 
 from converter.errors import InputError
-from converter.fusion.algebra import Policy
-from converter.fusion.conv_match import ConvOp, recognize_conv
-from converter.fusion.passes import fuse_model, iter_graphs
-from converter.fusion.recognize import Decline, LinearOp, constant_tensor, is_onnx, recognize
+from converter.fusion.conv.match import ConvOp, recognize_conv
+from converter.fusion.core.constants import Constants
+from converter.fusion.core.context import Context
+from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import is_onnx, iter_graphs
+from converter.fusion.core.policy import Policy
+from converter.fusion.linear.linear_op import LinearOp
+from converter.fusion.linear.ops import recognize
+from converter.fusion.passes import fuse_model
 from converter.model_io import files as io
+from converter.model_io import training
 from converter.report import NOT_SORTED_NOTE, FusionReport
 
 __all__ = [
@@ -106,18 +112,18 @@ def _dtype(value: ir.Value | None, array: np.ndarray | None = None) -> str:
     return str(array.dtype) if array is not None else "?"
 
 
-def _shape(value: ir.Value | None) -> list[int] | None:
-    array, _ = constant_tensor(value)
-    if array is not None:
+def _shape(constants: Constants, value: ir.Value | None) -> list[int] | None:
+    array = constants.array(value)
+    if not isinstance(array, Declined):
         return list(array.shape)
     if value is not None and value.shape is not None and value.shape.is_static():
         return [int(d) for d in value.shape]
     return None
 
 
-def _linear_info(op: LinearOp, label: str) -> OpInfo:
+def _linear_info(constants: Constants, op: LinearOp, label: str) -> OpInfo:
     node = op.nodes[0]
-    shape = _shape(node.inputs[1])
+    shape = _shape(constants, node.inputs[1])
     bias_value = op.weights[1] if len(op.weights) > 1 else None
     if op.is_gemm:
         t_a, t_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
@@ -142,17 +148,17 @@ def _linear_info(op: LinearOp, label: str) -> OpInfo:
         op.out_features,
         shape,
         meaning,
-        _shape(bias_value) if bias_value is not None else None,
+        _shape(constants, bias_value) if bias_value is not None else None,
         _dtype_name(op.dtype),
     )
 
 
-def _declined_info(node: ir.Node, reason: str, label: str) -> OpInfo:
-    left, _ = constant_tensor(node.inputs[0]) if node.inputs else (None, None)
+def _declined_info(constants: Constants, node: ir.Node, reason: str, label: str) -> OpInfo:
+    left = constants.array(node.inputs[0]) if node.inputs else None
     right = node.inputs[1] if len(node.inputs) > 1 else None
     form = node.op_type
-    meaning, shape = "not constant", _shape(right)
-    if node.op_type == "MatMul" and left is not None:
+    meaning, shape = "not constant", _shape(constants, right)
+    if node.op_type == "MatMul" and isinstance(left, np.ndarray):
         form, shape = "left MatMul", list(left.shape)
         meaning = "(out,in) on the left: y = W @ x"
     features = (shape[-1], shape[-2]) if form == "left MatMul" and shape else (None, None)
@@ -161,13 +167,19 @@ def _declined_info(node: ir.Node, reason: str, label: str) -> OpInfo:
     )
 
 
-def _conv_info(node: ir.Node, label: str) -> OpInfo:
+def _conv_info(constants: Constants, node: ir.Node, label: str) -> OpInfo:
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    array, reason = constant_tensor(weight)
-    shape = list(array.shape) if array is not None else _shape(weight)
+    array = constants.array(weight)
+    reason = array.reason if isinstance(array, Declined) else None
+    array = None if isinstance(array, Declined) else array
+    shape = list(array.shape) if array is not None else _shape(constants, weight)
     groups = node.attributes.get_int("group", 1)
     kernel = "x".join(str(d) for d in shape[2:]) if shape else "?"
-    bias = _shape(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    bias = (
+        _shape(constants, node.inputs[2])
+        if len(node.inputs) > 2 and node.inputs[2] is not None
+        else None
+    )
     return OpInfo(
         _name(node),
         label,
@@ -182,18 +194,24 @@ def _conv_info(node: ir.Node, label: str) -> OpInfo:
     )
 
 
+def _context(model: ir.Model) -> Context:
+    """A context for reading ``model`` (no run): weights a run marked trained stay unmerged."""
+    return Context(model, trained=training.marked(model))
+
+
 def _op_infos(model: ir.Model) -> list[OpInfo]:
+    ctx = _context(model)
     infos = []
     for graph, label in iter_graphs(model.graph):
         for node in graph:
             if is_onnx(node, "Conv"):
-                infos.append(_conv_info(node, label))
+                infos.append(_conv_info(ctx.constants, node, label))
                 continue
-            found = recognize(node)
+            found = recognize(ctx, node)
             if isinstance(found, LinearOp):
-                infos.append(_linear_info(found, label))
-            elif isinstance(found, Decline):
-                infos.append(_declined_info(node, found.reason, label))
+                infos.append(_linear_info(ctx.constants, found, label))
+            elif isinstance(found, Declined):
+                infos.append(_declined_info(ctx.constants, node, found.reason, label))
     return infos
 
 
@@ -227,14 +245,15 @@ def linear_weights(model: ir.Model) -> dict[str, np.ndarray]:
     fused kernels load straight into the deploy form (its strides, pads and groups are in the
     table). A layer without a bias gets zeros. Node names are made unique within the result.
     """
+    ctx = _context(model)
     arrays: dict[str, np.ndarray] = {}
     for graph, _ in iter_graphs(model.graph):
         for node in graph:
-            conv = recognize_conv(node) if is_onnx(node, "Conv") else None
+            conv = recognize_conv(ctx, node) if is_onnx(node, "Conv") else None
             if isinstance(conv, ConvOp):
                 _add_conv(arrays, node, conv)
                 continue
-            op = recognize(node)
+            op = recognize(ctx, node)
             if not isinstance(op, LinearOp):
                 continue
             affine = op.affine

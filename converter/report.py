@@ -2,7 +2,8 @@
 
 A :class:`FusionRecord` describes one merged segment; a :class:`Declined` record says why a
 chain (or part of one) was left as it was, in the spirit of onnxscript's
-``MatchResult.fail(reason)``. :class:`FusionReport` gathers both with the model totals.
+``MatchResult.fail(reason)`` (defined with the fusion code that returns it,
+:mod:`converter.fusion.core.declined`). :class:`FusionReport` gathers both with the model totals.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from converter.equivalence.timing import BenchmarkResult
+from converter.fusion.core.declined import Declined
 
 __all__ = ["FusionRecord", "Declined", "FusionReport", "NOT_SORTED_NOTE"]
 
-#: What a report says about an input whose nodes had to be sorted (:mod:`converter.fusion.order`).
+#: What a report says about an input whose nodes had to be sorted (:mod:`converter.fusion.core.order`).
 NOT_SORTED_NOTE = "input nodes were not in topological order; sorted"
 
 
@@ -67,21 +69,6 @@ def _copy(value: Any) -> Any:
 
 
 _RECORD_FIELDS = dataclasses.fields(FusionRecord)
-
-
-@dataclass
-class Declined:
-    """A chain, or a link in one, that was not merged, and the reason in words."""
-
-    nodes: list[str]
-    reason: str
-    graph: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def __str__(self) -> str:
-        return f"not merged [{', '.join(self.nodes)}] in {self.graph}: {self.reason}"
 
 
 @dataclass

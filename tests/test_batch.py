@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 from converter import batch
 from converter.cli import main
-from converter.fusion import algebra
+from converter.fusion.linear import algebra
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -15,7 +15,7 @@ import pytest
 from builders import assert_same_graph, linear_chain, op_types
 
 from converter.cli import main
-from converter.fusion import algebra
+from converter.fusion.linear import algebra
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -111,7 +111,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 
 
 # onnx_ir warns, in several lines, of a value that no scope defines; the fuser refuses such a
-# graph in one line naming the node (converter.fusion.order), so these go to the debug log.
+# graph in one line naming the node (converter.fusion.core.order), so these go to the debug log.
 _SCOPE_WARNINGS = ("Input '%s' of node", "Caveat: The value is created", "Output '%s' is not")
 
 

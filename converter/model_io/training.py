@@ -2,13 +2,11 @@
 
 onnx-ir drops ``ModelProto.training_info`` on load. We stash the serialised protos in the
 model's ``meta`` when loading, mark every initializer the training algorithm reads or updates
-(so the recogniser will not merge it away: a merged weight can no longer be trained), and put the
-protos back on the output proto.
+(the fusion run is handed them, so it will not merge them away: a merged weight can no longer
+be trained), and put the protos back on the output proto.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import onnx
 import onnx_ir as ir
@@ -17,8 +15,7 @@ __all__ = [
     "TRAINED",
     "stash",
     "mark_trained",
-    "is_trained",
-    "any_trained",
+    "marked",
     "restore",
     "restore_file",
 ]
@@ -26,18 +23,6 @@ __all__ = [
 _KEY = "onnx_fuse.training_info"
 #: ``Value.meta`` key set on initializers that a ``training_info`` binding names.
 TRAINED = "onnx_fuse.trained"
-# The same marks, for a fast question: reading ``Value.meta`` builds a store on every value.
-_TRAINED_VALUES: weakref.WeakSet[ir.Value] = weakref.WeakSet()
-
-
-def is_trained(value: ir.Value) -> bool:
-    """``value`` is an initializer that the model's ``training_info`` reads or updates."""
-    return bool(_TRAINED_VALUES) and value in _TRAINED_VALUES
-
-
-def any_trained() -> bool:
-    """Some live model marked a weight as trained (most runs: none, and nothing to check)."""
-    return bool(_TRAINED_VALUES)
 
 
 def stash(model: ir.Model, proto: onnx.ModelProto) -> None:
@@ -62,17 +47,21 @@ def _bound_names(info: onnx.TrainingInfoProto) -> set[str]:
     return names
 
 
-def mark_trained(model: ir.Model) -> int:
-    """Set ``meta[TRAINED]`` on every initializer a training binding names; return how many."""
+def mark_trained(model: ir.Model) -> frozenset[ir.Value]:
+    """Set ``meta[TRAINED]`` on every initializer a training binding names; return them."""
     names = set().union(*(_bound_names(i) for i in _training_infos(model)))
-    marked = 0
+    marked = []
     for name in names:
         value = model.graph.initializers.get(name)
         if value is not None:
             value.meta[TRAINED] = True
-            _TRAINED_VALUES.add(value)
-            marked += 1
-    return marked
+            marked.append(value)
+    return frozenset(marked)
+
+
+def marked(model: ir.Model) -> frozenset[ir.Value]:
+    """The initializers :func:`mark_trained` marked in ``model`` (none if it never ran)."""
+    return frozenset(v for v in model.graph.initializers.values() if v.meta.get(TRAINED))
 
 
 def restore(model: ir.Model, proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -90,7 +90,7 @@ TARGET_LINEAR = {
 # (block, exporter) pairs the engine does not bring to the target yet: xfail, strictly, so that
 # each flips to a failure the day it passes. Everything else must reach its target. Empty now
 # (conv_channels_last_mlp was the last: its 1x1 Conv moves past the Transpose into the Linear,
-# converter.fusion.conv_linear); a structure the engine cannot reach yet goes here with its why.
+# converter.fusion.conv_to_linear); a structure the engine cannot reach yet goes here with its why.
 NOT_YET: set[tuple[str, str]] = set()
 # Extra op types that must be gone after fusion (a fold that the free-fold heuristic cannot see).
 GONE = {

@@ -43,7 +43,7 @@ from archs.scales import projection_scales
 from converter import cli
 from converter.equivalence.runtime import Runner
 from converter.equivalence.widen import float32_copy
-from converter.fusion import algebra
+from converter.fusion.linear import algebra
 
 EXPORTERS = {"legacy": False, "dynamo": True}
 ADAPTERS = {"bert": 4, "gpt2": 2, "llama": 6}

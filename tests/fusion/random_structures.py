@@ -1152,7 +1152,7 @@ def _assert_records(report: FusionReport, ir_model: ir.Model) -> None:
 
 
 def _absorbed(record: FusionRecord) -> bool:
-    """A step folded into a linear op across views (``converter.fusion.absorb``): the engine
+    """A step folded into a linear op across views (``converter.fusion.linear.absorb``): the engine
     records no output for it (the op's output name now carries the step)."""
     return " folded into " in (record.note or "") and " through " in (record.note or "")
 

@@ -30,7 +30,8 @@ from onnx import helper
 
 import converter
 from converter.errors import EngineError
-from converter.fusion import algebra, invariants
+from converter.fusion.core import invariants
+from converter.fusion.linear import algebra
 from converter.fusion.passes import FusionPassResult, fuse_model
 
 torch = pytest.importorskip("torch")
@@ -299,18 +300,18 @@ def test_invariant_checker_finds_a_dangling_input():
 
 def test_an_inconsistent_rewrite_is_exit_3_and_writes_nothing(tmp_path, monkeypatch, capsys):
     from converter.cli import main
-    from converter.fusion import rewrite
+    from converter.fusion.linear.rewrite import LinearMerge
 
     src = tmp_path / "m.onnx"
     onnx.save(linear_chain([4, 8, 4]), src)
 
-    def broken(graph, *args, **kwargs):  # a merge that forgets to rewire the consumers
-        record, nodes = real_write(graph, *args, **kwargs)
-        graph.append(ir.node("Relu", [ir.Value(name="ghost")], name="dangling"))
-        return record, nodes
+    def broken(self, round, plan, computed):  # a merge that leaves a node reading nothing
+        written = real_write(self, round, plan, computed)
+        round.graph.append(ir.node("Relu", [ir.Value(name="ghost")], name="dangling"))
+        return written
 
-    real_write = rewrite.write
-    monkeypatch.setattr("converter.fusion.engine.write", broken)
+    real_write = LinearMerge.write
+    monkeypatch.setattr(LinearMerge, "write", broken)
     code = main([str(src), "-o", str(tmp_path / "out.onnx"), "--no-validate"])
     assert code == 3
     assert "inconsistent" in capsys.readouterr().err

@@ -53,7 +53,9 @@ from builders import fuse_with_report, linear_chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from random_structures import (
+
+import converter
+from fusion.random_structures import (
     BLOCKS,
     IMAGE_BLOCKS,
     Case,
@@ -62,8 +64,6 @@ from random_structures import (
     check_case,
     generate,
 )
-
-import converter
 
 T = TypeVar("T")
 
@@ -390,6 +390,6 @@ def _np(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    from random_structures import run
+    from fusion.random_structures import run
 
     return run(model, {"x": x})[0]

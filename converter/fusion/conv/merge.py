@@ -1,0 +1,399 @@
+"""Structural re-parameterisation of convolutions: the finders of the merges convs make.
+
+Three finders, first in the engine's list (:mod:`converter.fusion.engine`), read one analysis of
+the live graph per round (every Conv recognised, :mod:`converter.fusion.conv.match`); the engine
+makes the first kind of merge any of them finds (each changes what the next kind sees, so the
+round ends there and the next round analyses the graph again):
+
+1. **folds**: a channel affine after a Conv (``W' = W * s[o]``, ``b' = b * s + t``), then one
+   before a Conv (``W' = W * s[c]``, ``b' = b + sum W t``; a shift only into an unpadded conv);
+2. **branch sums**: a tree of ``Add``/``Sub``/``Sum`` over convs of one input ``x``, ``x`` itself
+   and channel affines of ``x``: every branch embedded in the largest kernel (centred, padding
+   adjusted), written with the fewest groups any branch has, ``W = sum s_k W_k``,
+   ``b = sum s_k b_k`` (RepVGG, ACNet, MobileOne, RepViT, RepMixer, conditional positional
+   encodings, YOLO RepConv);
+3. **compositions**: a Conv whose only consumer is another Conv, with nothing between them.
+
+A merge that is folded into a branch (a BatchNorm after each branch conv, a layer scale after a
+sum) is made by the rounds: fold, then sum, then fold the scale after the sum, and so on.
+
+Each planned merge (a :class:`~converter.fusion.conv.rewrite.ConvMerge`) is checked to be still
+alive, decided from shapes (:mod:`converter.fusion.conv.geometry`'s ``plan_*``; a few per-channel
+constants may be read, never a weight), computed once in float64
+(:mod:`converter.fusion.conv.algebra`), refused if the dtype cannot hold it, rounded once and
+written. Under ``policy="cost"`` a branch sum or
+composition that would add multiply-adds per output position or parameters is refused (a 1x1
+expansion followed by a depthwise conv stays two convs); a fold never adds either.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import onnx_ir as ir
+
+from converter.fusion.conv import algebra as ca
+from converter.fusion.conv.geometry import ConvGeometry, chain_macs, plan_add, plan_compose
+from converter.fusion.conv.match import (
+    ChannelAffine,
+    ConvOp,
+    Term,
+    recognize_affine,
+    recognize_conv,
+)
+from converter.fusion.conv.rewrite import ConvMerge
+from converter.fusion.core.context import Context
+from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import feeds_only, sole_consumer
+from converter.fusion.core.joins import is_join, tree_leaves
+from converter.fusion.core.merge import Finder, Merge, Round
+
+__all__ = ["ConvCompositions", "ConvFolds", "ConvSums"]
+
+Refused = dict[ir.Node, Declined]
+
+
+class _ConvFinder(Finder):
+    """A finder of conv merges: nothing to find in a graph without a Conv."""
+
+    def find(self, round: Round) -> list[Merge | Declined]:
+        convs, refused = round.shared(_analyse)
+        if not convs and not refused:
+            return []
+        reasons: list[Declined] = []
+        merges = self._find(round.ctx, round.graph, convs, refused, round.label, reasons)
+        return [*reasons, *merges]
+
+    @abc.abstractmethod
+    def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]: ...
+
+
+class ConvFolds(_ConvFinder):
+    """A channel affine folded into the Conv before it, then one into the Conv after it."""
+
+    def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+        return _find_folds(ctx, graph, convs, refused, label, reasons)
+
+
+class ConvSums(_ConvFinder):
+    """A tree of sums over conv branches of one input (RepVGG, ACNet, MobileOne, ...)."""
+
+    def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+        return _find_sums(ctx, graph, convs, refused, label, reasons)
+
+
+class ConvCompositions(_ConvFinder):
+    """A Conv whose only consumer is another Conv, with nothing between them."""
+
+    def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+        return _find_compositions(ctx, graph, convs, refused, label, reasons)
+
+
+def _analyse(round: Round) -> tuple[dict[ir.Node, ConvOp], Refused]:
+    """Every Conv of the round's graph recognised, or refused with the reason."""
+    convs: dict[ir.Node, ConvOp] = {}
+    refused: Refused = {}
+    for node in round.graph:
+        found = recognize_conv(round.ctx, node)
+        if isinstance(found, ConvOp):
+            convs[node] = found
+        elif isinstance(found, Declined):
+            refused[node] = found
+    return convs, refused
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or f"<{node.op_type}>"
+
+
+def _affine_after(ctx: Context, node: ir.Node, value: ir.Value, rank: int, channels: int):
+    """The channel affine ``node`` applies to ``value``, a reason, or None."""
+    found = recognize_affine(ctx, node, rank, channels)
+    if isinstance(found, ChannelAffine) and found.data is not value:
+        return None
+    return found
+
+
+def _find_folds(ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+    """Every conv + following affine, then every affine + following conv."""
+    after, before = [], []
+    for node in graph:
+        op = convs.get(node)
+        if op is None:
+            _refused_fold(ctx, node, refused, label, reasons)
+            continue
+        g = op.geometry
+        consumer = sole_consumer(op.output)
+        if consumer is not None:
+            found = _affine_after(ctx, consumer, op.output, g.rank + 2, g.out_channels)
+            if isinstance(found, ChannelAffine):
+                after.append(_fold_after(op, found))
+            elif isinstance(found, Declined):
+                reasons.append(found.about([_name(node), _name(consumer)], label))
+        x = op.input
+        producer = None if x is None else x.producer()
+        if producer is not None and sole_consumer(x) is node:
+            found = recognize_affine(ctx, producer, g.rank + 2, g.in_channels)
+            if isinstance(found, ChannelAffine):
+                before.append(_fold_before(found, op))
+            elif isinstance(found, Declined):
+                reasons.append(found.about([_name(producer), _name(node)], label))
+    return after + before
+
+
+def _refused_fold(
+    ctx: Context, node: ir.Node, refused: Refused, label: str, reasons: list[Declined]
+) -> None:
+    """A reason for a Conv (or ConvTranspose) we cannot use when a channel affine follows it."""
+    if node not in refused or not node.outputs:
+        return
+    consumer = sole_consumer(node.outputs[0])
+    if consumer is not None and _is_constant_step(ctx, consumer):
+        reasons.append(refused[node].about([_name(node), _name(consumer)], label))
+
+
+def _is_constant_step(ctx: Context, node: ir.Node) -> bool:
+    found = recognize_affine(ctx, node, 4, 1)  # any shape: just "is it a constant step at all"
+    return found is not None
+
+
+def _fold_after(op: ConvOp, affine: ChannelAffine) -> ConvMerge:
+    g = op.geometry
+    n = g.out_channels
+
+    def plan() -> ConvGeometry:
+        return _with_bias(g, g.has_bias or affine.has_shift)
+
+    def compute() -> ca.ConvMap:
+        scale, shift = affine.vectors(n)
+        return ca.scale_out(op.conv_map(), scale, shift)
+
+    return ConvMerge(
+        [op.node, affine.node],
+        [(op.node, 0)],
+        op.dtype,
+        plan,
+        compute,
+        g.macs_per_position + n,
+        g.params + affine.params(n),
+        f"{affine.node.op_type} folded into the Conv before it",
+        op.constants + affine.constants,
+    )
+
+
+def _fold_before(affine: ChannelAffine, op: ConvOp) -> ConvMerge:
+    g = op.geometry
+    n = g.in_channels
+
+    def plan() -> ConvGeometry | Declined:
+        if affine.has_shift and any(g.pads):
+            _, shift = affine.vectors(n)  # a per-channel vector: small
+            if shift is not None and shift.any():
+                return Declined.because(
+                    f"{affine.node.op_type} shifts the input of a Conv with pads {list(g.pads)}: "
+                    "the shift does not fold, the padding contributes zeros, not the shift"
+                )
+        return _with_bias(g, g.has_bias or affine.has_shift)
+
+    def compute() -> ca.ConvMap | Declined:
+        scale, shift = affine.vectors(n)
+        return ca.affine_in(op.conv_map(), scale, shift)
+
+    return ConvMerge(
+        [affine.node, op.node],
+        [(affine.node, affine.data_index)],
+        op.dtype,
+        plan,
+        compute,
+        g.macs_per_position + n,
+        g.params + affine.params(n),
+        f"{affine.node.op_type} folded into the Conv after it",
+        affine.constants + op.constants,
+    )
+
+
+def _with_bias(g: ConvGeometry, has_bias: bool) -> ConvGeometry:
+    return ConvGeometry(
+        g.out_channels,
+        g.in_channels,
+        g.kernel_shape,
+        g.groups,
+        g.strides,
+        g.dilations,
+        g.pads,
+        has_bias,
+    )
+
+
+def _roots(ctx: Context, graph: ir.Graph) -> list[ir.Node]:
+    """Joins not inside a larger tree of joins, in graph order."""
+    return [
+        n
+        for n in graph
+        if is_join(ctx, n) and not is_join(ctx, sole_consumer(n.outputs[0]) or None)
+    ]
+
+
+def _find_sums(ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+    """Every tree of sums over conv branches of one input (the largest that matches)."""
+    merges: list[ConvMerge] = []
+    for root in _roots(ctx, graph):
+        joins, _ = tree_leaves(ctx, root)
+        first_reason = None
+        for candidate in joins[::-1]:  # the whole tree, then its subtrees
+            found = _match_sum(ctx, candidate, convs, refused)
+            if isinstance(found, ConvMerge):
+                merges.append(found)
+                break
+            if found is not None and first_reason is None:
+                first_reason = found
+        else:
+            if first_reason is not None:
+                reasons.append(first_reason.about([_name(j) for j in joins], label))
+    return merges
+
+
+def _match_sum(ctx: Context, root: ir.Node, convs, refused) -> ConvMerge | Declined | None:
+    """The branch sum rooted at ``root``; a reason when it nearly is one; None otherwise."""
+    joins, leaves = tree_leaves(ctx, root)
+    if len(leaves) < 2 or len({id(v) for _, v in leaves}) != len(leaves):
+        return None
+    members = set(joins)
+    branch_convs = {
+        v: convs[v.producer()]
+        for _, v in leaves
+        if v.producer() in convs and feeds_only(v, members)
+    }
+    inputs = {id(op.input): op.input for op in branch_convs.values()}
+    if len(inputs) != 1:
+        return None
+    (x,) = inputs.values()
+    some = next(iter(branch_convs.values()))
+    rank, channels = some.geometry.rank + 2, some.geometry.in_channels
+    terms: list[Term] = []
+    for sign, value in leaves:
+        producer = value.producer()
+        if value in branch_convs:
+            terms.append(Term(sign, conv=branch_convs[value]))
+        elif value is x:
+            terms.append(Term(sign))
+        elif producer in refused and producer.inputs and producer.inputs[0] is x:
+            return Declined.because(f"branch '{_name(producer)}': {refused[producer].reason}")
+        else:
+            affine = None if producer is None else _affine_after(ctx, producer, x, rank, channels)
+            if isinstance(affine, Declined):
+                return Declined.because(f"branch '{_name(producer)}': {affine.reason}")
+            if affine is None or not feeds_only(value, members):
+                return None
+            terms.append(Term(sign, affine=affine))
+    return _sum_merge(joins, terms, x, some.dtype, rank - 2, channels)
+
+
+def _sum_merge(joins, terms: list[Term], x, dtype, rank: int, channels: int) -> ConvMerge:
+    ones = (1,) * rank
+    geometries, maps_of, macs, params, constants = [], [], 0, 0, []
+    for term in terms:
+        if term.conv is not None:
+            g = term.conv.geometry
+            macs, params = macs + g.macs_per_position, params + g.params
+            constants += term.conv.constants
+            maps_of.append(_signed(term.sign, term.conv.conv_map))
+        else:
+            has_shift = term.affine is not None and term.affine.has_shift
+            g = ConvGeometry(channels, channels, ones, channels, has_bias=has_shift)
+            if term.affine is not None:
+                macs, params = macs + channels, params + term.affine.params(channels)
+                constants += term.affine.constants
+            maps_of.append(_signed(term.sign, _delta(term.affine, channels, ones)))
+        geometries.append(g)
+    out_channels = geometries[0].out_channels
+    reads = [r for t in terms for r in t.reads()]
+    reads += [(j, i) for j in joins for i, v in enumerate(j.inputs) if v is x]
+
+    def compute() -> ca.ConvMap | Declined:
+        return ca.add_convs(*(make() for make in maps_of))
+
+    return ConvMerge(
+        [n for t in terms for n in t.nodes] + joins,
+        reads,
+        dtype,
+        lambda: plan_add(*geometries),
+        compute,
+        macs + (len(terms) - 1) * out_channels,
+        params,
+        "parallel branches merged: " + _describe(terms),
+        constants,
+    )
+
+
+def _signed(sign: float, make):
+    if sign > 0:
+        return make
+    return lambda: ca.scale_out(make(), -1.0)
+
+
+def _delta(affine: ChannelAffine | None, channels: int, ones: tuple[int, ...]):
+    def make() -> ca.ConvMap:
+        scale, shift = (None, None) if affine is None else affine.vectors(channels)
+        found = ca.identity_conv(channels, ones, scale=scale, shift=shift)
+        assert isinstance(found, ca.ConvMap)  # a 1-wide kernel always has a centre
+        return found
+
+    return make
+
+
+def _describe(terms: list[Term]) -> str:
+    """``3x3 + 1x1 + identity``; ``depthwise 3x3 - BatchNormalization(x)``."""
+    parts = []
+    for i, term in enumerate(terms):
+        sign = ("- " if term.sign < 0 else "+ ") if i else ("-" if term.sign < 0 else "")
+        if term.conv is not None:
+            g = term.conv.geometry
+            depthwise = "depthwise " if g.groups > 1 and g.groups == g.in_channels else ""
+            what = depthwise + "x".join(map(str, g.kernel_shape))
+        elif term.affine is not None:
+            what = f"{term.affine.node.op_type}(x)"
+        else:
+            what = "identity"
+        parts.append(sign + what)
+    return " ".join(parts)
+
+
+def _find_compositions(ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
+    """Every Conv whose only consumer is another Conv reading it as its data input."""
+    merges = []
+    for node, first in convs.items():
+        consumer = sole_consumer(first.output)
+        second = convs.get(consumer) if consumer is not None else None
+        if second is None or second.input is not first.output:
+            if consumer in refused and consumer.inputs[0] is first.output:
+                reasons.append(refused[consumer].about([_name(node), _name(consumer)], label))
+            continue
+        if first.dtype != second.dtype:
+            continue
+        merges.append(_compose(first, second))
+    return merges
+
+
+def _compose(first: ConvOp, second: ConvOp) -> ConvMerge:
+    g1, g2 = first.geometry, second.geometry
+
+    def plan() -> ConvGeometry | Declined:
+        bias = first.bias.array().reshape(-1) if first.bias is not None else None  # small
+        return plan_compose(g1, g2, first_bias=bias)
+
+    def compute() -> ca.ConvMap | Declined:
+        return ca.compose(first.conv_map(), second.conv_map())
+
+    k1, k2 = ("x".join(map(str, g.kernel_shape)) for g in (g1, g2))
+    return ConvMerge(
+        [first.node, second.node],
+        [(first.node, 0)],
+        first.dtype,
+        plan,
+        compute,
+        chain_macs([g1, g2]),
+        g1.params + g2.params,
+        f"sequential convs composed: {k1} then {k2}",
+        first.constants + second.constants,
+    )

@@ -1,0 +1,60 @@
+"""Writing a merge once: its new weights, its name, and the nodes it takes the place of.
+
+Every kind of merge writes the same way: the merged values, rounded once to the model's dtype,
+become initializers under fresh names; the new nodes go where the last replaced node was and
+take over its output value (same name, type and shape), so everything downstream, graph outputs
+included, is untouched; and the constants only the replaced nodes read are removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from converter.fusion.core.constants import remove_if_unused
+from converter.fusion.core.context import Context
+
+__all__ = ["fused_name", "initializer", "replace"]
+
+
+def fused_name(names: list[str]) -> str:
+    """``fused(a+b+c)``, or ``fused(a+...3 more...+e)`` for more than four names."""
+    if len(names) > 4:
+        names = [names[0], f"...{len(names) - 2} more...", names[-1]]
+    return "fused(" + "+".join(names) + ")"
+
+
+def initializer(
+    ctx: Context, graph: ir.Graph, base: str, array: np.ndarray, *, typed: bool
+) -> ir.Value:
+    """A new initializer holding ``array`` under a fresh name from ``base``; ``typed`` gives the
+    value the tensor's type and shape (as onnx-ir's loader does: the model then records them)."""
+    name = ctx.names.fresh(base)
+    tensor = ir.Tensor(array, name=name)
+    if typed:  # the tensor's frozen shape serves the value too
+        value = ir.Value(
+            name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor
+        )
+    else:
+        value = ir.Value(name=name, const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def replace(
+    graph: ir.Graph,
+    old_nodes: list[ir.Node],
+    new_nodes: list[ir.Node],
+    old_out: ir.Value,
+    constants: Iterable[ir.Value | None],
+) -> None:
+    """Put ``new_nodes`` (the last computes the result) in place of ``old_nodes``, taking over
+    ``old_out``; then drop each of ``constants`` that nothing reads any more."""
+    new_out = new_nodes[-1].outputs[0]
+    ir.convenience.replace_nodes_and_values(
+        graph, old_nodes[-1], old_nodes, new_nodes, [old_out], [new_out]
+    )
+    for value in constants:
+        remove_if_unused(value)

@@ -1,0 +1,343 @@
+"""Chains of linear ops: find them, check the safety preconditions, merge the segments chosen.
+
+A *chain* is a run of linear ops where each op's data input is the previous op's output, and
+each intermediate result has exactly one consumer and is not a graph output (otherwise someone
+else still needs the intermediate, and merging would have to keep both). Every link that is
+*not* made, between ops that are otherwise linear, is declined with the reason
+(:class:`RefusedLinks`), as is every split the cost model chooses (:class:`Segments`).
+
+The analysis (:func:`analyse`: every linear op and step of the graph, linked into maximal
+chains, one-op chains included) is made once a round and shared by the finders that read chains:
+branch sums and folds across views start from it too. A chain's segments merge as
+``W = W1 @ W2 @ ...``, ``b = (b1 @ W2 + b2) @ W3 + ...``; a chain may be led by an op another
+part recognises before its first op (a 1x1 Conv read through a channels-last Transpose,
+:mod:`converter.fusion.conv_to_linear`): the engine gives :class:`Segments` that ``lead``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from converter.fusion.core.context import Context
+from converter.fusion.core.declined import Declined
+from converter.fusion.core.merge import Finder, Merge, Round
+from converter.fusion.core.policy import Policy
+from converter.fusion.linear import algebra
+from converter.fusion.linear.linear_op import LinearOp
+from converter.fusion.linear.ops import recognize
+from converter.fusion.linear.rewrite import LinearMerge
+from converter.fusion.linear.steps import STEP_OPS, recognize_step
+
+__all__ = [
+    "ChainPlan",
+    "Lead",
+    "RefusedLinks",
+    "Segment",
+    "Segments",
+    "analyse",
+    "find_chains",
+    "intermediate_reason",
+    "link_reason",
+    "plan_chain",
+    "widths",
+]
+
+#: What may lead a chain from before its first op: the op found there, why not, or None.
+Lead = Callable[[Context, LinearOp], "LinearOp | Declined | None"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChainPlan:
+    """A chain's ops and the segments ``[start, stop)`` of it that will be merged (length >= 2)."""
+
+    ops: list[LinearOp]
+    segments: list[tuple[int, int]]
+
+
+def widths(ops: list[LinearOp]) -> list[int]:
+    """The widths ``d0 -> d1 -> ... -> dk`` a run of ops maps through."""
+    return [ops[0].in_features] + [op.out_features for op in ops]
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or f"<{node.op_type}>"
+
+
+def intermediate_reason(value: ir.Value) -> str | None:
+    """Why ``value`` cannot vanish inside a merge (a graph output, or read by several nodes)."""
+    label = value.name or "<unnamed>"
+    if value.is_graph_output():
+        return f"intermediate '{label}' is a graph output"
+    users = {u.node for u in value.uses()}
+    if len(users) != 1:
+        return f"fan-out: intermediate '{label}' feeds {len(users)} nodes"
+    return None
+
+
+def link_reason(prev: LinearOp, op: LinearOp) -> str | None:
+    """Why ``op`` cannot be merged with ``prev`` (whose output is ``op``'s input), or None."""
+    reason = intermediate_reason(prev.output)
+    if reason:
+        return reason
+    if op.trans_a:
+        return f"transA=1 on '{op.names[0]}' transposes the rows, so it can only start a chain"
+    if prev.axis != op.axis:
+        return "the ops act on different axes (one is a MatMul with the weight on the left)"
+    if prev.dtype != op.dtype:
+        return f"dtypes differ ({prev.dtype.name} then {op.dtype.name})"
+    if prev.out_features != op.in_features:
+        return f"widths do not match ({prev.out_features} outputs into {op.in_features} inputs)"
+    return None
+
+
+def find_chains(
+    ctx: Context, graph: ir.Graph, label: str, *, min_length: int = 2
+) -> tuple[list[list[LinearOp]], list[Declined]]:
+    """All maximal chains of ``min_length`` or more linear ops in ``graph`` (not its subgraphs).
+
+    Returns the chains, each in order of application, and a record for every link refused between
+    two linear ops, or between a linear op and a Gemm/MatMul that cannot be merged.
+    """
+    ops, refused = _recognise_all(ctx, graph)
+    successor, declined = _links(ops, label)
+    declined.extend(_refused_neighbours(ctx, refused, ops, label))
+    has_predecessor = {id(op) for op in successor.values()}
+    chains = []
+    for op in ops:
+        if id(op) in has_predecessor:
+            continue
+        chain = [op]
+        while id(chain[-1]) in successor:
+            chain.append(successor[id(chain[-1])])
+        if len(chain) >= min_length:
+            chains.append(chain)
+    return chains, declined
+
+
+def _recognise_all(ctx: Context, graph: ir.Graph) -> tuple[list[LinearOp], dict[ir.Node, Declined]]:
+    """Every linear op and step of ``graph`` in graph order, and every node refused, with why."""
+    ops: list[LinearOp] = []
+    refused: dict[ir.Node, Declined] = {}
+    absorbed: set[ir.Node] = set()
+    producers: dict[ir.Value, LinearOp] = {}
+    for node in graph:
+        if node in absorbed:
+            continue
+        found = recognize(ctx, node)
+        if found is None and node.op_type in STEP_OPS:
+            found = recognize_step(ctx, node, producers.get)
+        if isinstance(found, LinearOp):
+            producers[found.output] = found
+            ops.append(found)
+            absorbed.update(found.nodes[1:])
+        elif isinstance(found, Declined):
+            refused[node] = found
+    return ops, refused
+
+
+def _links(ops: list[LinearOp], label: str) -> tuple[dict[int, LinearOp], list[Declined]]:
+    """Each op's successor in its chain (by the op's id), and why each refused link is."""
+    by_output = {op.output: op for op in ops}
+    declined: list[Declined] = []
+    successor: dict[int, LinearOp] = {}
+    for op in ops:
+        prev = by_output.get(op.input)
+        if prev is None:
+            continue
+        reason = link_reason(prev, op)
+        if reason is None:
+            successor[id(prev)] = op
+        elif not (prev.elementwise and op.elementwise):  # two steps alone would not merge anyway
+            declined.append(Declined(prev.names + op.names, reason, label))
+    return successor, declined
+
+
+def _refused_neighbours(
+    ctx: Context, refused: dict[ir.Node, Declined], ops: list[LinearOp], label: str
+) -> list[Declined]:
+    """Records for nodes that could not join a neighbouring linear op: a Gemm/MatMul next to any
+    linear op or step, or a constant step next to a Gemm/MatMul."""
+    producers: dict[ir.Value, list[LinearOp | ir.Node]] = {op.output: [op] for op in ops}
+    consumers: dict[ir.Value, list[LinearOp | ir.Node]] = {}
+    for op in ops:
+        consumers.setdefault(op.input, []).append(op)
+    for node in refused:
+        producers[node.outputs[0]] = [node]
+        for value in node.inputs:
+            if value is not None:
+                consumers.setdefault(value, []).append(node)
+    records = []
+    for node, decline in refused.items():
+        before = [p for v in node.inputs if v is not None for p in producers.get(v, [])]
+        after = consumers.get(node.outputs[0], [])
+        neighbours = [n for n in before + after if n is not node]
+        if node.op_type in ("Gemm", "MatMul", "Einsum"):
+            # A product of two activations (attention's q @ k) is not a linear op: no reason.
+            wanted = neighbours if _has_constant_operand(ctx, node) else []
+        else:  # a step matters only beside a matrix op
+            wanted = [n for n in neighbours if isinstance(n, LinearOp) and not n.elementwise]
+        if not wanted:
+            continue
+        names = [_names(n) for n in before if n is not node]
+        later = [_names(n) for n in after if n is not node]
+        flat = [x for group in names for x in group] + [_name(node)]
+        flat += [x for group in later for x in group]
+        records.append(decline.about(flat, label))
+    return records
+
+
+def _has_constant_operand(ctx: Context, node: ir.Node) -> bool:
+    """An operand is, or could be meant as, a weight: a constant, an initializer, a graph input."""
+    return any(
+        ctx.constants.is_constant(v) or v.is_graph_input() or v.is_initializer()
+        for v in node.inputs[:2]
+        if v is not None
+    )
+
+
+def _names(item: LinearOp | ir.Node) -> list[str]:
+    return item.names if isinstance(item, LinearOp) else [_name(item)]
+
+
+def plan_chain(
+    chain: list[LinearOp], policy: Policy, label: str
+) -> tuple[ChainPlan, list[Declined]]:
+    """Choose which segments of ``chain`` to merge, recording why any split was made.
+
+    Only segments holding a Gemm or MatMul are merged: elementwise steps alone stay as they are.
+    """
+    if all(op.elementwise for op in chain):
+        return ChainPlan(chain, []), []
+    dims = widths(chain)
+    alone = [op.macs for op in chain]
+    segments = algebra.plan_segments(dims, policy, alone=alone)
+    declined = []
+    for (i, j), (_, k) in itertools.pairwise(segments):
+        if all(op.elementwise for op in chain[i:k]):
+            continue
+        separate = algebra.segments_macs(dims, [(i, j), (j, k)], alone=alone)
+        merged = dims[i] * dims[k]
+        declined.append(
+            Declined(
+                chain[j - 1].names + chain[j].names,
+                f"cost model: merging widths {dims[i]}->{dims[j]}->{dims[k]} would take "
+                f"multiply-adds per row from {separate} to {merged} (--policy always merges anyway)",
+                label,
+            )
+        )
+    merged_segments = [
+        (i, j) for i, j in segments if j - i >= 2 and not all(op.elementwise for op in chain[i:j])
+    ]
+    return ChainPlan(chain, merged_segments), declined
+
+
+@dataclass
+class ChainAnalysis:
+    """A round's chains (each in order of application, one-op chains included) and the reasons
+    for every link refused between two linear ops or beside a Gemm/MatMul that cannot merge."""
+
+    runs: list[list[LinearOp]]
+    declined: list[Declined]
+
+
+def analyse(round: Round) -> ChainAnalysis:
+    """The chains of ``round``'s graph as it is now (share it: ``round.shared(analyse)``)."""
+    runs, declined = find_chains(round.ctx, round.graph, round.label, min_length=1)
+    return ChainAnalysis(runs, declined)
+
+
+class RefusedLinks(Finder):
+    """No merge, only reasons: every link refused between linear ops of the round's chains."""
+
+    def find(self, round: Round) -> list[Declined]:
+        return round.shared(analyse).declined
+
+
+@dataclass(eq=False)
+class Segment(LinearMerge):
+    """A segment of a chain, merged into one op: ``W = W1 @ W2 @ ...``."""
+
+    @classmethod
+    def of(cls, ops: list[LinearOp], tick: Callable[[], None] = lambda: None) -> Segment:
+        def maps() -> Iterator[algebra.AffineMap]:
+            for op in ops:  # one float64 map at a time, built when the fold reaches it
+                yield op.affine
+                tick()
+
+        def make() -> algebra.AffineMap:
+            return algebra.compose_all(maps())
+
+        note = None
+        if ops[0].input_perm is not None:
+            note = (
+                f"1x1 Conv '{ops[0].names[0]}' moved past the Transpose "
+                f"(perm {list(ops[0].input_perm)}) into the channels-last linear op"
+            )
+        return cls(ops, [], widths(ops), sum(op.macs for op in ops), make, note)
+
+    @property
+    def reanalyse(self) -> bool:
+        """The cost model chose every segment of each maximal chain at once, and a merged
+        segment takes the place and the output value of the ops it replaces, so no chain, link
+        or branch sum a further round could find was not already in this one. A segment led by
+        a 1x1 Conv is not maximal that way: its new Transpose reads the Conv's input, which
+        another 1x1 Conv may compute (two the conv cost model kept apart)."""
+        return self.input_perm is not None
+
+
+class Segments(Finder):
+    """Every segment the cost model chose in every chain of the round (led, where ``lead``
+    finds one, by the op before the chain's first)."""
+
+    def __init__(self, lead: Lead | None = None) -> None:
+        self.lead = lead
+
+    def find(self, round: Round) -> list[Merge | Declined]:
+        found: list[Merge | Declined] = []
+        runs = self._led(round, round.shared(analyse).runs, found)
+        planned: list[list[LinearOp]] = []
+        for run in runs:
+            if len(run) < 2:
+                continue
+            plan, split_reasons = plan_chain(run, round.ctx.policy, round.label)
+            found.extend(split_reasons)
+            planned.extend(run[i:j] for i, j in plan.segments)
+        tick = _ticker(round.ctx, sum(len(ops) for ops in planned))
+        found.extend(Segment.of(ops, tick) for ops in planned)
+        return found
+
+    def _led(
+        self, round: Round, runs: list[list[LinearOp]], found: list[Merge | Declined]
+    ) -> list[list[LinearOp]]:
+        """``runs``, each with the op ``lead`` finds before it in front (and its reasons)."""
+        if self.lead is None:
+            return runs
+        led: list[list[LinearOp]] = []
+        for run in runs:
+            first = self.lead(round.ctx, run[0])
+            if isinstance(first, LinearOp):
+                led.append([first, *run])
+                continue
+            if first is not None:
+                found.append(first)
+            led.append(run)
+        return led
+
+
+def _ticker(ctx: Context, total: int) -> Callable[[], None]:
+    """Progress for the composition of ``total`` ops: ``merging done/total``, one op at a time."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        ctx.progress("merging", done, total)
+
+    return tick
