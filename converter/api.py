@@ -127,12 +127,7 @@ def fuse_file(
             # The fused model is already in memory: validation runs its file without reloading it.
             candidate = OnDisk(model, pending.path)
             _validate_into(report, src, candidate, seed=seed, benchmark=timed, **options)
-            if strict:
-                _require_bit_exact(report)
-            if not report.validated:
-                determinism.check_deterministic(src, seed=seed, **options)
-            if not report.validated and not keep_on_fail:
-                raise ValidationError(_failure_message(report, dst))
+            _judge(report, src, dst, strict=strict, keep_on_fail=keep_on_fail, seed=seed, **options)
         pending.commit()
     if timed is not None:
         if not (validate and report.rewritten):  # else validation timed them, on its inputs
@@ -199,6 +194,26 @@ def _require_bit_exact(report: FusionReport) -> None:
 
 
 _MAIN_GRAPH = "main graph"
+
+
+def _judge(
+    report: FusionReport,
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    strict: bool,
+    keep_on_fail: bool,
+    seed: int,
+    **options: Any,
+) -> None:
+    """After validation: bit-exact if ``strict``; a failure checked against the original's own
+    determinism, then raised (nothing written) unless ``keep_on_fail``."""
+    if strict:
+        _require_bit_exact(report)
+    if not report.validated:
+        determinism.check_deterministic(src, seed=seed, **options)
+    if not report.validated and not keep_on_fail:
+        raise ValidationError(_failure_message(report, dst))
 
 
 def _validate_into(

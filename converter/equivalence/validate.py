@@ -202,16 +202,9 @@ def check_equivalence(
             provider), an unknown ``extra_outputs`` name.
         OriginalModelError: The original model does not load or run in onnxruntime.
     """
-    if trials < 1:
-        raise InputError(f"trials must be at least 1, got {trials}")
     timed = timing.options_of(benchmark)
     orig, cand = load_side(original, "original"), load_side(candidate, "candidate")
-    graph_outputs = set(orig.outputs)
-    intermediates = [n for n in dict.fromkeys(extra_outputs) if n and n not in graph_outputs]
-    if missing := expose(orig, intermediates):
-        raise InputError(f"extra output '{missing[0]}' is not a value of the {orig.label}")
-    _check_tolerances(atol, "atol", orig.outputs + intermediates)
-    _check_tolerances(rtol, "rtol", orig.outputs + intermediates)
+    intermediates = _checked_options(orig, extra_outputs, atol, rtol, trials)
     feeds = trial_inputs(orig.interface, inputs, input_shapes, trials, seed)
     failures = _interface_failures(orig, cand)
     absent = set(expose(cand, intermediates))
@@ -220,25 +213,56 @@ def check_equivalence(
         original_runner, candidate_runner, widened = _open_both(orig, cand, workdir, failures)
         reference = Reference(orig, workdir)
         runners = _Runners(original_runner, candidate_runner, orig, set(intermediates))
-        runs: list[_TrialResult] = []
-        for trial in feeds:
-            # Intermediate values are fetched in the first trial, and again in any trial whose
-            # outputs fail (to name the first divergence): each fetched value costs every run.
-            full = trial is feeds[0] or not measured
-            run = runners.run(trial, atol, rtol, failures, full=full, synthesised=inputs is None)
-            values = trial.values
-            result = _compare_trial(run, orig.outputs, measured if full else (), reference, values)
-            if result.failed and not full and not isinstance(run.actual, str):
-                run = runners.run(
-                    trial, atol, rtol, failures, full=True, synthesised=inputs is None
-                )
-                result = _compare_trial(run, orig.outputs, measured, reference, values)
-            runs.append(result)
+        tolerances = (atol, rtol)
+        runs = [
+            _one_trial(runners, trial, trial is feeds[0], measured, tolerances, failures, reference,
+                       synthesised=inputs is None)
+            for trial in feeds
+        ]  # fmt: skip
     diagnostics = _diagnostics(runs, intermediates, absent, orig)
     report = _make_report(runs, orig.outputs, feeds, seed, reference.note, failures)
     if timed is not None and not failures:
         diagnostics["benchmark"] = _benchmark(original, candidate, feeds[0], timed)
     return dataclasses.replace(report, widened=widened, **diagnostics)
+
+
+def _checked_options(
+    orig: Side, extra_outputs: Sequence[str], atol: Tolerance, rtol: Tolerance, trials: int
+) -> list[str]:
+    """The original's values to compare besides its outputs, exposed; the options checked."""
+    if trials < 1:
+        raise InputError(f"trials must be at least 1, got {trials}")
+    graph_outputs = set(orig.outputs)
+    intermediates = [n for n in dict.fromkeys(extra_outputs) if n and n not in graph_outputs]
+    if missing := expose(orig, intermediates):
+        raise InputError(f"extra output '{missing[0]}' is not a value of the {orig.label}")
+    _check_tolerances(atol, "atol", orig.outputs + intermediates)
+    _check_tolerances(rtol, "rtol", orig.outputs + intermediates)
+    return intermediates
+
+
+def _one_trial(
+    runners: _Runners,
+    trial: TrialInputs,
+    first: bool,
+    measured: list[str],
+    tolerances: tuple[Tolerance, Tolerance],
+    failures: list[str],
+    reference: Reference,
+    *,
+    synthesised: bool,
+) -> _TrialResult:
+    """Run and compare one trial. Intermediate values are fetched in the first trial, and again
+    in any trial whose outputs fail (to name the first divergence): each costs every run."""
+    atol, rtol = tolerances
+    full = first or not measured
+    run = runners.run(trial, atol, rtol, failures, full=full, synthesised=synthesised)
+    orig_outputs = runners.side.outputs
+    result = _compare_trial(run, orig_outputs, measured if full else (), reference, trial.values)
+    if result.failed and not full and not isinstance(run.actual, str):
+        run = runners.run(trial, atol, rtol, failures, full=True, synthesised=synthesised)
+        result = _compare_trial(run, orig_outputs, measured, reference, trial.values)
+    return result
 
 
 def _benchmark(

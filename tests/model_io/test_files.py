@@ -556,11 +556,6 @@ def test_is_same_file(tmp_path: Path) -> None:
     assert not cio.is_same_file(a, tmp_path / "none")
 
 
-def test_public_names() -> None:
-    for name in cio.__all__:
-        assert hasattr(cio, name), name
-
-
 def test_files_are_flushed_to_disk_only_when_they_replace_one(tmp_path: Path, monkeypatch) -> None:
     """A rename over an existing file must not lose it to a power cut: flush first. A new output
     replaces nothing, so it skips the (multi-second, on large models) flush."""
