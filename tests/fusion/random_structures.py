@@ -53,6 +53,9 @@ to the running value ``h``:
 - ``computed``: ``base(h) + h @ delta`` with the delta computed in the graph from constants:
   ``s * (A @ B)`` (LoRA's product), ``(A1 @ B1) * (A2 @ B2)`` (LoHa's), or ``Transpose`` of
   either (torch's ``(out, in)`` layout);
+- ``vera``: two adapted layers of ``h`` whose adapters share one ``h @ A`` (VeRA's frozen pair
+  after an exporter's common-subexpression elimination), each ``* d_i -> @ B -> * b_i`` added
+  to its base layer, joined by ``Mul``;
 - ``output``: the current value also becomes a graph output (an intermediate of a later chain);
 - ``if``: an ``If`` on a boolean graph input whose two branches each hold such blocks on the
   outer ``h`` (an ``If`` too, one level deep), with weights in the branch or in the outer graph
@@ -144,7 +147,7 @@ BLOCKS = (
     + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
     + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq")
     + ("gelu", "norm", "max0")
-    + ("fanout", "fanout", "computed", "computed")
+    + ("fanout", "fanout", "computed", "computed", "vera", "vera")
 )
 
 
@@ -872,6 +875,20 @@ def _computed(b: _Builder, h: _Val) -> _Val:
     return b.join([(1.0, base), (1.0, adapter)][:: b.ch.pick((1, -1))])
 
 
+def _vera(b: _Builder, h: _Val) -> _Val:
+    """Two layers of ``h``, each plus ``(h @ A) * d_i @ B * b_i``, the ``h @ A`` shared."""
+    rank, width = b.ch.pick((1, 2)), b.ch.pick(WIDTHS)
+    a = b.node("MatMul", [h.name, b.constant(b.rng.standard_normal((h.width, rank)))], rank)
+    shared_b = b.constant(b.rng.standard_normal((rank, width)) / 2)
+    outs = []
+    for _ in range(2):
+        d = b.node("Mul", [a.name, b.constant(b.rng.uniform(0.5, 1.5, rank))], rank)
+        up = b.node("MatMul", [d.name, shared_b], width)
+        scaled = b.node("Mul", [up.name, b.constant(b.rng.uniform(0.5, 1.5, width))], width)
+        outs.append(b.join([(1.0, b.linear(h, width)), (1.0, scaled)]))
+    return b.node("Mul", [outs[0].name, outs[1].name], width)
+
+
 IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp"})
 _ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if", "gelu"})
 _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
@@ -895,6 +912,7 @@ _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "norm": _norm,
     "fanout": _fanout,
     "computed": _computed,
+    "vera": _vera,
 }
 
 
@@ -1276,8 +1294,13 @@ def check_case(
     )
     assert_close(case, fused_other, "fused after shuffling")
     _assert_records(report, ir_model)
-    lost = lost_kernels(fused_kernels(case.model), fused_kernels(fused))
-    assert not lost, f"(g) onnxruntime fuses less of the fused model: {lost}"
+    try:
+        before = fused_kernels(case.model)
+    except Exception:  # onnxruntime's own optimiser fails on the original: nothing to keep
+        before = None
+    if before is not None:
+        lost = lost_kernels(before, fused_kernels(fused))
+        assert not lost, f"(g) onnxruntime fuses less of the fused model: {lost}"
     if scramble:
         _check_scrambled(case, policy, fused, report, np.random.default_rng(shuffle_seed))
     before_ops = sum(op_counts(case.model).values())

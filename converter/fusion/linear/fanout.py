@@ -32,7 +32,7 @@ from converter.fusion.core.graph import shape_list
 from converter.fusion.core.merge import Finder, Merge, Round, Written
 from converter.fusion.core.writing import replace
 from converter.fusion.linear import algebra
-from converter.fusion.linear.chains import analyse, widths
+from converter.fusion.linear.chains import analyse, find_chains, widths
 from converter.fusion.linear.linear_op import LinearOp
 from converter.fusion.linear.rewrite import Decision, LinearMerge, new_nodes
 from converter.report import FusionRecord
@@ -44,18 +44,37 @@ class FoldsIntoReaders(Finder):
     """Every run of steps whose output only constant-weight linear ops read, two or more."""
 
     def find(self, round: Round) -> list[Merge | Declined]:
-        runs = round.shared(analyse).runs
-        starting = {id(run[0].input): [] for run in runs}
-        for run in runs:
-            starting[id(run[0].input)].append(run[0])
-        found: list[Merge | Declined] = []
-        for run in runs:
-            if not all(op.elementwise for op in run):
-                continue
-            merge = _fan_out(run, starting.get(id(run[-1].output), []))
-            if merge is not None:
-                found.append(merge)
-        return found
+        return _find(round.shared(analyse).runs)
+
+    def pending(self, round: Round, written: list[ir.Node]) -> bool:
+        """A merged op reads a value several nodes read (a merge may have given a reader the
+        bias that makes folding a shift into it pay): then the graph as it is now is looked at
+        again (the round's analysis is of the graph before its merges)."""
+        near = any(
+            len({u.node for u in v.uses()}) > 1
+            for n in written
+            for v in n.inputs[:1]
+            if v is not None and v.producer() is not None
+        )
+        if not near:
+            return False
+        runs, _ = find_chains(round.ctx, round.graph, round.label, min_length=1)
+        return any(isinstance(f, FanOutFold) for f in _find(runs))
+
+
+def _find(runs: list[list[LinearOp]]) -> list[Merge | Declined]:
+    """Every fold of a run of steps into all the readers of its output, among ``runs``."""
+    starting = {id(run[0].input): [] for run in runs}
+    for run in runs:
+        starting[id(run[0].input)].append(run[0])
+    found: list[Merge | Declined] = []
+    for run in runs:
+        if not all(op.elementwise for op in run):
+            continue
+        merge = _fan_out(run, starting.get(id(run[-1].output), []))
+        if merge is not None:
+            found.append(merge)
+    return found
 
 
 def _fan_out(steps: list[LinearOp], readers: list[LinearOp]) -> Merge | Declined | None:

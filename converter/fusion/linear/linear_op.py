@@ -26,6 +26,7 @@ __all__ = [
     "LinearOp",
     "ProducerOf",
     "Recognise",
+    "UNIFORM_ELEMENTS",
     "broadcasts_along_last_axis",
     "declined",
     "last_axis_vector",
@@ -161,8 +162,9 @@ def broadcasts_along_last_axis(
     return len(shape) <= 1 if rank is None else len(shape) <= max(rank, 1)
 
 
-#: The most elements a constant may hold to be read as a per-feature vector by its values.
-_UNIFORM_ELEMENTS = 1 << 16
+#: The most elements a constant may hold to be read as a per-feature vector by its values
+#: (and so be copied rather than refused when other nodes read it too).
+UNIFORM_ELEMENTS = 1 << 16
 
 
 def last_axis_vector(
@@ -177,7 +179,7 @@ def last_axis_vector(
     if broadcasts_along_last_axis(ctx, constant.shape, data, width):
         return constant
     shape = constant.shape
-    if not shape or shape[-1] not in (1, width) or constant.size > _UNIFORM_ELEMENTS:
+    if not shape or shape[-1] not in (1, width) or constant.size > UNIFORM_ELEMENTS:
         return None
     dims = data.shape.dims if data.shape is not None else None
     if dims is None or not all(isinstance(d, int) for d in dims) or len(shape) > len(dims):

@@ -33,6 +33,7 @@ from converter.fusion.core.dtypes import FLOAT_TYPES, dtype_name
 from converter.fusion.core.graph import is_onnx
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import (
+    UNIFORM_ELEMENTS,
     LinearOp,
     ProducerOf,
     Recognise,
@@ -196,7 +197,7 @@ def _bias_add(
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     if other is None or other is out:
         return None
-    bias = ctx.constants.usable(other, (add,), out_features)
+    bias = ctx.constants.usable(other, (add,), max(out_features, UNIFORM_ELEMENTS))
     if isinstance(bias, Declined):
         return None
     # MatMul(x, W) with a 2-D W has x's rank, so x stands for the Add's data, unless the

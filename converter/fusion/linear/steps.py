@@ -41,6 +41,7 @@ from converter.fusion.core.steps import (
 )
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import (
+    UNIFORM_ELEMENTS,
     LinearOp,
     ProducerOf,
     Recognise,
@@ -95,7 +96,7 @@ def _binary(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | 
     width = _width(ctx, data, producer_of)
     if width is None:
         return None
-    c = step.constant(ctx, width)
+    c = step.constant(ctx, max(width, UNIFORM_ELEMENTS))  # a copy of a row is small
     if isinstance(c, Declined):
         return declined(node, c.reason)
     dtype = _dtype(data, producer_of) or c.dtype
