@@ -44,12 +44,13 @@ from converter.errors import EngineError
 from converter.fusion import conv_to_linear
 from converter.fusion.conv import merge as conv_merge
 from converter.fusion.core import invariants
+from converter.fusion.core.computed import NotComputable
 from converter.fusion.core.constants import other_users
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import overflow
 from converter.fusion.core.merge import Computed, Finder, Merge, Round
-from converter.fusion.linear import absorb, branches, chains
+from converter.fusion.linear import absorb, branches, chains, fanout
 from converter.report import FusionRecord
 
 __all__ = ["FINDERS", "apply", "fuse_graph"]
@@ -64,6 +65,7 @@ FINDERS: tuple[Finder, ...] = (
     conv_merge.ConvCompositions(),
     branches.BranchSums(),
     absorb.FoldsAcrossViews(),
+    fanout.FoldsIntoReaders(),
     chains.Segments(lead=conv_to_linear.pointwise_before),
 )
 
@@ -118,7 +120,10 @@ def apply(round: Round, merge: Merge) -> FusionRecord | Declined | None:
     plan = merge.decide(round)
     if isinstance(plan, Declined):
         return plan
-    computed = merge.compute(plan)  # the one float64 computation of this merge
+    try:
+        computed = merge.compute(plan)  # the one float64 computation of this merge
+    except NotComputable as e:  # a weight computed from constants that the evaluator cannot
+        return Declined(merge.names, f"{e}; {merge.left_as_is}")
     if isinstance(computed, Declined):
         return computed
     too_big = overflow((computed.weight, computed.bias), merge.dtype.numpy())
@@ -137,7 +142,7 @@ def _write(round: Round, merge: Merge, plan: object, computed: Computed) -> Fusi
     record, new_out = written.record, written.nodes[-1].outputs[0]
     if refolded:  # the output's name carries a folded step: nothing to compare it with
         record.output = None
-        ctx.refolded.add(new_out)
+        ctx.refolded.update(v for n in written.nodes for v in n.outputs)  # one or many readers
     for earlier in consumed:  # their output value is gone: name the merge that took it
         earlier.merged_into = record.new_nodes[0]
         earlier.output = None

@@ -239,7 +239,11 @@ def test_small_shared_constants_are_copied_not_a_reason_to_refuse():
     assert_equivalent(model, fused, feeds((2, 3, 8)), **TOL)
 
 
-def test_large_shared_weight_stays_protected_with_the_reason():
+def test_a_shared_weight_is_read_and_the_cost_model_keeps_the_model_from_growing():
+    """A weight another op also reads (VeRA's one frozen pair, a tied weight) is read by the
+    merge, which writes its own; it stays for the other reader. The cost model counts only what
+    the merge frees: fc1 + fc2 frees V for a merged matrix of its size (made), a scale folded
+    into fc1 frees 6 numbers for a new 36-element weight (refused, ``always`` makes it)."""
     r = rng(5)
     w = r.standard_normal((6, 6)).astype(np.float32)
     nodes = [
@@ -251,12 +255,22 @@ def test_large_shared_weight_stays_protected_with_the_reason():
     x, (y,) = xy_io(["n", 6], ["n", 6])
     model = make_model(nodes, x, [y, z], [init("W", w), init("V", w.T.copy())])
     fused, report = fuse_with_report(model)
+    assert len(report.fusions) == 1 and report.fusions[0].nodes == ["fc1", "fc2"]
+    assert report.params_after == report.params_before == 72
+    assert [n.name for n in fused.graph.node if n.input[1] == "W"] == ["tied"]
+    assert_equivalent(model, fused, {"x": r.standard_normal((3, 6)).astype(np.float32)})
+    nodes[1] = helper.make_node("Mul", ["h", "s"], ["y"], name="scale")
+    scaled = make_model(nodes, x, [y, z], [init("W", w), init("s", w[0].copy())])
+    fused, report = fuse_with_report(scaled)
     assert report.fusions == []
     assert any(
-        "weight 'W' is shared with node 'tied' (merging would keep both copies)" in d.reason
+        "cost model: the merged weight and bias would hold 36 parameters, more than the 6"
+        in d.reason
         for d in report.declined
     )
-    assert fused.graph.node == model.graph.node
+    assert fused.graph.node == scaled.graph.node
+    fused, report = fuse_with_report(scaled, policy="always")
+    assert len(report.fusions) == 1
 
 
 def test_declined_merges_are_decided_without_multiplying_weights(monkeypatch):

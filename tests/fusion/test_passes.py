@@ -317,15 +317,14 @@ def test_weight_from_graph_input_is_not_constant():
     assert "weight 'W0' is a graph input" in report.declined[0].reason
 
 
-def test_shared_weight_is_declined_and_kept():
+def test_a_weight_read_twice_inside_one_chain_merges_and_goes():
     model = linear_chain([4, 4, 4, 4])  # W0, W1, W2 all 4x4
     model.graph.node[2].input[1] = "W0"  # fc2 reuses fc0's weight
     fused, report = fuse_with_report(model)
-    assert report.fusions == []
-    assert report.declined[0].reason == (
-        "weight 'W0' is shared with node 'fc2' (merging would keep both copies)"
-    )
-    assert {t.name for t in fused.graph.initializer} >= {"W0"}
+    assert len(report.fusions) == 1 and report.fusions[0].nodes == ["fc0", "fc1", "fc2"]
+    assert "W0" not in {t.name for t in fused.graph.initializer}
+    check(fused)
+    assert_equivalent(model, fused, feeds((3, 4)))
 
 
 def test_cost_model_keeps_low_rank_pair_and_policy_always_merges_it():

@@ -106,7 +106,7 @@ def _check(case: Case, policy: str, stats: collections.Counter) -> None:
 
 def test_random_structures_cost_policy() -> None:
     stats: collections.Counter = collections.Counter()
-    _settings(160)(given(structures())(lambda case: _check(case, "cost", stats)))()
+    _settings(220)(given(structures())(lambda case: _check(case, "cost", stats)))()
     # The generator must keep producing graphs in which merges happen, of every kind of block.
     assert stats["merged"] >= 0.6 * stats["graphs"], stats
     assert all(stats[k] > 0 for k in set(BLOCKS) - IMAGE_BLOCKS), stats

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from converter.fusion.core.computed import NotComputable, computable, computed_constant
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import is_onnx, label
 
@@ -58,10 +59,17 @@ class Constant:
     shape: tuple[int, ...]
     dtype: ir.DataType
     load: Callable[[], np.ndarray]
+    # Elements the file holds for it: its size, or for a value computed from constants the sum
+    # of its sources' (a LoRA product B @ A holds r * (m + n), not m * n). -1: its size.
+    stored: int = -1
+    # The node computing it from other constants (:mod:`converter.fusion.core.computed`).
+    computed_by: ir.Node | None = None
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", math.prod(self.shape))
+        if self.stored < 0:
+            object.__setattr__(self, "stored", self.size)
 
     @property
     def value(self) -> ir.Value:
@@ -83,9 +91,13 @@ class Constants:
     model's ``training_info`` updates (never constant).
     """
 
-    def __init__(self, trained: Collection[ir.Value] = frozenset()) -> None:
+    def __init__(self, trained: Collection[ir.Value] = frozenset(), opset: int = 0) -> None:
+        """``opset``: the model's ``ai.onnx`` opset, at which values computed from constants
+        are evaluated; 0 (unknown) resolves none of them."""
         self.trained = trained
+        self.opset = opset
         self._answers: dict[ir.Value, Constant | Declined] = {}
+        self._varying: dict[ir.Value, bool] = {}
 
     def resolve(self, value: ir.Value | None) -> Constant | Declined:
         """The :class:`Constant` behind ``value``, or why it is not one."""
@@ -100,25 +112,85 @@ class Constants:
         return isinstance(self.resolve(value), Constant)
 
     def array(self, value: ir.Value | None) -> np.ndarray | Declined:
-        """The array of a constant ``value``, or why it is not one."""
+        """The array of a constant ``value``, or why it is not one (or cannot be computed)."""
         found = self.resolve(value)
-        return found if isinstance(found, Declined) else found.array()
+        if isinstance(found, Declined):
+            return found
+        try:
+            return found.array()
+        except NotComputable as e:
+            return Declined.because(str(e))
+
+    def resolve_sources(self, node: ir.Node) -> None:
+        """Resolve what ``node`` computes from, sources first (without recursion), so that
+        resolving a value at the end of a long computation from constants is never deep."""
+        order: list[ir.Value] = []
+        seen: set[ir.Value] = set()
+        stack = [(v, False) for v in node.inputs if v is not None]
+        while stack:
+            v, expanded = stack.pop()
+            if expanded:
+                order.append(v)
+                continue
+            if v in seen or v in self._answers or self.varies(v):
+                continue
+            seen.add(v)
+            stack.append((v, True))
+            producer = v.producer()
+            if (v.const_value is None and computable(producer)) or (
+                producer is not None and producer.op_type in _DERIVED
+            ):
+                stack.extend((i, False) for i in producer.inputs if i is not None)
+        for v in order:
+            self.resolve(v)
+
+    def varies(self, value: ir.Value) -> bool:
+        """``value`` depends on something other than constants (a graph input, an op that is
+        not :func:`~converter.fusion.core.computed.computable`): decided without recursion, so
+        that a deep network costs no deep call stack, and once per value."""
+        stack = [value]
+        while stack:
+            v = stack[-1]
+            if v in self._varying:
+                stack.pop()
+                continue
+            producer = v.producer()
+            if v.const_value is not None or v.is_initializer():
+                self._varying[v] = v.is_graph_input()
+            elif v.is_graph_input() or (
+                not computable(producer) and not is_onnx(producer, "Constant")
+            ):
+                self._varying[v] = True
+            else:
+                pending = [i for i in producer.inputs if i is not None and i not in self._varying]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                self._varying[v] = any(self._varying[i] for i in producer.inputs if i is not None)
+            stack.pop()
+        return self._varying[value]
 
     def usable(
-        self, value: ir.Value | None, owners: Iterable[ir.Node], small: int
+        self, value: ir.Value | None, owners: Iterable[ir.Node], small: int, *, shared: bool = False
     ) -> Constant | Declined:
         """The constant behind ``value`` for a merge of the nodes ``owners``, or why not usable.
 
         A constant that nodes outside ``owners`` also read is usable only when it holds at most
         ``small`` elements (the op's width): the merge copies it, and the original stays for
         them. A large one (a weight matrix, say a tied embedding) is refused: merging would keep
-        the old copy alive beside the new one.
+        the old copy alive beside the new one. Unless ``shared``: a linear op's weight is read
+        by each merge (VeRA's one frozen pair of matrices, read by every layer's adapter), which
+        writes its own; the cost model counts only what a merge frees, so a merge that would
+        keep both copies and grow the model is refused there.
         """
         found = self.resolve(value)
         if isinstance(found, Declined):
             return found
         others = other_users(found, set(owners))
-        if others and found.size > small:
+        # A value computed from constants (VeRA's slices of one frozen pair shared by every
+        # layer) is read by each merge, which writes its own weight; its sources go with the
+        # last reader. The cost model counts only what a merge frees.
+        if others and found.size > small and not shared and found.computed_by is None:
             other = others[0]
             return Declined.because(
                 f"weight '{label(value)}' is shared with node '{other.name or other.op_type}' "
@@ -137,6 +209,8 @@ def _resolve(constants: Constants, value: ir.Value) -> Constant | Declined:
     producer = value.producer()
     if value.const_value is None and is_onnx(producer) and producer.op_type in _DERIVED:
         return _derived(constants, value, producer)
+    if value.const_value is None and computable(producer) and constants.opset:
+        return _computed(constants, value, producer)
     if value.const_value is None and not is_onnx(producer, "Constant"):
         return Declined.because(f"weight '{label(value)}' is not constant")
     try:
@@ -147,6 +221,20 @@ def _resolve(constants: Constants, value: ir.Value) -> Constant | Declined:
     if shape is None:
         return Declined.because(f"weight '{label(value)}' is not constant")
     return Constant((value,), shape, tensor.dtype, tensor.numpy)
+
+
+def _computed(constants: Constants, value: ir.Value, node: ir.Node) -> Constant | Declined:
+    """``value`` computed by ``node`` from constants only, or why it is not a constant."""
+    if constants.varies(value):
+        return Declined.because(f"weight '{label(value)}' is not constant")
+    constants.resolve_sources(node)
+    inputs: list[Constant | None] = []
+    for source in node.inputs:
+        found = None if source is None else constants.resolve(source)
+        if isinstance(found, Declined):
+            return found
+        inputs.append(found)
+    return computed_constant(value, node, inputs, constants.opset)
 
 
 def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...] | None:
@@ -177,7 +265,7 @@ def _derived(constants: Constants, value: ir.Value, node: ir.Node) -> Constant |
     if found is None:
         return Declined.because(f"weight '{label(value)}' is not constant")
     shape, dtype, load = found
-    return Constant((value, *source.chain), shape, dtype, load)
+    return Constant((value, *source.chain), shape, dtype, load, source.stored, source.computed_by)
 
 
 _Derived = tuple[tuple[int, ...], ir.DataType, Callable[[], np.ndarray]] | None
@@ -319,8 +407,17 @@ def remove_if_unused(value: ir.Value | None) -> None:
     elif producer is not None and producer.graph is not None and is_onnx(producer):
         if producer.op_type == "Constant":
             producer.graph.remove(producer, safe=True)
-        elif producer.op_type in _DERIVED and len(producer.outputs) == 1:
+        elif _computes_only_unread(producer):
             sources = list(producer.inputs)  # safe removal detaches the node's inputs
             producer.graph.remove(producer, safe=True)
             for source in sources:
                 remove_if_unused(source)
+
+
+def _computes_only_unread(node: ir.Node) -> bool:
+    """``node`` derives or computes values from others (and nothing else) and no output of it
+    is read any more: removing it changes nothing."""
+    derives = node.op_type in _DERIVED and len(node.outputs) == 1
+    if not derives and not computable(node):
+        return False
+    return not any(v.uses() or v.is_graph_output() for v in node.outputs)

@@ -92,7 +92,7 @@ class Context:
     refolded: set[ir.Value] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.constants = Constants(self.trained)
+        self.constants = Constants(self.trained, self.opset)
         self.shapes = Shapes(self.model, self.constants)
 
     @functools.cached_property

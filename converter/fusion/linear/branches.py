@@ -48,6 +48,10 @@ class Term:
     # Reshape(x) before the chain and Reshape after it, when the chain runs on x's rows
     # flattened to 2-D (GPT-2's Conv1D as exporters write it): removed with the chain.
     wrap: list[ir.Node] = field(default_factory=list)
+    # The chain's first ops are a run other nodes read too (VeRA's ``x @ A``, one node for the
+    # q and v adapters after the exporter's common-subexpression elimination): composed into
+    # the merge, left in place for the others, removed with its last reader.
+    shared: list[LinearOp] = field(default_factory=list)
 
     def x_at(self) -> tuple[ir.Node, int]:
         """Where this term reads the sum's input."""
@@ -179,13 +183,26 @@ def _match(
     if len({id(v) for _, v in leaves}) != len(leaves):
         return None  # one value summed twice (2 * L(x)): not a set of branches
     found = [_branch(ctx, v, by_output) for _, v in leaves]
-    candidates = {id(f[2]): f[2] for f in found if f is not None}
     members = set(joins)
-    for x in candidates.values():  # the input every branch starts from (one leaf may be it)
-        terms = _terms(leaves, found, x, members)
-        if terms is not None:
-            return _checked(joins, terms, x)
+    for branches in (found, [_through_shared(f, by_output) for f in found]):
+        candidates = {id(f[2]): f[2] for f in branches if f is not None}
+        for x in candidates.values():  # the input every branch starts from (a leaf may be it)
+            terms = _terms(leaves, branches, x, members)
+            if terms is not None:
+                return _checked(joins, terms, x)
     return None
+
+
+def _through_shared(found, by_output: dict[ir.Value, list[LinearOp]]):
+    """``found`` led by the run before it when that run's result other nodes read too: the
+    branch then starts where that run does (its ops shared, kept for the other readers)."""
+    if found is None or found[1]:
+        return found
+    run = found[0]
+    prefix = by_output.get(run[0].input)
+    if prefix is None or run[0].input.is_graph_output() or len(run[0].input.uses()) < 2:
+        return found
+    return [*prefix, *run], [], prefix[0].input, prefix
 
 
 def _terms(leaves, found, x: ir.Value, members: set[ir.Node]) -> list[Term] | None:
@@ -195,7 +212,8 @@ def _terms(leaves, found, x: ir.Value, members: set[ir.Node]) -> list[Term] | No
         if value is x:
             terms.append(Term(sign, []))
         elif branch is not None and branch[2] is x and feeds_only(value, members):
-            terms.append(Term(sign, branch[0], branch[1]))
+            shared = branch[3] if len(branch) > 3 else []
+            terms.append(Term(sign, branch[0], branch[1], list(shared)))
         else:
             return None
     return terms
@@ -331,6 +349,7 @@ def _merge(found: BranchSum) -> LinearMerge:
     widths = [found.width_in, found.width_out]
     macs = sum(op.macs for op in found.ops) + (len(found.terms) - 1) * found.width_out
     wraps = [n for t in found.terms for n in t.wrap]
+    kept = tuple(n for t in found.terms for op in t.shared for n in op.nodes)
     return LinearMerge(
-        found.ops, wraps + found.joins, widths, macs, found.affine, found.note(), found.x_at
+        found.ops, wraps + found.joins, widths, macs, found.affine, found.note(), found.x_at, kept
     )

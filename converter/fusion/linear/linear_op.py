@@ -26,8 +26,10 @@ __all__ = [
     "LinearOp",
     "ProducerOf",
     "Recognise",
+    "UNIFORM_ELEMENTS",
     "broadcasts_along_last_axis",
     "declined",
+    "last_axis_vector",
     "unmapping",
 ]
 
@@ -158,3 +160,34 @@ def broadcasts_along_last_axis(
         return False
     rank = ctx.shapes.rank(data)
     return len(shape) <= 1 if rank is None else len(shape) <= max(rank, 1)
+
+
+#: The most elements a constant may hold to be read as a per-feature vector by its values
+#: (and so be copied rather than refused when other nodes read it too).
+UNIFORM_ELEMENTS = 1 << 16
+
+
+def last_axis_vector(
+    ctx: Context, constant: Constant, data: ir.Value, width: int
+) -> Constant | None:
+    """``constant`` as a scalar or per-feature vector of ``data``'s last axis, or None.
+
+    As written (:func:`broadcasts_along_last_axis`), or, for a small constant shaped like the
+    data itself (``torch.zeros_like(y)`` added to an adapter's output: DeLoRA, RandLoRA) whose
+    values repeat along every other axis and which does not broadcast ``data`` to a larger
+    shape, as its one repeated row (read from its values)."""
+    if broadcasts_along_last_axis(ctx, constant.shape, data, width):
+        return constant
+    shape = constant.shape
+    if not shape or shape[-1] not in (1, width) or constant.size > UNIFORM_ELEMENTS:
+        return None
+    dims = data.shape.dims if data.shape is not None else None
+    if dims is None or not all(isinstance(d, int) for d in dims) or len(shape) > len(dims):
+        return None
+    if any(c not in (1, d) for c, d in zip(shape[::-1], dims[::-1], strict=False)):
+        return None  # it would broadcast the data to another shape
+    array = np.asarray(constant.array()).reshape(-1, shape[-1])
+    if not np.array_equal(array, np.broadcast_to(array[:1], array.shape)):
+        return None
+    row = array[0].copy()
+    return Constant(constant.chain, (shape[-1],), constant.dtype, lambda: row, constant.stored)

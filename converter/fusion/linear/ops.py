@@ -33,11 +33,13 @@ from converter.fusion.core.dtypes import FLOAT_TYPES, dtype_name
 from converter.fusion.core.graph import is_onnx
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import (
+    UNIFORM_ELEMENTS,
     LinearOp,
     ProducerOf,
     Recognise,
     broadcasts_along_last_axis,
     declined,
+    last_axis_vector,
     unmapping,
 )
 
@@ -104,7 +106,11 @@ def _gemm_constants(
     found: list[Constant | None] = []
     for i in (1, 2):
         value = node.inputs[i] if i < len(node.inputs) else None
-        constant = None if value is None else ctx.constants.usable(value, (node,), out_features)
+        constant = (
+            None
+            if value is None
+            else ctx.constants.usable(value, (node,), out_features, shared=i == 1)
+        )
         if isinstance(constant, Declined):
             return constant
         found.append(constant)
@@ -134,7 +140,7 @@ def _usable_weight(
     ctx: Context, node: ir.Node, index: int, weight: Constant, small: int
 ) -> ir.DataType | Declined:
     """The float dtype of ``node``'s weight at ``index``, when it is usable; or why not."""
-    found = ctx.constants.usable(node.inputs[index], (node,), small)
+    found = ctx.constants.usable(node.inputs[index], (node,), small, shared=True)
     if isinstance(found, Declined):
         return declined(node, found.reason)
     return _float_dtype(node, index, weight)
@@ -191,13 +197,15 @@ def _bias_add(
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     if other is None or other is out:
         return None
-    bias = ctx.constants.usable(other, (add,), out_features)
-    # MatMul(x, W) with a 2-D W has x's rank, so x stands for the Add's data.
-    if isinstance(bias, Declined) or not broadcasts_along_last_axis(
-        ctx, bias.shape, matmul.inputs[data_index], out_features
-    ):
+    bias = ctx.constants.usable(other, (add,), max(out_features, UNIFORM_ELEMENTS))
+    if isinstance(bias, Declined):
         return None
-    return add, bias
+    # MatMul(x, W) with a 2-D W has x's rank, so x stands for the Add's data, unless the
+    # bias is read by its values (a zeros_like shaped as the output: then the output is).
+    if broadcasts_along_last_axis(ctx, bias.shape, matmul.inputs[data_index], out_features):
+        return add, bias
+    vector = last_axis_vector(ctx, bias, out, out_features)
+    return None if vector is None else (add, vector)
 
 
 def _left_matmul(ctx: Context, node: ir.Node) -> LinearOp | Declined:

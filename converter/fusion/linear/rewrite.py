@@ -33,9 +33,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.core.constants import Constant, other_users
+from converter.fusion.core.constants import Constant, other_users, remove_if_unused
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import round_to_dtype
@@ -46,7 +47,7 @@ from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp
 from converter.report import FusionRecord
 
-__all__ = ["Decision", "LinearMerge", "emits_gemm"]
+__all__ = ["Decision", "LinearMerge", "emits_gemm", "new_nodes"]
 
 
 @dataclass
@@ -72,6 +73,9 @@ class LinearMerge(Merge):
     note: str | None = None
     # Where the merged op's input is read (node, input index), when not the first op's input.
     x_at: tuple[ir.Node, int] | None = None
+    # Nodes of ops composed into the merge that other nodes still read: left in place, and
+    # removed by the merge that takes their last reader.
+    kept: tuple[ir.Node, ...] = ()
 
     left_as_is = "chain left as it was"
 
@@ -100,7 +104,8 @@ class LinearMerge(Merge):
 
     @property
     def old_nodes(self) -> list[ir.Node]:
-        return [n for op in self.ops for n in op.nodes] + self.joins
+        kept = set(self.kept)
+        return [n for op in self.ops for n in op.nodes if n not in kept] + self.joins
 
     @property
     def constants(self) -> list[Constant]:
@@ -112,7 +117,7 @@ class LinearMerge(Merge):
 
     def alive(self, graph: ir.Graph) -> bool:
         """Every node is still in ``graph`` and every op reads ``x`` or a value made inside."""
-        old = self.old_nodes
+        old = [*self.old_nodes, *self.kept]
         if not all(n.graph is graph for n in old):
             return False
         inside = {v for n in old for v in n.outputs}
@@ -133,7 +138,7 @@ class LinearMerge(Merge):
             rows = max((op.constants[-1].shape[0] for op in per_row), default=1)
             bias_size = rows * width_out
         freed = _freed(self)
-        params_before = sum(c.size for c in freed)
+        params_before = sum(c.stored for c in freed)  # what the file holds for them
         params_after = width_in * width_out + bias_size
         if round.ctx.policy == "cost" and params_after > params_before:
             return Declined(
@@ -153,12 +158,12 @@ class LinearMerge(Merge):
         :attr:`input_perm` is set; the last computes the merged output)."""
         ctx, graph = round.ctx, round.graph
         old_nodes, old_out, x = self.old_nodes, self.out, self.x
-        w_value, b_value = self._weights(ctx, graph, plan, computed)
+        w_value, b_value = self.weights(ctx, graph, plan, computed)
         lead: list[ir.Node] = []
         if self.input_perm is not None:
             lead = [_transposed(ctx, x, self.input_perm, _base(w_value, ctx))]
             x = lead[0].outputs[0]
-        op_nodes = _new_nodes(ctx, self, plan, x, w_value, b_value)
+        op_nodes = new_nodes(ctx, self, plan, x, w_value, b_value)
         joined = [v for n in self.joins for v in n.inputs if ctx.constants.is_constant(v)]
         record = FusionRecord(
             nodes=self.names,
@@ -178,9 +183,10 @@ class LinearMerge(Merge):
         # the constants the ops read, then those of the joins (a stacked sum's axes)
         constants = [c.value for c in self.constants] + joined
         replace(graph, old_nodes, lead + op_nodes, old_out, constants)
+        _drop_unread(graph, self.kept)
         return Written(lead + op_nodes, op_nodes[0], record)
 
-    def _weights(
+    def weights(
         self, ctx: Context, graph: ir.Graph, plan: Decision, affine: algebra.AffineMap
     ) -> tuple[ir.Value, ir.Value | None]:
         """The merged weight (``(out, in)`` for Gemm and a left MatMul) and bias, as initializers."""
@@ -189,11 +195,23 @@ class LinearMerge(Merge):
         left = self.ops[0].axis == -2
         w = affine.weight.T if plan.as_gemm or left else affine.weight
         weight = initializer(ctx, graph, f"{base}.weight", round_to_dtype(w, np_dtype), typed=True)
-        if affine.bias is None:
+        # A bias of zeros (an adapter's torch.zeros_like) is none, where the form allows it.
+        zero = affine.bias is not None and not np.any(affine.bias)
+        if affine.bias is None or (zero and (not plan.as_gemm or ctx.opset >= 11)):
             return weight, None
         b = affine.bias.reshape(-1, 1) if left else affine.bias
         bias = initializer(ctx, graph, f"{base}.bias", round_to_dtype(b, np_dtype), typed=True)
         return weight, bias
+
+
+def _drop_unread(graph: ir.Graph, kept: tuple[ir.Node, ...]) -> None:
+    """Remove the kept nodes nothing reads any more (last first), and their constants."""
+    for node in reversed(kept):
+        if node.graph is graph and not any(v.uses() or v.is_graph_output() for v in node.outputs):
+            inputs = list(node.inputs)
+            graph.remove(node, safe=True)
+            for value in inputs:
+                remove_if_unused(value)
 
 
 def _freed(merge: LinearMerge) -> list[Constant]:
@@ -225,7 +243,7 @@ def emits_gemm(ctx: Context, merge: LinearMerge, has_bias: bool) -> bool:
     return two_d and merge.ops[0].axis == -1 and (has_bias or ctx.opset >= 11)
 
 
-def _new_nodes(
+def new_nodes(
     ctx: Context,
     merge: LinearMerge,
     plan: Decision,

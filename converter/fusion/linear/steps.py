@@ -41,11 +41,12 @@ from converter.fusion.core.steps import (
 )
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import (
+    UNIFORM_ELEMENTS,
     LinearOp,
     ProducerOf,
     Recognise,
-    broadcasts_along_last_axis,
     declined,
+    last_axis_vector,
 )
 
 __all__ = ["STEPS", "STEP_OPS", "recognize_step"]
@@ -95,18 +96,20 @@ def _binary(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | 
     width = _width(ctx, data, producer_of)
     if width is None:
         return None
-    c = step.constant(ctx, width)
+    c = step.constant(ctx, max(width, UNIFORM_ELEMENTS))  # a copy of a row is small
     if isinstance(c, Declined):
         return declined(node, c.reason)
     dtype = _dtype(data, producer_of) or c.dtype
     if dtype not in FLOAT_TYPES:
         return None
-    if not broadcasts_along_last_axis(ctx, c.shape, data, width):
+    vector = last_axis_vector(ctx, c, data, width)
+    if vector is None:
         return declined(
             node,
             f"{node.op_type} by a constant of shape {list(c.shape)} varies along another axis "
             f"than the features (width {width})",
         )
+    c = vector
     if node.op_type == "Div" and not np.all(c.array() != 0):
         return declined(node, "Div by a constant that holds a zero")
     make = _elementwise_maker(step, c, width)

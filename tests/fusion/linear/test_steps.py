@@ -134,7 +134,7 @@ def test_steps_alone_are_left_as_they_are():
     [
         ("Div", ["c", "h0"], np.linspace(1, 2, 6), "c / x is not affine"),
         ("Div", ["h0", "c"], np.array([1, 0, 1, 1, 1, 1]), "division by zero"),
-        ("Mul", ["h0", "c"], np.ones((2, 6)), "broadcasts along the rows"),
+        ("Mul", ["h0", "c"], np.arange(1, 13).reshape(2, 6), "broadcasts along the rows"),
         ("Mul", ["h0", "h0"], None, "no constant"),
     ],
 )
