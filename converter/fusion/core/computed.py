@@ -37,6 +37,7 @@ import onnx
 import onnx_ir as ir
 
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.dtypes import FLOAT_TYPES
 from converter.fusion.core.graph import is_onnx, label
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ __all__ = [
     "NotComputable",
     "computable",
     "computed_constant",
+    "distinct_sources",
 ]
 
 #: The most elements one evaluated constant (and each input it reads) may hold: 64 Mi
@@ -87,10 +89,6 @@ _WIDENS = frozenset(
     }
 )  # fmt: skip
 
-_FLOATS = frozenset(
-    {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
-)
-
 
 class NotComputable(Exception):
     """A lazily evaluated constant could not be computed when a merge asked for its array."""
@@ -120,7 +118,7 @@ def computed_constant(
         return _over_bound(name, too_big.size)
     index = list(node.outputs).index(value)
     evaluate = _evaluator(node, inputs, index, opset)
-    stored = sum(c.stored for c in _distinct(inputs))
+    stored = sum(c.stored for c in distinct_sources(inputs))
     recorded = _recorded(value)
     if recorded is not None and math.prod(recorded[0]) > MAX_ELEMENTS:
         return _over_bound(name, math.prod(recorded[0]))
@@ -164,7 +162,7 @@ def _dtype_of(
     if array.dtype == np.float64:
         if node.op_type == "Cast":
             return ir.DataType(node.attributes.get_int("to", ir.DataType.DOUBLE))
-        floats = [c.dtype for c in inputs if c is not None and c.dtype in _FLOATS]
+        floats = [c.dtype for c in inputs if c is not None and c.dtype in FLOAT_TYPES]
         if floats:
             return floats[0]
     try:
@@ -173,8 +171,8 @@ def _dtype_of(
         return None
 
 
-def _distinct(inputs: Sequence[Constant | None]) -> list[Constant]:
-    """The inputs, each source once (an op reading one constant twice holds it once)."""
+def distinct_sources(inputs: Sequence[Constant | None]) -> list[Constant]:
+    """The constants, each source once (None skipped): what reading them all holds."""
     seen: dict[int, Constant] = {}
     for c in inputs:
         if c is not None:
@@ -229,7 +227,7 @@ def _input_array(constant: Constant, widen: bool) -> np.ndarray:
     """A constant's array as an input of an evaluation: float64 when the op widens, in its own
     type otherwise (a float64 array standing for a float32 value is rounded back first)."""
     array = np.asarray(constant.array())
-    if constant.dtype not in _FLOATS or constant.dtype == ir.DataType.DOUBLE:
+    if constant.dtype not in FLOAT_TYPES or constant.dtype == ir.DataType.DOUBLE:
         return array
     if widen:
         return array.astype(np.float64)
@@ -241,7 +239,7 @@ def _float_cast(node: ir.Node) -> bool:
     if node.op_type != "Cast":
         return False
     to = node.attributes.get_int("to", None)
-    return to is not None and ir.DataType(to) in _FLOATS
+    return to is not None and ir.DataType(to) in FLOAT_TYPES
 
 
 def _node_proto(node: ir.Node) -> onnx.NodeProto:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from converter.fusion.core.computed import distinct_sources
 from converter.fusion.core.constants import Constant, remove_if_unused
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import shape_list
@@ -173,7 +174,7 @@ class FanOutFold(Merge):
             if isinstance(decision, Declined):
                 return Declined(self.names, decision.reason)
             decisions.append(decision)
-        before = sum(c.stored for c in _distinct(self.constants))
+        before = sum(c.stored for c in distinct_sources(self.constants))
         after = sum(d.params_after for d in decisions)
         if round.ctx.policy == "cost" and after > before:
             return Declined(
@@ -236,10 +237,3 @@ def _part(steps: list[LinearOp], reader: LinearOp) -> LinearMerge:
         return algebra.compose_all(op.affine for op in ops)
 
     return LinearMerge(ops, [], widths(ops), sum(op.macs for op in ops), make)
-
-
-def _distinct(constants: list[Constant]) -> list[Constant]:
-    seen: dict[int, Constant] = {}
-    for c in constants:
-        seen.setdefault(id(c.chain[-1]), c)
-    return list(seen.values())

@@ -21,6 +21,20 @@ ATOL, RTOL = 1e-5, 1e-4
 IN, OUT = 16, 8
 
 
+def _model(nodes: list, inits: list) -> onnx.ModelProto:
+    """``x [2, 5, IN] -> nodes -> y [2, 5, OUT]`` at opset 17."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", FLOAT, [2, 5, IN])],
+        [helper.make_tensor_value_info("y", FLOAT, [2, 5, OUT])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def _qkv(steps: str = "scale", *, biases=(True, False, False), extra_reader: bool = False):
     """``h = x * s (+ t)`` read by three projections, joined by ``q * k + v`` (not a sum)."""
     r = rng(21)
@@ -53,16 +67,7 @@ def _qkv(steps: str = "scale", *, biases=(True, False, False), extra_reader: boo
             helper.make_node("ReduceSum", ["other", "last"], ["os"], keepdims=1, name="sum"),
             helper.make_node("Add", ["y1", "os"], ["y"], name="join2"),
         ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", FLOAT, [2, 5, IN])],
-        [helper.make_tensor_value_info("y", FLOAT, [2, 5, OUT])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return onnx.shape_inference.infer_shapes(model)
+    return onnx.shape_inference.infer_shapes(_model(nodes, inits))
 
 
 @pytest.mark.parametrize("steps", ["scale", "scale_shift"])
@@ -136,15 +141,7 @@ def test_a_layer_norm_weight_read_by_q_k_v_is_kept_for_the_runtime():
         helper.make_node("Mul", ["q", "k"], ["qk"], name="qk"),
         helper.make_node("Add", ["qk", "v"], ["y"], name="join"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", FLOAT, [2, 5, IN])],
-        [helper.make_tensor_value_info("y", FLOAT, [2, 5, OUT])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = _model(nodes, inits)
     fused, report = fuse_with_report(model)
     assert report.fusions == [] and op_types(fused) == op_types(model)
     before, after = fused_kernels(model), fused_kernels(fused)
