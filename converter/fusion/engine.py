@@ -139,6 +139,8 @@ def _write(round: Round, merge: Merge, plan: object, computed: Computed) -> Fusi
     consumed = [ctx.records.pop(v) for n in old_nodes for v in n.outputs if v in ctx.records]
     refolded = merge.refolds or any(v in ctx.refolded for n in old_nodes for v in n.outputs)
     written = merge.write(round, plan, computed)
+    gone = [n for n in merge.kept_nodes if n.graph is not graph]  # their last reader merged
+    consumed += [ctx.records.pop(v) for n in gone for v in n.outputs if v in ctx.records]
     record, new_out = written.record, written.nodes[-1].outputs[0]
     if refolded:  # the output's name carries a folded step: nothing to compare it with
         record.output = None

@@ -147,7 +147,7 @@ BLOCKS = (
     + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
     + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq")
     + ("gelu", "norm", "max0")
-    + ("fanout", "fanout", "computed", "computed", "vera", "vera")
+    + ("fanout", "fanout", "computed", "computed", "vera", "vera", "region", "region")
 )
 
 
@@ -889,6 +889,49 @@ def _vera(b: _Builder, h: _Val) -> _Val:
     return b.node("Mul", [outs[0].name, outs[1].name], width)
 
 
+def _region(b: _Builder, h: _Val) -> _Val:
+    """A map of each row written through reshapes of it, beside or before a linear layer:
+    OFT's blocks (``Reshape -> Einsum -> Reshape``), ``rotate_half`` (Slice/Neg/Concat), RoAd's
+    ``y * c1 + rotate(y) * c2`` after the layer, or MiSS's ``ReduceSum`` over blocks."""
+    kind = b.ch.pick(("oft", "rotate", "road", "miss"))
+    lead = [0 if isinstance(d, str) else d for d in b.lead]  # 0: the batch dim, copied
+    if h.width % 2 or kind == "road":  # an odd width: a layer to an even one first
+        h = b.linear(h, b.ch.pick((4, 6, 8)))
+    block = 2
+    blocks = h.width // block
+    width = b.ch.pick(WIDTHS)
+
+    def split(v: _Val) -> str:
+        return b.node("Reshape", [v.name, b.ints([*lead, blocks, block])], 0).name
+
+    def back(name: str, w: int) -> _Val:
+        return b.node("Reshape", [name, b.ints([*lead, w])], w)
+
+    def rotate(v: _Val) -> _Val:
+        half = v.width // 2
+        last = b.ints([-1])
+        low = b.node("Slice", [v.name, b.ints([0]), b.ints([half]), last], half)
+        high = b.node("Slice", [v.name, b.ints([half]), b.ints([v.width]), last], half)
+        neg = b.node("Neg", [high.name], half)
+        return b.node("Concat", [neg.name, low.name], v.width, axis=-1)
+
+    if kind == "oft":
+        r = b.constant(b.rng.standard_normal((blocks, block, block)) / 1.5)
+        mixed = b.node("Einsum", [split(h), r], 0, equation="...rk,rkc->...rc")
+        return b.linear(back(mixed.name, h.width), width)
+    if kind == "rotate":
+        return b.linear(rotate(h), width)
+    if kind == "road":
+        y = b.linear(h, h.width)
+        scaled = b.node("Mul", [y.name, b.constant(b.rng.uniform(0.5, 1.5, y.width))], y.width)
+        turned = rotate(y)
+        turned = b.node("Mul", [turned.name, b.constant(b.rng.uniform(-1, 1, y.width))], y.width)
+        return b.join([(1.0, scaled), (1.0, turned)])
+    summed = b.node("ReduceSum", [split(h), b.ints([-2])], block, keepdims=0)
+    up = b.node("MatMul", [summed.name, b.constant(b.rng.standard_normal((block, width)))], width)
+    return b.join([(1.0, b.linear(h, width)), (1.0, up)][:: b.ch.pick((1, -1))])
+
+
 IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp"})
 _ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if", "gelu"})
 _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
@@ -913,6 +956,7 @@ _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "fanout": _fanout,
     "computed": _computed,
     "vera": _vera,
+    "region": _region,
 }
 
 

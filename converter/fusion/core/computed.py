@@ -50,6 +50,7 @@ __all__ = [
     "computable",
     "computed_constant",
     "distinct_sources",
+    "run_node",
 ]
 
 #: The most elements one evaluated constant (and each input it reads) may hold: 64 Mi
@@ -221,6 +222,19 @@ def _evaluator(
         return array, widen and array.dtype == np.float64
 
     return evaluate
+
+
+def run_node(node: ir.Node, arrays: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """``node`` evaluated on ``arrays`` (one per input, None where absent) by onnx's reference
+    evaluator at ``opset``: its outputs. Raises :class:`NotComputable` when it cannot."""
+    feeds = {f"in{i}": a for i, a in enumerate(arrays) if a is not None}
+    try:
+        evaluator = onnx.reference.ReferenceEvaluator(_node_proto(node), opsets={"": opset})
+        return [np.asarray(a) for a in evaluator.run(None, feeds)]
+    except Exception as e:  # the evaluator's failure is the reason, whatever its kind
+        raise NotComputable(
+            f"{node.op_type} '{node.name}' cannot be evaluated: {_one_line(e)}"
+        ) from e
 
 
 def _input_array(constant: Constant, widen: bool) -> np.ndarray:

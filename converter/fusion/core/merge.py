@@ -107,6 +107,12 @@ class Merge(abc.ABC):
         """Put the merged op in place of ``old_nodes`` (rounded once to ``dtype``)."""
 
     @property
+    def kept_nodes(self) -> Sequence[ir.Node]:
+        """Nodes the merge composes but leaves for other readers; it removes those it took the
+        last reader of."""
+        return ()
+
+    @property
     def renames(self) -> list[str]:
         """The names of the nodes the merged op stands for from now on (in later reasons)."""
         return self.names

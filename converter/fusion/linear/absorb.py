@@ -85,7 +85,7 @@ def find_absorbs(
     found: list[Absorb] = []
     declined: list[Declined] = []
     for op in ops:
-        if op.elementwise or op.axis != -1:
+        if not op.is_matrix or op.axis != -1:
             continue
         rank = ctx.shapes.rank(op.output) or ctx.shapes.rank(op.input)
         if rank is None:
@@ -260,7 +260,8 @@ class FoldsAcrossViews(Finder):
 
     def find(self, round: Round) -> list[Merge | Declined]:
         runs = round.shared(chains.analyse).runs
-        absorbs, declined = find_absorbs(round.ctx, [op for run in runs for op in run], round.label)
+        ops = [op for run in runs for op in run if not op.kept]  # a fold removes all its nodes
+        absorbs, declined = find_absorbs(round.ctx, ops, round.label)
         return [*declined, *(Fold(absorb) for absorb in absorbs)]
 
     def pending(self, round: Round, written: list[ir.Node]) -> bool:

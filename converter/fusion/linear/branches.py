@@ -173,24 +173,29 @@ def _leaves(ctx: Context, root: ir.Node) -> tuple[list[ir.Node], list[tuple[floa
     return stacked if stacked is not None else tree_leaves(ctx, root)
 
 
-def _match(
+def _matches(
     ctx: Context, root: ir.Node, by_output: dict[ir.Value, list[LinearOp]]
-) -> BranchSum | None:
-    """The branch sum rooted at ``root``, when every leaf is a chain of one input or the input."""
+) -> list[BranchSum]:
+    """The branch sums rooted at ``root``, when every leaf is a chain of one input or the input:
+    from the input the branches start at, then from before a run they share (RoAd's base
+    projection, read by its scale and by its rotation), for the cost model to choose."""
     joins, leaves = _leaves(ctx, root)
     if len(leaves) < 2:
-        return None
+        return []
     if len({id(v) for _, v in leaves}) != len(leaves):
-        return None  # one value summed twice (2 * L(x)): not a set of branches
+        return []  # one value summed twice (2 * L(x)): not a set of branches
     found = [_branch(ctx, v, by_output) for _, v in leaves]
     members = set(joins)
+    sums: list[BranchSum] = []
     for branches in (found, [_through_shared(f, by_output) for f in found]):
         candidates = {id(f[2]): f[2] for f in branches if f is not None}
         for x in candidates.values():  # the input every branch starts from (a leaf may be it)
             terms = _terms(leaves, branches, x, members)
-            if terms is not None:
-                return _checked(joins, terms, x)
-    return None
+            checked = None if terms is None else _checked(joins, terms, x)
+            if checked is not None:
+                sums.append(checked)
+                break
+    return sums
 
 
 def _through_shared(found, by_output: dict[ir.Value, list[LinearOp]]):
@@ -311,15 +316,15 @@ def find_sums(
         for candidate in [root, *_subtrees(ctx, root)]:
             if candidate in taken:
                 continue
-            branch_sum = _match(ctx, candidate, by_output)
-            if branch_sum is None:
+            sums = _matches(ctx, candidate, by_output)
+            if not sums:
                 continue
-            taken.update(branch_sum.joins)
-            reason = _cost_reason(branch_sum, ctx.policy)
-            if reason:
-                declined.append(Declined(branch_sum.names, reason, label))
+            taken.update(sums[0].joins)
+            reasons = [_cost_reason(branch_sum, ctx.policy) for branch_sum in sums]
+            if None in reasons:
+                found.append(sums[reasons.index(None)])
             else:
-                found.append(branch_sum)
+                declined.append(Declined(sums[0].names, str(reasons[0]), label))
             break
     return found, declined
 

@@ -30,6 +30,7 @@ from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp
 from converter.fusion.linear.ops import recognize
+from converter.fusion.linear.regions import find_regions
 from converter.fusion.linear.rewrite import LinearMerge
 from converter.fusion.linear.steps import STEP_OPS, recognize_step
 
@@ -70,12 +71,15 @@ def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
 
 
-def intermediate_reason(value: ir.Value) -> str | None:
-    """Why ``value`` cannot vanish inside a merge (a graph output, or read by several nodes)."""
+def intermediate_reason(value: ir.Value, readers: tuple[ir.Node, ...] = ()) -> str | None:
+    """Why ``value`` cannot vanish inside a merge (a graph output, or read by several nodes;
+    several of ``readers``, the nodes of the op reading it, count as one)."""
     label = value.name or "<unnamed>"
     if value.is_graph_output():
         return f"intermediate '{label}' is a graph output"
     users = {u.node for u in value.uses()}
+    if readers and users <= set(readers):
+        return None
     if len(users) != 1:
         return f"fan-out: intermediate '{label}' feeds {len(users)} nodes"
     return None
@@ -83,7 +87,7 @@ def intermediate_reason(value: ir.Value) -> str | None:
 
 def link_reason(prev: LinearOp, op: LinearOp) -> str | None:
     """Why ``op`` cannot be merged with ``prev`` (whose output is ``op``'s input), or None."""
-    reason = intermediate_reason(prev.output)
+    reason = intermediate_reason(prev.output, op.nodes)
     if reason:
         return reason
     if op.trans_a:
@@ -105,8 +109,9 @@ def find_chains(
     Returns the chains, each in order of application, and a record for every link refused between
     two linear ops, or between a linear op and a Gemm/MatMul that cannot be merged.
     """
-    ops, refused = _recognise_all(ctx, graph)
+    ops, refused, not_regions = _recognise_all(ctx, graph)
     successor, declined = _links(ops, label)
+    declined.extend(d.about(d.nodes, label) for d in not_regions)
     declined.extend(_refused_neighbours(ctx, refused, ops, label))
     has_predecessor = {id(op) for op in successor.values()}
     chains = []
@@ -121,16 +126,24 @@ def find_chains(
     return chains, declined
 
 
-def _recognise_all(ctx: Context, graph: ir.Graph) -> tuple[list[LinearOp], dict[ir.Node, Declined]]:
-    """Every linear op and step of ``graph`` in graph order, and every node refused, with why."""
+def _recognise_all(
+    ctx: Context, graph: ir.Graph
+) -> tuple[list[LinearOp], dict[ir.Node, Declined], list[Declined]]:
+    """Every linear op, step and region of ``graph`` in graph order, every node refused, with
+    why, and why each structure of constant blocks is not a region."""
     ops: list[LinearOp] = []
     refused: dict[ir.Node, Declined] = {}
-    absorbed: set[ir.Node] = set()
+    regions, not_regions = find_regions(ctx, graph)
+    ends = {op.nodes[-1]: op for op in regions}
+    absorbed: set[ir.Node] = {n for op in regions for n in op.nodes}
     producers: dict[ir.Value, LinearOp] = {}
     for node in graph:
-        if node in absorbed:
+        if node in ends:
+            found: LinearOp | Declined | None = ends[node]
+        elif node in absorbed:
             continue
-        found = recognize(ctx, node)
+        else:
+            found = recognize(ctx, node)
         if found is None and node.op_type in STEP_OPS:
             found = recognize_step(ctx, node, producers.get)
         if isinstance(found, LinearOp):
@@ -139,7 +152,7 @@ def _recognise_all(ctx: Context, graph: ir.Graph) -> tuple[list[LinearOp], dict[
             absorbed.update(found.nodes[1:])
         elif isinstance(found, Declined):
             refused[node] = found
-    return ops, refused
+    return ops, refused, not_regions
 
 
 def _links(ops: list[LinearOp], label: str) -> tuple[dict[int, LinearOp], list[Declined]]:
@@ -211,16 +224,17 @@ def plan_chain(
 ) -> tuple[ChainPlan, list[Declined]]:
     """Choose which segments of ``chain`` to merge, recording why any split was made.
 
-    Only segments holding a Gemm or MatMul are merged: elementwise steps alone stay as they are.
+    Only segments holding a Gemm, MatMul or Einsum are merged: elementwise steps and regions
+    alone stay as they are (a region as a dense matrix would cost more than its blocks).
     """
-    if all(op.elementwise for op in chain):
+    if not any(op.is_matrix for op in chain):
         return ChainPlan(chain, []), []
     dims = widths(chain)
     alone = [op.macs for op in chain]
     segments = algebra.plan_segments(dims, policy, alone=alone)
     declined = []
     for (i, j), (_, k) in itertools.pairwise(segments):
-        if all(op.elementwise for op in chain[i:k]):
+        if not any(op.is_matrix for op in chain[i:k]):
             continue
         separate = algebra.segments_macs(dims, [(i, j), (j, k)], alone=alone)
         merged = dims[i] * dims[k]
@@ -233,7 +247,7 @@ def plan_chain(
             )
         )
     merged_segments = [
-        (i, j) for i, j in segments if j - i >= 2 and not all(op.elementwise for op in chain[i:j])
+        (i, j) for i, j in segments if j - i >= 2 and any(op.is_matrix for op in chain[i:j])
     ]
     return ChainPlan(chain, merged_segments), declined
 

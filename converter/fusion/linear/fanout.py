@@ -85,7 +85,7 @@ def _fan_out(steps: list[LinearOp], readers: list[LinearOp]) -> Merge | Declined
     users = [u.node for u in out.uses()]
     if out.is_graph_output() or len(users) < 2:
         return None
-    matrix = [op for op in readers if not op.elementwise]
+    matrix = [op for op in readers if op.is_matrix]
     if len(matrix) != len(users) or {op.nodes[0] for op in matrix} != set(users):
         return None  # something else reads it too: the steps stay for it
     names = [n for op in steps for n in op.names]
@@ -97,6 +97,8 @@ def _fan_out(steps: list[LinearOp], readers: list[LinearOp]) -> Merge | Declined
 
 
 def _reader_reason(last: LinearOp, reader: LinearOp) -> str | None:
+    if reader.kept:
+        return f"'{reader.names[0]}' has nodes that other nodes read too"
     if reader.axis != -1 or reader.input_perm is not None or reader.trans_a:
         return f"'{reader.names[0]}' does not map the last axis of its input as x @ W"
     if reader.dtype != last.dtype:

@@ -65,6 +65,13 @@ class LinearOp:
     # The op reads ``Transpose(input, perm)``: a 1x1 Conv moved past the channels-last
     # Transpose after it (:mod:`converter.fusion.conv_to_linear`); None for every other op.
     input_perm: tuple[int, ...] | None = None
+    # Nodes of the op other nodes read too (a Reshape of the input two adapters share): a merge
+    # leaves them in place, and the merge that takes their last reader removes them.
+    kept: tuple[ir.Node, ...] = ()
+    # A map of the last axis written through reshapes of it (:mod:`converter.fusion.linear.regions`):
+    # merged only with a matrix op, and its cost per row is ``block_macs``.
+    region: bool = False
+    block_macs: int | None = None
 
     @property
     def input(self) -> ir.Value:
@@ -83,7 +90,14 @@ class LinearOp:
     @property
     def macs(self) -> int:
         """Multiply-adds per row when the op runs alone (a diagonal step costs its width)."""
+        if self.block_macs is not None:
+            return self.block_macs
         return self.out_features if self.elementwise else self.in_features * self.out_features
+
+    @property
+    def is_matrix(self) -> bool:
+        """A Gemm, MatMul or Einsum of the op table: neither a step nor a region."""
+        return not (self.elementwise or self.region)
 
     @property
     def affine(self) -> algebra.AffineMap:

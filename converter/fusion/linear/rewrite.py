@@ -103,8 +103,18 @@ class LinearMerge(Merge):
         return [n for op in self.ops for n in op.names] + [n.name or n.op_type for n in self.joins]
 
     @property
+    def all_kept(self) -> tuple[ir.Node, ...]:
+        """The kept nodes of the merge and of its ops (each once, in order)."""
+        found = dict.fromkeys((*self.kept, *(n for op in self.ops for n in op.kept)))
+        return tuple(found)
+
+    @property
+    def kept_nodes(self) -> tuple[ir.Node, ...]:
+        return self.all_kept
+
+    @property
     def old_nodes(self) -> list[ir.Node]:
-        kept = set(self.kept)
+        kept = set(self.all_kept)
         return [n for op in self.ops for n in op.nodes if n not in kept] + self.joins
 
     @property
@@ -117,7 +127,7 @@ class LinearMerge(Merge):
 
     def alive(self, graph: ir.Graph) -> bool:
         """Every node is still in ``graph`` and every op reads ``x`` or a value made inside."""
-        old = [*self.old_nodes, *self.kept]
+        old = [*self.old_nodes, *self.all_kept]
         if not all(n.graph is graph for n in old):
             return False
         inside = {v for n in old for v in n.outputs}
@@ -183,7 +193,7 @@ class LinearMerge(Merge):
         # the constants the ops read, then those of the joins (a stacked sum's axes)
         constants = [c.value for c in self.constants] + joined
         replace(graph, old_nodes, lead + op_nodes, old_out, constants)
-        _drop_unread(graph, self.kept)
+        _drop_unread(graph, self.all_kept)
         return Written(lead + op_nodes, op_nodes[0], record)
 
     def weights(
@@ -205,13 +215,19 @@ class LinearMerge(Merge):
 
 
 def _drop_unread(graph: ir.Graph, kept: tuple[ir.Node, ...]) -> None:
-    """Remove the kept nodes nothing reads any more (last first), and their constants."""
-    for node in reversed(kept):
-        if node.graph is graph and not any(v.uses() or v.is_graph_output() for v in node.outputs):
-            inputs = list(node.inputs)
-            graph.remove(node, safe=True)
-            for value in inputs:
-                remove_if_unused(value)
+    """Remove the kept nodes nothing reads any more (readers first), and their constants."""
+    removed = True
+    while removed:  # kept nodes of several ops need not come in graph order
+        removed = False
+        for node in reversed(kept):
+            if node.graph is graph and not any(
+                v.uses() or v.is_graph_output() for v in node.outputs
+            ):
+                inputs = list(node.inputs)
+                graph.remove(node, safe=True)
+                removed = True
+                for value in inputs:
+                    remove_if_unused(value)
 
 
 def _freed(merge: LinearMerge) -> list[Constant]:
@@ -219,6 +235,11 @@ def _freed(merge: LinearMerge) -> list[Constant]:
     and the small shared ones (a bias or a scale no wider than an op) it takes its own copy of,
     so that exporters' deduplication of equal constants does not count against a merge."""
     owners = set(merge.old_nodes)
+    for node in reversed(merge.all_kept):  # kept nodes only the merge reads go with it
+        if all(
+            not v.is_graph_output() and {u.node for u in v.uses()} <= owners for v in node.outputs
+        ):
+            owners.add(node)
     small = max(merge.widths)
     seen: dict[int, Constant] = {}
     for op in merge.ops:
