@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from archs import adapters, language
 from archs.export import kept_for_runtime, unexplained_folds
@@ -86,12 +87,17 @@ def linear_ops(model: onnx.ModelProto) -> int:
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers and Constant nodes: what the model stores."""
-    total = sum(t.ByteSize() for t in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            total += sum(a.ByteSize() for a in node.attribute)
-    return total
+    """Bytes of the data of the initializers and Constant nodes: what the model stores (their
+    names aside: a merged weight's name is longer than an exporter's ``val_110``)."""
+    tensors = list(model.graph.initializer)
+    tensors += [
+        a.t
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
+    return sum(numpy_helper.to_array(t).nbytes for t in tensors)
 
 
 @dataclass

@@ -98,8 +98,9 @@ class BranchSum:
                 m = algebra.compose_all(op.affine for op in term.chain)
             else:
                 m = algebra.identity_map(self.width_in)
-            if term.sign < 0:
-                m = algebra.AffineMap(-m.weight, None if m.bias is None else -m.bias)
+            if term.sign != 1:  # -1 for a Sub; the sum of a leaf's signs when it is read twice
+                s = term.sign
+                m = algebra.AffineMap(s * m.weight, None if m.bias is None else s * m.bias)
             total = m if total is None else algebra.add_maps(total, m)
         assert total is not None
         return total
@@ -182,20 +183,31 @@ def _matches(
     joins, leaves = _leaves(ctx, root)
     if len(leaves) < 2:
         return []
-    if len({id(v) for _, v in leaves}) != len(leaves):
-        return []  # one value summed twice (2 * L(x)): not a set of branches
-    found = [_branch(ctx, v, by_output) for _, v in leaves]
+    leaves = _combined(leaves)
+    direct = [_branch(ctx, v, by_output) for _, v in leaves]
+    shared = [_through_shared(f, by_output) for f in direct]
     members = set(joins)
     sums: list[BranchSum] = []
-    for branches in (found, [_through_shared(f, by_output) for f in found]):
-        candidates = {id(f[2]): f[2] for f in branches if f is not None}
-        for x in candidates.values():  # the input every branch starts from (a leaf may be it)
-            terms = _terms(leaves, branches, x, members)
-            checked = None if terms is None else _checked(joins, terms, x)
-            if checked is not None:
-                sums.append(checked)
-                break
+    starts = [f[2] for f in direct + shared if f is not None]
+    for x in dict.fromkeys(starts):  # the input every branch starts from (a leaf may be it)
+        # each leaf from x directly, else through the run before it that others read too
+        branches = [
+            d if d is not None and d[2] is x else s for d, s in zip(direct, shared, strict=True)
+        ]
+        terms = _terms(leaves, branches, x, members)
+        checked = None if terms is None else _checked(joins, terms, x)
+        if checked is not None:
+            sums.append(checked)
     return sums
+
+
+def _combined(leaves: list[tuple[float, ir.Value]]) -> list[tuple[float, ir.Value]]:
+    """Each leaf once, its signs summed: ``L(x) + L(x)`` is ``2 * L(x)``, and GLoRA's
+    ``base(x) + glora(x) - base(x)`` has the base with coefficient 0 (merged away with the sum)."""
+    signs: dict[ir.Value, float] = {}
+    for sign, value in leaves:
+        signs[value] = signs.get(value, 0.0) + sign
+    return [(sign, value) for value, sign in signs.items()]
 
 
 def _through_shared(found, by_output: dict[ir.Value, list[LinearOp]]):
@@ -212,11 +224,16 @@ def _through_shared(found, by_output: dict[ir.Value, list[LinearOp]]):
 
 def _terms(leaves, found, x: ir.Value, members: set[ir.Node]) -> list[Term] | None:
     """Each leaf as a term of ``x``: ``x`` itself, or a branch starting at ``x``."""
+    # a leaf may also feed a run another term shares (DeFT's base(x), read by its own term and
+    # by base(x) @ P @ Q): that run is composed into the merge too
+    shared_runs = {
+        n for f in found if f is not None and len(f) > 3 for op in f[3] for n in op.nodes
+    }
     terms: list[Term] = []
     for (sign, value), branch in zip(leaves, found, strict=True):
         if value is x:
             terms.append(Term(sign, []))
-        elif branch is not None and branch[2] is x and feeds_only(value, members):
+        elif branch is not None and branch[2] is x and feeds_only(value, members | shared_runs):
             shared = branch[3] if len(branch) > 3 else []
             terms.append(Term(sign, branch[0], branch[1], list(shared)))
         else:
