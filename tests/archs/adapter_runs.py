@@ -15,6 +15,7 @@ Shared by ``tests/archs/test_adapters.py`` and ``benchmarks/adapters.py`` (issue
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ def export_pair(model: str, adapter: str, exporter: str, directory: Path) -> Non
     except language.ExporterCannot:
         raise
     except Exception as e:  # torch.export's and onnxscript's own errors: the exporter cannot
-        first = " ".join(str(e).split())[:160]
+        first = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())[:160]  # no colours
         raise language.ExporterCannot(f"{type(e).__name__}: {first}") from e
     merged = adapters.merged(module)
     language.export_lm(merged, directory / "merged.onnx", dynamo=dynamo)

@@ -26,20 +26,7 @@ ATOL = 1e-4
 BERT = ("lora", "dora", "ia3", "oft", "road", "vera", "loha", "gralora", "miss")
 
 #: (adapter, model, exporter) still left, and why.
-LEFT: dict[tuple[str, str, str], str] = {
-    **dict.fromkeys(
-        [("deft", "llama", e) for e in adapter_runs.EXPORTERS],
-        "DeFT's base(x) - base(x) @ P @ Q + x @ A @ Q: the sum over two inputs (the base's output "
-        "and its input) is not composed through the base yet; only the inner sum is seen, and "
-        "refused by the cost model",
-    ),
-    ("dora", "llama", "legacy"): "the legacy export of DoRA on LLaMA keeps 8 linear ops over "
-    "merge_and_unload()'s (23 -> 15); not yet analysed (the dynamo export reaches 15)",
-    **dict.fromkeys(
-        [("pvera", "llama", e) for e in adapter_runs.EXPORTERS],
-        "PVeRA's adapter is not merged: its scales are left after the projections",
-    ),
-}
+LEFT: dict[tuple[str, str, str], str] = {}
 
 
 def _cases() -> list:

@@ -120,7 +120,7 @@ def computed_constant(
     index = list(node.outputs).index(value)
     evaluate = _evaluator(node, inputs, index, opset)
     stored = sum(c.stored for c in distinct_sources(inputs))
-    recorded = _recorded(value)
+    recorded = _recorded(value) or _inferred(node, inputs, index, opset)
     if recorded is not None and math.prod(recorded[0]) > MAX_ELEMENTS:
         return _over_bound(name, math.prod(recorded[0]))
     if recorded is not None and math.prod(recorded[0]) > EAGER_ELEMENTS:
@@ -153,6 +153,31 @@ def _recorded(value: ir.Value) -> tuple[tuple[int, ...], ir.DataType] | None:
     if value.dtype is None or value.shape is None or not value.shape.is_static():
         return None
     return tuple(int(d) for d in value.shape), value.dtype
+
+
+def _inferred(
+    node: ir.Node, inputs: Sequence[Constant | None], index: int, opset: int
+) -> tuple[tuple[int, ...], ir.DataType] | None:
+    """The static shape and dtype onnx's shape inference gives output ``index`` of ``node`` from
+    its inputs' shapes (no data read: ops whose output shape depends on input values, such as
+    Reshape, are not answered), or None."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+        types = {
+            f"in{i}": onnx.helper.make_tensor_type_proto(int(c.dtype), list(c.shape))
+            for i, c in enumerate(inputs)
+            if c is not None
+        }
+        found = onnx.shape_inference.infer_node_outputs(schema, _node_proto(node), types)
+    except Exception:  # no schema, or inference refuses: the shape is simply unknown
+        return None
+    tensor = found.get(f"out{index}")
+    if tensor is None or not tensor.tensor_type.HasField("shape"):
+        return None
+    dims = tensor.tensor_type.shape.dim
+    if not all(d.HasField("dim_value") for d in dims) or not tensor.tensor_type.elem_type:
+        return None
+    return tuple(d.dim_value for d in dims), ir.DataType(tensor.tensor_type.elem_type)
 
 
 def _dtype_of(

@@ -224,16 +224,14 @@ def _through_shared(found, by_output: dict[ir.Value, list[LinearOp]]):
 
 def _terms(leaves, found, x: ir.Value, members: set[ir.Node]) -> list[Term] | None:
     """Each leaf as a term of ``x``: ``x`` itself, or a branch starting at ``x``."""
-    # a leaf may also feed a run another term shares (DeFT's base(x), read by its own term and
-    # by base(x) @ P @ Q): that run is composed into the merge too
-    shared_runs = {
-        n for f in found if f is not None and len(f) > 3 for op in f[3] for n in op.nodes
-    }
+    # a leaf may also feed another term's chain (DeFT's base(x), read by its own term and by
+    # base(x) @ P @ Q, which composes the base as a shared run): that chain merges too
+    chained = {n for f in found if f is not None for op in f[0] for n in op.nodes}
     terms: list[Term] = []
     for (sign, value), branch in zip(leaves, found, strict=True):
         if value is x:
             terms.append(Term(sign, []))
-        elif branch is not None and branch[2] is x and feeds_only(value, members | shared_runs):
+        elif branch is not None and branch[2] is x and feeds_only(value, members | chained):
             shared = branch[3] if len(branch) > 3 else []
             terms.append(Term(sign, branch[0], branch[1], list(shared)))
         else:

@@ -146,6 +146,8 @@ def _recognise_all(
             found = recognize(ctx, node)
         if found is None and node.op_type in STEP_OPS:
             found = recognize_step(ctx, node, producers.get)
+        if isinstance(found, LinearOp) and ctx.constants.is_constant(found.input):
+            continue  # computed from constants alone (DoRA's B(A(I))): a constant, not a layer
         if isinstance(found, LinearOp):
             producers[found.output] = found
             ops.append(found)

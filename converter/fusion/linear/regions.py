@@ -59,12 +59,12 @@ MAX_REGION_NODES = 64
 _SHAPE_OPS = frozenset(
     {
         "Concat", "Einsum", "Gather", "MatMul", "ReduceMean", "ReduceSum", "Reshape", "Slice",
-        "Squeeze", "Transpose", "Unsqueeze",
+        "Split", "Squeeze", "Transpose", "Unsqueeze",
     }
 )  # fmt: skip
 _ELEMENTWISE = frozenset({"Add", "Div", "Identity", "Mul", "Neg", "Sub"})
 # A region holds one of these at least: ops that select, move or mix features.
-_MIXES = frozenset({"Concat", "Einsum", "Gather", "MatMul", "Slice"})
+_MIXES = frozenset({"Concat", "Einsum", "Gather", "MatMul", "Slice", "Split"})
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class _Region:
         """The structural nodes ``end`` is computed by, back to one input; None if not one."""
         y = end.outputs[0]
         rows_shape = _static(y)
-        if len(end.outputs) != 1 or rows_shape is None or len(rows_shape) < 2:
+        if rows_shape is None or len(rows_shape) < 2:
             return None
         rows = rows_shape[:-1]
         members = {end}
@@ -292,7 +292,7 @@ def _structural(ctx: Context, node: ir.Node, rows: tuple[int, ...] | None = None
     output when it ends the region): a shape op other than a product of whole rows by a matrix
     (an op of the op table), a Neg, or another elementwise op on a value that is not a whole
     row (on a row it is a step, for the chains)."""
-    if not is_onnx(node) or len(node.outputs) != 1:
+    if not is_onnx(node) or not _one_output(node):
         return False
     if rows is None:
         shape = _static(node.outputs[0])
@@ -309,6 +309,15 @@ def _structural(ctx: Context, node: ir.Node, rows: tuple[int, ...] | None = None
     if node.op_type not in _ELEMENTWISE:
         return False
     return node.op_type == "Neg" or not _is_row(node.outputs[0], rows)
+
+
+def _one_output(node: ir.Node) -> bool:
+    """``node`` gives one value that is read: its only output, or the first output of a Split
+    whose other parts nothing reads (PVeRA keeps the first half of its hidden vector)."""
+    if len(node.outputs) == 1:
+        return True
+    rest = node.outputs[1:]
+    return node.op_type == "Split" and not any(v.uses() or v.is_graph_output() for v in rest)
 
 
 def _computes(nodes: set[ir.Node]) -> bool:
@@ -413,6 +422,14 @@ def _slice(region: _Region, node: ir.Node) -> _Layout | str:
 def _gather(region: _Region, node: ir.Node) -> _Layout | str:
     if node.inputs[0] not in region.layouts:
         return "gathers from a constant"
+    rank = len(region.layouts[node.inputs[0]].shape)
+    return _on_axes(region, node, [node.attributes.get_int("axis", 0)], rank)
+
+
+def _split_first(region: _Region, node: ir.Node) -> _Layout | str:
+    """The first part of a ``Split`` (the others unread)."""
+    if node.inputs[0] not in region.layouts:
+        return "splits a constant"
     rank = len(region.layouts[node.inputs[0]].shape)
     return _on_axes(region, node, [node.attributes.get_int("axis", 0)], rank)
 
@@ -538,6 +555,7 @@ _RULES: dict[str, _Rule] = {
     "Transpose": _transpose,
     "Slice": _slice,
     "Gather": _gather,
+    "Split": _split_first,
     "ReduceSum": _reduce,
     "ReduceMean": _reduce,
     "Squeeze": _squeeze,
