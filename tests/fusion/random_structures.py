@@ -145,7 +145,7 @@ BLOCKS = (
     + ("nway",) * 2
     + ("bottleneck", "relu", "tanh", "max0", "batchnorm", "output", "if")
     + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
-    + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq")
+    + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq", "conv_views")
     + ("gelu", "norm", "max0")
     + ("fanout", "fanout", "computed", "computed", "vera", "vera", "region", "region")
 )
@@ -732,6 +732,25 @@ def _conv_scale(b: _Builder, h: _Val) -> _Val:
     return _conv(b, pre, b.ch.pick(WIDTHS), b.ch.pick((1, 3)))
 
 
+def _conv_views(b: _Builder, h: _Val) -> _Val:
+    """A channel step on the NHWC side of a conv (tf2onnx's Keras layers): ``Transpose`` to
+    NHWC, a per-channel (last-axis) or scalar ``Mul``/``Add``, ``Transpose`` back, then a Conv;
+    or a Conv, then that NHWC step (it folds across the Transposes either way, a shift into a
+    padded conv's input excepted)."""
+
+    def nhwc_step(v: _Val) -> _Val:
+        rows = b.node("Transpose", [v.name], v.width, perm=[0, 2, 3, 1])
+        op = b.ch.pick(("Mul", "Add"))
+        values = b.rng.uniform(0.5, 1.5, v.width) if op == "Mul" else b.rng.standard_normal(v.width)
+        c = b.constant(values if b.ch.pick((True, True, False)) else values[:1].reshape(()))
+        step = b.node(op, [rows.name, c][:: b.ch.pick((1, -1))], v.width)
+        return b.node("Transpose", [step.name], v.width, True, perm=[0, 3, 1, 2])
+
+    if b.ch.pick((True, False)):
+        return _conv(b, nhwc_step(h), b.ch.pick(WIDTHS), b.ch.pick((1, 3)))
+    return nhwc_step(_conv(b, h, b.ch.pick(WIDTHS), b.ch.pick((1, 3))))
+
+
 def _conv_seq(b: _Builder, h: _Val) -> _Val:
     """A 1x1 conv then a 3x3 one (or the other way round), sometimes a Relu between."""
     mid = b.ch.pick(WIDTHS)
@@ -932,7 +951,7 @@ def _region(b: _Builder, h: _Val) -> _Val:
     return b.join([(1.0, b.linear(h, width)), (1.0, up)][:: b.ch.pick((1, -1))])
 
 
-IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp"})
+IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp", "conv_views"})
 _ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if", "gelu"})
 _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "residual": _residual,
@@ -951,6 +970,7 @@ _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "conv_scale": _conv_scale,
     "conv_seq": _conv_seq,
     "conv_mlp": _conv_mlp,
+    "conv_views": _conv_views,
     "gelu": _gelu,
     "norm": _norm,
     "fanout": _fanout,

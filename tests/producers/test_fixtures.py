@@ -37,14 +37,6 @@ MAX_BYTES = 200_000
 
 # What keeps each fixture from its hand-folded form with today's engine, in words.
 NOT_YET: dict[str, str] = {
-    "keras_conv1d_bn": "each BatchNorm, written by tf2onnx as Mul/Add by [1, C, 1] constants "
-    "behind Unsqueeze -> Conv -> Squeeze, is left (2 Mul, 2 Add)",
-    "keras_rescaling_conv2d": "Rescaling's scalar Mul + Add on the NHWC input, before "
-    "Transpose -> Conv, is not folded into the Conv",
-    "keras_normalization_conv2d": "Normalization's per-channel Sub + Mul on the NHWC input, "
-    "before Transpose -> Conv (unpadded), are not folded into the Conv",
-    "keras_normalization_conv2d_same": "Normalization's per-channel 1/std Mul on the NHWC "
-    "input, before Transpose -> Conv, is not folded into the kernel",
     "keras_repvgg": "the 3x3 and 1x1 branches merge, but the identity branch's BN (Mul + Add on "
     "the NHWC input, through a Transpose) is not taken as the third branch",
     "keras_mlp_mixer": "the layer scales and biases fold, but the gamma/beta of tf2onnx's "

@@ -183,22 +183,27 @@ def _spatial(node: ir.Node, rank: int) -> tuple[int, ...] | None:
     return tuple(dims) if all(isinstance(d, int) for d in dims) else None
 
 
-def _per_channel(shape: tuple[int, ...], rank: int, channels: int) -> bool:
-    """A constant of ``shape`` broadcasts along axis 1 of a rank-``rank`` tensor only."""
+def _per_channel(shape: tuple[int, ...], rank: int, channels: int, axis: int = 1) -> bool:
+    """A constant of ``shape`` broadcasts along axis ``axis`` of a rank-``rank`` tensor only."""
     if len(shape) > rank:
         return False
-    channel_at = 1 - (rank - len(shape))  # the constant's dim aligned with axis 1
+    channel_at = axis - (rank - len(shape))  # the constant's dim aligned with the channels
     return all(d == 1 or (i == channel_at and d == channels) for i, d in enumerate(shape))
 
 
 def recognize_affine(
-    ctx: Context, node: ir.Node, rank: int, channels: int
+    ctx: Context, node: ir.Node, rank: int, channels: int, axis: int = 1
 ) -> ChannelAffine | Declined | None:
-    """``node`` as a channel affine on a rank-``rank`` tensor of ``channels`` channels, a reason
-    why this constant step is not one, or None (not a constant step at all)."""
+    """``node`` as a channel affine on a rank-``rank`` tensor of ``channels`` channels at axis
+    ``axis`` (1, or where views moved them), a reason why this constant step is not one, or
+    None (not a constant step at all)."""
     if not is_onnx(node) or node.op_type not in AFFINE_OPS or not node.outputs:
         return None
     if node.op_type == "BatchNormalization":
+        if axis != 1:
+            return Declined.because(
+                f"BatchNormalization normalises axis 1, but the channels are at axis {axis} here"
+            )
         return _batch_norm(ctx, node, channels)
     if node.op_type == "Neg":
         if len(node.inputs) != 1 or node.inputs[0] is None:
@@ -212,10 +217,10 @@ def recognize_affine(
     c = step.constant(ctx, channels)
     if isinstance(c, Declined):
         return c
-    if not _per_channel(c.shape, rank, channels):
+    if not _per_channel(c.shape, rank, channels, axis):
         return Declined.because(
             f"{node.op_type} by a constant of shape {list(c.shape)} varies along other axes "
-            f"than the channels (axis 1 of {channels})"
+            f"than the channels (axis {axis} of {channels})"
         )
     if node.op_type == "Div" and not np.all(c.array() != 0):
         return Declined.because("Div by a constant that holds a zero")

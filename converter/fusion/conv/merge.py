@@ -33,8 +33,10 @@ import abc
 import onnx_ir as ir
 
 from converter.fusion.conv import algebra as ca
+from converter.fusion.conv import views
 from converter.fusion.conv.geometry import ConvGeometry, chain_macs, plan_add, plan_compose
 from converter.fusion.conv.match import (
+    AFFINE_OPS,
     ChannelAffine,
     ConvOp,
     Term,
@@ -44,7 +46,7 @@ from converter.fusion.conv.match import (
 from converter.fusion.conv.rewrite import ConvMerge
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
-from converter.fusion.core.graph import feeds_only, sole_consumer
+from converter.fusion.core.graph import feeds_only, is_onnx, sole_consumer
 from converter.fusion.core.joins import is_join, tree_leaves
 from converter.fusion.core.merge import Finder, Merge, Round
 
@@ -73,6 +75,23 @@ class ConvFolds(_ConvFinder):
 
     def _find(self, ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
         return _find_folds(ctx, graph, convs, refused, label, reasons)
+
+    def pending(self, round: Round, written: list[ir.Node]) -> bool:
+        """A merged linear op now ends in a step (its bias ``Add``) that reaches a Conv through
+        views (a channels-last layer before ``Transpose -> Conv``): one more round."""
+        for node in written:
+            value = node.outputs[0]
+            step = sole_consumer(value)
+            if step is not None and step.op_type in AFFINE_OPS and step.outputs:
+                value = step.outputs[0]
+            for _ in range(4):  # through views, as views.before follows them back
+                reader = sole_consumer(value)
+                if reader is None or reader.op_type not in views.VIEW_OPS:
+                    break
+                value = reader.outputs[0]
+            if any(is_onnx(u.node, "Conv") for u in value.uses()):
+                return True
+        return False
 
 
 class ConvSums(_ConvFinder):
@@ -106,9 +125,11 @@ def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
 
 
-def _affine_after(ctx: Context, node: ir.Node, value: ir.Value, rank: int, channels: int):
+def _affine_after(
+    ctx: Context, node: ir.Node, value: ir.Value, rank: int, channels: int, axis: int = 1
+):
     """The channel affine ``node`` applies to ``value``, a reason, or None."""
-    found = recognize_affine(ctx, node, rank, channels)
+    found = recognize_affine(ctx, node, rank, channels, axis)
     if isinstance(found, ChannelAffine) and found.data is not value:
         return None
     return found
@@ -123,21 +144,28 @@ def _find_folds(ctx, graph, convs, refused, label, reasons) -> list[ConvMerge]:
             _refused_fold(ctx, node, refused, label, reasons)
             continue
         g = op.geometry
-        consumer = sole_consumer(op.output)
+        channels = views.ChannelAxis(g.rank + 2, 1)
+        through, value, at = views.after(ctx.constants, op.output, channels)
+        consumer = sole_consumer(value)
         if consumer is not None:
-            found = _affine_after(ctx, consumer, op.output, g.rank + 2, g.out_channels)
+            found = _affine_after(ctx, consumer, value, at.rank, g.out_channels, at.axis)
             if isinstance(found, ChannelAffine):
-                after.append(_fold_after(op, found))
+                after.append(_fold_after(op, found, through))
             elif isinstance(found, Declined):
-                reasons.append(found.about([_name(node), _name(consumer)], label))
+                names = [_name(n) for n in (node, *through, consumer)]
+                reasons.append(found.about(names, label))
         x = op.input
-        producer = None if x is None else x.producer()
-        if producer is not None and sole_consumer(x) is node:
-            found = recognize_affine(ctx, producer, g.rank + 2, g.in_channels)
-            if isinstance(found, ChannelAffine):
-                before.append(_fold_before(found, op))
+        if x is None or sole_consumer(x) is not node:
+            continue
+        through, value, at = views.before(ctx.constants, x, channels)
+        producer = value.producer()
+        if producer is not None and (not through or sole_consumer(value) is through[0]):
+            found = recognize_affine(ctx, producer, at.rank, g.in_channels, at.axis)
+            if isinstance(found, ChannelAffine) and found.data is not None:
+                before.append(_fold_before(found, op, through))
             elif isinstance(found, Declined):
-                reasons.append(found.about([_name(producer), _name(node)], label))
+                names = [_name(n) for n in (producer, *through, node)]
+                reasons.append(found.about(names, label))
     return after + before
 
 
@@ -157,7 +185,8 @@ def _is_constant_step(ctx: Context, node: ir.Node) -> bool:
     return found is not None
 
 
-def _fold_after(op: ConvOp, affine: ChannelAffine) -> ConvMerge:
+def _fold_after(op: ConvOp, affine: ChannelAffine, through: list[ir.Node] = ()) -> ConvMerge:
+    """``affine`` after ``op`` (through the views ``through``, left as they are)."""
     g = op.geometry
     n = g.out_channels
 
@@ -168,20 +197,25 @@ def _fold_after(op: ConvOp, affine: ChannelAffine) -> ConvMerge:
         scale, shift = affine.vectors(n)
         return ca.scale_out(op.conv_map(), scale, shift)
 
+    across = f" through {'/'.join(v.op_type for v in through)}" if through else ""
     return ConvMerge(
-        [op.node, affine.node],
+        [op.node] if through else [op.node, affine.node],
         [(op.node, 0)],
         op.dtype,
         plan,
         compute,
         g.macs_per_position + n,
         g.params + affine.params(n),
-        f"{affine.node.op_type} folded into the Conv before it",
+        f"{affine.node.op_type} folded into the Conv before it{across}",
         op.constants + affine.constants,
+        step=affine.node if through else None,
+        views=list(through),
+        refolds=bool(through),
     )
 
 
-def _fold_before(affine: ChannelAffine, op: ConvOp) -> ConvMerge:
+def _fold_before(affine: ChannelAffine, op: ConvOp, through: list[ir.Node] = ()) -> ConvMerge:
+    """``affine`` before ``op`` (through the views ``through``, left as they are)."""
     g = op.geometry
     n = g.in_channels
 
@@ -199,16 +233,20 @@ def _fold_before(affine: ChannelAffine, op: ConvOp) -> ConvMerge:
         scale, shift = affine.vectors(n)
         return ca.affine_in(op.conv_map(), scale, shift)
 
+    across = f" through {'/'.join(v.op_type for v in through)}" if through else ""
     return ConvMerge(
-        [affine.node, op.node],
-        [(affine.node, affine.data_index)],
+        [op.node] if through else [affine.node, op.node],
+        [(op.node, 0)] if through else [(affine.node, affine.data_index)],
         op.dtype,
         plan,
         compute,
         g.macs_per_position + n,
         g.params + affine.params(n),
-        f"{affine.node.op_type} folded into the Conv after it",
+        f"{affine.node.op_type} folded into the Conv after it{across}",
         affine.constants + op.constants,
+        step=affine.node if through else None,
+        views=list(through),
+        refolds=bool(through),  # the views before the conv now hold unscaled values
     )
 
 

@@ -28,7 +28,7 @@ from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import round_to_dtype
 from converter.fusion.core.graph import shape_list
 from converter.fusion.core.merge import Merge, Round, Written
-from converter.fusion.core.writing import fused_name, initializer, replace
+from converter.fusion.core.writing import fused_name, initializer, replace, take_out
 from converter.report import FusionRecord
 
 __all__ = ["ConvMerge"]
@@ -52,6 +52,11 @@ class ConvMerge(Merge):
     params_before: int
     note: str
     constants: list[Constant] = field(default_factory=list)
+    # A channel affine folded into the conv across views (``views``, left as they are): taken
+    # out after the conv is written, its readers reading its data input.
+    step: ir.Node | None = None
+    views: list[ir.Node] = field(default_factory=list)
+    refolds: bool = False  # the conv's output name now holds the folded step's values
 
     left_as_is = "convs left as they were"
 
@@ -66,15 +71,18 @@ class ConvMerge(Merge):
 
     @property
     def names(self) -> list[str]:
-        return [_name(n) for n in self.nodes]
+        across = [*self.views, self.step] if self.step is not None else []
+        return [_name(n) for n in self.nodes + across]
 
     @property
     def old_nodes(self) -> list[ir.Node]:
-        return self.nodes
+        """Every node the merge removes: its nodes, and the step it takes out across views."""
+        return self.nodes + ([self.step] if self.step is not None else [])
 
     def alive(self, graph: ir.Graph) -> bool:
         """All nodes still in ``graph`` and every branch still reads the same input."""
-        if not all(n.graph is graph for n in self.nodes):
+        across = [*self.views, self.step] if self.step is not None else []
+        if not all(n.graph is graph for n in self.nodes + across):
             return False
         x = self.x
         return all(node.inputs[i] is x for node, i in self.reads)
@@ -91,7 +99,7 @@ class ConvMerge(Merge):
         return conv.about(self.names) if isinstance(conv, Declined) else conv
 
     def write(self, round: Round, plan: ConvGeometry, computed: ca.ConvMap) -> Written:
-        old_nodes, old_out, x = self.nodes, self.out, self.x
+        old_nodes, old_out, x = self.nodes, self.out, self.x  # the step is taken out after
         assert x is not None
         node = _new_conv(round.ctx, round.graph, self, computed, x)
         record = FusionRecord(
@@ -110,6 +118,13 @@ class ConvMerge(Merge):
             note=self.note,
         )
         replace(round.graph, old_nodes, [node], old_out, [c.value for c in self.constants])
+        if self.step is not None:
+            data = next(
+                v
+                for v in self.step.inputs
+                if v is not None and not round.ctx.constants.is_constant(v)
+            )
+            take_out(self.step, data)
         return Written([node], node, record)
 
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from converter.fusion.core.constants import remove_if_unused
 from converter.fusion.core.context import Context
 
-__all__ = ["fused_name", "initializer", "replace"]
+__all__ = ["fused_name", "initializer", "replace", "take_out"]
 
 
 def fused_name(names: list[str]) -> str:
@@ -56,5 +56,20 @@ def replace(
     ir.convenience.replace_nodes_and_values(
         graph, old_nodes[-1], old_nodes, new_nodes, [old_out], [new_out]
     )
+    for value in constants:
+        remove_if_unused(value)
+
+
+def take_out(step: ir.Node, data: ir.Value) -> None:
+    """Remove ``step`` (a step folded into an op across views): its readers read its ``data``
+    input instead, a graph output it wrote keeps its name; constants only it read go too."""
+    out = step.outputs[0]
+    constants = [v for v in step.inputs if v is not None and v is not data]
+    ir.convenience.replace_all_uses_with(out, data, replace_graph_outputs=True)
+    if data.is_graph_output():  # the step wrote a graph output: its data now does, by that name
+        name, out.name = out.name, None
+        data.name, data.type, data.shape = name, out.type or data.type, out.shape or data.shape
+    assert step.graph is not None
+    step.graph.remove(step, safe=True)
     for value in constants:
         remove_if_unused(value)

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.core.constants import Constant, remove_if_unused
+from converter.fusion.core.constants import Constant
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import is_onnx, single_reader
 from converter.fusion.core.merge import Finder, Merge, Round, Written
 from converter.fusion.core.steps import batch_norm_params, bn_affine, constant_step
+from converter.fusion.core.writing import take_out
 from converter.fusion.linear import algebra, chains
 from converter.fusion.linear.linear_op import LinearOp
 from converter.fusion.linear.ops import recognize
@@ -184,17 +185,7 @@ def _batch_norm(ctx: Context, node: ir.Node, f: Features):
 
 def remove_step(absorb: Absorb) -> None:
     """Take the folded step out: its readers read its data input instead."""
-    step, data = absorb.step, absorb.data
-    out = step.outputs[0]
-    constants = [v for v in step.inputs if v is not None and v is not data]
-    ir.convenience.replace_all_uses_with(out, data, replace_graph_outputs=True)
-    if data.is_graph_output():  # the step wrote a graph output: its data now does, by that name
-        name, out.name = out.name, None
-        data.name, data.type, data.shape = name, out.type or data.type, out.shape or data.shape
-    assert step.graph is not None
-    step.graph.remove(step, safe=True)
-    for value in constants:
-        remove_if_unused(value)
+    take_out(absorb.step, absorb.data)
 
 
 @dataclass(eq=False)

@@ -308,7 +308,12 @@ def _structural(ctx: Context, node: ir.Node, rows: tuple[int, ...] | None = None
         return True
     if node.op_type not in _ELEMENTWISE:
         return False
-    return node.op_type == "Neg" or not _is_row(node.outputs[0], rows)
+    if not _is_row(node.outputs[0], rows):
+        return True
+    # a Neg of a row inside a region (rotate_half's -x[..., h:]); one of the region's input
+    # itself is a step, for the chains
+    source = node.inputs[0].producer() if node.op_type == "Neg" and node.inputs else None
+    return source is not None and source.op_type in _SHAPE_OPS and _structural(ctx, source, rows)
 
 
 def _one_output(node: ir.Node) -> bool:

@@ -147,6 +147,14 @@ class LinearMerge(Merge):
         if has_bias:
             rows = max((op.constants[-1].shape[0] for op in per_row), default=1)
             bias_size = rows * width_out
+        removed = {v for n in self.old_nodes for v in n.outputs}
+        kept_reading = [n for n in self.all_kept if any(v in removed for v in n.inputs)]
+        if kept_reading:  # a node left for other readers would lose its input
+            return Declined(
+                self.names,
+                f"'{kept_reading[0].name}' is read by other nodes too, and reads a value the "
+                "merge removes",
+            )
         freed = _freed(self)
         params_before = sum(c.stored for c in freed)  # what the file holds for them
         params_after = width_in * width_out + bias_size

@@ -180,11 +180,23 @@ def test_an_op_the_evaluator_cannot_compute_is_the_reason(monkeypatch):
 
 def test_a_shape_unrecorded_and_too_large_to_learn_is_the_reason(monkeypatch):
     monkeypatch.setattr(computed, "EAGER_ELEMENTS", 10)
+    monkeypatch.setattr(computed, "_inferred", lambda *args: None)  # nor inferred
     model = _loha()
     del model.graph.value_info[:]  # no shapes recorded
     found = _resolved(model, "p1")
     assert isinstance(found, Declined)
     assert "its shape is not recorded and its inputs are too large" in found.reason
+
+
+def test_a_shape_unrecorded_is_inferred_from_the_inputs_and_evaluated_when_asked(monkeypatch):
+    """The legacy exporter records no shape for DoRA's ``B(A(EyeLike))``: onnx's shape inference
+    of the one node gives it, and the value is evaluated only when a merge reads it."""
+    monkeypatch.setattr(computed, "EAGER_ELEMENTS", 10)
+    model = _loha()
+    del model.graph.value_info[:]
+    found = _resolved(model, "p1")
+    assert isinstance(found, Constant) and found.shape == (OUT, IN)
+    assert found.array().shape == (OUT, IN)
 
 
 def test_small_values_without_recorded_shapes_are_evaluated_to_learn_them():
