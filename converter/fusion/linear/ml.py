@@ -79,7 +79,7 @@ def _float_input(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> ir.Val
         found = "of an unknown type" if dtype is None else f"of type {dtype_name(dtype)}"
         return declined(
             node,
-            f"{node.op_type} reads an input {found} and always writes float: only a float "
+            f"{node.op_type} reads an input {found} and always writes float32: only a float32 "
             "input makes it a map of one type",
         )
     return data
