@@ -123,6 +123,20 @@ def _shape(constants: Constants, value: ir.Value | None) -> list[int] | None:
 
 def _linear_info(constants: Constants, op: LinearOp, label: str) -> OpInfo:
     node = op.nodes[0]
+    if not is_onnx(node):  # an ONNX-ML regressor or classifier: its weights are attributes
+        shape = [op.out_features, op.in_features]
+        meaning = "coefficients (out,in): y = x @ C.T + intercepts"
+        return OpInfo(
+            _name(node),
+            label,
+            node.op_type,
+            op.in_features,
+            op.out_features,
+            shape,
+            meaning,
+            [op.out_features] if op.has_bias else None,
+            _dtype_name(op.dtype),
+        )
     shape = _shape(constants, node.inputs[1])
     bias_value = op.weights[1] if len(op.weights) > 1 else None
     if op.is_gemm:

@@ -22,7 +22,7 @@ from converter.fusion.core import invariants, order
 from converter.fusion.core.constants import Constants, parameter_count, recorded_size
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
-from converter.fusion.core.graph import is_onnx, iter_graphs
+from converter.fusion.core.graph import is_onnx, iter_graphs, op_key
 from converter.fusion.core.policy import Policy, check_policy
 from converter.fusion.core.runtime_patterns import rewrite_for_runtime
 from converter.fusion.engine import fuse_graph
@@ -41,12 +41,16 @@ _MIN_OPSET = 7
 def _model_totals(graphs: list[tuple[ir.Graph, str]]) -> tuple[int, int, int]:
     """(linear ops, MACs per row, weight parameters) over ``graphs``, from shapes alone.
 
-    What the file holds: a weight the model's training_info updates counts like any other."""
+    What the file holds: a weight the model's training_info updates counts like any other; an
+    ONNX-ML regressor's or classifier's coefficients (attributes) count as its weight."""
     constants = Constants()
     ops = macs = params = 0
     for graph, _ in graphs:
         params += sum(_initializer_size(constants, v) for v in graph.initializers.values())
         for node in graph:
+            if op_key(node) in _ML_LINEAR:
+                weights = _ml_weights(node)
+                ops, macs, params = ops + 1, macs + weights, params + weights
             if not is_onnx(node):
                 continue
             if node.op_type == "Constant":
@@ -63,6 +67,14 @@ def _model_totals(graphs: list[tuple[ir.Graph, str]]) -> tuple[int, int, int]:
             elif node.op_type == "Conv" and constants.is_constant(node.inputs[1]):
                 ops += 1  # counted as a linear op; its MACs are per output position, not per row
     return ops, macs, params
+
+
+_ML_LINEAR = frozenset({"ai.onnx.ml.LinearRegressor", "ai.onnx.ml.LinearClassifier"})
+
+
+def _ml_weights(node: ir.Node) -> int:
+    """The coefficients an ONNX-ML linear op holds (one multiply-add each per row)."""
+    return len(node.attributes.get_floats("coefficients", None) or ())
 
 
 def _initializer_size(constants: Constants, value: ir.Value) -> int:

@@ -47,20 +47,9 @@ NOT_YET: dict[str, str] = {
     "(Transpose -> BatchNormalization -> Transpose) is left",
     "flax_linear_rank3": "the two Gemm(transB=0) are not merged: jax2onnx's Reshape back to "
     "(B, 10, 32) and the next Reshape to (-1, 32) between them stop the chain",
-    "skl_pca_linreg": "nothing merged: ai.onnx.ml Scaler and LinearRegressor are not read as "
-    "affine ops, so Scaler -> Sub -> MatMul -> LinearRegressor stays",
-    "skl_pca_whiten_linreg": "nothing merged: Scaler -> Sub -> MatMul -> Div by Sqrt(constant) "
-    "-> LinearRegressor stays (ONNX-ML ops not read as affine)",
-    "skl_pca_whiten_ridge": "nothing merged: Scaler -> Sub -> MatMul -> Div by Sqrt(constant) "
-    "-> LinearRegressor stays (ONNX-ML ops not read as affine)",
-    "skl_pca_logreg_binary": "nothing merged: Scaler -> Sub -> MatMul -> LinearClassifier "
-    "stays (ONNX-ML ops not read as affine)",
-    "skl_pca_whiten_logreg_multi": "nothing merged: Scaler -> Sub -> MatMul -> Div -> "
-    "LinearClassifier stays (ONNX-ML ops not read as affine)",
-    "skl_scaler_mlp": "the ai.onnx.ml Scaler (then a float -> float Cast) is not folded into "
-    "the first MatMul; the bias Adds of shape [1, n] are declined as varying along another axis",
-    "skl_columns_ridge": "per-column Scalers and MinMaxScaler's Mul + Add -> Concat -> "
-    "LinearRegressor: nothing folded",
+    "skl_columns_ridge": "the column blocks (ArrayFeatureExtractor -> Scaler, or MinMax's "
+    "Cast -> Mul + Add) join in a Concat: a column pick is not read as a linear op and a Concat "
+    "of blocks of one input is not a block-diagonal step, so nothing folds into the regressor",
 }
 
 

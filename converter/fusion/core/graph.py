@@ -16,6 +16,7 @@ __all__ = [
     "iter_graphs",
     "label",
     "node_name",
+    "op_key",
     "shape_list",
     "single_reader",
     "sole_consumer",
@@ -29,6 +30,12 @@ def is_onnx(node: ir.Node | None, op_type: str | None = None) -> bool:
         and node.domain in ("", "ai.onnx")
         and (op_type is None or node.op_type == op_type)
     )
+
+
+def op_key(node: ir.Node) -> str:
+    """How op tables name ``node``'s op: its type for a standard ONNX op (``"Gemm"``), else
+    prefixed by its domain (``"ai.onnx.ml.Scaler"``), so a custom op of the same name is not it."""
+    return node.op_type if is_onnx(node) else f"{node.domain}.{node.op_type}"
 
 
 def label(value: ir.Value | None) -> str:

@@ -34,7 +34,12 @@ logger = logging.getLogger(__name__)
 
 _LINEAR = frozenset({"Gemm", "MatMul", "Einsum", "Conv"})
 _SMALL = 64  # initializers up to this many elements stay (Reshape targets, axes: data matters)
-_SAME_RANK = frozenset({"Relu", "Neg", "Identity", "Tanh", "Sigmoid", "BatchNormalization"})
+_SAME_RANK = frozenset({"Relu", "Neg", "Identity", "Tanh", "Sigmoid", "BatchNormalization", "Cast"})
+# ONNX-ML ops, whose output shapes ONNX shape inference does not give: by their definition
+# (onnxruntime's kernels), a Scaler keeps its input's shape, a regressor writes [N, targets], a
+# classifier labels [N] and scores [N, classes].
+_ML_SAME_RANK = frozenset({"Scaler"})
+_ML_RANKS = {"LinearRegressor": (2,), "LinearClassifier": (1, 2)}
 _STEPS = ("Add", "Sub", "Mul", "Div")
 
 
@@ -111,6 +116,8 @@ class Shapes:
     def _rank_source(self, value: ir.Value) -> tuple[ir.Value | None, int | None]:
         """The value whose rank ``value`` has (or a fixed rank), from its producer."""
         node = value.producer()
+        if node is not None and node.domain == "ai.onnx.ml":
+            return _ml_rank_source(node, value)
         if not is_onnx(node) or not node.inputs or node.inputs[0] is None:
             return None, None
         if node.op_type == "Gemm":
@@ -136,6 +143,15 @@ class Shapes:
             return rank
         consts = [self._constants.resolve(v) for v in node.inputs]
         return max([rank] + [len(c.shape) for c in consts if isinstance(c, Constant)])
+
+
+def _ml_rank_source(node: ir.Node, value: ir.Value) -> tuple[ir.Value | None, int | None]:
+    """The rank an ONNX-ML op's output ``value`` has by the op's definition, or its input."""
+    if node.op_type in _ML_SAME_RANK and node.inputs and node.inputs[0] is not None:
+        return node.inputs[0], None
+    ranks = _ML_RANKS.get(node.op_type, ())
+    index = list(node.outputs).index(value)
+    return None, ranks[index] if index < len(ranks) else None
 
 
 def _infer(model: ir.Model) -> Callable[[], None]:

@@ -8,7 +8,7 @@ included, is untouched; and the constants only the replaced nodes read are remov
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -47,14 +47,16 @@ def replace(
     graph: ir.Graph,
     old_nodes: list[ir.Node],
     new_nodes: list[ir.Node],
-    old_out: ir.Value,
+    old_out: ir.Value | Sequence[ir.Value],
     constants: Iterable[ir.Value | None],
 ) -> None:
     """Put ``new_nodes`` (the last computes the result) in place of ``old_nodes``, taking over
-    ``old_out``; then drop each of ``constants`` that nothing reads any more."""
-    new_out = new_nodes[-1].outputs[0]
+    ``old_out`` (or several outputs, by the last new node's outputs in order); then drop each of
+    ``constants`` that nothing reads any more."""
+    old_outs = [old_out] if isinstance(old_out, ir.Value) else list(old_out)
+    new_outs = list(new_nodes[-1].outputs[: len(old_outs)])
     ir.convenience.replace_nodes_and_values(
-        graph, old_nodes[-1], old_nodes, new_nodes, [old_out], [new_out]
+        graph, old_nodes[-1], old_nodes, new_nodes, old_outs, new_outs
     )
     for value in constants:
         remove_if_unused(value)

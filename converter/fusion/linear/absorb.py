@@ -86,7 +86,7 @@ def find_absorbs(
     found: list[Absorb] = []
     declined: list[Declined] = []
     for op in ops:
-        if not op.is_matrix or op.axis != -1:
+        if not op.is_matrix or op.axis != -1 or op.ends_chain:
             continue
         rank = ctx.shapes.rank(op.output) or ctx.shapes.rank(op.input)
         if rank is None:

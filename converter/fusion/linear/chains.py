@@ -25,11 +25,12 @@ import onnx_ir as ir
 
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
+from converter.fusion.core.graph import op_key
 from converter.fusion.core.merge import Finder, Merge, Round
 from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp
-from converter.fusion.linear.ops import recognize
+from converter.fusion.linear.ops import OPS, recognize
 from converter.fusion.linear.regions import find_regions
 from converter.fusion.linear.rewrite import LinearMerge
 from converter.fusion.linear.steps import STEP_OPS, recognize_step
@@ -90,6 +91,8 @@ def link_reason(prev: LinearOp, op: LinearOp) -> str | None:
     reason = intermediate_reason(prev.output, op.nodes)
     if reason:
         return reason
+    if prev.ends_chain:
+        return prev.ends_chain
     if op.trans_a:
         return f"transA=1 on '{op.names[0]}' transposes the rows, so it can only start a chain"
     if prev.axis != op.axis:
@@ -143,8 +146,8 @@ def _recognise_all(
         elif node in absorbed:
             continue
         else:
-            found = recognize(ctx, node)
-        if found is None and node.op_type in STEP_OPS:
+            found = recognize(ctx, node, producers.get)
+        if found is None and op_key(node) in STEP_OPS:
             found = recognize_step(ctx, node, producers.get)
         if isinstance(found, LinearOp) and ctx.constants.is_constant(found.input):
             continue  # computed from constants alone (DoRA's B(A(I))): a constant, not a layer
@@ -196,6 +199,8 @@ def _refused_neighbours(
         if node.op_type in ("Gemm", "MatMul", "Einsum"):
             # A product of two activations (attention's q @ k) is not a linear op: no reason.
             wanted = neighbours if _has_constant_operand(ctx, node) else []
+        elif op_key(node) in OPS:  # an ONNX-ML linear op: its weights are attributes
+            wanted = neighbours
         else:  # a step matters only beside a matrix op
             wanted = [n for n in neighbours if isinstance(n, LinearOp) and not n.elementwise]
         if not wanted:

@@ -99,6 +99,8 @@ def _fan_out(steps: list[LinearOp], readers: list[LinearOp]) -> Merge | Declined
 def _reader_reason(last: LinearOp, reader: LinearOp) -> str | None:
     if reader.kept:
         return f"'{reader.names[0]}' has nodes that other nodes read too"
+    if reader.own_form is not None:
+        return f"'{reader.names[0]}' is an ONNX-ML op, written back as itself only by a chain"
     if reader.axis != -1 or reader.input_perm is not None or reader.trans_a:
         return f"'{reader.names[0]}' does not map the last axis of its input as x @ W"
     if reader.dtype != last.dtype:

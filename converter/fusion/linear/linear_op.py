@@ -24,12 +24,16 @@ from converter.fusion.linear import algebra
 
 __all__ = [
     "LinearOp",
+    "OwnForm",
     "ProducerOf",
     "Recognise",
     "UNIFORM_ELEMENTS",
     "broadcasts_along_last_axis",
+    "data_dtype",
+    "data_width",
     "declined",
     "last_axis_vector",
+    "static_last_dim",
     "unmapping",
 ]
 
@@ -37,6 +41,22 @@ __all__ = [
 def declined(node: ir.Node, reason: str) -> Declined:
     """``node`` cannot take part in a merge, and why (in words a user can act on)."""
     return Declined([node.name or f"<{node.op_type}>"], reason)
+
+
+@dataclass(frozen=True)
+class OwnForm:
+    """How a merge that ends in an op writes it back as its own type (an ONNX-ML
+    ``LinearRegressor`` or ``LinearClassifier``, whose post-transform, labels and outputs a Gemm
+    cannot carry): ``make(x, affine, name, doc)`` is that node reading ``x`` with the merged map
+    (float64, ``(in, out)``) as its weights; it has as many outputs as the op it replaces.
+
+    ``required`` is why no Gemm or MatMul can stand for it, or None when one can on a 2-D input
+    (a regressor without a post-transform: ``[N, targets]`` floats either way); on an input not
+    known to be 2-D it is written as itself all the same (a 1-D input still gives ``[1, targets]``).
+    """
+
+    make: Callable[[ir.Value, algebra.AffineMap, str, str], ir.Node]
+    required: str | None = None
 
 
 @dataclass
@@ -72,6 +92,15 @@ class LinearOp:
     # merged only with a matrix op, and its cost per row is ``block_macs``.
     region: bool = False
     block_macs: int | None = None
+    # The output of the last node that carries the map (an ONNX-ML classifier's scores are its
+    # second output; its first, the labels, is computed from them).
+    output_index: int = 0
+    # Why nothing after this op can join it (a post-transform, labels): it only ends a chain.
+    ends_chain: str | None = None
+    # How a merge ending in it writes it back as its own op type, or None (Gemm/MatMul).
+    own_form: OwnForm | None = None
+    # Weights the op holds as attributes rather than constants (ONNX-ML), for the cost model.
+    attribute_params: int = 0
 
     @property
     def input(self) -> ir.Value:
@@ -81,7 +110,7 @@ class LinearOp:
 
     @property
     def output(self) -> ir.Value:
-        return self.nodes[-1].outputs[0]
+        return self.nodes[-1].outputs[self.output_index]
 
     @property
     def weights(self) -> tuple[ir.Value, ...]:
@@ -115,6 +144,29 @@ class LinearOp:
     def alive(self, graph: ir.Graph) -> bool:
         """All of the op's nodes are still in ``graph`` (no other merge took them)."""
         return all(n.graph is graph for n in self.nodes)
+
+
+def static_last_dim(ctx: Context, value: ir.Value) -> int | None:
+    """``value``'s last dimension when the model (or shape inference, asked once) fixes it."""
+    if value.shape is None:
+        ctx.shapes.request()  # the model records none: infer shapes (once per run)
+    shape = value.shape
+    if shape is None or len(shape) == 0:
+        return None
+    last = shape[-1]
+    return last if isinstance(last, int) and last > 0 else None
+
+
+def data_width(ctx: Context, data: ir.Value, producer_of: ProducerOf) -> int | None:
+    """The width of ``data``'s last axis: its static shape, else the recognised op producing it."""
+    op = producer_of(data)
+    return static_last_dim(ctx, data) or (op.out_features if op is not None else None)
+
+
+def data_dtype(data: ir.Value, producer_of: ProducerOf) -> ir.DataType | None:
+    """``data``'s element type: recorded, else the recognised op producing it."""
+    op = producer_of(data)
+    return data.dtype or (op.dtype if op is not None else None)
 
 
 #: The op already recognised that produced a value (its width and dtype stand in for shapes and

@@ -10,6 +10,8 @@ activations). The matrix ops are here; the elementwise steps, their own table, i
     MatMul(x, W)      W, a constant 2-D right operand; + Add(., b) of a last-axis bias
     MatMul(W, x)      along x's second-to-last axis: weight W.T, bias a column (out, 1)
     Einsum(x, W)      "...i,ij->...j" (W as is) or "...i,ji->...j" (W.T, torch's layout)
+    ai.onnx.ml LinearRegressor, LinearClassifier    W = C.T, b = intercepts
+                      (:mod:`converter.fusion.linear.ml`: written back as themselves)
 
 What is constant is the run's :class:`~converter.fusion.core.constants.Constants` answer. A weight
 that other nodes also read stays where it is for them; the merge then cannot free it, so a
@@ -30,7 +32,7 @@ from converter.fusion.core.constants import Constant
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import FLOAT_TYPES, dtype_name
-from converter.fusion.core.graph import is_onnx
+from converter.fusion.core.graph import is_onnx, op_key
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import (
     UNIFORM_ELEMENTS,
@@ -42,6 +44,7 @@ from converter.fusion.linear.linear_op import (
     last_axis_vector,
     unmapping,
 )
+from converter.fusion.linear.ml import ML_OPS
 
 __all__ = ["OPS", "recognize"]
 
@@ -50,8 +53,8 @@ def recognize(
     ctx: Context, node: ir.Node, producer_of: ProducerOf = lambda _: None
 ) -> LinearOp | Declined | None:
     """``node`` as a matrix op of :data:`OPS`: a :class:`LinearOp`, why not, or None (not a
-    Gemm/MatMul/Einsum at all, so simply not part of any chain)."""
-    entry = OPS.get(node.op_type) if is_onnx(node) else None
+    Gemm/MatMul/Einsum/ONNX-ML linear op at all, so simply not part of any chain)."""
+    entry = OPS.get(op_key(node))
     return None if entry is None else entry(ctx, node, producer_of)
 
 
@@ -334,4 +337,4 @@ def _einsum_layout(node: ir.Node, w_at: int) -> bool | Declined:
 
 
 #: The matrix ops: how each maps an affine value.
-OPS: dict[str, Recognise] = {"Gemm": _gemm, "MatMul": _matmul, "Einsum": _einsum}
+OPS: dict[str, Recognise] = {"Gemm": _gemm, "MatMul": _matmul, "Einsum": _einsum, **ML_OPS}

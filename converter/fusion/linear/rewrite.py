@@ -21,7 +21,11 @@ merge whose nodes another merge took is not made at all (:meth:`LinearMerge.aliv
    - N-D input: ``MatMul(x, W)`` with an ``(in, out)`` weight, then ``Add(., b)`` if there is a bias;
    - a left MatMul (``W @ x``): ``MatMul(W, x)``, the bias a column;
    - a segment led by a 1x1 Conv moved past a channels-last Transpose
-     (:mod:`converter.fusion.conv_to_linear`): ``Transpose(x, perm)``, then that ``MatMul`` (+ ``Add``).
+     (:mod:`converter.fusion.conv_to_linear`): ``Transpose(x, perm)``, then that ``MatMul`` (+ ``Add``);
+   - a segment ending in an ONNX-ML ``LinearClassifier``, or a ``LinearRegressor`` with a
+     post-transform or on an input not known to be 2-D (:mod:`converter.fusion.linear.ml`): that
+     op again, ``coefficients = W.T`` and ``intercepts = b`` (its :attr:`LinearOp.own_form`),
+     taking over all of its outputs.
 
    The merged op takes over the old output value, and constants only the replaced ops read are
    removed (:mod:`converter.fusion.core.writing`).
@@ -44,10 +48,10 @@ from converter.fusion.core.graph import shape_list
 from converter.fusion.core.merge import Merge, Round, Written
 from converter.fusion.core.writing import fused_name, initializer, replace
 from converter.fusion.linear import algebra
-from converter.fusion.linear.linear_op import LinearOp
+from converter.fusion.linear.linear_op import LinearOp, OwnForm
 from converter.report import FusionRecord
 
-__all__ = ["Decision", "LinearMerge", "emits_gemm", "new_nodes"]
+__all__ = ["Decision", "LinearMerge", "emits_gemm", "new_nodes", "own_form"]
 
 
 @dataclass
@@ -59,6 +63,8 @@ class Decision:
     params_before: int
     params_after: int
     freed: list[Constant] = field(default_factory=list)
+    # The last op written back as its own type (an ONNX-ML regressor or classifier), or None.
+    own_form: OwnForm | None = None
 
 
 @dataclass(eq=False)
@@ -96,7 +102,7 @@ class LinearMerge(Merge):
 
     @property
     def out(self) -> ir.Value:
-        return (self.joins[-1] if self.joins else self.ops[-1].nodes[-1]).outputs[0]
+        return self.joins[-1].outputs[0] if self.joins else self.ops[-1].output
 
     @functools.cached_property
     def names(self) -> list[str]:
@@ -137,8 +143,11 @@ class LinearMerge(Merge):
     def decide(self, round: Round) -> Decision | Declined:
         """Accept or refuse the merge from shapes alone (no weight is read)."""
         ops = self.ops
-        has_bias = any(op.has_bias for op in ops)
-        as_gemm = emits_gemm(round.ctx, self, has_bias)
+        own = own_form(round.ctx, self)
+        if isinstance(own, Declined):
+            return own
+        has_bias = any(op.has_bias for op in ops) or own is not None
+        as_gemm = own is None and emits_gemm(round.ctx, self, has_bias)
         per_row = [op for op in ops if op.per_row_bias]
         if per_row and not as_gemm:
             return Declined(self.names, "a per-row Gemm bias cannot be emitted as MatMul+Add")
@@ -156,7 +165,8 @@ class LinearMerge(Merge):
                 "merge removes",
             )
         freed = _freed(self)
-        params_before = sum(c.stored for c in freed)  # what the file holds for them
+        # what the file holds for them: constants, and the weights ONNX-ML ops hold as attributes
+        params_before = sum(c.stored for c in freed) + sum(op.attribute_params for op in ops)
         params_after = width_in * width_out + bias_size
         if round.ctx.policy == "cost" and params_after > params_before:
             return Declined(
@@ -164,7 +174,7 @@ class LinearMerge(Merge):
                 f"cost model: the merged weight and bias would hold {params_after} parameters, "
                 f"more than the {params_before} they replace (--policy always merges anyway)",
             )
-        return Decision(as_gemm, has_bias, params_before, params_after, freed)
+        return Decision(as_gemm, has_bias, params_before, params_after, freed, own)
 
     def compute(self, plan: Decision) -> algebra.AffineMap:
         """The one float64 composition of this merge."""
@@ -176,12 +186,19 @@ class LinearMerge(Merge):
         :attr:`input_perm` is set; the last computes the merged output)."""
         ctx, graph = round.ctx, round.graph
         old_nodes, old_out, x = self.old_nodes, self.out, self.x
-        w_value, b_value = self.weights(ctx, graph, plan, computed)
+        if plan.own_form is None:
+            w_value, b_value = self.weights(ctx, graph, plan, computed)
+            base = _base(w_value, ctx)
+        else:
+            base = ctx.names.fresh(fused_name([n for op in self.ops for n in op.names[:1]]))
         lead: list[ir.Node] = []
         if self.input_perm is not None:
-            lead = [_transposed(ctx, x, self.input_perm, _base(w_value, ctx))]
+            lead = [_transposed(ctx, x, self.input_perm, base)]
             x = lead[0].outputs[0]
-        op_nodes = new_nodes(ctx, self, plan, x, w_value, b_value)
+        if plan.own_form is None:
+            op_nodes = new_nodes(ctx, self, plan, x, w_value, b_value)
+        else:
+            op_nodes = [plan.own_form.make(x, computed, base, _doc(self))]
         joined = [v for n in self.joins for v in n.inputs if ctx.constants.is_constant(v)]
         record = FusionRecord(
             nodes=self.names,
@@ -200,7 +217,9 @@ class LinearMerge(Merge):
         )
         # the constants the ops read, then those of the joins (a stacked sum's axes)
         constants = [c.value for c in self.constants] + joined
-        replace(graph, old_nodes, lead + op_nodes, old_out, constants)
+        # an op written as itself takes over all of its outputs (a classifier's labels too)
+        old_outs = list(old_nodes[-1].outputs) if plan.own_form else [old_out]
+        replace(graph, old_nodes, lead + op_nodes, old_outs, constants)
         _drop_unread(graph, self.all_kept)
         return Written(lead + op_nodes, op_nodes[0], record)
 
@@ -282,7 +301,7 @@ def new_nodes(
 ) -> list[ir.Node]:
     """The merged op reading ``x``: ``Gemm(transB=1)``, or ``MatMul`` then ``Add`` of the bias."""
     base = _base(weight, ctx)
-    doc = "onnx-fuse merged: " + ", ".join(merge.names)
+    doc = _doc(merge)
     if merge.ops[0].axis == -2:  # W @ x (+ b as a column), as the ops came
         nodes = [ir.Node("", "MatMul", [weight, x], name=base, doc_string=doc)]
     elif plan.as_gemm:
@@ -299,6 +318,31 @@ def new_nodes(
         add.doc_string = doc
         nodes.append(add)
     return nodes
+
+
+def own_form(ctx: Context, merge: LinearMerge) -> OwnForm | Declined | None:
+    """How the merge writes its last op back as its own type (an ONNX-ML regressor or
+    classifier), None when it is written as Gemm/MatMul, or why it cannot be made at all.
+
+    An op that ends chains only ever ends a merge; one that must be written as itself cannot be
+    the term of a sum. A regressor without a post-transform is a Gemm on a 2-D input, and itself
+    on any other (a 1-D input gives ``[1, targets]``)."""
+    *before, last = merge.ops
+    inner = [op for op in before if op.ends_chain]
+    if inner:
+        return Declined(merge.names, inner[0].ends_chain)
+    form = last.own_form
+    if form is None or (form.required is None and ctx.shapes.rank(merge.x) == 2):
+        return None
+    if merge.joins:
+        return Declined(
+            merge.names, f"'{last.names[0]}' is written back as itself: it cannot end a sum"
+        )
+    return form
+
+
+def _doc(merge: LinearMerge) -> str:
+    return "onnx-fuse merged: " + ", ".join(merge.names)
 
 
 def _base(weight: ir.Value, ctx: Context) -> str:

@@ -8,6 +8,7 @@ or ``(1, ..., 1, d)``, never raising the rank), so it is an affine map with a di
     Div(x, c)  ->  W = diag(1 / c)        (c nonzero)
     Neg(x)     ->  W = -I                 Identity(x), Dropout(x) in inference  ->  W = I
     Cast(x) to the type x already has  ->  W = I
+    ai.onnx.ml Scaler(x; offset, scale)  ->  W = diag(scale),  b = -offset * scale
 
     BatchNormalization(x, scale, B, mean, var) on a 2-D input (channels are the last axis):
         s = scale / sqrt(var + epsilon),  W = diag(s),  b = B - mean * s
@@ -31,7 +32,7 @@ from converter.fusion.core.constants import Constant
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import FLOAT_TYPES
-from converter.fusion.core.graph import is_onnx
+from converter.fusion.core.graph import op_key
 from converter.fusion.core.steps import (
     BINARY_STEPS,
     ConstantStep,
@@ -45,21 +46,14 @@ from converter.fusion.linear.linear_op import (
     LinearOp,
     ProducerOf,
     Recognise,
+    data_dtype,
+    data_width,
     declined,
     last_axis_vector,
 )
+from converter.fusion.linear.ml import ML_STEPS
 
 __all__ = ["STEPS", "STEP_OPS", "recognize_step"]
-
-
-def _static_last_dim(ctx: Context, value: ir.Value) -> int | None:
-    if value.shape is None:
-        ctx.shapes.request()  # the model records none: infer shapes (once per run)
-    shape = value.shape
-    if shape is None or len(shape) == 0:
-        return None
-    last = shape[-1]
-    return last if isinstance(last, int) and last > 0 else None
 
 
 def _step(
@@ -79,7 +73,7 @@ def recognize_step(
     ``producer_of`` gives the op already recognised that produced a value, whose width and dtype
     stand in for a shape and type the model does not record.
     """
-    entry = STEPS.get(node.op_type) if is_onnx(node) and node.outputs else None
+    entry = STEPS.get(op_key(node)) if node.outputs else None
     return None if entry is None else entry(ctx, node, producer_of)
 
 
@@ -93,13 +87,13 @@ def _binary(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | 
         return None
     data = step.data
     # The data's own width, never the constant's: x[N, 1] * c[d] broadcasts x up to d columns.
-    width = _width(ctx, data, producer_of)
+    width = data_width(ctx, data, producer_of)
     if width is None:
         return None
     c = step.constant(ctx, max(width, UNIFORM_ELEMENTS))  # a copy of a row is small
     if isinstance(c, Declined):
         return declined(node, c.reason)
-    dtype = _dtype(data, producer_of) or c.dtype
+    dtype = data_dtype(data, producer_of) or c.dtype
     if dtype not in FLOAT_TYPES:
         return None
     vector = last_axis_vector(ctx, c, data, width)
@@ -130,16 +124,6 @@ def _elementwise_maker(
     return make
 
 
-def _width(ctx: Context, data: ir.Value, producer_of: ProducerOf) -> int | None:
-    op = producer_of(data)
-    return _static_last_dim(ctx, data) or (op.out_features if op is not None else None)
-
-
-def _dtype(data: ir.Value, producer_of: ProducerOf) -> ir.DataType | None:
-    op = producer_of(data)
-    return data.dtype or (op.dtype if op is not None else None)
-
-
 def _unary(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined | None:
     """``Neg`` (``W = -I``), ``Identity`` and inference ``Dropout`` (``W = I``)."""
     data = node.inputs[0] if node.inputs else None
@@ -151,9 +135,9 @@ def _unary(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | D
             return declined(node, reason)
     elif len(node.outputs) != 1:
         return None
-    if node.op_type == "Cast" and not _same_type_cast(ctx, node, _dtype(data, producer_of)):
+    if node.op_type == "Cast" and not _same_type_cast(ctx, node, data_dtype(data, producer_of)):
         return None
-    width, dtype = _width(ctx, data, producer_of), _dtype(data, producer_of)
+    width, dtype = data_width(ctx, data, producer_of), data_dtype(data, producer_of)
     if width is None or dtype not in FLOAT_TYPES:
         return None
     sign = -1.0 if node.op_type == "Neg" else 1.0
@@ -218,5 +202,6 @@ STEPS: dict[str, Recognise] = {
     **dict.fromkeys(BINARY_STEPS, _binary),
     "BatchNormalization": _batch_norm,
     **dict.fromkeys(("Neg", "Identity", "Dropout", "Cast"), _unary),
+    **ML_STEPS,
 }
 STEP_OPS = frozenset(STEPS)
