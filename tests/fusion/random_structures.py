@@ -746,9 +746,16 @@ def _conv_views(b: _Builder, h: _Val) -> _Val:
         step = b.node(op, [rows.name, c][:: b.ch.pick((1, -1))], v.width)
         return b.node("Transpose", [step.name], v.width, True, perm=[0, 3, 1, 2])
 
-    if b.ch.pick((True, False)):
+    kind = b.ch.pick(("before", "after", "branches"))
+    if kind == "before":
         return _conv(b, nhwc_step(h), b.ch.pick(WIDTHS), b.ch.pick((1, 3)))
-    return nhwc_step(_conv(b, h, b.ch.pick(WIDTHS), b.ch.pick((1, 3))))
+    if kind == "after":
+        return nhwc_step(_conv(b, h, b.ch.pick(WIDTHS), b.ch.pick((1, 3))))
+    # Flax's RepVGG: each branch moved back to NHWC before the sum
+    branches = [_conv(b, h, h.width, 3), _conv(b, h, h.width, 1), h]
+    moved = [b.node("Transpose", [v.name], h.width, perm=[0, 2, 3, 1]) for v in branches]
+    total = b.join([(1.0, v) for v in moved])
+    return b.node("Transpose", [total.name], h.width, True, perm=[0, 3, 1, 2])
 
 
 def _conv_seq(b: _Builder, h: _Val) -> _Val:

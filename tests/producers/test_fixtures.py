@@ -42,9 +42,6 @@ NOT_YET: dict[str, str] = {
     "keras_mlp_mixer": "the layer scales and biases fold, but the gamma/beta of tf2onnx's "
     "decomposed LayerNorms are left: into the channel Dense and, through ReduceMean, the head "
     "(3 Mul over the hand-folded count)",
-    "flax_conv_branches": "the BNs after the Convs fold, but each branch Transposes back to NHWC "
-    "before the Add, so the branches are not merged, and the identity BN "
-    "(Transpose -> BatchNormalization -> Transpose) is left",
     "flax_linear_rank3": "the two Gemm(transB=0) are not merged: jax2onnx's Reshape back to "
     "(B, 10, 32) and the next Reshape to (-1, 32) between them stop the chain",
     "skl_columns_ridge": "the column blocks (ArrayFeatureExtractor -> Scaler, or MinMax's "

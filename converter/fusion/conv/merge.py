@@ -297,6 +297,8 @@ def _match_sum(ctx: Context, root: ir.Node, convs, refused) -> ConvMerge | Decli
     if len(leaves) < 2 or len({id(v) for _, v in leaves}) != len(leaves):
         return None
     members = set(joins)
+    leaves, back, perm = _through_transposes(leaves, members)
+    members |= set(back)
     branch_convs = {
         v: convs[v.producer()]
         for _, v in leaves
@@ -324,10 +326,35 @@ def _match_sum(ctx: Context, root: ir.Node, convs, refused) -> ConvMerge | Decli
             if affine is None or not feeds_only(value, members):
                 return None
             terms.append(Term(sign, affine=affine))
-    return _sum_merge(joins, terms, x, some.dtype, rank - 2, channels)
+    return _sum_merge(back + joins, terms, x, some.dtype, rank - 2, channels, perm)
 
 
-def _sum_merge(joins, terms: list[Term], x, dtype, rank: int, channels: int) -> ConvMerge:
+def _through_transposes(leaves, members: set[ir.Node]):
+    """The leaves under one ``Transpose`` each, all of one ``perm`` (Flax sums its branches
+    after moving each back to NHWC): ``T(a) + T(b) = T(a + b)``, so the sum is matched on what
+    they transpose and written before one Transpose. Returns the leaves to match, those
+    Transposes and their perm (the leaves, [] and None when they are not so)."""
+    nodes = [v.producer() for _, v in leaves]
+    if not all(is_onnx(n, "Transpose") and n.inputs and n.inputs[0] is not None for n in nodes):
+        return leaves, [], None
+    perms = {tuple(n.attributes.get_ints("perm", ()) or ()) for n in nodes}
+    if len(perms) != 1 or () in perms:
+        return leaves, [], None
+    if not all(feeds_only(v, members) for _, v in leaves):
+        return leaves, [], None
+    inner = [(sign, n.inputs[0]) for (sign, _), n in zip(leaves, nodes, strict=True)]
+    return inner, nodes, perms.pop()
+
+
+def _sum_merge(
+    joins,
+    terms: list[Term],
+    x,
+    dtype,
+    rank: int,
+    channels: int,
+    perm: tuple[int, ...] | None = None,
+) -> ConvMerge:
     ones = (1,) * rank
     geometries, maps_of, macs, params, constants = [], [], 0, 0, []
     for term in terms:
@@ -359,8 +386,11 @@ def _sum_merge(joins, terms: list[Term], x, dtype, rank: int, channels: int) -> 
         compute,
         macs + (len(terms) - 1) * out_channels,
         params,
-        "parallel branches merged: " + _describe(terms),
+        "parallel branches merged: "
+        + _describe(terms)
+        + (f", then Transpose {list(perm)}" if perm else ""),
         constants,
+        after_perm=perm,
     )
 
 

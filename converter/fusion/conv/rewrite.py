@@ -57,6 +57,9 @@ class ConvMerge(Merge):
     step: ir.Node | None = None
     views: list[ir.Node] = field(default_factory=list)
     refolds: bool = False  # the conv's output name now holds the folded step's values
+    # The merged conv is followed by ``Transpose(perm)`` (branches each transposed before their
+    # sum: the sum of the transposes is the transpose of the sum).
+    after_perm: tuple[int, ...] | None = None
 
     left_as_is = "convs left as they were"
 
@@ -117,7 +120,18 @@ class ConvMerge(Merge):
             params_after=computed.params,
             note=self.note,
         )
-        replace(round.graph, old_nodes, [node], old_out, [c.value for c in self.constants])
+        new = [node]
+        if self.after_perm is not None:
+            new.append(
+                ir.node(
+                    "Transpose",
+                    [node.outputs[0]],
+                    attributes={"perm": list(self.after_perm)},
+                    name=round.ctx.names.fresh(f"{node.name}.transpose"),
+                )
+            )
+            record.new_nodes.append(new[-1].name)
+        replace(round.graph, old_nodes, new, old_out, [c.value for c in self.constants])
         if self.step is not None:
             data = next(
                 v
@@ -125,7 +139,7 @@ class ConvMerge(Merge):
                 if v is not None and not round.ctx.constants.is_constant(v)
             )
             take_out(self.step, data)
-        return Written([node], node, record)
+        return Written(new, node, record)
 
 
 def _cost_reason(merge: ConvMerge, plan: ConvGeometry, ctx: Context) -> str | None:

@@ -123,3 +123,35 @@ def test_before_a_padded_conv_the_scale_folds_and_the_shift_says_why_not():
     assert any("shifts the input of a Conv with pads [1, 1, 1, 1]" in r for r in reasons), reasons
     check(fused)
     assert_equivalent(model, fused, feeds((2, 8, 8, C_IN)), **TOL)
+
+
+def test_branches_each_transposed_before_their_sum_merge_into_one_conv_then_the_transpose():
+    """Flax's RepVGG block: ``T(conv3(x)) + T(conv1(x)) + T(bn(x))`` with one perm: one Conv,
+    then one Transpose (the sum of the transposes is the transpose of the sum)."""
+    r = rng(3)
+    c = 4
+    bn = [r.uniform(0.5, 2, c), r.standard_normal(c), r.standard_normal(c), r.uniform(0.5, 2, c)]
+    inits = [
+        init("W3", (r.standard_normal((c, c, 3, 3)) / 4).astype(np.float32)),
+        init("W1", (r.standard_normal((c, c, 1, 1)) / 2).astype(np.float32)),
+        *(init(n, a.astype(np.float32)) for n, a in zip(("g", "b", "m", "v"), bn, strict=True)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W3"], ["a"], pads=[1, 1, 1, 1], name="conv3"),
+        helper.make_node("Conv", ["x", "W1"], ["b1"], name="conv1"),
+        helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["n"], name="bn"),
+        *(
+            helper.make_node("Transpose", [v], [f"t_{v}"], perm=[0, 2, 3, 1], name=f"to_nhwc_{v}")
+            for v in ("a", "b1", "n")
+        ),
+        helper.make_node("Add", ["t_a", "t_b1"], ["s"], name="add1"),
+        helper.make_node("Add", ["s", "t_n"], ["y"], name="add2"),
+    ]
+    model = _model(nodes, inits, [2, c, 6, 6], [2, 6, 6, c])
+    check(model)
+    fused, report = fuse_with_report(model)
+    assert len(report.fusions) == 1
+    assert report.fusions[0].note.endswith("then Transpose [0, 2, 3, 1]")
+    assert op_types(fused) == ["Conv", "Transpose"]
+    check(fused)
+    assert_equivalent(model, fused, feeds((2, c, 6, 6)), **TOL)
