@@ -746,11 +746,19 @@ def _conv_views(b: _Builder, h: _Val) -> _Val:
         step = b.node(op, [rows.name, c][:: b.ch.pick((1, -1))], v.width)
         return b.node("Transpose", [step.name], v.width, True, perm=[0, 3, 1, 2])
 
-    kind = b.ch.pick(("before", "after", "branches"))
+    kind = b.ch.pick(("before", "after", "branches", "nhwc_identity"))
     if kind == "before":
         return _conv(b, nhwc_step(h), b.ch.pick(WIDTHS), b.ch.pick((1, 3)))
     if kind == "after":
         return nhwc_step(_conv(b, h, b.ch.pick(WIDTHS), b.ch.pick((1, 3))))
+    if kind == "nhwc_identity":  # Keras's RepVGG: the identity BN on the NHWC input
+        rows = b.node("Transpose", [h.name], h.width, perm=[0, 2, 3, 1])
+        x = b.node("Transpose", [rows.name], h.width, True, perm=[0, 3, 1, 2])
+        scaled = b.node("Mul", [rows.name, b.constant(b.rng.uniform(0.5, 1.5, h.width))], h.width)
+        shifted = b.node("Add", [scaled.name, b.constant(b.rng.standard_normal(h.width))], h.width)
+        identity = b.node("Transpose", [shifted.name], h.width, True, perm=[0, 3, 1, 2])
+        convs = [(1.0, _conv(b, x, h.width, 3)), (1.0, _conv(b, x, h.width, 1))]
+        return b.join([*convs, (1.0, identity)])
     # Flax's RepVGG: each branch moved back to NHWC before the sum
     branches = [_conv(b, h, h.width, 3), _conv(b, h, h.width, 1), h]
     moved = [b.node("Transpose", [v.name], h.width, perm=[0, 2, 3, 1]) for v in branches]

@@ -37,8 +37,6 @@ MAX_BYTES = 200_000
 
 # What keeps each fixture from its hand-folded form with today's engine, in words.
 NOT_YET: dict[str, str] = {
-    "keras_repvgg": "the 3x3 and 1x1 branches merge, but the identity branch's BN (Mul + Add on "
-    "the NHWC input, through a Transpose) is not taken as the third branch",
     "keras_mlp_mixer": "the layer scales and biases fold, but the gamma/beta of tf2onnx's "
     "decomposed LayerNorms are left: into the channel Dense and, through ReduceMean, the head "
     "(3 Mul over the hand-folded count)",

@@ -28,7 +28,7 @@ where it reads its input ``x``:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -96,6 +96,9 @@ class ChannelAffine:
     constants: list[Constant]
     has_shift: bool
     vectors: Callable[[int], tuple[np.ndarray | None, np.ndarray | None]]
+    # The nodes after ``node`` that the affine is made of (composed steps and a Transpose),
+    # removed with it; it then reads the sum's input through a twin of that Transpose.
+    more: list[ir.Node] = field(default_factory=list)
 
     @property
     def data(self) -> ir.Value | None:
@@ -272,9 +275,11 @@ class Term:
     def nodes(self) -> list[ir.Node]:
         if self.conv is not None:
             return [self.conv.node]
-        return [self.affine.node] if self.affine is not None else []
+        return [self.affine.node, *self.affine.more] if self.affine is not None else []
 
     def reads(self) -> list[tuple[ir.Node, int]]:
         if self.conv is not None:
             return [(self.conv.node, 0)]
-        return [(self.affine.node, self.affine.data_index)] if self.affine is not None else []
+        if self.affine is None or self.affine.more:  # it reads what x is the Transpose of
+            return []
+        return [(self.affine.node, self.affine.data_index)]

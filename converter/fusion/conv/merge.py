@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import abc
 
+import numpy as np
 import onnx_ir as ir
 
 from converter.fusion.conv import algebra as ca
@@ -321,12 +322,63 @@ def _match_sum(ctx: Context, root: ir.Node, convs, refused) -> ConvMerge | Decli
             return Declined.because(f"branch '{_name(producer)}': {refused[producer].reason}")
         else:
             affine = None if producer is None else _affine_after(ctx, producer, x, rank, channels)
+            if affine is None and producer is not None:
+                affine = _transposed_affine(ctx, producer, x, rank, channels)
             if isinstance(affine, Declined):
                 return Declined.because(f"branch '{_name(producer)}': {affine.reason}")
             if affine is None or not feeds_only(value, members):
                 return None
             terms.append(Term(sign, affine=affine))
     return _sum_merge(back + joins, terms, x, some.dtype, rank - 2, channels, perm)
+
+
+def _transposed_affine(
+    ctx: Context, node: ir.Node, x: ir.Value, rank: int, channels: int
+) -> ChannelAffine | Declined | None:
+    """``Transpose(perm)(affine(v))`` where ``x`` is ``Transpose(perm)(v)``: Keras's identity
+    BatchNorm of a RepVGG block, written by tf2onnx as ``Mul`` + ``Add`` on the NHWC input
+    beside the Transpose the convs read. One channel affine of ``x``: the steps (one or two,
+    each read by the next alone), composed, their channels where ``perm`` takes axis 1 from."""
+    transpose = x.producer()
+    if not (is_onnx(node, "Transpose") and is_onnx(transpose, "Transpose")):
+        return None
+    perm = node.attributes.get_ints("perm", None)
+    if perm is None or tuple(perm) != tuple(transpose.attributes.get_ints("perm", ()) or ()):
+        return None
+    v, axis = transpose.inputs[0], list(perm)[1]
+    steps: list[ChannelAffine] = []
+    value = node.inputs[0]
+    while value is not None and value is not v and len(steps) < 2:
+        step = value.producer()
+        found = None if step is None else recognize_affine(ctx, step, rank, channels, axis)
+        if not isinstance(found, ChannelAffine):
+            return found if isinstance(found, Declined) else None
+        if not feeds_only(value, {steps[0].node} if steps else {node}):
+            return None
+        steps.insert(0, found)
+        value = found.data
+    if value is not v or not steps:
+        return None
+    return _composed(steps, node)
+
+
+def _composed(steps: list[ChannelAffine], transpose: ir.Node) -> ChannelAffine:
+    """``steps`` applied in order, then ``transpose``, as one channel affine: ``x * s + t``."""
+
+    def vectors(n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        scale, shift = np.ones(n), np.zeros(n)
+        for step in steps:
+            s, t = step.vectors(n)
+            if s is not None:
+                scale, shift = scale * s, shift * s
+            if t is not None:
+                shift = shift + t
+        return scale, shift
+
+    has_shift = any(step.has_shift for step in steps)
+    constants = [c for step in steps for c in step.constants]
+    nodes = [*(step.node for step in steps), transpose]
+    return ChannelAffine(nodes[0], steps[0].data_index, constants, has_shift, vectors, nodes[1:])
 
 
 def _through_transposes(leaves, members: set[ir.Node]):

@@ -155,3 +155,33 @@ def test_branches_each_transposed_before_their_sum_merge_into_one_conv_then_the_
     assert op_types(fused) == ["Conv", "Transpose"]
     check(fused)
     assert_equivalent(model, fused, feeds((2, c, 6, 6)), **TOL)
+
+
+def test_an_identity_batchnorm_on_the_nhwc_input_is_the_third_branch():
+    """Keras's RepVGG block through tf2onnx: ``conv3(T(x)) + conv1(T(x)) + T(x * s + t)``, the
+    identity BatchNorm as Mul + Add on the NHWC input beside the Transpose the convs read."""
+    r = rng(4)
+    c = 4
+    inits = [
+        init("W3", (r.standard_normal((c, c, 3, 3)) / 4).astype(np.float32)),
+        init("W1", (r.standard_normal((c, c, 1, 1)) / 2).astype(np.float32)),
+        init("s", r.uniform(0.5, 1.5, c).astype(np.float32)),
+        init("t", r.standard_normal(c).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["xs"], name="bn_mul"),
+        helper.make_node("Add", ["xs", "t"], ["xst"], name="bn_add"),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Transpose", ["xst"], ["it"], perm=[0, 3, 1, 2], name="identity_nchw"),
+        helper.make_node("Conv", ["xt", "W3"], ["a"], pads=[1, 1, 1, 1], name="conv3"),
+        helper.make_node("Conv", ["xt", "W1"], ["b1"], name="conv1"),
+        helper.make_node("Add", ["a", "b1"], ["s1"], name="add1"),
+        helper.make_node("Add", ["s1", "it"], ["y"], name="add2"),
+    ]
+    model = _model(nodes, inits, [2, 6, 6, c], [2, c, 6, 6])
+    check(model)
+    fused, report = fuse_with_report(model)
+    assert len(report.fusions) == 1
+    assert op_types(fused) == ["Transpose", "Conv"]
+    check(fused)
+    assert_equivalent(model, fused, feeds((2, 6, 6, c)), **TOL)
