@@ -209,7 +209,8 @@ def test_chain_after_the_linear_joins_the_same_merge():
 
 
 def test_step_then_linear_after_the_transpose_joins():
-    """``Conv1x1 -> T -> Mul(per channel) -> L``: the step is one more op of the chain."""
+    """``Conv1x1 -> T -> Mul(per channel) -> L``: the step folds into the conv across the
+    Transpose, then the conv moves into the linear op."""
     r = _rng(6)
     scale = ([], [init("s", r.uniform(0.5, 2, 4).astype(np.float32))])
     mul = ([helper.make_node("Mul", ["t", "s"], ["ts"], name="scale")], [])
@@ -218,8 +219,9 @@ def test_step_then_linear_after_the_transpose_joins():
         [2, 4, 3, 3],
         [2, 3, 3, 4],
     )
-    _, report = _fused(model, 1, ["Transpose", "MatMul", "Add"], x_shape=[2, 4, 3, 3])
-    assert report.fusions[0].op_types == ["Conv", "Transpose", "Mul", "MatMul", "Add"]
+    _, report = _fused(model, 2, ["Transpose", "MatMul", "Add"], x_shape=[2, 4, 3, 3])
+    assert report.fusions[0].note == "Mul folded into the Conv before it through Transpose"
+    assert report.fusions[1].op_types == ["Conv", "Transpose", "MatMul", "Add"]
 
 
 def test_channels_last_mlp_with_layer_scale_and_residual():

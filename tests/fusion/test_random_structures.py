@@ -133,7 +133,7 @@ def test_random_structures_convolutions() -> None:
     MLP) mixed with the others, which see the image channels-last through a ``Transpose`` (and go
     back with a channel scale)."""
     stats: collections.Counter = collections.Counter()
-    _settings(60)(given(structures(image=True))(lambda case: _check(case, "cost", stats)))()
+    _settings(80)(given(structures(image=True))(lambda case: _check(case, "cost", stats)))()
     assert all(stats[k] > 0 for k in IMAGE_BLOCKS), stats
     assert stats["merged"] >= 0.6 * stats["graphs"], stats
 

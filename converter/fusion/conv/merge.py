@@ -472,7 +472,8 @@ def _describe(terms: list[Term]) -> str:
             depthwise = "depthwise " if g.groups > 1 and g.groups == g.in_channels else ""
             what = depthwise + "x".join(map(str, g.kernel_shape))
         elif term.affine is not None:
-            what = f"{term.affine.node.op_type}(x)"
+            steps = [term.affine.node, *term.affine.more]
+            what = " + ".join(n.op_type for n in steps if n.op_type != "Transpose") + "(x)"
         else:
             what = "identity"
         parts.append(sign + what)
