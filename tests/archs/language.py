@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
@@ -58,6 +59,7 @@ __all__ = [
     "count_linear_ops",
     "export_lm",
     "merged",
+    "run_onnx",
     "run_torch",
     "token_inputs",
 ]
@@ -204,6 +206,15 @@ def token_inputs(model: torch.nn.Module, *, dynamo: bool, seed: int = 0) -> dict
         # without a mask transformers looks for packed sequences with torch.diff (no legacy symbolic)
         inputs["attention_mask"] = np.ones((BATCH, SEQ), dtype=np.int64)
     return inputs
+
+
+def run_onnx(path: str | Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of the ONNX model at ``path`` on ``inputs`` under onnxruntime, with its
+    graph optimisations off (what the file says, not what the runtime rewrites)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)[0]
 
 
 def run_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -18,7 +18,6 @@ pytest.importorskip("peft")
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from archs import adapter_runs, adapters, language
 
@@ -53,13 +52,6 @@ def _cases() -> list:
     return cases
 
 
-def _run(path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
-
-
 @pytest.mark.parametrize(("adapter", "model", "exporter"), _cases())
 def test_the_fused_adapter_model_is_the_merged_model(adapter, model, exporter, tmp_path):
     if (model, adapter) in adapters.UNMERGEABLE_ON:
@@ -81,7 +73,7 @@ def test_the_fused_adapter_model_is_the_merged_model(adapter, model, exporter, t
         np.load(tmp_path / "torch.npz") as torch_out,
     ):
         np.testing.assert_allclose(
-            _run(fused, dict(inputs)), torch_out["adapter"], atol=ATOL, rtol=0
+            language.run_onnx(fused, dict(inputs)), torch_out["adapter"], atol=ATOL, rtol=0
         )
     m = adapter_runs.measure(tmp_path, code)
     assert m.ops["fused"] <= m.ops["merged"], m.ops

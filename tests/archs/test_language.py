@@ -129,20 +129,13 @@ def case(shared_dir):
     return get
 
 
-def _run(path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
-
-
 @pytest.mark.parametrize(("name", "exporter"), CASES)
 def test_exports_match_torch(case, name, exporter, record_property):
     c = case(name, exporter)
     for exported, expected in ((c.lora, c.expected), (c.merged, c.expected_merged)):
         onnx.checker.check_model(onnx.load(exported.path), full_check=True)
         np.testing.assert_allclose(
-            _run(exported.path, exported.inputs), expected, atol=ATOL, rtol=0
+            language.run_onnx(exported.path, exported.inputs), expected, atol=ATOL, rtol=0
         )
     # merging changes the function only by rounding: the two torch models agree too
     np.testing.assert_allclose(c.expected_merged, c.expected, atol=ATOL, rtol=0)
@@ -180,7 +173,7 @@ def test_fuse_reaches_merge_and_unload(case, fused, name, exporter):
     c = case(name, exporter)
     code, out = fused(name, exporter)
     assert code == 0
-    np.testing.assert_allclose(_run(out, c.lora.inputs), c.expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(language.run_onnx(out, c.lora.inputs), c.expected, atol=ATOL, rtol=0)
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
     assert language.count_linear_ops(model) == MERGED_LINEAR_OPS[name]

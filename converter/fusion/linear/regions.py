@@ -132,6 +132,8 @@ class _Region:
             for value in node.inputs:
                 if value is None or ctx.constants.is_constant(value):
                     continue
+                if value.dtype is not None and value.dtype not in FLOAT_TYPES:
+                    return None  # a shape or an index computed at run time
                 producer = value.producer()
                 if producer in members:
                     continue
@@ -373,8 +375,10 @@ def _reshape(region: _Region, node: ir.Node) -> _Layout | str:
         return found
     index, layout = found
     shape = _static(node.outputs[0])
-    if index != 0 or shape is None or math.prod(shape) != math.prod(layout.shape):
+    if index != 0 or not region.ctx.constants.is_constant(node.inputs[1]):
         return "has a target that is not constant"
+    if shape is None or math.prod(shape) != math.prod(layout.shape):
+        return "changes the number of elements"
     split = _split(shape, region.rows)
     out = _Layout(shape, split)
     width = math.prod(shape) // region.rows
