@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from builders import assert_equivalent, check, feeds, fuse_with_report, init, op_types
+from builders import assert_equivalent, check, feeds, fuse_with_report, init, op_types, rng
 from onnx import TensorProto, helper
 
 from converter.fusion.core import computed
@@ -225,3 +225,32 @@ def test_a_long_computation_resolves_without_a_deep_stack():
 def test_without_an_opset_nothing_is_computed():
     assert isinstance(_resolved(_loha(), "p1", opset=0), Declined)
     assert isinstance(_resolved(_loha(), "p1", opset=17), Constant)
+
+
+def test_adapter_weights_fed_as_graph_inputs_are_never_merged():
+    """onnxruntime's multi-LoRA adapters and Olive's extracted adapters feed A and B as graph
+    inputs, swapped at run time: the delta ``A @ B`` is not a constant, and the reason says so."""
+    r = rng(5)
+    nodes = [
+        helper.make_node("MatMul", ["A", "B"], ["dw"], name="delta"),
+        helper.make_node("MatMul", ["x", "W0"], ["base"], name="base"),
+        helper.make_node("MatMul", ["x", "dw"], ["lora"], name="lora"),
+        helper.make_node("Add", ["base", "lora"], ["y"], name="join"),
+    ]
+    inits = [init("W0", r.standard_normal((IN, OUT)).astype(np.float32))]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", FLOAT, [3, IN]),
+            helper.make_tensor_value_info("A", FLOAT, [IN, 2]),
+            helper.make_tensor_value_info("B", FLOAT, [2, OUT]),
+        ],
+        [helper.make_tensor_value_info("y", FLOAT, [3, OUT])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    fused, report = fuse_with_report(onnx.shape_inference.infer_shapes(model))
+    assert report.fusions == [] and op_types(fused) == op_types(model)
+    assert any("is a graph input" in d.reason for d in report.declined), report.declined
