@@ -251,7 +251,9 @@ class FoldsAcrossViews(Finder):
 
     def find(self, round: Round) -> list[Merge | Declined]:
         runs = round.shared(chains.analyse).runs
-        ops = [op for run in runs for op in run if not op.kept]  # a fold removes all its nodes
+        ops = [
+            op for run in runs for op in run if not (op.kept or op.through)
+        ]  # a fold removes all its nodes
         absorbs, declined = find_absorbs(round.ctx, ops, round.label)
         return [*declined, *(Fold(absorb) for absorb in absorbs)]
 

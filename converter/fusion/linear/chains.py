@@ -16,6 +16,7 @@ part recognises before its first op (a 1x1 Conv read through a channels-last Tra
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp
 from converter.fusion.linear.ops import OPS, recognize
 from converter.fusion.linear.regions import find_regions
+from converter.fusion.linear.reshape_pairs import cancelling_pair
 from converter.fusion.linear.rewrite import LinearMerge
 from converter.fusion.linear.steps import STEP_OPS, recognize_step
 
@@ -146,7 +148,7 @@ def _recognise_all(
         elif node in absorbed:
             continue
         else:
-            found = recognize(ctx, node, producers.get)
+            found = _through_pair(ctx, recognize(ctx, node, producers.get))
         if found is None and op_key(node) in STEP_OPS:
             found = recognize_step(ctx, node, producers.get)
         if isinstance(found, LinearOp) and ctx.constants.is_constant(found.input):
@@ -158,6 +160,17 @@ def _recognise_all(
         elif isinstance(found, Declined):
             refused[node] = found
     return ops, refused, not_regions
+
+
+def _through_pair(ctx: Context, found: LinearOp | Declined | None) -> LinearOp | Declined | None:
+    """``found`` reading its input through two Reshapes that cancel, when it does (the pair
+    becomes its first nodes)."""
+    if not isinstance(found, LinearOp) or not found.is_matrix or found.input_perm is not None:
+        return found
+    pair = cancelling_pair(ctx, found.input)
+    if pair is None:
+        return found
+    return dataclasses.replace(found, nodes=(*pair, *found.nodes), input_index=0, through=pair)
 
 
 def _links(ops: list[LinearOp], label: str) -> tuple[dict[int, LinearOp], list[Declined]]:

@@ -97,7 +97,7 @@ def _fan_out(steps: list[LinearOp], readers: list[LinearOp]) -> Merge | Declined
 
 
 def _reader_reason(last: LinearOp, reader: LinearOp) -> str | None:
-    if reader.kept:
+    if reader.kept or reader.through:
         return f"'{reader.names[0]}' has nodes that other nodes read too"
     if reader.own_form is not None:
         return f"'{reader.names[0]}' is an ONNX-ML op, written back as itself only by a chain"

@@ -92,6 +92,9 @@ class LinearOp:
     # merged only with a matrix op, and its cost per row is ``block_macs``.
     region: bool = False
     block_macs: int | None = None
+    # Two Reshapes that cancel before the op (:mod:`converter.fusion.linear.reshape_pairs`): its
+    # first nodes, read through; the Shape nodes reading between them are rewired when they go.
+    through: tuple[ir.Node, ...] = ()
     # The output of the last node that carries the map (an ONNX-ML classifier's scores are its
     # second output; its first, the labels, is computed from them).
     output_index: int = 0

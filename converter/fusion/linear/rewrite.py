@@ -49,6 +49,7 @@ from converter.fusion.core.merge import Merge, Round, Written
 from converter.fusion.core.writing import fused_name, initializer, replace
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp, OwnForm
+from converter.fusion.linear.reshape_pairs import reread_shapes
 from converter.report import FusionRecord
 
 __all__ = ["Decision", "LinearMerge", "emits_gemm", "new_nodes", "own_form"]
@@ -219,6 +220,7 @@ class LinearMerge(Merge):
         constants = [c.value for c in self.constants] + joined
         # an op written as itself takes over all of its outputs (a classifier's labels too)
         old_outs = list(old_nodes[-1].outputs) if plan.own_form else [old_out]
+        reread_shapes([n for op in self.ops for n in op.through])
         replace(graph, old_nodes, lead + op_nodes, old_outs, constants)
         _drop_unread(graph, self.all_kept)
         return Written(lead + op_nodes, op_nodes[0], record)
