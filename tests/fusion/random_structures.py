@@ -147,7 +147,17 @@ BLOCKS = (
     + ("view_bn", "view_scale", "view_scale", "qkv", "left", "stack", "sandwich", "noop")
     + ("conv", "conv", "repvgg", "repvgg", "conv_mlp", "conv_scale", "conv_seq", "conv_views")
     + ("gelu", "norm", "max0")
-    + ("fanout", "fanout", "computed", "computed", "vera", "vera", "region", "region")
+    + (
+        "fanout",
+        "fanout",
+        "computed",
+        "computed",
+        "vera",
+        "vera",
+        "region",
+        "region",
+        "flax_linear",
+    )
 )
 
 
@@ -923,6 +933,24 @@ def _vera(b: _Builder, h: _Val) -> _Val:
     return b.node("Mul", [outs[0].name, outs[1].name], width)
 
 
+def _flax_linear(b: _Builder, h: _Val) -> _Val:
+    """Two or three jax2onnx ``nnx.Linear`` layers on rows of rank 3 or more: each
+    ``Reshape(-1, d) -> Gemm(transB=0) -> Reshape(Concat(Shape(h)[:-1], (w,)))``; between two
+    layers the Reshapes cancel and a Shape reads between them."""
+    if b.rank < 3:
+        return b.chain(h, [b.ch.pick(WIDTHS) for _ in range(2)])
+    for _ in range(b.ch.integer(2, 3)):
+        width = b.ch.pick(WIDTHS)
+        flat = b.node("Reshape", [h.name, b.ints([-1, h.width])], h.width)
+        w = b.constant(b.rng.standard_normal((h.width, width)) / np.sqrt(h.width))
+        gemm = b.node("Gemm", [flat.name, w, b.constant(b.rng.standard_normal(width) * 0.3)], width)
+        shape = b.node("Shape", [h.name], 0)
+        lead = b.node("Slice", [shape.name, b.ints([0]), b.ints([-1])], 0)
+        target = b.node("Concat", [lead.name, b.ints([width])], 0, axis=0)
+        h = b.node("Reshape", [gemm.name, target.name], width)
+    return h
+
+
 def _region(b: _Builder, h: _Val) -> _Val:
     """A map of each row written through reshapes of it, beside or before a linear layer:
     OFT's blocks (``Reshape -> Einsum -> Reshape``), ``rotate_half`` (Slice/Neg/Concat), RoAd's
@@ -992,6 +1020,7 @@ _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "computed": _computed,
     "vera": _vera,
     "region": _region,
+    "flax_linear": _flax_linear,
 }
 
 
