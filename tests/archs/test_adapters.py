@@ -22,14 +22,10 @@ import onnx
 from archs import adapter_runs, adapters, language
 
 ATOL = 1e-4
-BERT = ("lora", "dora", "ia3", "oft", "road", "vera", "loha", "gralora", "miss")
+BERT = ("lora", "dora", "ia3", "oft", "road", "vera", "loha", "gralora", "miss", "pvera")
 
 #: (adapter, model, exporter) still left, and why.
-LEFT: dict[tuple[str, str, str], str] = {
-    ("pvera", "llama", "legacy"): "the legacy export of PVeRA on LLaMA keeps 12 linear ops over "
-    "merge_and_unload()'s (27 -> 27): its form of the hidden vector's split is not read yet "
-    "(the dynamo export reaches 15)",
-}
+LEFT: dict[tuple[str, str, str], str] = {}
 
 
 def _cases() -> list:

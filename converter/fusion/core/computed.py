@@ -50,6 +50,7 @@ __all__ = [
     "computable",
     "computed_constant",
     "distinct_sources",
+    "node_proto",
     "run_node",
 ]
 
@@ -168,7 +169,7 @@ def _inferred(
             for i, c in enumerate(inputs)
             if c is not None
         }
-        found = onnx.shape_inference.infer_node_outputs(schema, _node_proto(node), types)
+        found = onnx.shape_inference.infer_node_outputs(schema, node_proto(node), types)
     except Exception:  # no schema, or inference refuses: the shape is simply unknown
         return None
     tensor = found.get(f"out{index}")
@@ -228,7 +229,7 @@ def _evaluator(
 ) -> Callable[[], tuple[np.ndarray, bool]]:
     """A function evaluating output ``index`` of ``node`` from its constant inputs:
     ``(array, widened)``, widened when the array is float64 standing for a narrower float."""
-    proto = _node_proto(node)
+    proto = node_proto(node)
     widen = node.op_type in _WIDENS or _float_cast(node)
 
     def evaluate() -> tuple[np.ndarray, bool]:
@@ -254,7 +255,7 @@ def run_node(node: ir.Node, arrays: Sequence[np.ndarray | None], opset: int) -> 
     evaluator at ``opset``: its outputs. Raises :class:`NotComputable` when it cannot."""
     feeds = {f"in{i}": a for i, a in enumerate(arrays) if a is not None}
     try:
-        evaluator = onnx.reference.ReferenceEvaluator(_node_proto(node), opsets={"": opset})
+        evaluator = onnx.reference.ReferenceEvaluator(node_proto(node), opsets={"": opset})
         return [np.asarray(a) for a in evaluator.run(None, feeds)]
     except Exception as e:  # the evaluator's failure is the reason, whatever its kind
         raise NotComputable(
@@ -281,7 +282,7 @@ def _float_cast(node: ir.Node) -> bool:
     return to is not None and ir.DataType(to) in FLOAT_TYPES
 
 
-def _node_proto(node: ir.Node) -> onnx.NodeProto:
+def node_proto(node: ir.Node) -> onnx.NodeProto:
     """``node`` alone as a NodeProto, its inputs named ``in0``.. and outputs ``out0``.."""
     proto = ir.serde.serialize_node(node)
     del proto.input[:]

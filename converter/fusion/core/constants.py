@@ -43,6 +43,7 @@ __all__ = [
     "parameter_count",
     "recorded_size",
     "remove_if_unused",
+    "shape_of_static",
 ]
 
 
@@ -108,6 +109,12 @@ class Constants:
             found = self._answers[value] = _resolve(self, value)
         return found
 
+    def forget_refusals(self) -> None:
+        """Ask again about every value found varying or refused: shapes were just inferred, and
+        a ``Shape`` of a value whose shape is now fixed is a constant (the constants found stay)."""
+        self._answers = {v: a for v, a in self._answers.items() if isinstance(a, Constant)}
+        self._varying = {v: False for v, varies in self._varying.items() if not varies}
+
     def is_constant(self, value: ir.Value | None) -> bool:
         return isinstance(self.resolve(value), Constant)
 
@@ -157,6 +164,8 @@ class Constants:
             producer = v.producer()
             if v.const_value is not None or v.is_initializer():
                 self._varying[v] = v.is_graph_input()
+            elif shape_of_static(producer) is not None:
+                self._varying[v] = False  # the Shape of a value whose shape the model fixes
             elif v.is_graph_input() or (
                 not computable(producer) and not is_onnx(producer, "Constant")
             ):
@@ -207,6 +216,9 @@ def _resolve(constants: Constants, value: ir.Value) -> Constant | Declined:
     if value in constants.trained:
         return Declined.because(f"weight '{label(value)}' is trained by the model's training_info")
     producer = value.producer()
+    dims = shape_of_static(producer)
+    if value.const_value is None and dims is not None:
+        return Constant((value,), dims.shape, ir.DataType.INT64, lambda: dims)
     if value.const_value is None and is_onnx(producer) and producer.op_type in _DERIVED:
         return _derived(constants, value, producer)
     if value.const_value is None and computable(producer) and constants.opset:
@@ -221,6 +233,22 @@ def _resolve(constants: Constants, value: ir.Value) -> Constant | Declined:
     if shape is None:
         return Declined.because(f"weight '{label(value)}' is not constant")
     return Constant((value,), shape, tensor.dtype, tensor.numpy)
+
+
+def shape_of_static(node: ir.Node | None) -> np.ndarray | None:
+    """What a ``Shape`` (with its ``start``/``end``) or ``Size`` node gives, when the model fixes
+    its input's shape (every dim a number): the same on every run, so a constant; else None."""
+    if not (is_onnx(node, "Shape") or is_onnx(node, "Size")) or not node.inputs:
+        return None
+    data = node.inputs[0]
+    if data is None or data.shape is None or not data.shape.is_static():
+        return None
+    dims = np.array([int(d) for d in data.shape], np.int64)
+    if node.op_type == "Size":
+        return np.array(int(np.prod(dims)), np.int64)
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", None)
+    return dims[start:end].copy()
 
 
 def _computed(constants: Constants, value: ir.Value, node: ir.Node) -> Constant | Declined:

@@ -76,6 +76,7 @@ class Shapes:
             return False
         self._undo.append(_infer(self._model))
         self._ranks.clear()
+        self._constants.forget_refusals()  # a Shape of a value now shaped is a constant
         return True
 
     def rank(self, value: ir.Value) -> int | None:

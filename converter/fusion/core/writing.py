@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.core.constants import remove_if_unused
+from converter.fusion.core.constants import remove_if_unused, shape_of_static
 from converter.fusion.core.context import Context
 
 __all__ = ["fused_name", "initializer", "replace", "take_out"]
@@ -53,6 +53,7 @@ def replace(
     """Put ``new_nodes`` (the last computes the result) in place of ``old_nodes``, taking over
     ``old_out`` (or several outputs, by the last new node's outputs in order); then drop each of
     ``constants`` that nothing reads any more."""
+    _fold_shape_readers(graph, old_nodes)
     old_outs = [old_out] if isinstance(old_out, ir.Value) else list(old_out)
     new_outs = list(new_nodes[-1].outputs[: len(old_outs)])
     ir.convenience.replace_nodes_and_values(
@@ -75,3 +76,27 @@ def take_out(step: ir.Node, data: ir.Value) -> None:
     step.graph.remove(step, safe=True)
     for value in constants:
         remove_if_unused(value)
+
+
+def _fold_shape_readers(graph: ir.Graph, old_nodes: list[ir.Node]) -> None:
+    """A ``Shape`` (or ``Size``) of a value that goes with ``old_nodes`` reads only its shape,
+    which the model fixes: it becomes a ``Constant`` of that shape (its output value kept)."""
+    removed = set(old_nodes)
+    for node in old_nodes:
+        for value in node.outputs:
+            for use in list(value.uses()):
+                reader = use.node
+                dims = None if reader in removed else shape_of_static(reader)
+                if dims is None or reader.graph is not graph:
+                    continue
+                constant = ir.Node(
+                    "",
+                    "Constant",
+                    [],
+                    [ir.AttrTensor("value", ir.Tensor(dims))],
+                    name=reader.name,
+                    doc_string="onnx-fuse: the shape it read, which the model fixes",
+                )
+                ir.convenience.replace_nodes_and_values(
+                    graph, reader, [reader], [constant], [reader.outputs[0]], [constant.outputs[0]]
+                )

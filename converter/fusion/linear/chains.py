@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from converter.fusion.core.constants import shape_of_static
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.graph import op_key
@@ -80,7 +81,8 @@ def intermediate_reason(value: ir.Value, readers: tuple[ir.Node, ...] = ()) -> s
     label = value.name or "<unnamed>"
     if value.is_graph_output():
         return f"intermediate '{label}' is a graph output"
-    users = {u.node for u in value.uses()}
+    # a Shape of a value the model fixes the shape of reads only that: it becomes a constant
+    users = {u.node for u in value.uses() if shape_of_static(u.node) is None}
     if readers and users <= set(readers):
         return None
     if len(users) != 1:

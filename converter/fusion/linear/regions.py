@@ -40,9 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
-from converter.fusion.core.computed import MAX_ELEMENTS, run_node
+from converter.fusion.core.computed import MAX_ELEMENTS, node_proto, run_node
 from converter.fusion.core.constants import Constant, axes_of
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
@@ -119,8 +120,7 @@ class _Region:
     @classmethod
     def backward(cls, ctx: Context, end: ir.Node, order: dict[ir.Node, int]) -> _Region | None:
         """The structural nodes ``end`` is computed by, back to one input; None if not one."""
-        y = end.outputs[0]
-        rows_shape = _static(y)
+        rows_shape = _output_shape(ctx, end)
         if rows_shape is None or len(rows_shape) < 2:
             return None
         rows = rows_shape[:-1]
@@ -182,7 +182,7 @@ class _Region:
         return self._linear_op()
 
     def _layout(self, node: ir.Node) -> _Layout | str:
-        shape = _static(node.outputs[0])
+        shape = _output_shape(self.ctx, node)
         if shape is None:
             return "has an output whose shape is not recorded"
         rule = _RULES.get(node.op_type)
@@ -276,6 +276,43 @@ def _static(value: ir.Value) -> tuple[int, ...] | None:
     return tuple(int(d) for d in value.shape)
 
 
+def _output_shape(ctx: Context, node: ir.Node) -> tuple[int, ...] | None:
+    """The static shape of ``node``'s first output: recorded, or inferred by onnx for this node
+    alone from its inputs' shapes and its constant inputs' values (the legacy exporter records
+    no shape for a Slice whose ends it computes from a Shape)."""
+    out = node.outputs[0]
+    shape = _static(out)
+    if shape is not None:
+        return shape
+    types, data = {}, {}
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            continue
+        dims = _static(value)
+        constant = ctx.constants.resolve(value)
+        if isinstance(constant, Constant):
+            dims = constant.shape
+            if constant.size <= 64:
+                data[f"in{i}"] = onnx.numpy_helper.from_array(
+                    np.asarray(constant.array()), f"in{i}"
+                )
+        if dims is None or value.dtype is None:
+            return None
+        types[f"in{i}"] = onnx.helper.make_tensor_type_proto(int(value.dtype), list(dims))
+    try:
+        schema = onnx.defs.get_schema(node.op_type, ctx.opset, node.domain)
+        found = onnx.shape_inference.infer_node_outputs(schema, node_proto(node), types, data)
+    except Exception:  # no answer: the shape stays unknown
+        return None
+    tensor = found.get("out0")
+    if tensor is None or not tensor.tensor_type.HasField("shape"):
+        return None
+    dims = tensor.tensor_type.shape.dim
+    if not all(d.HasField("dim_value") for d in dims):
+        return None
+    return tuple(d.dim_value for d in dims)
+
+
 def _split(shape: tuple[int, ...], rows: int) -> int:
     """The first axis of ``shape`` (1 or later) from which on the axes index inside a row."""
     width = math.prod(shape) // rows
@@ -297,7 +334,7 @@ def _structural(ctx: Context, node: ir.Node, rows: tuple[int, ...] | None = None
     if not is_onnx(node) or not _one_output(node):
         return False
     if rows is None:
-        shape = _static(node.outputs[0])
+        shape = _output_shape(ctx, node)
         if shape is None:
             return False
         rows = shape[:-1]
@@ -411,7 +448,7 @@ def _on_axes(region: _Region, node: ir.Node, axes: list[int] | None, rank_of: in
         return "has axes that are not constant"
     if any(a < layout.split for a in normal):
         return "acts across rows"
-    shape = _static(node.outputs[0])
+    shape = _output_shape(region.ctx, node)
     assert shape is not None
     return _Layout(shape, layout.split)
 
@@ -458,7 +495,7 @@ def _squeeze(region: _Region, node: ir.Node) -> _Layout | str:
 
 
 def _unsqueeze(region: _Region, node: ir.Node) -> _Layout | str:
-    out = _static(node.outputs[0])
+    out = _output_shape(region.ctx, node)
     assert out is not None
     return _on_axes(region, node, axes_of(region.ctx.constants, node), len(out))
 
@@ -472,14 +509,14 @@ def _concat(region: _Region, node: ir.Node) -> _Layout | str:
     axis = _normalized([node.attributes.get_int("axis", 0)], rank)
     if len(splits) != 1 or axis is None or axis[0] < data[0][1].split:
         return "joins across rows"
-    shape = _static(node.outputs[0])
+    shape = _output_shape(region.ctx, node)
     assert shape is not None
     return _Layout(shape, data[0][1].split)
 
 
 def _elementwise(region: _Region, node: ir.Node) -> _Layout | str:
     data = region.data(node)
-    shape = _static(node.outputs[0])
+    shape = _output_shape(region.ctx, node)
     assert shape is not None
     if len(data) == 2 and node.op_type in ("Add", "Sub"):
         (_, a), (_, b) = data
@@ -514,7 +551,7 @@ def _product(region: _Region, node: ir.Node) -> _Layout | str:
     constant = region.ctx.constants.resolve(node.inputs[1 - index])
     if not isinstance(constant, Constant):
         return "multiplies two values of the region"
-    shape = _static(node.outputs[0])
+    shape = _output_shape(region.ctx, node)
     assert shape is not None
     reason = (
         _einsum_reason(node, index, layout)
