@@ -52,14 +52,16 @@ def replace(
 ) -> None:
     """Put ``new_nodes`` (the last computes the result) in place of ``old_nodes``, taking over
     ``old_out`` (or several outputs, by the last new node's outputs in order); then drop each of
-    ``constants`` that nothing reads any more."""
+    ``constants``, and each constant the old nodes read, that nothing reads any more."""
     _fold_shape_readers(graph, old_nodes)
     old_outs = [old_out] if isinstance(old_out, ir.Value) else list(old_out)
     new_outs = list(new_nodes[-1].outputs[: len(old_outs)])
+    # every value the old nodes read, in order: shapes, axes and indices go too when unread
+    read = list(dict.fromkeys(v for n in old_nodes for v in n.inputs if v is not None))
     ir.convenience.replace_nodes_and_values(
         graph, old_nodes[-1], old_nodes, new_nodes, old_outs, new_outs
     )
-    for value in constants:
+    for value in [*constants, *read]:
         remove_if_unused(value)
 
 
@@ -93,7 +95,7 @@ def _fold_shape_readers(graph: ir.Graph, old_nodes: list[ir.Node]) -> None:
                     "",
                     "Constant",
                     [],
-                    [ir.AttrTensor("value", ir.Tensor(dims))],
+                    [ir.AttrTensor("value", ir.Tensor(dims, name=reader.outputs[0].name))],
                     name=reader.name,
                     doc_string="onnx-fuse: the shape it read, which the model fixes",
                 )
