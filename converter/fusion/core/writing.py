@@ -56,13 +56,21 @@ def replace(
     _fold_shape_readers(graph, old_nodes)
     old_outs = [old_out] if isinstance(old_out, ir.Value) else list(old_out)
     new_outs = list(new_nodes[-1].outputs[: len(old_outs)])
-    # every value the old nodes read, in order: shapes, axes and indices go too when unread
-    read = list(dict.fromkeys(v for n in old_nodes for v in n.inputs if v is not None))
+    # the constants the old nodes read (shapes, axes, indices) go too when unread
+    read = list(dict.fromkeys(v for n in old_nodes for v in n.inputs if _stored(v)))
     ir.convenience.replace_nodes_and_values(
         graph, old_nodes[-1], old_nodes, new_nodes, old_outs, new_outs
     )
     for value in [*constants, *read]:
         remove_if_unused(value)
+
+
+def _stored(value: ir.Value | None) -> bool:
+    """``value`` is an initializer or a ``Constant``'s output (not a value computed at run time)."""
+    if value is None:
+        return False
+    producer = value.producer()
+    return value.is_initializer() or (producer is not None and producer.op_type == "Constant")
 
 
 def take_out(step: ir.Node, data: ir.Value) -> None:
