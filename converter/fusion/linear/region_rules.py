@@ -1,0 +1,329 @@
+"""The layout of a region's values and one rule per op type (:mod:`converter.fusion.linear.regions`).
+
+A value of a region is ``R`` rows of its own width, rows outermost in memory: its :class:`Layout`
+is its static shape and its *split*, the first axis (1 or later) from which on the axes index
+inside a row. Each rule in :data:`RULES` checks that a node acts on rows alone (its axes from
+the split on, constants varying only along them) and gives its output's layout, or says why not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from converter.fusion.core.computed import node_proto
+from converter.fusion.core.constants import Constant, axes_of
+from converter.fusion.core.context import Context
+
+if TYPE_CHECKING:
+    from converter.fusion.linear.regions import _Region
+
+__all__ = [
+    "ELEMENTWISE",
+    "Layout",
+    "RULES",
+    "Rule",
+    "output_shape",
+    "probe_shape",
+    "split_axis",
+    "static_shape",
+]
+
+ELEMENTWISE = frozenset({"Add", "Div", "Identity", "Mul", "Neg", "Sub"})
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A value of the region: its static shape and its split (see the module docstring)."""
+
+    shape: tuple[int, ...]
+    split: int
+
+
+# A node's layout rule: the output's layout, or why the node does not act on rows alone.
+Rule = Callable[["_Region", ir.Node], "Layout | str"]
+
+
+def static_shape(value: ir.Value) -> tuple[int, ...] | None:
+    if value.shape is None or not value.shape.is_static():
+        return None
+    return tuple(int(d) for d in value.shape)
+
+
+def output_shape(ctx: Context, node: ir.Node) -> tuple[int, ...] | None:
+    """The static shape of ``node``'s first output: recorded, or inferred by onnx for this node
+    alone from its inputs' shapes and its constant inputs' values (the legacy exporter records
+    no shape for a Slice whose ends it computes from a Shape)."""
+    out = node.outputs[0]
+    shape = static_shape(out)
+    if shape is not None:
+        return shape
+    types, data = {}, {}
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            continue
+        dims = static_shape(value)
+        constant = ctx.constants.resolve(value)
+        if isinstance(constant, Constant):
+            dims = constant.shape
+            if constant.size <= 64:
+                data[f"in{i}"] = onnx.numpy_helper.from_array(
+                    np.asarray(constant.array()), f"in{i}"
+                )
+        if dims is None or value.dtype is None:
+            return None
+        types[f"in{i}"] = onnx.helper.make_tensor_type_proto(int(value.dtype), list(dims))
+    try:
+        schema = onnx.defs.get_schema(node.op_type, ctx.opset, node.domain)
+        found = onnx.shape_inference.infer_node_outputs(schema, node_proto(node), types, data)
+    except Exception:  # no answer: the shape stays unknown
+        return None
+    tensor = found.get("out0")
+    if tensor is None or not tensor.tensor_type.HasField("shape"):
+        return None
+    dims = tensor.tensor_type.shape.dim
+    if not all(d.HasField("dim_value") for d in dims):
+        return None
+    return tuple(d.dim_value for d in dims)
+
+
+def split_axis(shape: tuple[int, ...], rows: int) -> int:
+    """The first axis of ``shape`` (1 or later) from which on the axes index inside a row."""
+    width = math.prod(shape) // rows
+    return next(j for j in range(1, len(shape) + 1) if width % math.prod(shape[j:]) == 0)
+
+
+def probe_shape(layout: Layout, probe_rows: int, width: int) -> tuple[int, ...]:
+    """``layout``'s shape with ``probe_rows`` rows of ``width`` in place of its rows."""
+    j = layout.split
+    inner = math.prod(layout.shape[j:])
+    return (1,) * (j - 1) + (probe_rows * width // inner,) + layout.shape[j:]
+
+
+# ---------------------------------------------------------------- layout rules, one per op
+
+
+def _normalized(axes: list[int] | None, rank: int) -> list[int] | None:
+    if axes is None or any(not -rank <= a < rank for a in axes):
+        return None
+    return [a % rank for a in axes]
+
+
+def _one_data(region: _Region, node: ir.Node) -> tuple[int, Layout] | str:
+    data = region.data(node)
+    if len(data) != 1:
+        return "reads more than one value of the region"
+    return data[0]
+
+
+def _reshape(region: _Region, node: ir.Node) -> Layout | str:
+    found = _one_data(region, node)
+    if isinstance(found, str):
+        return found
+    index, layout = found
+    shape = static_shape(node.outputs[0])
+    if index != 0 or not region.ctx.constants.is_constant(node.inputs[1]):
+        return "has a target that is not constant"
+    if shape is None or math.prod(shape) != math.prod(layout.shape):
+        return "changes the number of elements"
+    split = split_axis(shape, region.rows)
+    out = Layout(shape, split)
+    width = math.prod(shape) // region.rows
+    probe_rows = region.layouts[region.x].shape[-1] + 1
+    region.targets[node] = np.asarray(probe_shape(out, probe_rows, width), np.int64)
+    return out
+
+
+def _transpose(region: _Region, node: ir.Node) -> Layout | str:
+    found = _one_data(region, node)
+    if isinstance(found, str):
+        return found
+    _, layout = found
+    perm = node.attributes.get_ints("perm", None)
+    rank = len(layout.shape)
+    perm = list(perm) if perm is not None else list(range(rank))[::-1]
+    if perm[: layout.split] != list(range(layout.split)):
+        return f"moves the rows (perm {perm})"
+    return Layout(tuple(layout.shape[p] for p in perm), layout.split)
+
+
+def _on_axes(region: _Region, node: ir.Node, axes: list[int] | None, rank_of: int) -> Layout | str:
+    """A node acting on ``axes`` (of a tensor of rank ``rank_of``) of its one region input."""
+    found = _one_data(region, node)
+    if isinstance(found, str):
+        return found
+    _, layout = found
+    normal = _normalized(axes, rank_of)
+    if normal is None:
+        return "has axes that are not constant"
+    if any(a < layout.split for a in normal):
+        return "acts across rows"
+    shape = output_shape(region.ctx, node)
+    assert shape is not None
+    return Layout(shape, layout.split)
+
+
+def _slice(region: _Region, node: ir.Node) -> Layout | str:
+    rank = len(region.layouts[node.inputs[0]].shape) if node.inputs[0] in region.layouts else 0
+    starts = region.ctx.constants.array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if not isinstance(starts, np.ndarray):
+        return "has starts that are not constant"
+    axes: list[int] | None = list(range(len(starts)))
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        given = region.ctx.constants.array(node.inputs[3])
+        axes = [int(a) for a in given] if isinstance(given, np.ndarray) else None
+    return _on_axes(region, node, axes, rank)
+
+
+def _gather(region: _Region, node: ir.Node) -> Layout | str:
+    if node.inputs[0] not in region.layouts:
+        return "gathers from a constant"
+    rank = len(region.layouts[node.inputs[0]].shape)
+    return _on_axes(region, node, [node.attributes.get_int("axis", 0)], rank)
+
+
+def _split_first(region: _Region, node: ir.Node) -> Layout | str:
+    """The first part of a ``Split`` (the others unread)."""
+    if node.inputs[0] not in region.layouts:
+        return "splits a constant"
+    rank = len(region.layouts[node.inputs[0]].shape)
+    return _on_axes(region, node, [node.attributes.get_int("axis", 0)], rank)
+
+
+def _reduce(region: _Region, node: ir.Node) -> Layout | str:
+    if node.inputs[0] not in region.layouts:
+        return "reduces a constant"
+    rank = len(region.layouts[node.inputs[0]].shape)
+    return _on_axes(region, node, axes_of(region.ctx.constants, node), rank)
+
+
+def _squeeze(region: _Region, node: ir.Node) -> Layout | str:
+    if node.inputs[0] not in region.layouts:
+        return "squeezes a constant"
+    rank = len(region.layouts[node.inputs[0]].shape)
+    return _on_axes(region, node, axes_of(region.ctx.constants, node), rank)
+
+
+def _unsqueeze(region: _Region, node: ir.Node) -> Layout | str:
+    out = output_shape(region.ctx, node)
+    assert out is not None
+    return _on_axes(region, node, axes_of(region.ctx.constants, node), len(out))
+
+
+def _concat(region: _Region, node: ir.Node) -> Layout | str:
+    data = region.data(node)
+    if len(data) != len(node.inputs):
+        return "joins a constant"
+    splits = {layout.split for _, layout in data}
+    rank = len(data[0][1].shape)
+    axis = _normalized([node.attributes.get_int("axis", 0)], rank)
+    if len(splits) != 1 or axis is None or axis[0] < data[0][1].split:
+        return "joins across rows"
+    shape = output_shape(region.ctx, node)
+    assert shape is not None
+    return Layout(shape, data[0][1].split)
+
+
+def _elementwise(region: _Region, node: ir.Node) -> Layout | str:
+    data = region.data(node)
+    shape = output_shape(region.ctx, node)
+    assert shape is not None
+    if len(data) == 2 and node.op_type in ("Add", "Sub"):
+        (_, a), (_, b) = data
+        return a if a == b else "adds values of two layouts"
+    if len(data) != 1:
+        return "multiplies two values of the region"
+    index, layout = data[0]
+    if node.op_type in ("Neg", "Identity"):
+        return layout
+    if node.op_type == "Div" and index != 0:
+        return "divides by a value of the region"
+    other = node.inputs[1 - index]
+    constant = region.ctx.constants.resolve(other)
+    if not isinstance(constant, Constant):
+        return "reads a value that is neither constant nor of the region"
+    if shape != layout.shape:
+        return "broadcasts the value to another shape"
+    offset = len(shape) - len(constant.shape)
+    if any(d != 1 and offset + i < layout.split for i, d in enumerate(constant.shape)):
+        return "has a constant that varies across rows"
+    return layout
+
+
+def _product(region: _Region, node: ir.Node) -> Layout | str:
+    """``MatMul`` or ``Einsum`` of a value of the region by a constant (the other operand)."""
+    found = _one_data(region, node)
+    if isinstance(found, str):
+        return found
+    index, layout = found
+    if len(node.inputs) != 2:
+        return "does not have two operands"
+    constant = region.ctx.constants.resolve(node.inputs[1 - index])
+    if not isinstance(constant, Constant):
+        return "multiplies two values of the region"
+    shape = output_shape(region.ctx, node)
+    assert shape is not None
+    reason = (
+        _einsum_reason(node, index, layout)
+        if node.op_type == "Einsum"
+        else _matmul_reason(index, layout, constant.shape)
+    )
+    return reason or Layout(shape, layout.split)
+
+
+def _matmul_reason(index: int, layout: Layout, weight: tuple[int, ...]) -> str | None:
+    rank = len(layout.shape)
+    if len(weight) < 2 or len(weight) > rank:
+        return "has a weight of another rank"
+    contracted = rank - 1 if index == 0 else rank - 2
+    if contracted < layout.split:
+        return "contracts across rows"
+    batch = weight[:-2]
+    offset = rank - len(weight)
+    if any(d != 1 and offset + i < layout.split for i, d in enumerate(batch)):
+        return "has a weight that varies across rows"
+    return None
+
+
+def _einsum_reason(node: ir.Node, index: int, layout: Layout) -> str | None:
+    equation = node.attributes.get_string("equation", "").replace(" ", "")
+    if "->" not in equation or equation.count(",") != 1:
+        return "has an equation of another form"
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    data, weight = terms[index], terms[1 - index]
+    split = layout.split
+    if "..." in data:
+        explicit = len(data) - 3
+        if not data.startswith("...") or not out.startswith("...") or "..." in weight:
+            return "has an ellipsis that is not the leading axes"
+        return None if len(layout.shape) - explicit >= split else "contracts across rows"
+    if len(data) != len(layout.shape) or len(set(data)) != len(data):
+        return "has an equation of another form"
+    leading = data[:split]
+    if out[:split] != leading or any(c in weight for c in leading):
+        return "acts across rows"
+    return None
+
+
+RULES: dict[str, Rule] = {
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Slice": _slice,
+    "Gather": _gather,
+    "Split": _split_first,
+    "ReduceSum": _reduce,
+    "ReduceMean": _reduce,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Concat": _concat,
+    "Einsum": _product,
+    "MatMul": _product,
+    **dict.fromkeys(ELEMENTWISE, _elementwise),
+}
