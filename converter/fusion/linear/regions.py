@@ -22,7 +22,8 @@ it mix the row with an outer block of the row (``Reshape(y, (-1, 2, 32))`` of a 
 A node keeps the layout when it only reads and writes axes from the split on, and constants vary
 only along them: a Reshape (the flat order is kept), a Transpose fixing the axes before the split,
 Slice/Gather/Concat/Unsqueeze/Squeeze/ReduceSum/ReduceMean on later axes, Neg, Mul/Div/Add/Sub by
-such constants, the sum of two such values, Einsum and MatMul by constant blocks.
+such constants, the sum of two such values, Einsum and MatMul by constant blocks (one rule per op
+type, in :mod:`converter.fusion.linear.region_rules`).
 
 **The map** is read by running the region (onnx's reference evaluator, node by node, float64) on
 a probe: ``n`` unit rows and a zero row in place of ``x``'s rows, each Reshape's target given the
