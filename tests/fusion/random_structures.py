@@ -955,7 +955,9 @@ def _region(b: _Builder, h: _Val) -> _Val:
     """A map of each row written through reshapes of it, beside or before a linear layer:
     OFT's blocks (``Reshape -> Einsum -> Reshape``), ``rotate_half`` (Slice/Neg/Concat), RoAd's
     ``y * c1 + rotate(y) * c2`` after the layer, or MiSS's ``ReduceSum`` over blocks."""
-    kind = b.ch.pick(("oft", "rotate", "road", "miss"))
+    kind = b.ch.pick(("oft", "rotate", "road", "miss", "subspaces"))
+    if kind == "subspaces" and any(isinstance(d, str) for d in b.lead):
+        kind = "rotate"  # the placement's constants are shaped like the rows: a fixed batch
     lead = [0 if isinstance(d, str) else d for d in b.lead]  # 0: the batch dim, copied
     if h.width % 2 or kind == "road":  # an odd width: a layer to an even one first
         h = b.linear(h, b.ch.pick((4, 6, 8)))
@@ -989,6 +991,22 @@ def _region(b: _Builder, h: _Val) -> _Val:
         turned = rotate(y)
         turned = b.node("Mul", [turned.name, b.constant(b.rng.uniform(-1, 1, y.width))], y.width)
         return b.join([(1.0, scaled), (1.0, turned)])
+    if kind == "subspaces":  # AdaMSS: branches of x @ A, joined, their columns put in order
+        low = b.node("MatMul", [h.name, b.constant(b.rng.standard_normal((h.width, 2)))], 2)
+        cut = b.ch.integer(1, width - 1) if width > 1 else 1
+        parts = [
+            b.node("MatMul", [low.name, b.constant(b.rng.standard_normal((2, w)) / 2)], w)
+            for w in (cut, width - cut)
+            if w > 0
+        ]
+        joined = b.node("Concat", [p.name for p in parts], width, axis=-1)
+        rows = (*b.lead, width)
+        order = np.broadcast_to(b.rng.permutation(width), rows).astype(np.int64)
+        idx = numpy_helper.from_array(order.copy(), b.fresh("i"))
+        b.scope.inits.append(idx)
+        zeros = b.constant(np.zeros(rows))
+        placed = b.node("ScatterElements", [zeros, idx.name, joined.name], width, axis=-1)
+        return b.join([(1.0, b.linear(h, width)), (1.0, placed)][:: b.ch.pick((1, -1))])
     summed = b.node("ReduceSum", [split(h), b.ints([-2])], block, keepdims=0)
     up = b.node("MatMul", [summed.name, b.constant(b.rng.standard_normal((block, width)))], width)
     return b.join([(1.0, b.linear(h, width)), (1.0, up)][:: b.ch.pick((1, -1))])

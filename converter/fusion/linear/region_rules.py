@@ -312,7 +312,38 @@ def _einsum_reason(node: ir.Node, index: int, layout: Layout) -> str | None:
     return None
 
 
+def _scatter(region: _Region, node: ir.Node) -> Layout | str:
+    """``ScatterElements(target, indices, updates)`` along a later axis, the updates a value of
+    the region and the target and indices constants the same in every row: a placement of the
+    row's features (AdaMSS puts its subspaces' columns back in order)."""
+    found = _one_data(region, node)
+    if isinstance(found, str):
+        return found
+    index, layout = found
+    if index != 2:
+        return "scatters into a value of the region"
+    axis = node.attributes.get_int("axis", 0)
+    normal = _normalized([axis], len(layout.shape))
+    if normal is None or normal[0] < layout.split:
+        return "acts across rows"
+    out = output_shape(region.ctx, node)
+    assert out is not None
+    width = math.prod(out) // region.rows
+    shape = probe_shape(Layout(out, layout.split), region.layouts[region.x].shape[-1] + 1, width)
+    for i in (0, 1):
+        constant = region.ctx.constants.resolve(node.inputs[i])
+        if not isinstance(constant, Constant) or constant.shape != out:
+            return "has a target or indices not shaped like its output"
+        rows = np.asarray(constant.array()).reshape(math.prod(out[: layout.split]), -1)
+        if not np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape)):
+            return "has a target or indices that differ from row to row"
+        row = rows[0].reshape(out[layout.split :])
+        region.tiled[node, i] = (row.astype(np.float64) if row.dtype.kind == "f" else row, shape)
+    return Layout(out, layout.split)
+
+
 RULES: dict[str, Rule] = {
+    "ScatterElements": _scatter,
     "Reshape": _reshape,
     "Transpose": _transpose,
     "Slice": _slice,

@@ -66,12 +66,12 @@ MAX_REGION_NODES = 64
 
 _SHAPE_OPS = frozenset(
     {
-        "Concat", "Einsum", "Gather", "MatMul", "ReduceMean", "ReduceSum", "Reshape", "Slice",
-        "Split", "Squeeze", "Transpose", "Unsqueeze",
+        "Concat", "Einsum", "Gather", "MatMul", "ReduceMean", "ReduceSum", "Reshape",
+        "ScatterElements", "Slice", "Split", "Squeeze", "Transpose", "Unsqueeze",
     }
 )  # fmt: skip
 # A region holds one of these at least: ops that select, move or mix features.
-_MIXES = frozenset({"Concat", "Einsum", "Gather", "MatMul", "Slice", "Split"})
+_MIXES = frozenset({"Concat", "Einsum", "Gather", "MatMul", "ScatterElements", "Slice", "Split"})
 
 
 def find_regions(ctx: Context, graph: ir.Graph) -> tuple[list[LinearOp], list[Declined]]:
@@ -108,6 +108,8 @@ class _Region:
         self.x = x
         self.layouts: dict[ir.Value, Layout] = {}
         self.targets: dict[ir.Node, np.ndarray] = {}  # each Reshape's target for the probe
+        # constants shaped like a value of the region, the same in every row: (row, probe shape)
+        self.tiled: dict[tuple[ir.Node, int], tuple[np.ndarray, tuple[int, ...]]] = {}
         self.rows = 0
         self.index = 0  # where the first node reads x
 
@@ -121,8 +123,10 @@ class _Region:
         members = {end}
         stack = [end]
         sources: set[ir.Value] = set()
+        layers: set[ir.Node] = set()  # whole-row layers joined by a Concat (AdaMSS's subspaces)
         while stack:
             node = stack.pop()
+            joins = node.op_type == "Concat" or node in layers
             for value in node.inputs:
                 if value is None or ctx.constants.is_constant(value):
                     continue
@@ -132,7 +136,10 @@ class _Region:
                 if producer in members:
                     continue
                 inside = producer is not None and producer.graph is end.graph
-                if inside and _structural(ctx, producer, rows):
+                layer = inside and joins and _row_layer(ctx, producer, rows)
+                if layer:
+                    layers.add(producer)
+                if inside and (layer or _structural(ctx, producer, rows)):
                     if len(members) >= MAX_REGION_NODES:
                         return None
                     members.add(producer)
@@ -149,7 +156,8 @@ class _Region:
     @property
     def has_blocks(self) -> bool:
         """A constant block acts here (an Einsum or MatMul by a constant, a sum over blocks)."""
-        return any(n.op_type in ("Einsum", "MatMul", "ReduceSum", "ReduceMean") for n in self.nodes)
+        blocks = ("Einsum", "MatMul", "ReduceSum", "ReduceMean", "ScatterElements")
+        return any(n.op_type in blocks for n in self.nodes)
 
     def op(self) -> LinearOp | str:
         """The region as a linear op, or why it is not one."""
@@ -204,7 +212,11 @@ class _Region:
         inside = set(self.nodes)
         kept = _kept(self.nodes, inside)
         constants = self._weights()
-        has_bias = any(n.op_type in ("Add", "Sub") and len(self.data(n)) == 1 for n in self.nodes)
+        has_bias = any(
+            (n.op_type in ("Add", "Sub") and len(self.data(n)) == 1)
+            or n.op_type == "ScatterElements"
+            for n in self.nodes
+        )
 
         def make() -> algebra.AffineMap:
             return self._probe(n, m, has_bias)
@@ -260,8 +272,25 @@ class _Region:
             return arrays[value]
         if node.op_type == "Reshape" and index == 1:
             return self.targets[node]
+        if (node, index) in self.tiled:  # a constant shaped like the rows: one row, repeated
+            row, shape = self.tiled[node, index]
+            return np.broadcast_to(row, shape).copy()
         array = np.asarray(self.ctx.constants.resolve(value).array())  # type: ignore[union-attr]
         return array.astype(np.float64) if array.dtype.kind == "f" else array
+
+
+def _row_layer(ctx: Context, node: ir.Node, rows: tuple[int, ...]) -> bool:
+    """``node`` is a ``MatMul`` of whole rows by a constant 2-D weight (a layer of the op table,
+    taken into a region only as one of the branches a Concat joins)."""
+    if not is_onnx(node, "MatMul") or len(node.inputs) != 2 or node.inputs[0] is None:
+        return False
+    weight = ctx.constants.resolve(node.inputs[1])
+    return (
+        isinstance(weight, Constant)
+        and len(weight.shape) == 2
+        and _is_row(node.inputs[0], rows)
+        and _is_row(node.outputs[0], rows)
+    )
 
 
 def _structural(ctx: Context, node: ir.Node, rows: tuple[int, ...] | None = None) -> bool:

@@ -263,3 +263,65 @@ def test_a_transpose_that_moves_the_rows_is_not_a_region():
         in reasons
     )
     assert_equivalent(model, fused, feeds((*ROWS, N)), atol=ATOL, rtol=RTOL)
+
+
+def test_subspace_branches_joined_and_scattered_merge_into_the_base_layer():
+    """AdaMSS: ``x @ W + ScatterElements(0, idx, Concat_i(x @ A @ B_i @ C_i))``, the columns of
+    the subspaces put back in order by constant per-row indices: one MatMul."""
+    r = rng(11)
+    widths = (5, 4, 3)  # the subspaces' columns: M = 12 in all
+    order = r.permutation(M)
+    inits = [_weight("W", (N, M), 12), _weight("A", (N, 4), 13)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["base"], name="base"),
+        helper.make_node("MatMul", ["x", "A"], ["h"], name="down"),
+    ]
+    parts = []
+    for i, w in enumerate(widths):
+        inits += [_weight(f"B{i}", (4, 2), 14 + i), _weight(f"C{i}", (2, w), 20 + i)]
+        nodes += [
+            helper.make_node("MatMul", ["h", f"B{i}"], [f"u{i}"], name=f"b{i}"),
+            helper.make_node("MatMul", [f"u{i}", f"C{i}"], [f"p{i}"], name=f"c{i}"),
+        ]
+        parts.append(f"p{i}")
+    inits += [
+        init("zeros", np.zeros((*ROWS, M), np.float32)),
+        init("idx", np.broadcast_to(order, (*ROWS, M)).astype(np.int64).copy()),
+    ]
+    nodes += [
+        helper.make_node("Concat", parts, ["cat"], axis=-1, name="cat"),
+        helper.make_node(
+            "ScatterElements", ["zeros", "idx", "cat"], ["placed"], axis=-1, name="place"
+        ),
+        helper.make_node("Add", ["base", "placed"], ["y"], name="join"),
+    ]
+    model = _model(nodes, inits)
+    check(model)
+    fused, report = fuse_with_report(model)
+    assert len(report.fusions) == 1 and op_types(fused) == ["MatMul"]
+    check(fused)
+    assert_equivalent(model, fused, feeds((*ROWS, N)), atol=ATOL, rtol=RTOL)
+
+
+def test_indices_that_differ_from_row_to_row_are_not_a_placement_of_features():
+    r = rng(12)
+    inits = [
+        _weight("W", (N, M), 12),
+        init("zeros", np.zeros((*ROWS, M), np.float32)),
+        init(
+            "idx", np.stack([r.permutation(M) for _ in range(ROWS[0] * ROWS[1])]).reshape(*ROWS, M)
+        ),
+        _weight("V", (M, M), 13),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="base"),
+        helper.make_node(
+            "ScatterElements", ["zeros", "idx", "h"], ["placed"], axis=-1, name="place"
+        ),
+        helper.make_node("MatMul", ["placed", "V"], ["y"], name="next"),
+    ]
+    model = _model(nodes, inits)
+    fused, report = fuse_with_report(model)
+    assert report.fusions == [] and op_types(fused) == op_types(model)
+    reasons = [d.reason for d in report.declined if "place" in d.nodes]
+    assert any("differ from row to row" in r for r in reasons), reasons
