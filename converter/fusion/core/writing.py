@@ -66,11 +66,23 @@ def replace(
 
 
 def _stored(value: ir.Value | None) -> bool:
-    """``value`` is an initializer or a ``Constant``'s output (not a value computed at run time)."""
+    """``value`` is an initializer or a ``Constant``'s output, or computed by one node from such
+    values alone (an ``Expand`` of a constant): never a value computed from the data."""
     if value is None:
         return False
     producer = value.producer()
-    return value.is_initializer() or (producer is not None and producer.op_type == "Constant")
+    if value.is_initializer() or (producer is not None and producer.op_type == "Constant"):
+        return True
+    return (
+        producer is not None
+        and producer.op_type in ("Expand", "ConstantOfShape", "Tile", "Cast", "Reshape")
+        and all(
+            v is None
+            or v.is_initializer()
+            or (v.producer() is not None and v.producer().op_type == "Constant")
+            for v in producer.inputs
+        )
+    )
 
 
 def take_out(step: ir.Node, data: ir.Value) -> None:

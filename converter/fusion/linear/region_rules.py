@@ -217,17 +217,47 @@ def _unsqueeze(region: _Region, node: ir.Node) -> Layout | str:
 
 
 def _concat(region: _Region, node: ir.Node) -> Layout | str:
+    """A ``Concat`` of values of the region along a later axis, and of constants the same in
+    every row (AdaMSS on a layer with a bias appends a column of ones: ``[x, 1] @ A``)."""
     data = region.data(node)
-    if len(data) != len(node.inputs):
-        return "joins a constant"
+    if not data:
+        return "joins constants only"
     splits = {layout.split for _, layout in data}
+    split = data[0][1].split
     rank = len(data[0][1].shape)
     axis = _normalized([node.attributes.get_int("axis", 0)], rank)
-    if len(splits) != 1 or axis is None or axis[0] < data[0][1].split:
+    if len(splits) != 1 or axis is None or axis[0] < split:
         return "joins across rows"
     shape = output_shape(region.ctx, node)
     assert shape is not None
-    return Layout(shape, data[0][1].split)
+    inside = {i for i, _ in data}
+    for i, value in enumerate(node.inputs):
+        if i in inside:
+            continue
+        found = _uniform_rows(region, value, split, shape, axis[0])
+        if isinstance(found, str):
+            return found
+        region.tiled[node, i] = found
+    return Layout(shape, split)
+
+
+def _uniform_rows(
+    region: _Region, value: ir.Value | None, split: int, out: tuple[int, ...], axis: int
+) -> tuple[np.ndarray, tuple[int, ...]] | str:
+    """A constant joined to rows: one row of it and its shape in the probe, or why not."""
+    constant = region.ctx.constants.resolve(value)
+    if not isinstance(constant, Constant) or len(constant.shape) != len(out):
+        return "joins a value that is neither of the region nor a constant of its rank"
+    if constant.shape[:axis] != out[:axis]:
+        return "joins a constant of another shape"
+    rows = np.asarray(constant.array()).reshape(math.prod(out[:split]), -1)
+    if not np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape)):
+        return "joins a constant that differs from row to row"
+    inner = constant.shape[split:]
+    width = math.prod(out) // region.rows
+    probe = probe_shape(Layout(out, split), region.layouts[region.x].shape[-1] + 1, width)
+    row = rows[0].reshape(inner)
+    return (row.astype(np.float64) if row.dtype.kind == "f" else row, probe[:split] + inner)
 
 
 def _elementwise(region: _Region, node: ir.Node) -> Layout | str:

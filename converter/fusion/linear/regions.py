@@ -215,6 +215,7 @@ class _Region:
         has_bias = any(
             (n.op_type in ("Add", "Sub") and len(self.data(n)) == 1)
             or n.op_type == "ScatterElements"
+            or (n.op_type == "Concat" and len(self.data(n)) < len(n.inputs))
             for n in self.nodes
         )
 

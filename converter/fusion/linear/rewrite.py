@@ -221,7 +221,10 @@ class LinearMerge(Merge):
         # an op written as itself takes over all of its outputs (a classifier's labels too)
         old_outs = list(old_nodes[-1].outputs) if plan.own_form else [old_out]
         reread_shapes([n for op in self.ops for n in op.through])
+        read = [v for n in old_nodes for v in n.inputs if ctx.constants.is_constant(v)]
         replace(graph, old_nodes, lead + op_nodes, old_outs, constants)
+        for value in dict.fromkeys(read):  # computed constants (a region's indices) go too
+            remove_if_unused(value)
         _drop_unread(graph, self.all_kept)
         return Written(lead + op_nodes, op_nodes[0], record)
 
