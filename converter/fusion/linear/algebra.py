@@ -42,6 +42,7 @@ __all__ = [
     "shift_affine",
     "plan_segments",
     "segments_macs",
+    "repeated_row",
 ]
 
 
@@ -310,3 +311,12 @@ def segments_macs(
 ) -> int:
     """Multiply-adds per row of the chain when ``segments`` are each merged into one op."""
     return sum(_segment_cost(widths, alone, i, j) for i, j in segments)
+
+
+def repeated_row(array: np.ndarray, leading: int) -> np.ndarray | None:
+    """The one block ``array`` repeats along its first ``leading`` elements' worth of rows
+    (``array.reshape(leading, -1)``'s rows all equal), as a copy; None when the rows differ."""
+    rows = np.asarray(array).reshape(leading, -1)
+    if not np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape)):
+        return None
+    return rows[0].copy()

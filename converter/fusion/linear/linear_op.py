@@ -255,8 +255,7 @@ def last_axis_vector(
         return None
     if any(c not in (1, d) for c, d in zip(shape[::-1], dims[::-1], strict=False)):
         return None  # it would broadcast the data to another shape
-    array = np.asarray(constant.array()).reshape(-1, shape[-1])
-    if not np.array_equal(array, np.broadcast_to(array[:1], array.shape)):
+    row = algebra.repeated_row(constant.array(), constant.size // shape[-1])
+    if row is None:
         return None
-    row = array[0].copy()
     return Constant(constant.chain, (shape[-1],), constant.dtype, lambda: row, constant.stored)

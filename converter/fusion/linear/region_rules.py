@@ -20,6 +20,7 @@ import onnx_ir as ir
 from converter.fusion.core.computed import node_proto
 from converter.fusion.core.constants import Constant, axes_of
 from converter.fusion.core.context import Context
+from converter.fusion.linear.algebra import repeated_row
 
 if TYPE_CHECKING:
     from converter.fusion.linear.regions import _Region
@@ -132,12 +133,24 @@ def _reshape(region: _Region, node: ir.Node) -> Layout | str:
         return "has a target that is not constant"
     if shape is None or math.prod(shape) != math.prod(layout.shape):
         return "changes the number of elements"
-    split = split_axis(shape, region.rows)
-    out = Layout(shape, split)
-    width = math.prod(shape) // region.rows
-    probe_rows = region.layouts[region.x].shape[-1] + 1
-    region.targets[node] = np.asarray(probe_shape(out, probe_rows, width), np.int64)
+    out = Layout(shape, split_axis(shape, region.rows))
+    region.targets[node] = np.asarray(_in_probe(region, out), np.int64)
     return out
+
+
+def _in_probe(region: _Region, layout: Layout) -> tuple[int, ...]:
+    """``layout``'s shape when the region runs on its probe (``n + 1`` rows of ``x``)."""
+    width = math.prod(layout.shape) // region.rows
+    return probe_shape(layout, region.layouts[region.x].shape[-1] + 1, width)
+
+
+def _row_of(region: _Region, constant: Constant, out: Layout) -> np.ndarray | None:
+    """The one row a constant shaped like ``out`` holds in every row (float64), or None."""
+    row = repeated_row(constant.array(), math.prod(out.shape[: out.split]))
+    if row is None:
+        return None
+    row = row.reshape(constant.shape[out.split :])
+    return row.astype(np.float64) if row.dtype.kind == "f" else row
 
 
 def _transpose(region: _Region, node: ir.Node) -> Layout | str:
@@ -250,14 +263,11 @@ def _uniform_rows(
         return "joins a value that is neither of the region nor a constant of its rank"
     if constant.shape[:axis] != out[:axis]:
         return "joins a constant of another shape"
-    rows = np.asarray(constant.array()).reshape(math.prod(out[:split]), -1)
-    if not np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape)):
+    layout = Layout(out, split)
+    row = _row_of(region, constant, layout)
+    if row is None:
         return "joins a constant that differs from row to row"
-    inner = constant.shape[split:]
-    width = math.prod(out) // region.rows
-    probe = probe_shape(Layout(out, split), region.layouts[region.x].shape[-1] + 1, width)
-    row = rows[0].reshape(inner)
-    return (row.astype(np.float64) if row.dtype.kind == "f" else row, probe[:split] + inner)
+    return row, _in_probe(region, layout)[:split] + constant.shape[split:]
 
 
 def _elementwise(region: _Region, node: ir.Node) -> Layout | str:
@@ -358,18 +368,16 @@ def _scatter(region: _Region, node: ir.Node) -> Layout | str:
         return "acts across rows"
     out = output_shape(region.ctx, node)
     assert out is not None
-    width = math.prod(out) // region.rows
-    shape = probe_shape(Layout(out, layout.split), region.layouts[region.x].shape[-1] + 1, width)
+    placed = Layout(out, layout.split)
     for i in (0, 1):
         constant = region.ctx.constants.resolve(node.inputs[i])
         if not isinstance(constant, Constant) or constant.shape != out:
             return "has a target or indices not shaped like its output"
-        rows = np.asarray(constant.array()).reshape(math.prod(out[: layout.split]), -1)
-        if not np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape)):
+        row = _row_of(region, constant, placed)
+        if row is None:
             return "has a target or indices that differ from row to row"
-        row = rows[0].reshape(out[layout.split :])
-        region.tiled[node, i] = (row.astype(np.float64) if row.dtype.kind == "f" else row, shape)
-    return Layout(out, layout.split)
+        region.tiled[node, i] = (row, _in_probe(region, placed))
+    return placed
 
 
 RULES: dict[str, Rule] = {
