@@ -78,7 +78,7 @@ def find_regions(ctx: Context, graph: ir.Graph) -> tuple[list[LinearOp], list[De
     """Every region of ``graph`` (in graph order), and why each region holding a constant block
     (an Einsum, MatMul or ReduceSum over blocks) was not one."""
     order = {node: i for i, node in enumerate(graph)}
-    if any(n.op_type in _MIXES and static_shape(n.outputs[0]) is None for n in order):
+    if any(_unshaped_candidate(n) for n in order):
         ctx.shapes.request()  # regions are read from shapes: infer them once, if not recorded
     taken: set[ir.Node] = set()
     found: list[LinearOp] = []
@@ -278,6 +278,20 @@ class _Region:
             return np.broadcast_to(row, shape).copy()
         array = np.asarray(self.ctx.constants.resolve(value).array())  # type: ignore[union-attr]
         return array.astype(np.float64) if array.dtype.kind == "f" else array
+
+
+#: A node reading more values than this (a Concat of a wide model's branches) never asks for
+#: the model's shapes to be inferred: no region joins so many.
+_MOST_JOINED = 8
+
+
+def _unshaped_candidate(node: ir.Node) -> bool:
+    """``node`` could end or hold a region, and its output's shape is not recorded."""
+    return (
+        node.op_type in _MIXES
+        and len(node.inputs) <= _MOST_JOINED
+        and static_shape(node.outputs[0]) is None
+    )
 
 
 def _row_layer(ctx: Context, node: ir.Node, rows: tuple[int, ...]) -> bool:

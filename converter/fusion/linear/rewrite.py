@@ -109,9 +109,10 @@ class LinearMerge(Merge):
     def names(self) -> list[str]:
         return [n for op in self.ops for n in op.names] + [n.name or n.op_type for n in self.joins]
 
-    @property
+    @functools.cached_property
     def all_kept(self) -> tuple[ir.Node, ...]:
-        """The kept nodes of the merge and of its ops (each once, in order)."""
+        """The kept nodes of the merge and of its ops (each once, in order; fixed when the
+        merge is planned)."""
         found = dict.fromkeys((*self.kept, *(n for op in self.ops for n in op.kept)))
         return tuple(found)
 
