@@ -12,7 +12,8 @@ change what the later finders see ends the round (every kind but a chain segment
 2. convolutions: folds, summed branches, compositions (:mod:`converter.fusion.conv.merge`);
 3. branch sums over linear chains of one input (:mod:`converter.fusion.linear.branches`);
 4. constant steps folded into a linear op across views of its output
-   (:mod:`converter.fusion.linear.absorb`);
+   (:mod:`converter.fusion.linear.absorb`), and into the one it reaches through views of its
+   input (:mod:`converter.fusion.linear.fold_before`: a LayerNorm's gamma and beta too);
 5. every segment the cost model chose in every chain (:mod:`converter.fusion.linear.chains`), a
    chain read through a channels-last ``Transpose`` of a 1x1 Conv led by that Conv
    (:mod:`converter.fusion.conv_to_linear`), so a Conv+BN folded in an earlier round then goes
@@ -50,7 +51,7 @@ from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import overflow
 from converter.fusion.core.merge import Computed, Finder, Merge, Round
-from converter.fusion.linear import absorb, branches, chains, fanout
+from converter.fusion.linear import absorb, branches, chains, fanout, fold_before
 from converter.report import FusionRecord
 
 __all__ = ["FINDERS", "apply", "fuse_graph"]
@@ -65,6 +66,7 @@ FINDERS: tuple[Finder, ...] = (
     conv_merge.ConvCompositions(),
     branches.BranchSums(),
     absorb.FoldsAcrossViews(),
+    fold_before.FoldsBeforeViews(),
     fanout.FoldsIntoReaders(),
     chains.Segments(lead=conv_to_linear.pointwise_before),
 )

@@ -157,6 +157,8 @@ BLOCKS = (
         "region",
         "region",
         "flax_linear",
+        "tf_dense",
+        "tf_dense",
     )
 )
 
@@ -1012,6 +1014,54 @@ def _region(b: _Builder, h: _Val) -> _Val:
     return b.join([(1.0, b.linear(h, width)), (1.0, up)][:: b.ch.pick((1, -1))])
 
 
+def _tf_dense(b: _Builder, h: _Val) -> _Val:
+    """Keras' ``Dense`` on rows as tf2onnx writes it (``Tensordot``: ``Reshape(-1, d) -> MatMul``,
+    ``Reshape`` back to ``Shape(x)[:-1] + (w,)``, ``Add`` of the bias), after a layer scale and
+    shift or a LayerNorm in TensorFlow's form (``Mul(r, gamma)`` read by both products); the
+    ``Shape`` reads the value the step makes."""
+    if b.ch.pick((True, False)):
+        x = _tf_layer_norm(b, h)
+    else:
+        scale = b.rng.uniform(0.5, 1.5, (1,) * b.ch.integer(0, b.rank - 1) + (h.width,))
+        x = b.node("Mul", [h.name, b.constant(scale)][:: b.ch.pick((1, -1))], h.width)
+        if b.ch.pick((True, False)):
+            op = b.ch.pick(("Add", "Sub"))
+            x = b.node(op, [x.name, b.constant(b.rng.standard_normal(h.width) * 0.3)], h.width)
+    width = b.ch.pick(WIDTHS)
+    flat = b.node("Reshape", [x.name, b.ints([-1, h.width])], h.width)
+    w = b.constant(b.rng.standard_normal((h.width, width)) / np.sqrt(h.width))
+    product = b.node("MatMul", [flat.name, w], width)
+    shape = b.node("Shape", [x.name], 0)
+    lead = b.node("Slice", [shape.name, b.ints([0]), b.ints([-1])], 0)
+    target = b.node("Concat", [lead.name, b.ints([width])], 0, axis=0)
+    y = b.node("Reshape", [product.name, target.name], width)
+    return b.node("Add", [y.name, b.constant(b.rng.standard_normal(width) * 0.3)], width)
+
+
+def _tf_layer_norm(b: _Builder, h: _Val) -> _Val:
+    """TensorFlow's ``batch_normalization`` on the last axis: ``inv = rsqrt(var + eps) * gamma``,
+    ``y = x * inv + (beta - mean * inv)``, as ``Neg``/``Mul``/``Add`` nodes."""
+    mean_axes = {"axes": [-1]} if b.opset < 18 else {}
+
+    def mean(v: str) -> str:
+        inputs = [v] if b.opset < 18 else [v, b.ints([-1])]
+        return b.node("ReduceMean", inputs, 1, **mean_axes).name
+
+    m = mean(h.name)
+    d = b.node("Sub", [h.name, m], h.width).name
+    var = mean(b.node("Mul", [d, d], h.width).name)
+    eps = b.constant(np.array(1e-5))
+    r = b.node("Reciprocal", [b.node("Sqrt", [b.node("Add", [var, eps], 1).name], 1).name], 1)
+    gamma = b.constant(b.rng.uniform(0.5, 1.5, h.width))
+    inv = b.node("Mul", [r.name, gamma][:: b.ch.pick((1, -1))], h.width).name
+    scaled = b.node("Mul", [h.name, inv][:: b.ch.pick((1, -1))], h.width).name
+    neg = b.node("Neg", [m], 1).name
+    moved = b.node("Mul", [neg, inv][:: b.ch.pick((1, -1))], h.width).name
+    beta = b.constant(b.rng.standard_normal(h.width) * 0.3)
+    shift = b.node("Add", [moved, beta][:: b.ch.pick((1, -1))], h.width).name
+    return b.node("Add", [scaled, shift][:: b.ch.pick((1, -1))], h.width)
+
+
 IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp", "conv_views"})
 _ANY_LAYOUT = frozenset({"relu", "tanh", "noop", "output", "if", "gelu"})
 _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
@@ -1039,6 +1089,7 @@ _BUILDERS: dict[str, Callable[[_Builder, _Val], _Val]] = {
     "vera": _vera,
     "region": _region,
     "flax_linear": _flax_linear,
+    "tf_dense": _tf_dense,
 }
 
 

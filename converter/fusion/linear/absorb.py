@@ -33,7 +33,7 @@ from converter.fusion.linear.ops import recognize
 from converter.fusion.linear.rewrite import Decision, LinearMerge, emits_gemm
 from converter.fusion.linear.views import VIEW_OPS, Features, follow
 
-__all__ = ["STEP_TYPES", "Absorb", "Fold", "FoldsAcrossViews", "find_absorbs"]
+__all__ = ["STEP_TYPES", "Absorb", "Fold", "FoldsAcrossViews", "find_absorbs", "step_map"]
 
 STEP_TYPES = frozenset({"Mul", "Div", "Add", "Sub", "Neg", "BatchNormalization"})
 
@@ -93,7 +93,7 @@ def find_absorbs(
             continue
         start = Features(rank - 1, rank, 0, op.out_features)
         for views, step, data, f in _paths(ctx, op.output, start):
-            result = _step_map(ctx, step, data, f)
+            result = step_map(ctx, step, data, f)
             if isinstance(result, Declined):
                 names = [*op.names, *(v.name or v.op_type for v in views), step.name or ""]
                 declined.append(result.about(names, label))
@@ -125,7 +125,7 @@ def _is_constant_step(ctx: Context, node: ir.Node, data: ir.Value) -> bool:
     return constant_step(ctx, node) is not None  # (one the runtime fuses says so when mapped)
 
 
-def _step_map(ctx: Context, node: ir.Node, data: ir.Value, f: Features):
+def step_map(ctx: Context, node: ir.Node, data: ir.Value, f: Features):
     """``(scale, shift)`` of the step on the features, or why it does not fold."""
     if node.op_type == "Neg":
         return -np.ones(f.width), None

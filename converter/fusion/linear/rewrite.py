@@ -199,6 +199,8 @@ class LinearMerge(Merge):
             x = lead[0].outputs[0]
         if plan.own_form is None:
             op_nodes = new_nodes(ctx, self, plan, x, w_value, b_value)
+            for node in op_nodes[:-1]:  # MatMul before the bias Add: the output's shape (b is 1-D)
+                node.outputs[0].type, node.outputs[0].shape = old_out.type, old_out.shape
         else:
             op_nodes = [plan.own_form.make(x, computed, base, _doc(self))]
         joined = [v for n in self.joins for v in n.inputs if ctx.constants.is_constant(v)]
