@@ -14,7 +14,9 @@ axis (the axis normalised, of width ``C``) that is the normalised value then an 
 
 :func:`norm_tail` finds the map; :meth:`NormTail.take_out` removes it (both products read ``r``,
 and the ``Add`` of ``beta`` is gone), so ``y`` then holds the normalised value, in the same shape
-(``gamma`` and ``beta`` never broadcast ``x``). The map folds into the linear op ``y`` reaches
+(``gamma`` and ``beta`` never broadcast ``x``). onnxruntime fuses no kernel of this form (its
+LayerNorm fusion wants ``(x - mean)`` itself divided by the deviation), so nothing is lost to
+it. The map folds into the linear op ``y`` reaches
 (:mod:`converter.fusion.linear.fold_before`): the LayerNorm's gamma and beta go into the next
 ``Dense``, as they would in a model folded by hand.
 """

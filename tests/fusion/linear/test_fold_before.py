@@ -15,6 +15,8 @@ import onnx
 from builders import assert_equivalent, check, fuse_with_report, init, make_model, op_types, rng
 from onnx import TensorProto, helper
 
+from converter.equivalence.kernels import fused_kernels, lost_kernels
+
 F = TensorProto.FLOAT
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 T, C, W = 5, 6, 4  # tokens, channels, the Dense's width
@@ -143,6 +145,7 @@ def test_tf_layer_norm_gamma_and_beta_fold_into_the_next_dense():
     before, after = _counts(model), _counts(fused)
     assert after["Mul"] == before["Mul"] - 1
     assert not any(i.name in ("gamma", "beta") for i in fused.graph.initializer)
+    assert not lost_kernels(fused_kernels(model), fused_kernels(fused))
     for batch in (1, 4):
         assert_equivalent(model, fused, _feed((batch, T, C), batch), **TOL)
     check(fused)
