@@ -68,8 +68,15 @@ def single_reader(value: ir.Value) -> ir.Node | None:
     """The one node that reads ``value``'s elements (``Shape`` reads only its shape), if any."""
     if value.is_graph_output():
         return None
-    readers = {u.node for u in value.uses() if not is_onnx(u.node, "Shape")}
-    return next(iter(readers)) if len(readers) == 1 else None
+    found = None
+    for use in value.uses():  # stop at the second reader: a graph input may have thousands
+        node = use.node
+        if node is found or (node.op_type == "Shape" and is_onnx(node)):
+            continue
+        if found is not None:
+            return None
+        found = node
+    return found
 
 
 def sole_consumer(value: ir.Value) -> ir.Node | None:

@@ -118,6 +118,9 @@ def find_befores(
     for op in ops:
         if not op.is_matrix or op.axis != -1 or op.ends_chain or op.input_perm is not None:
             continue
+        producer = op.input.producer()
+        if producer is None or not _is_back_view(producer):
+            continue  # (cheap test first: shapes are asked for only beside a view)
         dims = static_dims(ctx, op.input)
         if dims is None:
             continue
