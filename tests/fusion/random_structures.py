@@ -1018,7 +1018,8 @@ def _tf_dense(b: _Builder, h: _Val) -> _Val:
     """Keras' ``Dense`` on rows as tf2onnx writes it (``Tensordot``: ``Reshape(-1, d) -> MatMul``,
     ``Reshape`` back to ``Shape(x)[:-1] + (w,)``, ``Add`` of the bias), after a layer scale and
     shift or a LayerNorm in TensorFlow's form (``Mul(r, gamma)`` read by both products); the
-    ``Shape`` reads the value the step makes."""
+    ``Shape`` reads the value the step makes. Or the ``MatMul`` on the rows themselves (the
+    ``Reshape`` back then keeps the shape)."""
     if b.ch.pick((True, False)):
         x = _tf_layer_norm(b, h)
     else:
@@ -1028,7 +1029,8 @@ def _tf_dense(b: _Builder, h: _Val) -> _Val:
             op = b.ch.pick(("Add", "Sub"))
             x = b.node(op, [x.name, b.constant(b.rng.standard_normal(h.width) * 0.3)], h.width)
     width = b.ch.pick(WIDTHS)
-    flat = b.node("Reshape", [x.name, b.ints([-1, h.width])], h.width)
+    direct = b.ch.pick((False, False, True))  # MatMul on the rows: the steps join its chain
+    flat = x if direct else b.node("Reshape", [x.name, b.ints([-1, h.width])], h.width)
     w = b.constant(b.rng.standard_normal((h.width, width)) / np.sqrt(h.width))
     product = b.node("MatMul", [flat.name, w], width)
     shape = b.node("Shape", [x.name], 0)

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from converter.fusion.core.constants import shape_of_static
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
-from converter.fusion.core.graph import op_key
+from converter.fusion.core.graph import is_onnx, op_key
 from converter.fusion.core.merge import Finder, Merge, Round
 from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra
@@ -75,14 +75,18 @@ def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
 
 
-def intermediate_reason(value: ir.Value, readers: tuple[ir.Node, ...] = ()) -> str | None:
+def intermediate_reason(
+    value: ir.Value, readers: tuple[ir.Node, ...] = (), *, shape_kept: bool = False
+) -> str | None:
     """Why ``value`` cannot vanish inside a merge (a graph output, or read by several nodes;
-    several of ``readers``, the nodes of the op reading it, count as one)."""
+    several of ``readers``, the nodes of the op reading it, count as one). ``shape_kept``: a
+    value no merge of the chain removes has ``value``'s shape (see :func:`_shape_kept`)."""
     label = value.name or "<unnamed>"
     if value.is_graph_output():
         return f"intermediate '{label}' is a graph output"
-    # a Shape of a value the model fixes the shape of reads only that: it becomes a constant
-    users = {u.node for u in value.uses() if shape_of_static(u.node) is None}
+    # A Shape reads only the shape: one the model fixes becomes a constant, and one a kept
+    # value has too is read from that value (:mod:`converter.fusion.core.writing`).
+    users = {u.node for u in value.uses() if not _reads_kept_shape(u.node, shape_kept)}
     if readers and users <= set(readers):
         return None
     if len(users) != 1:
@@ -90,9 +94,27 @@ def intermediate_reason(value: ir.Value, readers: tuple[ir.Node, ...] = ()) -> s
     return None
 
 
-def link_reason(prev: LinearOp, op: LinearOp) -> str | None:
+def _reads_kept_shape(node: ir.Node, shape_kept: bool) -> bool:
+    if shape_of_static(node) is not None:
+        return True
+    return shape_kept and (is_onnx(node, "Shape") or is_onnx(node, "Size"))
+
+
+def _shape_kept(prev: LinearOp, by_output: dict[ir.Value, LinearOp]) -> bool:
+    """``prev``'s output has the shape of its chain's input, which no merge of the chain
+    removes: ``prev`` and every op before it are elementwise steps (their constants never
+    broadcast the data up, :mod:`converter.fusion.linear.steps`)."""
+    op: LinearOp | None = prev
+    while op is not None:
+        if not op.elementwise:
+            return False
+        op = by_output.get(op.input)
+    return True
+
+
+def link_reason(prev: LinearOp, op: LinearOp, *, shape_kept: bool = False) -> str | None:
     """Why ``op`` cannot be merged with ``prev`` (whose output is ``op``'s input), or None."""
-    reason = intermediate_reason(prev.output, op.nodes)
+    reason = intermediate_reason(prev.output, op.nodes, shape_kept=shape_kept)
     if reason:
         return reason
     if prev.ends_chain:
@@ -184,7 +206,7 @@ def _links(ops: list[LinearOp], label: str) -> tuple[dict[int, LinearOp], list[D
         prev = by_output.get(op.input)
         if prev is None:
             continue
-        reason = link_reason(prev, op)
+        reason = link_reason(prev, op, shape_kept=_shape_kept(prev, by_output))
         if reason is None:
             successor[id(prev)] = op
         elif not (prev.elementwise and op.elementwise):  # two steps alone would not merge anyway

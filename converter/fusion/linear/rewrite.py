@@ -40,11 +40,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from converter.fusion.core.constants import Constant, other_users, remove_if_unused
+from converter.fusion.core.constants import (
+    Constant,
+    other_users,
+    remove_if_unused,
+    shape_of_static,
+)
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import round_to_dtype
-from converter.fusion.core.graph import shape_list
+from converter.fusion.core.graph import is_onnx, shape_list
 from converter.fusion.core.merge import Merge, Round, Written
 from converter.fusion.core.writing import fused_name, initializer, replace
 from converter.fusion.linear import algebra
@@ -224,6 +229,7 @@ class LinearMerge(Merge):
         # an op written as itself takes over all of its outputs (a classifier's labels too)
         old_outs = list(old_nodes[-1].outputs) if plan.own_form else [old_out]
         reread_shapes([n for op in self.ops for n in op.through])
+        _shapes_from_inputs(self.ops)
         read = [v for n in old_nodes for v in n.inputs if ctx.constants.is_constant(v)]
         replace(graph, old_nodes, lead + op_nodes, old_outs, constants)
         for value in dict.fromkeys(read):  # computed constants (a region's indices) go too
@@ -247,6 +253,25 @@ class LinearMerge(Merge):
         b = affine.bias.reshape(-1, 1) if left else affine.bias
         bias = initializer(ctx, graph, f"{base}.bias", round_to_dtype(b, np_dtype), typed=True)
         return weight, bias
+
+
+def _shapes_from_inputs(ops: list[LinearOp]) -> None:
+    """A ``Shape``/``Size`` of a step's output (whose shape the model leaves symbolic) reads the
+    value the steps before it started from instead: each step keeps its data's shape, and that
+    value stays (:func:`~converter.fusion.linear.chains.intermediate_reason` allowed the link)."""
+    made = {op.output: op for op in ops}
+    for op in ops:
+        if not op.elementwise:
+            continue
+        readers = [u.node for u in op.output.uses() if u.node.op_type in ("Shape", "Size")]
+        source = op.input
+        while source in made and made[source].elementwise:
+            source = made[source].input
+        if source in made:  # made by an op of the merge, so removed with it: nothing to read
+            continue
+        for reader in readers:
+            if is_onnx(reader) and shape_of_static(reader) is None:
+                reader.replace_input_with(0, source)
 
 
 def _drop_unread(graph: ir.Graph, kept: tuple[ir.Node, ...]) -> None:

@@ -305,3 +305,58 @@ def test_two_tf_dense_blocks_fuse_to_a_fixpoint():
     assert_equivalent(model, fused, _feed((2, T, C)), **TOL)
     check(fused)
     check(again)
+
+
+def test_a_shape_of_a_chain_step_with_a_symbolic_batch_reads_the_chain_input():
+    """``Gemm(x * s + t)`` with a ``Shape`` of the steps' output (a symbolic batch): the steps
+    keep ``x``'s shape, so the Shape reads ``x`` and the chain merges into one Gemm."""
+    r = rng(12)
+    inits = [
+        init("s", r.uniform(0.5, 1.5, C).astype(np.float32)),
+        init("t", r.standard_normal(C).astype(np.float32)),
+        init("w", r.standard_normal((W, C)).astype(np.float32)),
+        init("b", r.standard_normal(W).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["scaled"], name="scale"),
+        helper.make_node("Add", ["scaled", "t"], ["shifted"], name="shift"),
+        helper.make_node("Shape", ["shifted"], ["shape"], name="shape"),
+        helper.make_node("Gemm", ["shifted", "w", "b"], ["y"], transB=1, name="fc"),
+    ]
+    inputs, outputs = _io(["N", C], ["N", W])
+    outputs.append(helper.make_tensor_value_info("shape", TensorProto.INT64, [2]))
+    model = make_model(nodes, inputs, outputs, inits)
+    fused, report = fuse_with_report(model)
+    assert [f.nodes for f in report.fusions] == [["scale", "shift", "fc"]]
+    assert [(n.op_type, list(n.input)[:1]) for n in fused.graph.node] == [
+        ("Shape", ["x"]),
+        ("Gemm", ["x"]),
+    ]
+    for batch in (1, 5):
+        assert_equivalent(model, fused, _feed((batch, C), batch), **TOL)
+    check(fused)
+
+
+def test_a_shape_after_a_matrix_op_still_splits_the_chain():
+    """``Gemm2(Gemm1(x) * s)`` with a ``Shape`` of the scaled value: its shape is no kept
+    value's (``Gemm1``'s output goes with the merge), so the link is refused, with the reason."""
+    r = rng(13)
+    inits = [
+        init("w1", r.standard_normal((C, C)).astype(np.float32)),
+        init("s", r.uniform(0.5, 1.5, C).astype(np.float32)),
+        init("w2", r.standard_normal((W, C)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="fc1"),
+        helper.make_node("Mul", ["h", "s"], ["scaled"], name="scale"),
+        helper.make_node("Shape", ["scaled"], ["shape"], name="shape"),
+        helper.make_node("Gemm", ["scaled", "w2"], ["y"], transB=1, name="fc2"),
+    ]
+    inputs, outputs = _io(["N", C], ["N", W])
+    outputs.append(helper.make_tensor_value_info("shape", TensorProto.INT64, [2]))
+    model = make_model(nodes, inputs, outputs, inits)
+    fused, report = fuse_with_report(model)
+    assert [f.nodes for f in report.fusions] == [["fc1", "scale"]]
+    assert any(d.reason == "fan-out: intermediate 'scaled' feeds 2 nodes" for d in report.declined)
+    assert_equivalent(model, fused, _feed((3, C)), **TOL)
+    check(fused)
