@@ -40,9 +40,6 @@ NOT_YET: dict[str, str] = {
     "keras_mlp_mixer": "the layer scales and biases fold, but the gamma/beta of tf2onnx's "
     "decomposed LayerNorms are left: into the channel Dense and, through ReduceMean, the head "
     "(3 Mul over the hand-folded count)",
-    "skl_columns_ridge": "the column blocks (ArrayFeatureExtractor -> Scaler, or MinMax's "
-    "Cast -> Mul + Add) join in a Concat: a column pick is not read as a linear op and a Concat "
-    "of blocks of one input is not a block-diagonal step, so nothing folds into the regressor",
 }
 
 
