@@ -60,9 +60,11 @@ Members = tuple[set[ir.Node], ir.Value] | None
 _MOST_JOINED = 8
 
 
-def members(ctx: Context, end: ir.Node) -> Members:
+def members(ctx: Context, end: ir.Node, steps: bool = True) -> Members:
     """The structural nodes ``end`` is computed by, back to one input, and that input; None
-    if they do not read exactly one value that is neither constant nor theirs."""
+    if they do not read exactly one value that is neither constant nor theirs. Without
+    ``steps``, of the elementwise ops of whole rows only a ``Neg`` of a shape op's output is
+    taken (the smaller region, when the larger one is not a map of rows)."""
     found = output_shape(ctx, end)
     if found is not None and len(found) < 2:
         return None
@@ -88,7 +90,7 @@ def members(ctx: Context, end: ir.Node) -> Members:
             layer = known and joins and _row_layer(ctx, producer, rows)
             if layer:
                 layers.add(producer)
-            if known and (layer or structural(ctx, producer, rows)):
+            if known and (layer or structural(ctx, producer, rows, steps)):
                 if len(inside) >= MAX_REGION_NODES:
                     return None
                 inside.add(producer)
@@ -109,10 +111,13 @@ def unshaped_candidate(node: ir.Node) -> bool:
     )
 
 
-def structural(ctx: Context, node: ir.Node, rows: tuple[int, ...] | None) -> bool:
+def structural(
+    ctx: Context, node: ir.Node, rows: tuple[int, ...] | None, steps: bool = True
+) -> bool:
     """``node`` may be inside a region whose rows are ``rows`` (None: not known): a shape op
     other than a product of whole rows by a matrix (an op of the op table), or an elementwise op
-    on a value that is not a whole row, or on one the region's shape ops make."""
+    on a value that is not a whole row, or on one the region's shape ops make (without
+    ``steps``: a ``Neg`` of a shape op's output only)."""
     key = op_key(node)
     if (key not in SHAPE_OPS and key not in ELEMENTWISE_LIKE) or not _one_output(node):
         return False
@@ -126,6 +131,9 @@ def structural(ctx: Context, node: ir.Node, rows: tuple[int, ...] | None) -> boo
         return True
     if rows is not None and not _is_row(node.outputs[0], rows):
         return True
+    if not steps:
+        source = node.inputs[0].producer() if key == "Neg" and node.inputs[0] else None
+        return source is not None and op_key(source) in SHAPE_OPS and structural(ctx, source, rows)
     return _reads_shape_ops(ctx, node, rows)
 
 

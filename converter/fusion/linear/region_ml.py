@@ -13,8 +13,9 @@ what is proved here, not the reference evaluator the probe runs on (which is mor
 
 * onnxruntime flattens the indices, refuses an empty list and any index outside ``[0, width)``
   (the evaluator would wrap a negative one), and gives ``[1, k]`` for a 1-D input;
-* it scales axis 1 of a 2-D input (of a higher rank it reads the flat data with axis 1's stride:
-  not a map of the last axis); ``offset`` and ``scale`` are of one length, the width or 1; it
+* it scales axis 1 of a 2-D input by column (of a higher rank it reads the flat data with axis
+  1's stride: not a map of the last axis), or every element by one ``offset`` and ``scale``;
+  ``offset`` and ``scale`` are of one length, the width or 1; it
   reads float, double or integers and always writes float32, so only a float32 input makes a map
   of one type.
 """
@@ -73,7 +74,8 @@ def _feature_extractor(region: _Region, node: ir.Node) -> Layout | str:
 
 
 def _scaler(region: _Region, node: ir.Node) -> Layout | str:
-    """``Scaler``: ``y = (x - offset) * scale`` on a 2-D float32 value, a constant per column."""
+    """``Scaler``: ``y = (x - offset) * scale`` on a float32 value: one constant for every element,
+    or one per column of a 2-D value."""
     found = one_data(region, node)
     if isinstance(found, str):
         return found
@@ -85,12 +87,6 @@ def _scaler(region: _Region, node: ir.Node) -> Layout | str:
             f"reads a value {found_type} and always writes float32: only a float32 input makes "
             "it a map of one type"
         )
-    if len(layout.shape) != 2:
-        return (
-            f"scales a value of rank {len(layout.shape)}: onnxruntime scales axis 1 of a 2-D input"
-        )
-    if layout.split > 1:
-        return "acts across rows"
     scale, offset = attribute_floats(node, "scale"), attribute_floats(node, "offset")
     width = layout.shape[-1]
     if scale.size == 0 or scale.size != offset.size:
@@ -98,7 +94,16 @@ def _scaler(region: _Region, node: ir.Node) -> Layout | str:
             f"has {scale.size} scales and {offset.size} offsets: not of one length, as "
             "onnxruntime requires"
         )
-    if scale.size not in (1, width):
+    if scale.size == 1:  # the same for every element, of any rank
+        return layout
+    if len(layout.shape) != 2:
+        return (
+            f"scales a value of rank {len(layout.shape)} by column: onnxruntime scales axis 1 of "
+            "a 2-D input"
+        )
+    if layout.split > 1:
+        return "acts across rows"
+    if scale.size != width:
         return f"has {scale.size} scales for {width} columns (onnxruntime takes {width} or 1)"
     return layout
 

@@ -96,18 +96,36 @@ def find_regions(ctx: Context, graph: ir.Graph) -> tuple[list[LinearOp], list[De
     for node in reversed(list(graph)):  # the largest region first: later ends come first
         if node in taken or op_key(node) not in SHAPE_OPS or not _ends(ctx, node):
             continue
-        inside = members(ctx, node)
-        if inside is None or any(n in taken for n in inside[0]):
-            continue
-        region = _Region(ctx, sorted(inside[0], key=order.__getitem__), inside[1])
-        result = region.op()
+        result = _ending_at(ctx, node, order, taken)
         if isinstance(result, LinearOp):
             found.append(result)
             taken.update(n for n in result.nodes if n not in result.kept)
-        elif region.explains:
-            declined.append(Declined([node_name(n) for n in region.nodes], result))
+        elif result is not None:
+            declined.append(result)
     found.reverse()
     return found, declined
+
+
+def _ending_at(
+    ctx: Context, end: ir.Node, order: dict[ir.Node, int], taken: set[ir.Node]
+) -> LinearOp | Declined | None:
+    """The region ending at ``end``: the largest, else the one without the elementwise steps of
+    whole rows (a larger region may reach back across rows where a smaller one does not); or why
+    the largest is not one (when a constant block or a column pick acts in it), or None."""
+    reason: Declined | None = None
+    tried: set[ir.Node] | None = None
+    for steps in (True, False):
+        inside = members(ctx, end, steps)
+        if inside is None or inside[0] == tried or any(n in taken for n in inside[0]):
+            continue
+        tried = inside[0]
+        region = _Region(ctx, sorted(inside[0], key=order.__getitem__), inside[1])
+        result = region.op()
+        if isinstance(result, LinearOp):
+            return result
+        if reason is None and region.explains:
+            reason = Declined([node_name(n) for n in region.nodes], result)
+    return reason
 
 
 def _ends(ctx: Context, node: ir.Node) -> bool:
@@ -193,7 +211,7 @@ class _Region:
     def _layout(self, node: ir.Node) -> Layout | str:
         shape, dtype = self._typed(node)
         if shape is None:
-            return "has an output whose shape is not recorded"
+            return "has an output whose shape is neither recorded nor inferred"
         rule = RULES.get(op_key(node))
         if rule is None:
             return "is not a map of rows"
