@@ -103,7 +103,9 @@ def infer_output(ctx: Context, node: ir.Node, known: Callable[[ir.Value], Typed]
             return None, None
         types[f"in{i}"] = onnx.helper.make_tensor_type_proto(int(dtype), list(dims))
     try:
-        schema = onnx.defs.get_schema(node.op_type, ctx.opset, node.domain)
+        default = node.domain in ("", "ai.onnx")
+        version = ctx.opset if default else ctx.model.opset_imports.get(node.domain, 1)
+        schema = onnx.defs.get_schema(node.op_type, version, node.domain)
         found = onnx.shape_inference.infer_node_outputs(schema, node_proto(node), types, data)
     except Exception:  # no answer: the shape stays unknown
         return None, None

@@ -34,7 +34,14 @@ from converter.fusion.linear.region_layout import Layout, Rule, one_data
 if TYPE_CHECKING:
     from converter.fusion.linear.regions import _Region
 
-__all__ = ["CONSTANT_INPUTS", "ML_ELEMENTWISE", "ML_MIXES", "ML_RULES", "SHAPE_KEEPING", "offsets"]
+__all__ = [
+    "CONSTANT_INPUTS",
+    "ML_ELEMENTWISE",
+    "ML_MIXES",
+    "ML_RULES",
+    "SHAPE_KEEPING",
+    "adds_offset",
+]
 
 _EXTRACTOR = f"{ML_DOMAIN}.ArrayFeatureExtractor"
 _SCALER = f"{ML_DOMAIN}.Scaler"
@@ -108,7 +115,7 @@ def _scaler(region: _Region, node: ir.Node) -> Layout | str:
     return layout
 
 
-def offsets(node: ir.Node) -> bool:
+def adds_offset(node: ir.Node) -> bool:
     """``node`` is a Scaler with an offset that is not zero (the region adds a constant)."""
     return f"{node.domain}.{node.op_type}" == _SCALER and bool(
         np.any(attribute_floats(node, "offset"))

@@ -73,7 +73,7 @@ from converter.fusion.linear.region_members import (
     structural,
     unshaped_candidate,
 )
-from converter.fusion.linear.region_ml import ML_MIXES, SHAPE_KEEPING, offsets
+from converter.fusion.linear.region_ml import ML_MIXES, SHAPE_KEEPING, adds_offset
 from converter.fusion.linear.region_rules import RULES
 
 __all__ = ["MAX_REGION_NODES", "find_regions"]
@@ -260,7 +260,7 @@ class _Region:
             (n.op_type in ("Add", "Sub") and len(self.data(n)) == 1)
             or n.op_type == "ScatterElements"
             or (n.op_type == "Concat" and len(self.data(n)) < len(n.inputs))
-            or offsets(n)
+            or adds_offset(n)
             for n in self.nodes
         )
 
