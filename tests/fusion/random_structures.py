@@ -56,6 +56,10 @@ to the running value ``h``:
 - ``vera``: two adapted layers of ``h`` whose adapters share one ``h @ A`` (VeRA's frozen pair
   after an exporter's common-subexpression elimination), each ``* d_i -> @ B -> * b_i`` added
   to its base layer, joined by ``Mul``;
+- ``region``: a map of each row through reshapes of it beside or before a layer (OFT's blocks,
+  ``rotate_half``, RoAd's rotation, MiSS's sum over blocks, AdaMSS's subspaces), or a
+  ``ColumnTransformer``'s picks of columns (ONNX-ML ``ArrayFeatureExtractor`` or ``Gather``),
+  scaled and joined by a ``Concat``;
 - ``output``: the current value also becomes a graph output (an intermediate of a later chain);
 - ``if``: an ``If`` on a boolean graph input whose two branches each hold such blocks on the
   outer ``h`` (an ``If`` too, one level deep), with weights in the branch or in the outer graph
@@ -133,6 +137,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+ML_DOMAIN = "ai.onnx.ml"
 
 # (atol, rtol) by dtype: how much further from the float64 result than twice the original's error
 # the fused output may be, relative to the outputs' magnitude (at least 1).
@@ -254,6 +259,7 @@ class _Builder:
     extra_outputs: list[tuple[str, list[int | str]]] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
     counter: itertools.count = field(default_factory=itertools.count)
+    ml: bool = False  # an ONNX-ML op was written: the model imports ai.onnx.ml
 
     def __post_init__(self) -> None:
         self.scope = self.main
@@ -956,8 +962,11 @@ def _flax_linear(b: _Builder, h: _Val) -> _Val:
 def _region(b: _Builder, h: _Val) -> _Val:
     """A map of each row written through reshapes of it, beside or before a linear layer:
     OFT's blocks (``Reshape -> Einsum -> Reshape``), ``rotate_half`` (Slice/Neg/Concat), RoAd's
-    ``y * c1 + rotate(y) * c2`` after the layer, or MiSS's ``ReduceSum`` over blocks."""
-    kind = b.ch.pick(("oft", "rotate", "road", "miss", "subspaces"))
+    ``y * c1 + rotate(y) * c2`` after the layer, MiSS's ``ReduceSum`` over blocks, or a
+    ``ColumnTransformer``'s blocks (:func:`_columns`)."""
+    kind = b.ch.pick(("oft", "rotate", "road", "miss", "subspaces", "columns"))
+    if kind == "columns":
+        return _columns(b, h)
     if kind == "subspaces" and any(isinstance(d, str) for d in b.lead):
         kind = "rotate"  # the placement's constants are shaped like the rows: a fixed batch
     lead = [0 if isinstance(d, str) else d for d in b.lead]  # 0: the batch dim, copied
@@ -1062,6 +1071,33 @@ def _tf_layer_norm(b: _Builder, h: _Val) -> _Val:
     beta = b.constant(b.rng.standard_normal(h.width) * 0.3)
     shift = b.node("Add", [moved, beta][:: b.ch.pick((1, -1))], h.width).name
     return b.node("Add", [scaled, shift][:: b.ch.pick((1, -1))], h.width)
+
+
+def _columns(b: _Builder, h: _Val) -> _Val:
+    """scikit-learn's ``ColumnTransformer`` as skl2onnx writes it, before a layer: two or three
+    picks of ``h``'s columns (ONNX-ML ``ArrayFeatureExtractor``, or a ``Gather`` on the last
+    axis; indices in any order, repeated, overlapping), each maybe scaled (``Mul``, ``Mul`` +
+    ``Add``, after a same-type ``Cast``), joined by a ``Concat``. (No ONNX-ML ``Scaler``: it
+    always writes float32, so the float64 twin could not hold it.)"""
+    parts = []
+    for _ in range(b.ch.integer(2, 3)):
+        k = b.ch.integer(1, h.width)
+        columns = [int(c) for c in b.rng.integers(0, h.width, k)]
+        if b.ch.pick((True, True, False)):
+            b.ml = True
+            v = b.node("ArrayFeatureExtractor", [h.name, b.ints(columns)], k, domain=ML_DOMAIN)
+        else:
+            v = b.node("Gather", [h.name, b.ints(columns)], k, axis=-1)
+        step = b.ch.pick(("none", "mul", "affine", "cast"))
+        if step == "cast":
+            v = b.node("Cast", [v.name], k, to=_elem(b.dtype))
+        if step != "none":
+            v = b.node("Mul", [v.name, b.constant(b.rng.uniform(0.5, 1.5, k))], k)
+        if step in ("affine", "cast"):
+            v = b.node("Add", [v.name, b.constant(b.rng.standard_normal(k))], k)
+        parts.append(v)
+    joined = b.node("Concat", [v.name for v in parts], sum(v.width for v in parts), axis=-1)
+    return b.linear(joined, b.ch.pick(WIDTHS))
 
 
 IMAGE_BLOCKS = frozenset({"conv", "repvgg", "conv_scale", "conv_seq", "conv_mlp", "conv_views"})
@@ -1173,7 +1209,10 @@ def _finish(b: _Builder, x: _Val, h: _Val, opset: int) -> Case:
     if has_if:
         inputs.append(helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []))
     graph = helper.make_graph(b.main.nodes, "random_structure", inputs, outputs, b.main.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    opsets = [helper.make_opsetid("", opset)] + (
+        [helper.make_opsetid(ML_DOMAIN, 1)] if b.ml else []
+    )
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8 if opset <= 17 else 10
     if b.ch.pick((True, False)):  # exporters often record every intermediate's type and shape
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)

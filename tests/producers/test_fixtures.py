@@ -36,11 +36,7 @@ FIXTURES = measure.fixtures()
 MAX_BYTES = 200_000
 
 # What keeps each fixture from its hand-folded form with today's engine, in words.
-NOT_YET: dict[str, str] = {
-    "skl_columns_ridge": "the column blocks (ArrayFeatureExtractor -> Scaler, or MinMax's "
-    "Cast -> Mul + Add) join in a Concat: a column pick is not read as a linear op and a Concat "
-    "of blocks of one input is not a block-diagonal step, so nothing folds into the regressor",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def _cases(marked: bool) -> list:

@@ -29,7 +29,7 @@ The nodes that computed a constant are removed once nothing reads them
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -250,12 +250,21 @@ def _evaluator(
     return evaluate
 
 
-def run_node(node: ir.Node, arrays: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
+def run_node(
+    node: ir.Node,
+    arrays: Sequence[np.ndarray | None],
+    opset: int,
+    domains: Mapping[str, int] | None = None,
+) -> list[np.ndarray]:
     """``node`` evaluated on ``arrays`` (one per input, None where absent) by onnx's reference
-    evaluator at ``opset``: its outputs. Raises :class:`NotComputable` when it cannot."""
+    evaluator at ``opset`` (and, for an op of another domain, an ONNX-ML op, at that domain's
+    version in ``domains``, else 1): its outputs. Raises :class:`NotComputable` when it cannot."""
     feeds = {f"in{i}": a for i, a in enumerate(arrays) if a is not None}
+    opsets = {"": opset}
+    if node.domain not in ("", "ai.onnx"):
+        opsets[node.domain] = (domains or {}).get(node.domain, 1)
     try:
-        evaluator = onnx.reference.ReferenceEvaluator(node_proto(node), opsets={"": opset})
+        evaluator = onnx.reference.ReferenceEvaluator(node_proto(node), opsets=opsets)
         return [np.asarray(a) for a in evaluator.run(None, feeds)]
     except Exception as e:  # the evaluator's failure is the reason, whatever its kind
         raise NotComputable(

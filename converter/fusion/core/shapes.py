@@ -35,10 +35,12 @@ logger = logging.getLogger(__name__)
 _LINEAR = frozenset({"Gemm", "MatMul", "Einsum", "Conv"})
 _SMALL = 64  # initializers up to this many elements stay (Reshape targets, axes: data matters)
 _SAME_RANK = frozenset({"Relu", "Neg", "Identity", "Tanh", "Sigmoid", "BatchNormalization", "Cast"})
-# ONNX-ML ops, whose output shapes ONNX shape inference does not give: by their definition
-# (onnxruntime's kernels), a Scaler keeps its input's shape, a regressor writes [N, targets], a
-# classifier labels [N] and scores [N, classes].
-_ML_SAME_RANK = frozenset({"Scaler"})
+# ONNX-ML ops, whose output shapes ONNX shape inference does not always give: by their
+# definition (onnxruntime's kernels), a Scaler keeps its input's shape, an ArrayFeatureExtractor
+# its input's rank (2 for a 1-D input: one row), a regressor writes [N, targets], a classifier
+# labels [N] and scores [N, classes].
+_ML_SAME_RANK = frozenset({"Scaler", "ArrayFeatureExtractor"})
+_ML_AT_LEAST_2 = frozenset({"ArrayFeatureExtractor"})
 _ML_RANKS = {"LinearRegressor": (2,), "LinearClassifier": (1, 2)}
 _STEPS = ("Add", "Sub", "Mul", "Div")
 
@@ -138,8 +140,11 @@ class Shapes:
         return None, None
 
     def _raised(self, value: ir.Value, rank: int | None) -> int | None:
-        """``rank`` raised by the constant operand of the binary step producing ``value``."""
+        """``rank`` raised by the constant operand of the binary step producing ``value`` (or to
+        the 2 an ArrayFeatureExtractor gives a 1-D input)."""
         node = value.producer()
+        if rank is not None and node is not None and node.domain == "ai.onnx.ml":
+            return max(rank, 2) if node.op_type in _ML_AT_LEAST_2 else rank
         if rank is None or node is None or node.op_type not in _STEPS:
             return rank
         consts = [self._constants.resolve(v) for v in node.inputs]

@@ -47,7 +47,7 @@ from converter.fusion.linear.linear_op import (
     declined,
 )
 
-__all__ = ["ML_DOMAIN", "ML_OPS", "ML_STEPS"]
+__all__ = ["ML_DOMAIN", "ML_OPS", "ML_STEPS", "attribute_floats"]
 
 ML_DOMAIN = "ai.onnx.ml"
 _WEIGHTS = ("coefficients", "intercepts")
@@ -59,7 +59,7 @@ _SAME_TYPE = frozenset(
 _TYPE_DEPTH = 16
 
 
-def _floats(node: ir.Node, name: str) -> np.ndarray:
+def attribute_floats(node: ir.Node, name: str) -> np.ndarray:
     """A float-list attribute as a float64 array (empty when absent)."""
     values = node.attributes.get_floats(name, None)
     return np.asarray([] if values is None else list(values), dtype=np.float64)
@@ -114,7 +114,7 @@ def _scaler(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | 
     data = _float_input(ctx, node, producer_of)
     if isinstance(data, Declined):
         return data
-    scale, offset = _floats(node, "scale"), _floats(node, "offset")
+    scale, offset = attribute_floats(node, "scale"), attribute_floats(node, "offset")
     if scale.size == 0 or scale.size != offset.size:
         return declined(
             node,
@@ -175,7 +175,7 @@ def _regressor(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp
 def _classifier(ctx: Context, node: ir.Node, producer_of: ProducerOf) -> LinearOp | Declined:
     """``LinearClassifier``: ``scores = x @ C.T + intercepts``, its post-transform, then labels
     from the scores (the second output is the scores)."""
-    classes = _floats(node, "intercepts").size
+    classes = attribute_floats(node, "intercepts").size
     if classes == 0:
         return declined(
             node, "LinearClassifier without intercepts: onnxruntime counts its classes by them"
@@ -201,7 +201,10 @@ def _linear_ml(
     data = _float_input(ctx, node, producer_of)
     if isinstance(data, Declined):
         return data
-    coefficients, intercepts = _floats(node, "coefficients"), _floats(node, "intercepts")
+    coefficients, intercepts = (
+        attribute_floats(node, "coefficients"),
+        attribute_floats(node, "intercepts"),
+    )
     if rows < 1 or coefficients.size == 0 or coefficients.size % rows:
         return declined(
             node, f"{node.op_type}'s {coefficients.size} coefficients are not {rows} rows"

@@ -1,134 +1,56 @@
-"""The layout of a region's values and one rule per op type (:mod:`converter.fusion.linear.regions`).
+"""One layout rule per op type for the regions (:mod:`converter.fusion.linear.regions`).
 
-A value of a region is ``R`` rows of its own width, rows outermost in memory: its :class:`Layout`
-is its static shape and its *split*, the first axis (1 or later) from which on the axes index
-inside a row. Each rule in :data:`RULES` checks that a node acts on rows alone (its axes from
-the split on, constants varying only along them) and gives its output's layout, or says why not.
+Each rule in :data:`RULES` checks that a node acts on rows alone (its axes from the split on,
+constants varying only along them; see :mod:`converter.fusion.linear.region_layout`) and gives its
+output's layout, or says why not. The table is keyed as
+:func:`~converter.fusion.core.graph.op_key` names ops; the ONNX-ML ones are in
+:mod:`converter.fusion.linear.region_ml`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from converter.fusion.core.computed import node_proto
 from converter.fusion.core.constants import Constant, axes_of
-from converter.fusion.core.context import Context
+from converter.fusion.core.dtypes import dtype_name
 from converter.fusion.linear.algebra import repeated_row
+from converter.fusion.linear.region_layout import (
+    Layout,
+    Rule,
+    normalized,
+    on_axes,
+    one_data,
+    probe_shape,
+    split_axis,
+)
+from converter.fusion.linear.region_ml import ML_RULES
 
 if TYPE_CHECKING:
     from converter.fusion.linear.regions import _Region
 
-__all__ = [
-    "ELEMENTWISE",
-    "Layout",
-    "RULES",
-    "Rule",
-    "output_shape",
-    "probe_shape",
-    "split_axis",
-    "static_shape",
-]
+__all__ = ["ELEMENTWISE", "RULES"]
 
 ELEMENTWISE = frozenset({"Add", "Div", "Identity", "Mul", "Neg", "Sub"})
 
-
-@dataclass(frozen=True)
-class Layout:
-    """A value of the region: its static shape and its split (see the module docstring)."""
-
-    shape: tuple[int, ...]
-    split: int
-
-
-# A node's layout rule: the output's layout, or why the node does not act on rows alone.
-Rule = Callable[["_Region", ir.Node], "Layout | str"]
-
-
-def static_shape(value: ir.Value) -> tuple[int, ...] | None:
-    if value.shape is None or not value.shape.is_static():
-        return None
-    return tuple(int(d) for d in value.shape)
-
-
-def output_shape(ctx: Context, node: ir.Node) -> tuple[int, ...] | None:
-    """The static shape of ``node``'s first output: recorded, or inferred by onnx for this node
-    alone from its inputs' shapes and its constant inputs' values (the legacy exporter records
-    no shape for a Slice whose ends it computes from a Shape)."""
-    out = node.outputs[0]
-    shape = static_shape(out)
-    if shape is not None:
-        return shape
-    types, data = {}, {}
-    for i, value in enumerate(node.inputs):
-        if value is None:
-            continue
-        dims = static_shape(value)
-        constant = ctx.constants.resolve(value)
-        if isinstance(constant, Constant):
-            dims = constant.shape
-            if constant.size <= 64:
-                data[f"in{i}"] = onnx.numpy_helper.from_array(
-                    np.asarray(constant.array()), f"in{i}"
-                )
-        if dims is None or value.dtype is None:
-            return None
-        types[f"in{i}"] = onnx.helper.make_tensor_type_proto(int(value.dtype), list(dims))
-    try:
-        schema = onnx.defs.get_schema(node.op_type, ctx.opset, node.domain)
-        found = onnx.shape_inference.infer_node_outputs(schema, node_proto(node), types, data)
-    except Exception:  # no answer: the shape stays unknown
-        return None
-    tensor = found.get("out0")
-    if tensor is None or not tensor.tensor_type.HasField("shape"):
-        return None
-    dims = tensor.tensor_type.shape.dim
-    if not all(d.HasField("dim_value") for d in dims):
-        return None
-    return tuple(d.dim_value for d in dims)
-
-
-def split_axis(shape: tuple[int, ...], rows: int) -> int:
-    """The first axis of ``shape`` (1 or later) from which on the axes index inside a row."""
-    width = math.prod(shape) // rows
-    return next(j for j in range(1, len(shape) + 1) if width % math.prod(shape[j:]) == 0)
-
-
-def probe_shape(layout: Layout, probe_rows: int, width: int) -> tuple[int, ...]:
-    """``layout``'s shape with ``probe_rows`` rows of ``width`` in place of its rows."""
-    j = layout.split
-    inner = math.prod(layout.shape[j:])
-    return (1,) * (j - 1) + (probe_rows * width // inner,) + layout.shape[j:]
+#: Why a rule that needs the number of rows refuses a region whose input leaves it open.
+_UNCOUNTED = "the model does not fix the number of rows (a dynamic axis)"
 
 
 # ---------------------------------------------------------------- layout rules, one per op
 
 
-def _normalized(axes: list[int] | None, rank: int) -> list[int] | None:
-    if axes is None or any(not -rank <= a < rank for a in axes):
-        return None
-    return [a % rank for a in axes]
-
-
-def _one_data(region: _Region, node: ir.Node) -> tuple[int, Layout] | str:
-    data = region.data(node)
-    if len(data) != 1:
-        return "reads more than one value of the region"
-    return data[0]
-
-
 def _reshape(region: _Region, node: ir.Node) -> Layout | str:
-    found = _one_data(region, node)
+    found = one_data(region, node)
     if isinstance(found, str):
         return found
     index, layout = found
-    shape = static_shape(node.outputs[0])
+    if region.dynamic:
+        return f"has a target for a number of rows, and {_UNCOUNTED}"
+    shape = region.shape(node)
     if index != 0 or not region.ctx.constants.is_constant(node.inputs[1]):
         return "has a target that is not constant"
     if shape is None or math.prod(shape) != math.prod(layout.shape):
@@ -154,7 +76,7 @@ def _row_of(region: _Region, constant: Constant, out: Layout) -> np.ndarray | No
 
 
 def _transpose(region: _Region, node: ir.Node) -> Layout | str:
-    found = _one_data(region, node)
+    found = one_data(region, node)
     if isinstance(found, str):
         return found
     _, layout = found
@@ -166,22 +88,6 @@ def _transpose(region: _Region, node: ir.Node) -> Layout | str:
     return Layout(tuple(layout.shape[p] for p in perm), layout.split)
 
 
-def _on_axes(region: _Region, node: ir.Node, axes: list[int] | None, rank_of: int) -> Layout | str:
-    """A node acting on ``axes`` (of a tensor of rank ``rank_of``) of its one region input."""
-    found = _one_data(region, node)
-    if isinstance(found, str):
-        return found
-    _, layout = found
-    normal = _normalized(axes, rank_of)
-    if normal is None:
-        return "has axes that are not constant"
-    if any(a < layout.split for a in normal):
-        return "acts across rows"
-    shape = output_shape(region.ctx, node)
-    assert shape is not None
-    return Layout(shape, layout.split)
-
-
 def _slice(region: _Region, node: ir.Node) -> Layout | str:
     rank = len(region.layouts[node.inputs[0]].shape) if node.inputs[0] in region.layouts else 0
     starts = region.ctx.constants.array(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -191,14 +97,14 @@ def _slice(region: _Region, node: ir.Node) -> Layout | str:
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         given = region.ctx.constants.array(node.inputs[3])
         axes = [int(a) for a in given] if isinstance(given, np.ndarray) else None
-    return _on_axes(region, node, axes, rank)
+    return on_axes(region, node, axes, rank)
 
 
 def _gather(region: _Region, node: ir.Node) -> Layout | str:
     if node.inputs[0] not in region.layouts:
         return "gathers from a constant"
     rank = len(region.layouts[node.inputs[0]].shape)
-    return _on_axes(region, node, [node.attributes.get_int("axis", 0)], rank)
+    return on_axes(region, node, [node.attributes.get_int("axis", 0)], rank)
 
 
 def _split_first(region: _Region, node: ir.Node) -> Layout | str:
@@ -206,27 +112,27 @@ def _split_first(region: _Region, node: ir.Node) -> Layout | str:
     if node.inputs[0] not in region.layouts:
         return "splits a constant"
     rank = len(region.layouts[node.inputs[0]].shape)
-    return _on_axes(region, node, [node.attributes.get_int("axis", 0)], rank)
+    return on_axes(region, node, [node.attributes.get_int("axis", 0)], rank)
 
 
 def _reduce(region: _Region, node: ir.Node) -> Layout | str:
     if node.inputs[0] not in region.layouts:
         return "reduces a constant"
     rank = len(region.layouts[node.inputs[0]].shape)
-    return _on_axes(region, node, axes_of(region.ctx.constants, node), rank)
+    return on_axes(region, node, axes_of(region.ctx.constants, node), rank)
 
 
 def _squeeze(region: _Region, node: ir.Node) -> Layout | str:
     if node.inputs[0] not in region.layouts:
         return "squeezes a constant"
     rank = len(region.layouts[node.inputs[0]].shape)
-    return _on_axes(region, node, axes_of(region.ctx.constants, node), rank)
+    return on_axes(region, node, axes_of(region.ctx.constants, node), rank)
 
 
 def _unsqueeze(region: _Region, node: ir.Node) -> Layout | str:
-    out = output_shape(region.ctx, node)
+    out = region.shape(node)
     assert out is not None
-    return _on_axes(region, node, axes_of(region.ctx.constants, node), len(out))
+    return on_axes(region, node, axes_of(region.ctx.constants, node), len(out))
 
 
 def _concat(region: _Region, node: ir.Node) -> Layout | str:
@@ -238,10 +144,10 @@ def _concat(region: _Region, node: ir.Node) -> Layout | str:
     splits = {layout.split for _, layout in data}
     split = data[0][1].split
     rank = len(data[0][1].shape)
-    axis = _normalized([node.attributes.get_int("axis", 0)], rank)
+    axis = normalized([node.attributes.get_int("axis", 0)], rank)
     if len(splits) != 1 or axis is None or axis[0] < split:
         return "joins across rows"
-    shape = output_shape(region.ctx, node)
+    shape = region.shape(node)
     assert shape is not None
     inside = {i for i, _ in data}
     for i, value in enumerate(node.inputs):
@@ -258,6 +164,8 @@ def _uniform_rows(
     region: _Region, value: ir.Value | None, split: int, out: tuple[int, ...], axis: int
 ) -> tuple[np.ndarray, tuple[int, ...]] | str:
     """A constant joined to rows: one row of it and its shape in the probe, or why not."""
+    if region.dynamic:
+        return f"joins a constant shaped like the rows, and {_UNCOUNTED}"
     constant = region.ctx.constants.resolve(value)
     if not isinstance(constant, Constant) or len(constant.shape) != len(out):
         return "joins a value that is neither of the region nor a constant of its rank"
@@ -272,7 +180,7 @@ def _uniform_rows(
 
 def _elementwise(region: _Region, node: ir.Node) -> Layout | str:
     data = region.data(node)
-    shape = output_shape(region.ctx, node)
+    shape = region.shape(node)
     assert shape is not None
     if len(data) == 2 and node.op_type in ("Add", "Sub"):
         (_, a), (_, b) = data
@@ -296,9 +204,25 @@ def _elementwise(region: _Region, node: ir.Node) -> Layout | str:
     return layout
 
 
+def _cast(region: _Region, node: ir.Node) -> Layout | str:
+    """``Cast`` to the type its input already has (skl2onnx writes one after a column pick):
+    the identity."""
+    found = one_data(region, node)
+    if isinstance(found, str):
+        return found
+    _, layout = found
+    to = node.attributes.get_int("to", None)
+    dtype = region.dtype(node.inputs[0])
+    if to is None or dtype is None or ir.DataType(to) != dtype:
+        source = "a value of an unknown type" if dtype is None else dtype_name(dtype)
+        target = "an unknown type" if to is None else dtype_name(ir.DataType(to))
+        return f"casts {source} to {target}"
+    return layout
+
+
 def _product(region: _Region, node: ir.Node) -> Layout | str:
     """``MatMul`` or ``Einsum`` of a value of the region by a constant (the other operand)."""
-    found = _one_data(region, node)
+    found = one_data(region, node)
     if isinstance(found, str):
         return found
     index, layout = found
@@ -307,7 +231,7 @@ def _product(region: _Region, node: ir.Node) -> Layout | str:
     constant = region.ctx.constants.resolve(node.inputs[1 - index])
     if not isinstance(constant, Constant):
         return "multiplies two values of the region"
-    shape = output_shape(region.ctx, node)
+    shape = region.shape(node)
     assert shape is not None
     reason = (
         _einsum_reason(node, index, layout)
@@ -356,17 +280,19 @@ def _scatter(region: _Region, node: ir.Node) -> Layout | str:
     """``ScatterElements(target, indices, updates)`` along a later axis, the updates a value of
     the region and the target and indices constants the same in every row: a placement of the
     row's features (AdaMSS puts its subspaces' columns back in order)."""
-    found = _one_data(region, node)
+    found = one_data(region, node)
     if isinstance(found, str):
         return found
     index, layout = found
     if index != 2:
         return "scatters into a value of the region"
+    if region.dynamic:
+        return f"has a target and indices shaped like the rows, and {_UNCOUNTED}"
     axis = node.attributes.get_int("axis", 0)
-    normal = _normalized([axis], len(layout.shape))
+    normal = normalized([axis], len(layout.shape))
     if normal is None or normal[0] < layout.split:
         return "acts across rows"
-    out = output_shape(region.ctx, node)
+    out = region.shape(node)
     assert out is not None
     placed = Layout(out, layout.split)
     for i in (0, 1):
@@ -395,4 +321,6 @@ RULES: dict[str, Rule] = {
     "Einsum": _product,
     "MatMul": _product,
     **dict.fromkeys(ELEMENTWISE, _elementwise),
+    "Cast": _cast,
+    **ML_RULES,
 }

@@ -9,6 +9,9 @@ input (or output) and the value it reads (or gives):
     MiSS           Reshape(x, (..., r, b)) -> ReduceSum over the blocks
     rotate_half    Slice/Neg/Concat of the last axis
 
+and scikit-learn's ``ColumnTransformer`` (skl2onnx) as column picks, a scaler per block and a
+``Concat`` of the blocks (``ArrayFeatureExtractor -> Scaler``, ``-> Cast -> Mul -> Add``).
+
 Each is an affine map of the last axis, ``y = x @ W + b``, when every node acts on each *row* of
 ``x`` (an index of its leading axes ``L``) alone and the same way: such a *region* is a
 :class:`~converter.fusion.linear.linear_op.LinearOp` like a Gemm, which chains, branch sums and
@@ -22,12 +25,16 @@ it mix the row with an outer block of the row (``Reshape(y, (-1, 2, 32))`` of a 
 A node keeps the layout when it only reads and writes axes from the split on, and constants vary
 only along them: a Reshape (the flat order is kept), a Transpose fixing the axes before the split,
 Slice/Gather/Concat/Unsqueeze/Squeeze/ReduceSum/ReduceMean on later axes, Neg, Mul/Div/Add/Sub by
-such constants, the sum of two such values, Einsum and MatMul by constant blocks (one rule per op
-type, in :mod:`converter.fusion.linear.region_rules`).
+such constants, the sum of two such values, Einsum and MatMul by constant blocks, a Cast to the
+type it reads, the ONNX-ML ArrayFeatureExtractor and Scaler (one rule per op type, in
+:mod:`converter.fusion.linear.region_rules` and :mod:`converter.fusion.linear.region_ml`; which
+nodes a region holds: :mod:`converter.fusion.linear.region_members`). A dynamic leading axis is
+read as a stand-in size (:mod:`converter.fusion.linear.region_layout`).
 
 **The map** is read by running the region (onnx's reference evaluator, node by node, float64) on
 a probe: ``n`` unit rows and a zero row in place of ``x``'s rows, each Reshape's target given the
-probe's row count in place of ``R``. Row ``i`` minus the zero row is ``W[i]``; the zero row is ``b``.
+probe's row count in place of ``R``, a Cast to the type it reads passed through (the probe is
+float64). Row ``i`` minus the zero row is ``W[i]``; the zero row is ``b``.
 
 Nodes of the region that other nodes read too (the ``Reshape(x)`` the q and v adapters share after
 the exporter's common-subexpression elimination) are the op's ``kept`` nodes: left in place by a
@@ -46,126 +53,125 @@ from converter.fusion.core.constants import Constant
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import FLOAT_TYPES
-from converter.fusion.core.graph import is_onnx, node_name
+from converter.fusion.core.graph import label, node_name, op_key
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp, unmapping
-from converter.fusion.linear.region_rules import (
-    ELEMENTWISE,
-    RULES,
+from converter.fusion.linear.region_layout import (
+    STAND_IN,
     Layout,
+    Typed,
+    infer_output,
     output_shape,
     probe_shape,
     split_axis,
     static_shape,
 )
+from converter.fusion.linear.region_members import (
+    MAX_REGION_NODES,
+    SHAPE_OPS,
+    members,
+    structural,
+    unshaped_candidate,
+)
+from converter.fusion.linear.region_ml import ML_MIXES, SHAPE_KEEPING, adds_offset
+from converter.fusion.linear.region_rules import RULES
 
 __all__ = ["MAX_REGION_NODES", "find_regions"]
 
-#: The most nodes one region may hold (a bound on each backward search).
-MAX_REGION_NODES = 64
-
-_SHAPE_OPS = frozenset(
-    {
-        "Concat", "Einsum", "Gather", "MatMul", "ReduceMean", "ReduceSum", "Reshape",
-        "ScatterElements", "Slice", "Split", "Squeeze", "Transpose", "Unsqueeze",
-    }
-)  # fmt: skip
-# A region holds one of these at least: ops that select, move or mix features.
-_MIXES = frozenset({"Concat", "Einsum", "Gather", "MatMul", "ScatterElements", "Slice", "Split"})
+# A region holding one of these says why it is not one: a constant block, a column pick.
+_EXPLAINED = (
+    frozenset({"Einsum", "MatMul", "ReduceSum", "ReduceMean", "ScatterElements"}) | ML_MIXES
+)
 
 
 def find_regions(ctx: Context, graph: ir.Graph) -> tuple[list[LinearOp], list[Declined]]:
     """Every region of ``graph`` (in graph order), and why each region holding a constant block
-    (an Einsum, MatMul or ReduceSum over blocks) was not one."""
+    (an Einsum, MatMul or ReduceSum over blocks) or a column pick was not one."""
     order = {node: i for i, node in enumerate(graph)}
-    if any(_unshaped_candidate(n) for n in order):
+    if any(unshaped_candidate(n) for n in order):
         ctx.shapes.request()  # regions are read from shapes: infer them once, if not recorded
     taken: set[ir.Node] = set()
     found: list[LinearOp] = []
     declined: list[Declined] = []
     for node in reversed(list(graph)):  # the largest region first: later ends come first
-        if node in taken or node.op_type not in _SHAPE_OPS or not _structural(ctx, node):
+        if node in taken or op_key(node) not in SHAPE_OPS or not _ends(ctx, node):
             continue
-        region = _Region.backward(ctx, node, order)
-        if region is None or any(n in taken for n in region.nodes):
-            continue
-        result = region.op()
+        result = _ending_at(ctx, node, order, taken)
         if isinstance(result, LinearOp):
             found.append(result)
             taken.update(n for n in result.nodes if n not in result.kept)
-        elif region.has_blocks:
-            declined.append(Declined([node_name(n) for n in region.nodes], result))
+        elif result is not None:
+            declined.append(result)
     found.reverse()
     return found, declined
 
 
+def _ending_at(
+    ctx: Context, end: ir.Node, order: dict[ir.Node, int], taken: set[ir.Node]
+) -> LinearOp | Declined | None:
+    """The region ending at ``end``: the largest, else the one without the elementwise steps of
+    whole rows (a larger region may reach back across rows where a smaller one does not); or why
+    the largest is not one (when a constant block or a column pick acts in it), or None."""
+    reason: Declined | None = None
+    tried: set[ir.Node] | None = None
+    for steps in (True, False):
+        inside = members(ctx, end, steps)
+        if inside is None or inside[0] == tried or any(n in taken for n in inside[0]):
+            continue
+        tried = inside[0]
+        region = _Region(ctx, sorted(inside[0], key=order.__getitem__), inside[1])
+        result = region.op()
+        if isinstance(result, LinearOp):
+            return result
+        if reason is None and region.explains:
+            reason = Declined([node_name(n) for n in region.nodes], result)
+    return reason
+
+
+def _ends(ctx: Context, node: ir.Node) -> bool:
+    """``node`` may end a region (whose rows are its output's leading axes, if known)."""
+    shape = output_shape(ctx, node)
+    return structural(ctx, node, None if shape is None else shape[:-1])
+
+
 class _Region:
-    """The nodes between one input ``x`` and the output of ``end`` that act on rows alone."""
+    """The nodes between one input ``x`` and the output of the last that act on rows alone."""
 
     def __init__(self, ctx: Context, nodes: list[ir.Node], x: ir.Value) -> None:
         self.ctx = ctx
         self.nodes = nodes
         self.x = x
         self.layouts: dict[ir.Value, Layout] = {}
+        self.dtypes: dict[ir.Value, ir.DataType | None] = {}
+        self.shapes: dict[ir.Node, tuple[int, ...]] = {}  # each node's output, as the rules read it
         self.targets: dict[ir.Node, np.ndarray] = {}  # each Reshape's target for the probe
         # constants shaped like a value of the region, the same in every row: (row, probe shape)
         self.tiled: dict[tuple[ir.Node, int], tuple[np.ndarray, tuple[int, ...]]] = {}
         self.rows = 0
         self.index = 0  # where the first node reads x
-
-    @classmethod
-    def backward(cls, ctx: Context, end: ir.Node, order: dict[ir.Node, int]) -> _Region | None:
-        """The structural nodes ``end`` is computed by, back to one input; None if not one."""
-        rows_shape = output_shape(ctx, end)
-        if rows_shape is None or len(rows_shape) < 2:
-            return None
-        rows = rows_shape[:-1]
-        members = {end}
-        stack = [end]
-        sources: set[ir.Value] = set()
-        layers: set[ir.Node] = set()  # whole-row layers joined by a Concat (AdaMSS's subspaces)
-        while stack:
-            node = stack.pop()
-            joins = node.op_type == "Concat" or node in layers
-            for value in node.inputs:
-                if value is None or ctx.constants.is_constant(value):
-                    continue
-                if value.dtype is not None and value.dtype not in FLOAT_TYPES:
-                    return None  # a shape or an index computed at run time
-                producer = value.producer()
-                if producer in members:
-                    continue
-                inside = producer is not None and producer.graph is end.graph
-                layer = inside and joins and _row_layer(ctx, producer, rows)
-                if layer:
-                    layers.add(producer)
-                if inside and (layer or _structural(ctx, producer, rows)):
-                    if len(members) >= MAX_REGION_NODES:
-                        return None
-                    members.add(producer)
-                    stack.append(producer)
-                else:
-                    sources.add(value)
-        if len(sources) != 1 or not _computes(members):
-            return None
-        (x,) = sources
-        if static_shape(x) is None or static_shape(x)[:-1] != rows:
-            return None
-        return cls(ctx, sorted(members, key=order.__getitem__), x)
+        self.dynamic = False  # x has a dynamic leading axis, read as STAND_IN
 
     @property
-    def has_blocks(self) -> bool:
-        """A constant block acts here (an Einsum or MatMul by a constant, a sum over blocks)."""
-        blocks = ("Einsum", "MatMul", "ReduceSum", "ReduceMean", "ScatterElements")
-        return any(n.op_type in blocks for n in self.nodes)
+    def explains(self) -> bool:
+        """Not being a region is worth a reason: a constant block or a column pick acts here."""
+        return any(op_key(n) in _EXPLAINED for n in self.nodes)
+
+    def shape(self, node: ir.Node) -> tuple[int, ...]:
+        """``node``'s output shape, as read for the region (checked before its rule runs)."""
+        return self.shapes[node]
+
+    def dtype(self, value: ir.Value | None) -> ir.DataType | None:
+        """The element type of a value of the region (recorded, or inferred)."""
+        return self.dtypes.get(value) if value is not None else None
 
     def op(self) -> LinearOp | str:
         """The region as a linear op, or why it is not one."""
         x = self.x
-        if x.dtype not in FLOAT_TYPES or self.nodes[-1].outputs[0].dtype != x.dtype:
+        shape = self._input_shape()
+        if isinstance(shape, str):
+            return shape
+        if x.dtype not in FLOAT_TYPES:
             return "the values are not all of one float type"
-        shape = static_shape(x)
-        assert shape is not None
         self.rows = math.prod(shape[:-1])
         if self.rows == 0:
             return "the input has no rows"
@@ -174,6 +180,7 @@ class _Region:
             return "the first node does not read the input"
         self.index = next(i for i, v in enumerate(first.inputs) if v is x)
         self.layouts[x] = Layout(shape, split_axis(shape, self.rows))
+        self.dtypes[x] = x.dtype
         for node in self.nodes:
             found = self._layout(node)
             if isinstance(found, str):
@@ -181,15 +188,35 @@ class _Region:
                     f"not a map of each row's features: {node.op_type} '{node_name(node)}' {found}"
                 )
             self.layouts[node.outputs[0]] = found
+        y = self.nodes[-1].outputs[0]
+        if self.dtypes[y] != x.dtype:
+            return "the values are not all of one float type"
+        if self.layouts[y].shape[:-1] != shape[:-1]:
+            return "the output does not keep the input's rows (its leading axes)"
         return self._linear_op()
 
+    def _input_shape(self) -> tuple[int, ...] | str:
+        """``x``'s shape, each dynamic leading axis read as :data:`STAND_IN`, or why none."""
+        x = self.x
+        if x.shape is None:
+            return f"the input '{label(x)}' has no recorded shape: its rows and width are unknown"
+        dims = list(x.shape)
+        if len(dims) < 2:
+            return f"the input '{label(x)}' has {len(dims)} axes: no rows of features"
+        if not isinstance(dims[-1], int) or dims[-1] <= 0:
+            return f"the input '{label(x)}' has a last axis of unknown size"
+        self.dynamic = not all(isinstance(d, int) for d in dims)
+        return tuple(d if isinstance(d, int) else STAND_IN for d in dims)
+
     def _layout(self, node: ir.Node) -> Layout | str:
-        shape = output_shape(self.ctx, node)
+        shape, dtype = self._typed(node)
         if shape is None:
-            return "has an output whose shape is not recorded"
-        rule = RULES.get(node.op_type)
+            return "has an output whose shape is neither recorded nor inferred"
+        rule = RULES.get(op_key(node))
         if rule is None:
             return "is not a map of rows"
+        self.shapes[node] = shape
+        self.dtypes[node.outputs[0]] = dtype
         found = rule(self, node)
         if isinstance(found, str):
             return found
@@ -198,6 +225,23 @@ class _Region:
         if math.prod(shape) % self.rows:
             return "mixes rows"
         return found
+
+    def _typed(self, node: ir.Node) -> Typed:
+        """``node``'s output shape and type: recorded (not when the rows are dynamic: then every
+        shape is read from the stand-in), else inferred from the values before it."""
+        out = node.outputs[0]
+        shape = None if self.dynamic else output_shape(self.ctx, node)
+        if shape is not None and out.dtype is not None:
+            return shape, out.dtype
+        inferred, dtype = infer_output(self.ctx, node, self._known)
+        if inferred is None and op_key(node) in SHAPE_KEEPING and node.inputs[0] in self.layouts:
+            inferred = self.layouts[node.inputs[0]].shape
+        return (shape if shape is not None else inferred), out.dtype or dtype
+
+    def _known(self, value: ir.Value) -> Typed:
+        if value in self.layouts:
+            return self.layouts[value].shape, self.dtypes.get(value)
+        return static_shape(value), value.dtype  # a value the rule reads as a constant
 
     def data(self, node: ir.Node) -> list[tuple[int, Layout]]:
         """The inputs of ``node`` made inside the region (or ``x``), by index."""
@@ -216,6 +260,7 @@ class _Region:
             (n.op_type in ("Add", "Sub") and len(self.data(n)) == 1)
             or n.op_type == "ScatterElements"
             or (n.op_type == "Concat" and len(self.data(n)) < len(n.inputs))
+            or adds_offset(n)
             for n in self.nodes
         )
 
@@ -256,10 +301,13 @@ class _Region:
         # the input as it is now: an earlier merge may have put its own value in x's place
         x = self.nodes[0].inputs[self.index]
         arrays: dict[ir.Value, np.ndarray] = {x: rows.reshape(probe_shape(layout, k, n))}
-        opset = self.ctx.opset
+        opset, domains = self.ctx.opset, self.ctx.model.opset_imports
         for node in self.nodes:
             inputs = [self._input(node, i, v, arrays) for i, v in enumerate(node.inputs)]
-            arrays[node.outputs[0]] = run_node(node, inputs, opset)[0]
+            if op_key(node) == "Cast":  # to the type it reads (its rule): float64 stays float64
+                arrays[node.outputs[0]] = inputs[0]
+                continue
+            arrays[node.outputs[0]] = run_node(node, inputs, opset, domains)[0]
         out = arrays[self.nodes[-1].outputs[0]].reshape(k, m)
         bias = out[n].copy() if has_bias else None
         return algebra.AffineMap(out[:n] - out[n], bias)
@@ -278,85 +326,6 @@ class _Region:
             return np.broadcast_to(row, shape).copy()
         array = np.asarray(self.ctx.constants.resolve(value).array())  # type: ignore[union-attr]
         return array.astype(np.float64) if array.dtype.kind == "f" else array
-
-
-#: A node reading more values than this (a Concat of a wide model's branches) never asks for
-#: the model's shapes to be inferred: no region joins so many.
-_MOST_JOINED = 8
-
-
-def _unshaped_candidate(node: ir.Node) -> bool:
-    """``node`` could end or hold a region, and its output's shape is not recorded."""
-    return (
-        node.op_type in _MIXES
-        and len(node.inputs) <= _MOST_JOINED
-        and static_shape(node.outputs[0]) is None
-    )
-
-
-def _row_layer(ctx: Context, node: ir.Node, rows: tuple[int, ...]) -> bool:
-    """``node`` is a ``MatMul`` of whole rows by a constant 2-D weight (a layer of the op table,
-    taken into a region only as one of the branches a Concat joins)."""
-    if not is_onnx(node, "MatMul") or len(node.inputs) != 2 or node.inputs[0] is None:
-        return False
-    weight = ctx.constants.resolve(node.inputs[1])
-    return (
-        isinstance(weight, Constant)
-        and len(weight.shape) == 2
-        and _is_row(node.inputs[0], rows)
-        and _is_row(node.outputs[0], rows)
-    )
-
-
-def _structural(ctx: Context, node: ir.Node, rows: tuple[int, ...] | None = None) -> bool:
-    """``node`` may be inside a region whose rows are ``rows`` (the leading axes of its own
-    output when it ends the region): a shape op other than a product of whole rows by a matrix
-    (an op of the op table), a Neg, or another elementwise op on a value that is not a whole
-    row (on a row it is a step, for the chains)."""
-    if not is_onnx(node) or not _one_output(node):
-        return False
-    if rows is None:
-        shape = output_shape(ctx, node)
-        if shape is None:
-            return False
-        rows = shape[:-1]
-    if node.op_type in _SHAPE_OPS:
-        if node.op_type in ("MatMul", "Einsum"):  # by a constant, and not of whole rows
-            data = [v for v in node.inputs if v is not None and not ctx.constants.is_constant(v)]
-            if len(data) != 1 or static_shape(data[0]) is None:
-                return False
-            return not (_is_row(data[0], rows) and _is_row(node.outputs[0], rows))
-        return True
-    if node.op_type not in ELEMENTWISE:
-        return False
-    if not _is_row(node.outputs[0], rows):
-        return True
-    # a Neg of a row inside a region (rotate_half's -x[..., h:]); one of the region's input
-    # itself is a step, for the chains
-    source = node.inputs[0].producer() if node.op_type == "Neg" and node.inputs else None
-    return source is not None and source.op_type in _SHAPE_OPS and _structural(ctx, source, rows)
-
-
-def _one_output(node: ir.Node) -> bool:
-    """``node`` gives one value that is read: its only output, or the first output of a Split
-    whose other parts nothing reads (PVeRA keeps the first half of its hidden vector)."""
-    if len(node.outputs) == 1:
-        return True
-    rest = node.outputs[1:]
-    return node.op_type == "Split" and not any(v.uses() or v.is_graph_output() for v in rest)
-
-
-def _computes(nodes: set[ir.Node]) -> bool:
-    """``nodes`` select, move or mix features, or sum over blocks: views alone (Reshapes that
-    cancel) are left to the folds across views, and a reduction of a whole row is a norm's
-    statistic."""
-    ops = {n.op_type for n in nodes}
-    return bool(ops & _MIXES) or ("Reshape" in ops and bool(ops & {"ReduceSum", "ReduceMean"}))
-
-
-def _is_row(value: ir.Value, rows: tuple[int, ...]) -> bool:
-    shape = static_shape(value)
-    return shape is not None and shape[:-1] == rows
 
 
 def _kept(nodes: list[ir.Node], inside: set[ir.Node]) -> tuple[ir.Node, ...]:

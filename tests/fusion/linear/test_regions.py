@@ -325,3 +325,54 @@ def test_indices_that_differ_from_row_to_row_are_not_a_placement_of_features():
     assert report.fusions == [] and op_types(fused) == op_types(model)
     reasons = [d.reason for d in report.declined if "place" in d.nodes]
     assert any("differ from row to row" in r for r in reasons), reasons
+
+
+def _dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with a dynamic batch (``x [B, 5, N]``), intermediate shapes not recorded."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.value_info[:]
+    for info in [*copy.graph.input, *copy.graph.output]:
+        info.type.tensor_type.shape.dim[0].dim_param = "B"
+    check(copy)
+    return copy
+
+
+def test_rotate_half_on_rows_the_model_does_not_count_merges_into_the_layer():
+    """A dynamic batch: the region is read with a stand-in for it, every shape inferred."""
+    h = N // 2
+    inits = [
+        _shape("zero", [0]),
+        _shape("half", [h]),
+        _shape("end", [N]),
+        _shape("last", [-1]),
+        _weight("W", (N, M), 6),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["x", "zero", "half", "last"], ["x0"], name="low"),
+        helper.make_node("Slice", ["x", "half", "end", "last"], ["x1"], name="high"),
+        helper.make_node("Neg", ["x1"], ["nx1"], name="neg"),
+        helper.make_node("Mul", ["x0", "c"], ["sx0"], name="scale"),  # a step after a Slice
+        helper.make_node("Concat", ["nx1", "sx0"], ["rot"], axis=-1, name="cat"),
+        helper.make_node("MatMul", ["rot", "W"], ["y"], name="base"),
+    ]
+    inits.append(_weight("c", (h,), 7))
+    model = _dynamic(_model(nodes, inits))
+    fused, report = fuse_with_report(model)
+    assert len(report.fusions) == 1 and op_types(fused) == ["MatMul"]
+    check(fused)
+    for batch in (1, 3):
+        assert_equivalent(model, fused, feeds((batch, ROWS[1], N)), atol=ATOL, rtol=RTOL)
+
+
+def test_a_reshape_of_rows_the_model_does_not_count_is_refused():
+    """OFT's ``Reshape`` targets name the rows: with a dynamic batch they cannot be read."""
+    model = _model(*_oft())
+    dynamic = _dynamic(model)
+    fused, report = fuse_with_report(dynamic)
+    assert report.fusions == [] and op_types(fused) == op_types(dynamic)
+    reasons = [d.reason for d in report.declined if "oft" in d.nodes]
+    assert (
+        "not a map of each row's features: Reshape 'split' has a target for a number of rows, "
+        "and the model does not fix the number of rows (a dynamic axis)" in reasons
+    ), reasons
