@@ -1437,8 +1437,9 @@ def _assert_records(report: FusionReport, ir_model: ir.Model) -> None:
 
 
 def _absorbed(record: FusionRecord) -> bool:
-    """A step folded into a linear op across views (``converter.fusion.linear.absorb``): the engine
-    records no output for it (the op's output name now carries the step)."""
+    """A step folded into a linear op across views of its output or input
+    (``converter.fusion.linear.absorb``, ``fold_before``): the engine records no output for it
+    (the op's output name now carries the step, or the views before it were renamed)."""
     return " folded into " in (record.note or "") and " through " in (record.note or "")
 
 

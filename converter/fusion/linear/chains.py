@@ -346,8 +346,9 @@ class Segment(LinearMerge):
         segment takes the place and the output value of the ops it replaces, so no chain, link
         or branch sum a further round could find was not already in this one. A segment led by
         a 1x1 Conv is not maximal that way: its new Transpose reads the Conv's input, which
-        another 1x1 Conv may compute (two the conv cost model kept apart)."""
-        return self.input_perm is not None
+        another 1x1 Conv may compute (two the conv cost model kept apart). Nor is one whose
+        write gave its output a shape the model did not record (a region may read it now)."""
+        return self.input_perm is not None or self.shaped
 
 
 class Segments(Finder):

@@ -282,13 +282,23 @@ class FoldBefore(Merge):
         before = self.before
         written = self._merge.write(round, plan, computed)
         before.take_out()
-        # the values between the step and the op now hold what they held without the step
-        round.ctx.refolded.update(v for n in before.views for v in n.outputs)
+        _rename_unstepped(round.ctx, before)
         record = written.record
         record.nodes = before.names
         record.op_types = [n.op_type for n in (*before.step_nodes, *before.views, *before.op.nodes)]
         record.macs_after = record.macs_before
         return written
+
+
+def _rename_unstepped(ctx: Context, before: Before) -> None:
+    """The values between the step and the op hold other values than the original's under
+    those names now (the step is gone): fresh names, so that no record or comparison takes
+    them for the original's (none is a graph output: each has one reader)."""
+    values = [v for n in before.views for v in n.outputs]
+    if isinstance(before.step, NormTail):
+        values.insert(0, before.step.out)
+    for value in values:
+        value.name = ctx.names.fresh(f"{value.name or 'value'}.unstepped")
 
 
 class FoldsBeforeViews(Finder):

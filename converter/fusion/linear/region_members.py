@@ -75,6 +75,8 @@ def members(ctx: Context, end: ir.Node, steps: bool = True) -> Members:
     layers: set[ir.Node] = set()  # whole-row layers joined by a Concat (AdaMSS's subspaces)
     while stack:
         node = stack.pop()
+        if len(set(node.inputs)) > MAX_REGION_NODES + 1:
+            return None  # each value it reads is a node of the region or its one input
         joins = node.op_type == "Concat" or node in layers
         for i, value in enumerate(node.inputs):
             if value is None or ctx.constants.is_constant(value):

@@ -88,6 +88,8 @@ class LinearMerge(Merge):
     # Nodes of ops composed into the merge that other nodes still read: left in place, and
     # removed by the merge that takes their last reader.
     kept: tuple[ir.Node, ...] = ()
+    # The write gave the output a shape the model did not record (later decisions may differ).
+    shaped: bool = False
 
     left_as_is = "chain left as it was"
 
@@ -193,6 +195,9 @@ class LinearMerge(Merge):
         :attr:`input_perm` is set; the last computes the merged output)."""
         ctx, graph = round.ctx, round.graph
         old_nodes, old_out, x = self.old_nodes, self.out, self.x
+        self.shaped = _shape_from_input(old_out, x, self) and any(
+            u.node.op_type in _READS_SHAPES for u in old_out.uses()
+        )
         if plan.own_form is None:
             w_value, b_value = self.weights(ctx, graph, plan, computed)
             base = _base(w_value, ctx)
@@ -253,6 +258,28 @@ class LinearMerge(Merge):
         b = affine.bias.reshape(-1, 1) if left else affine.bias
         bias = initializer(ctx, graph, f"{base}.bias", round_to_dtype(b, np_dtype), typed=True)
         return weight, bias
+
+
+#: Readers whose decisions a newly shaped value may change (views, reshapes of rows, steps).
+_READS_SHAPES = frozenset(
+    {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split"}
+    | {"Concat", "ReduceMean", "ReduceSum", "Einsum", "MatMul", "ScatterElements", "Cast"}
+    | {"Identity", "Mul", "Add", "Sub", "Div", "Neg"}
+)
+
+
+def _shape_from_input(out: ir.Value, x: ir.Value, merge: LinearMerge) -> bool:
+    """An output the model does not shape gets ``x``'s leading dims and the merged width (a
+    map of the last axis keeps the rows), so later decisions read it without inferring shapes
+    again (shapes are inferred once a run). True when it did."""
+    if out.shape is not None or x.shape is None or len(x.shape) == 0 or x.type is None:
+        return False
+    first = merge.ops[0]
+    if first.axis != -1 or first.trans_a or merge.input_perm is not None or merge.ops[-1].own_form:
+        return False
+    out.shape = ir.Shape([*x.shape[:-1], merge.widths[-1]])
+    out.type = out.type or x.type
+    return True
 
 
 def _shapes_from_inputs(ops: list[LinearOp]) -> None:
