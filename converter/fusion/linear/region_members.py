@@ -75,7 +75,7 @@ def members(ctx: Context, end: ir.Node, steps: bool = True) -> Members:
     layers: set[ir.Node] = set()  # whole-row layers joined by a Concat (AdaMSS's subspaces)
     while stack:
         node = stack.pop()
-        if len(set(node.inputs)) > MAX_REGION_NODES + 1:
+        if _computed_inputs(node) > MAX_REGION_NODES + 1:
             return None  # each value it reads is a node of the region or its one input
         joins = node.op_type == "Concat" or node in layers
         for i, value in enumerate(node.inputs):
@@ -102,6 +102,18 @@ def members(ctx: Context, end: ir.Node, steps: bool = True) -> Members:
     if len(sources) != 1 or not _computes(inside):
         return None
     return inside, next(iter(sources))
+
+
+def _computed_inputs(node: ir.Node) -> int:
+    """How many distinct values ``node`` reads that are not stored constants (a cheap bound:
+    a Concat of 10,000 chains is no region, and asking of each whether it is constant costs)."""
+    return len(
+        {
+            v
+            for v in node.inputs
+            if v is not None and v.const_value is None and not v.is_initializer()
+        }
+    )
 
 
 def unshaped_candidate(node: ir.Node) -> bool:
