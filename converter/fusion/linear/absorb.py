@@ -33,7 +33,15 @@ from converter.fusion.linear.ops import recognize
 from converter.fusion.linear.rewrite import Decision, LinearMerge, emits_gemm
 from converter.fusion.linear.views import VIEW_OPS, Features, follow
 
-__all__ = ["STEP_TYPES", "Absorb", "Fold", "FoldsAcrossViews", "find_absorbs", "step_map"]
+__all__ = [
+    "STEP_TYPES",
+    "Absorb",
+    "Fold",
+    "FoldsAcrossViews",
+    "StepFold",
+    "find_absorbs",
+    "step_map",
+]
 
 STEP_TYPES = frozenset({"Mul", "Div", "Add", "Sub", "Neg", "BatchNormalization"})
 
@@ -188,61 +196,75 @@ def remove_step(absorb: Absorb) -> None:
     take_out(absorb.step, absorb.data)
 
 
-@dataclass(eq=False)
-class Fold(Merge):
-    """One step folded into its linear op across views: ``W' = W * s``, ``b' = b * s + t`` on
-    the features, the step taken out, the views left; never more work, never more weights."""
-
-    absorb: Absorb
+class StepFold(Merge):
+    """A constant step folded into one linear op across views (of its output here, of its input
+    in :mod:`converter.fusion.linear.fold_before`): the op rewritten with the step's values, the
+    step taken out, the views left; never more work, never more weights. ``found`` is what the
+    finder saw (its ``op``, ``shift``, ``names``, ``note``, ``alive`` and ``affine``)."""
 
     left_as_is = "step left as it was"
-    refolds = True  # the op's output name now holds the folded values
+    refolds = True  # the record names no output: a value of the views holds the folded step
 
-    def __post_init__(self) -> None:
-        op = self.absorb.op
+    def __init__(self, found) -> None:
+        self.found = found
+        op = found.op
         widths = [op.in_features, op.out_features]
-        self._merge = LinearMerge([op], [], widths, op.macs, self.absorb.affine, self.absorb.note)
+        self._merge = LinearMerge([op], [], widths, op.macs, found.affine, found.note)
 
     @property
     def names(self) -> list[str]:
-        return self.absorb.names
-
-    @property
-    def old_nodes(self) -> list[ir.Node]:
-        return [*self.absorb.op.nodes, self.absorb.step]
+        return self.found.names
 
     @property
     def constants(self) -> list[Constant]:
-        return list(self.absorb.op.constants)
+        return list(self.found.op.constants)
 
     @property
     def dtype(self) -> ir.DataType:
-        return self.absorb.op.dtype
-
-    @property
-    def renames(self) -> list[str]:
-        step = self.absorb.step
-        return [*self.absorb.op.names, step.name or step.op_type]
+        return self.found.op.dtype
 
     def alive(self, graph: ir.Graph) -> bool:
-        return self.absorb.alive(graph)
+        return self.found.alive(graph)
 
     def decide(self, round: Round) -> Decision:
-        has_bias = self.absorb.op.has_bias or self.absorb.shift is not None
+        has_bias = self.found.op.has_bias or self.found.shift is not None
         return Decision(emits_gemm(round.ctx, self._merge, has_bias), has_bias, 0, 0)
 
     def compute(self, plan: Decision) -> algebra.AffineMap:
         return self._merge.compute(plan)
 
+    def _written(self, round: Round, plan: Decision, computed, nodes: list[ir.Node]) -> Written:
+        """The op with the step's values in it written, recorded as the merge of ``nodes``
+        (the caller takes the step out)."""
+        written = self._merge.write(round, plan, computed)
+        record = written.record
+        record.output = None
+        record.nodes = self.names
+        record.op_types = [n.op_type for n in nodes]
+        record.macs_after = record.macs_before
+        return written
+
+
+class Fold(StepFold):
+    """One step folded into its linear op across views of its output: ``W' = W * s``,
+    ``b' = b * s + t`` on the features."""
+
+    found: Absorb
+
+    @property
+    def old_nodes(self) -> list[ir.Node]:
+        return [*self.found.op.nodes, self.found.step]
+
+    @property
+    def renames(self) -> list[str]:
+        step = self.found.step
+        return [*self.found.op.names, step.name or step.op_type]
+
     def write(self, round: Round, plan: Decision, computed: algebra.AffineMap) -> Written:
         """The op with the step's values in it takes the op's place; the step goes."""
-        written = self._merge.write(round, plan, computed)
-        remove_step(self.absorb)
-        record, absorb = written.record, self.absorb
-        record.output = None
-        record.nodes = absorb.names
-        record.op_types = [n.op_type for n in (*absorb.op.nodes, *absorb.views, absorb.step)]
-        record.macs_after = record.macs_before
+        found = self.found
+        written = self._written(round, plan, computed, [*found.op.nodes, *found.views, found.step])
+        remove_step(found)
         return written
 
 

@@ -33,10 +33,10 @@ from converter.fusion.core.merge import Finder, Merge, Round, Written
 from converter.fusion.core.steps import constant_step
 from converter.fusion.core.writing import take_out
 from converter.fusion.linear import algebra, chains
-from converter.fusion.linear.absorb import STEP_TYPES, step_map
+from converter.fusion.linear.absorb import STEP_TYPES, StepFold, step_map
 from converter.fusion.linear.linear_op import LinearOp
 from converter.fusion.linear.norm_tail import NormTail, norm_tail
-from converter.fusion.linear.rewrite import Decision, LinearMerge, emits_gemm
+from converter.fusion.linear.rewrite import Decision
 from converter.fusion.linear.views import VIEW_OPS, Features, follow, static_dims
 
 __all__ = ["Before", "FoldBefore", "FoldsBeforeViews", "find_befores"]
@@ -235,58 +235,24 @@ def _names(nodes: list[ir.Node]) -> list[str]:
     return [n.name or n.op_type for n in nodes]
 
 
-@dataclass(eq=False)
-class FoldBefore(Merge):
-    """One step folded into the op it reaches through views: ``W' = diag(s) W``,
-    ``b' = t W + b``; the step taken out, the views left; never more work, never more weights."""
+class FoldBefore(StepFold):
+    """One step folded into the op it reaches through views of its input: ``W' = diag(s) W``,
+    ``b' = t W + b``."""
 
-    before: Before
-
-    left_as_is = "step left as it was"
-    # as for a fold after views: the record names no output (the views between hold new values)
-    refolds = True
-
-    def __post_init__(self) -> None:
-        op = self.before.op
-        widths = [op.in_features, op.out_features]
-        self._merge = LinearMerge([op], [], widths, op.macs, self.before.affine, self.before.note)
-
-    @property
-    def names(self) -> list[str]:
-        return self.before.names
+    found: Before
 
     @property
     def old_nodes(self) -> list[ir.Node]:
-        return [*self.before.step_nodes, *self.before.op.nodes]
-
-    @property
-    def constants(self) -> list[Constant]:
-        return list(self.before.op.constants)
-
-    @property
-    def dtype(self) -> ir.DataType:
-        return self.before.op.dtype
-
-    def alive(self, graph: ir.Graph) -> bool:
-        return self.before.alive(graph)
-
-    def decide(self, round: Round) -> Decision:
-        has_bias = self.before.op.has_bias or self.before.shift is not None
-        return Decision(emits_gemm(round.ctx, self._merge, has_bias), has_bias, 0, 0)
-
-    def compute(self, plan: Decision) -> algebra.AffineMap:
-        return self._merge.compute(plan)
+        return [*self.found.step_nodes, *self.found.op.nodes]
 
     def write(self, round: Round, plan: Decision, computed: algebra.AffineMap) -> Written:
-        """The op with the step's values in it takes the op's place; the step goes."""
-        before = self.before
-        written = self._merge.write(round, plan, computed)
-        before.take_out()
-        _rename_unstepped(round.ctx, before)
-        record = written.record
-        record.nodes = before.names
-        record.op_types = [n.op_type for n in (*before.step_nodes, *before.views, *before.op.nodes)]
-        record.macs_after = record.macs_before
+        """The op with the step's values in it takes the op's place; the step goes, and the
+        values between them are renamed."""
+        found = self.found
+        nodes = [*found.step_nodes, *found.views, *found.op.nodes]
+        written = self._written(round, plan, computed, nodes)
+        found.take_out()
+        _rename_unstepped(round.ctx, found)
         return written
 
 

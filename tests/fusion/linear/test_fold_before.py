@@ -174,9 +174,9 @@ def test_steps_fold_into_the_head_through_a_mean_over_tokens():
     check(fused)
 
 
-def test_a_step_along_the_tokens_folds_into_a_token_mixing_dense():
-    """``Dense_tokens(Transpose(x * s))`` with ``s`` of shape ``(1, T, 1)``: after the permute
-    the tokens are the Dense's features, so ``s`` scales its weight's rows."""
+def _token_scale_model(permuted_is_output: bool = False) -> onnx.ModelProto:
+    """``Dense_tokens(Transpose(x * s))``, ``s`` of shape ``(1, T, 1)`` (and the permuted value
+    a graph output too, if asked)."""
     r = rng(2)
     inits = [
         init("s", r.uniform(0.5, 1.5, (1, T, 1)).astype(np.float32)),
@@ -187,7 +187,16 @@ def test_a_step_along_the_tokens_folds_into_a_token_mixing_dense():
         helper.make_node("Transpose", ["scaled"], ["permuted"], perm=[0, 2, 1], name="permute"),
         helper.make_node("MatMul", ["permuted", "wt"], ["y"], name="token_dense"),
     ]
-    model = make_model(nodes, *_io(["N", T, C], ["N", C, W]), inits)
+    inputs, outputs = _io(["N", T, C], ["N", C, W])
+    if permuted_is_output:
+        outputs.append(helper.make_tensor_value_info("permuted", F, ["N", C, T]))
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def test_a_step_along_the_tokens_folds_into_a_token_mixing_dense():
+    """After the permute the tokens are the Dense's features, so ``s`` scales its weight's
+    rows."""
+    model = _token_scale_model()
     fused, report = fuse_with_report(model)
     assert [f.note for f in report.fusions] == [
         "Mul folded into token_dense through Transpose before it"
@@ -221,22 +230,11 @@ def test_a_channel_step_before_token_mixing_stays_with_the_reason():
 
 def test_a_step_whose_views_are_read_elsewhere_stays():
     """The permuted value is also a graph output: folding the step would change it."""
-    r = rng(6)
-    inits = [
-        init("s", r.uniform(0.5, 1.5, (1, T, 1)).astype(np.float32)),
-        init("wt", r.standard_normal((T, W)).astype(np.float32)),
-    ]
-    nodes = [
-        helper.make_node("Mul", ["x", "s"], ["scaled"], name="token_scale"),
-        helper.make_node("Transpose", ["scaled"], ["permuted"], perm=[0, 2, 1], name="permute"),
-        helper.make_node("MatMul", ["permuted", "wt"], ["y"], name="token_dense"),
-    ]
-    inputs, outputs = _io([2, T, C], [2, C, W])
-    outputs.append(helper.make_tensor_value_info("permuted", F, [2, C, T]))
-    model = make_model(nodes, inputs, outputs, inits)
+    model = _token_scale_model(permuted_is_output=True)
     fused, report = fuse_with_report(model)
     assert not report.fusions
     assert op_types(fused) == ["Mul", "Transpose", "MatMul"]
+    assert_equivalent(model, fused, _feed((2, T, C)), **TOL)
     check(fused)
 
 

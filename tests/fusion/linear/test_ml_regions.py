@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from builders import check, fuse_with_report, init, op_types, rng, run
+from builders import assert_equivalent, check, fuse_with_report, init, op_types, rng
 from onnx import TensorProto, helper
 
 from converter.fusion.core.context import Context
@@ -113,15 +113,6 @@ def _regressor(x: str, features: int, targets: int = 1, **attrs) -> onnx.NodePro
     )
 
 
-def _assert_same(original, fused, feeds, *, atol=ATOL, rtol=RTOL) -> None:
-    for a, b in zip(run(original, feeds), run(fused, feeds), strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        if a.dtype.kind in "iuOSU":  # labels: exactly
-            np.testing.assert_array_equal(b, a)
-        else:
-            np.testing.assert_allclose(b.astype(np.float64), a, atol=atol, rtol=rtol)
-
-
 def _reasons(report, node: str) -> list[str]:
     return [d.reason for d in report.declined if node in d.nodes]
 
@@ -135,8 +126,8 @@ def test_a_column_transformer_before_a_regressor_is_one_op_on_the_input():
     assert op_types(fused) in (["Gemm"], ["LinearRegressor"])
     assert fused.graph.node[0].input[0] == "X"
     check(fused)
-    _assert_same(model, fused, _feeds())
-    _assert_same(model, fused, _feeds((1, F)))  # one row: the batch is not fixed
+    assert_equivalent(model, fused, _feeds())
+    assert_equivalent(model, fused, _feeds((1, F)))  # one row: the batch is not fixed
     again, report2 = fuse_with_report(fused)
     assert report2.fusions == [] and op_types(again) == op_types(fused)
 
@@ -208,7 +199,7 @@ def test_blocks_before_a_classifier_are_written_into_the_classifier():
     assert len(report.fusions) == 1
     assert op_types(fused) == ["LinearClassifier"]
     check(fused)
-    _assert_same(model, fused, _feeds())
+    assert_equivalent(model, fused, _feeds())
 
 
 @pytest.mark.parametrize("form", ["Gemm", "MatMul"])
@@ -251,7 +242,7 @@ def test_blocks_joined_before_a_layer_merge_into_it(form):
     assert op_types(fused) == ["Gemm"]
     assert fused.graph.node[0].input[0] == "X"
     check(fused)
-    _assert_same(model, fused, _feeds())
+    assert_equivalent(model, fused, _feeds())
 
 
 def test_one_column_pick_and_its_scaler_fold_into_the_regressor():
@@ -264,7 +255,7 @@ def test_one_column_pick_and_its_scaler_fold_into_the_regressor():
     assert len(report.fusions) == 1
     assert op_types(fused) in (["Gemm"], ["LinearRegressor"])
     check(fused)
-    _assert_same(model, fused, _feeds())
+    assert_equivalent(model, fused, _feeds())
 
 
 def _blocks_into_a_layer(x_shape=("N", F), *, cast_to=FLOAT, indices_input=False, normalized=False):
@@ -321,7 +312,7 @@ def test_picks_of_rows_of_rank_three_merge_into_the_layer():
     fused, report = fuse_with_report(model, policy="always")
     assert len(report.fusions) == 1 and op_types(fused) == ["MatMul"]
     check(fused)
-    _assert_same(model, fused, _feeds((2, 3, F)))
+    assert_equivalent(model, fused, _feeds((2, 3, F)))
 
 
 @pytest.mark.parametrize(
@@ -358,7 +349,7 @@ def test_blocks_that_are_not_a_map_of_the_columns_say_why(kwargs, node, reason):
     feeds = _feeds()
     if kwargs.get("indices_input"):
         feeds["cols1"] = np.array(PICKS[1], np.int64)
-    _assert_same(model, fused, feeds)
+    assert_equivalent(model, fused, feeds)
 
 
 def test_a_scaler_by_column_of_a_value_of_rank_three_is_not_a_map_of_its_last_axis():
@@ -380,7 +371,7 @@ def test_a_scaler_by_column_of_a_value_of_rank_three_is_not_a_map_of_its_last_ax
         "onnxruntime scales axis 1 of a 2-D input"
     )
     assert expected in _reasons(report, "pick0"), _reasons(report, "pick0")
-    _assert_same(model, fused, _feeds((2, 3, 4)))
+    assert_equivalent(model, fused, _feeds((2, 3, 4)))
 
 
 @pytest.mark.parametrize(
