@@ -372,6 +372,19 @@ class Segments(Finder):
         found.extend(Segment.of(ops, tick) for ops in planned)
         return found
 
+    def pending(self, round: Round, written: list[ir.Node]) -> bool:
+        """A merged op now reads a region (a map of rows through reshapes) that the cost model
+        merges with it (it kept them apart while the op was two): one more round."""
+        if not any(_after_region_op(n) for n in written):  # cheap test first
+            return False
+        for run in round.shared(analyse).runs:
+            if len(run) < 2 or not any(op.region for op in run):
+                continue
+            plan, _ = plan_chain(run, round.ctx.policy, round.label)
+            if any(op.region for i, j in plan.segments for op in run[i:j]):
+                return True
+        return False
+
     def _led(
         self, round: Round, runs: list[list[LinearOp]], found: list[Merge | Declined]
     ) -> list[list[LinearOp]]:
@@ -388,6 +401,26 @@ class Segments(Finder):
                 found.append(first)
             led.append(run)
         return led
+
+
+def _after_region_op(node: ir.Node) -> bool:
+    """``node`` (a merged op) reads a value a shape op makes (where a region may end), or it
+    or the bias ``Add`` after it is read by one (where a region may start)."""
+    data = [v for v in node.inputs if v is not None and v.producer() is not None]
+    if any(v.producer().op_type in _REGION_ENDS for v in data):
+        return True
+    out = node.outputs[0]
+    readers = [u.node for u in out.uses()]
+    if len(readers) == 1 and readers[0].op_type == "Add":
+        readers = [u.node for u in readers[0].outputs[0].uses()]
+    return any(r.op_type in _REGION_ENDS for r in readers)
+
+
+#: Ops a region may end at (see :mod:`converter.fusion.linear.region_members`).
+_REGION_ENDS = frozenset(
+    {"Reshape", "Einsum", "Concat", "Gather", "Slice", "Split", "ScatterElements", "MatMul"}
+    | {"ReduceSum", "ReduceMean", "Squeeze", "Unsqueeze", "Transpose", "Neg"}
+)
 
 
 def _ticker(ctx: Context, total: int) -> Callable[[], None]:
