@@ -343,12 +343,27 @@ def emits_gemm(ctx: Context, merge: LinearMerge, has_bias: bool) -> bool:
     """The merged op is a ``Gemm``: a last-axis map of a 2-D input (by rank, or, with the rank
     unknown, because a Gemm is among the ops), with a bias or at opset 11+ (where C is optional;
     a bias-free 2-D merge is a bare MatMul before that). Never after a Transpose of a conv's
-    input (rank 3 or more)."""
+    input (rank 3 or more), nor where onnxruntime would lose a graph output
+    (:func:`_drops_output_in_runtime`)."""
     if merge.input_perm is not None:
         return False
     rank = ctx.shapes.rank(merge.x)
     two_d = rank == 2 if rank is not None else any(op.is_gemm for op in merge.ops)
+    if not has_bias and _drops_output_in_runtime(merge):
+        return False
     return two_d and merge.ops[0].axis == -1 and (has_bias or ctx.opset >= 11)
+
+
+def _drops_output_in_runtime(merge: LinearMerge) -> bool:
+    """A bias-free ``Gemm`` here would read a ``Transpose`` and be read by a ``Transpose`` that
+    writes a graph output: onnxruntime 1.32's ``GemmTransposeFusion`` takes both into the Gemm
+    and loses that output (the session fails at every optimisation level but none), so the
+    merge is written as a ``MatMul``, which it leaves alone."""
+    producer = merge.x.producer()
+    if producer is None or producer.op_type != "Transpose":
+        return False
+    readers = [u.node for u in merge.out.uses()]
+    return any(r.op_type == "Transpose" and r.outputs[0].is_graph_output() for r in readers)
 
 
 def new_nodes(

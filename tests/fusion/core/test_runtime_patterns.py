@@ -407,3 +407,35 @@ def test_a_model_rewritten_only_for_the_runtime_is_validated_and_written(tmp_pat
     assert report.fusions == [] and report.rewritten and report.validated is True
     assert dst.read_bytes() != src.read_bytes()  # not the byte copy of an unchanged model
     assert fused_kernels(onnx.load(dst)).get("Gelu") == 1
+
+
+def test_a_bias_free_merge_between_transposes_to_a_graph_output_is_a_matmul():
+    """``Transpose -> Transpose -> Gemm -> Gemm -> Transpose (a graph output) -> Transpose``
+    (fuzz seed 8 #157's shape): a merged bias-free Gemm there would lose that output in
+    onnxruntime 1.32 (its GemmTransposeFusion takes both Transposes into the Gemm), and the
+    session would fail; written as a MatMul, it loads and runs."""
+    r = rng(30)
+    inits = [
+        init("w1", r.standard_normal((3, 4)).astype(np.float32)),
+        init("w2", r.standard_normal((5, 3)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x1"], perm=[1, 0], name="t_first"),
+        helper.make_node("Transpose", ["x1"], ["xt"], perm=[1, 0], name="t_in"),
+        helper.make_node("Gemm", ["xt", "w1"], ["h"], transB=1, name="fc1"),
+        helper.make_node("Gemm", ["h", "w2"], ["g"], transB=1, name="fc2"),
+        helper.make_node("Transpose", ["g"], ["gt"], perm=[1, 0], name="t_out"),
+        helper.make_node("Transpose", ["gt"], ["y"], perm=[1, 0], name="t_back"),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 5]),
+        helper.make_tensor_value_info("gt", TensorProto.FLOAT, [5, 6]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 4])]
+    model = make_model(nodes, inputs, outputs, inits)
+    fused, report = fuse_with_report(model)
+    assert [f.nodes for f in report.fusions] == [["fc1", "fc2"]]
+    assert op_types(fused) == ["Transpose", "Transpose", "MatMul", "Transpose", "Transpose"]
+    fused_kernels(fused)  # builds the session with onnxruntime's optimisations: it loads
+    assert_equivalent(model, fused, {"x": r.standard_normal((6, 4)).astype(np.float32)})
+    check(fused)
