@@ -74,11 +74,8 @@ class Before:
     @property
     def note(self) -> str:
         through = ", ".join(dict.fromkeys(v.op_type for v in self.views))
-        what = (
-            "a LayerNorm's gamma and beta"
-            if isinstance(self.step, NormTail)
-            else (self.step.op_type)
-        )
+        tail = isinstance(self.step, NormTail)
+        what = "a LayerNorm's gamma and beta" if tail else self.step.op_type
         return f"{what} folded into {self.op.names[0]} through {through} before it"
 
     def alive(self, graph: ir.Graph) -> bool:
