@@ -115,6 +115,23 @@ def feeds(shape, seed: int = 0, dtype: type = np.float32) -> dict[str, np.ndarra
     return {"x": rng(seed).uniform(-1, 1, shape).astype(dtype)}
 
 
+def ml_scaler(
+    x: str, y: str, width: int, seed: int, *, name: str = "scaler", smallest: float = 0.5
+) -> onnx.NodeProto:
+    """An ``ai.onnx.ml`` ``Scaler`` (``y = (x - offset) * scale``) with seeded offsets and
+    scales drawn from ``[smallest, 2)``."""
+    r = rng(seed)
+    return helper.make_node(
+        "Scaler",
+        [x],
+        [y],
+        domain="ai.onnx.ml",
+        name=name,
+        offset=r.standard_normal(width).tolist(),
+        scale=r.uniform(smallest, 2, width).tolist(),
+    )
+
+
 def fuse_with_report(model: onnx.ModelProto, policy: str = "cost"):
     """``converter.fuse`` that also returns the :class:`FusionReport` (via the pass itself)."""
     ir_model = ir.serde.deserialize_model(model)

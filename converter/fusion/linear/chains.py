@@ -33,6 +33,7 @@ from converter.fusion.core.policy import Policy
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp
 from converter.fusion.linear.ops import OPS, recognize
+from converter.fusion.linear.region_members import SHAPE_OPS
 from converter.fusion.linear.regions import find_regions
 from converter.fusion.linear.reshape_pairs import cancelling_pair
 from converter.fusion.linear.rewrite import LinearMerge
@@ -407,20 +408,17 @@ def _after_region_op(node: ir.Node) -> bool:
     """``node`` (a merged op) reads a value a shape op makes (where a region may end), or it
     or the bias ``Add`` after it is read by one (where a region may start)."""
     data = [v for v in node.inputs if v is not None and v.producer() is not None]
-    if any(v.producer().op_type in _REGION_ENDS for v in data):
+    if any(op_key(v.producer()) in _REGION_ENDS for v in data):
         return True
     out = node.outputs[0]
     readers = [u.node for u in out.uses()]
     if len(readers) == 1 and readers[0].op_type == "Add":
         readers = [u.node for u in readers[0].outputs[0].uses()]
-    return any(r.op_type in _REGION_ENDS for r in readers)
+    return any(op_key(r) in _REGION_ENDS for r in readers)
 
 
-#: Ops a region may end at (see :mod:`converter.fusion.linear.region_members`).
-_REGION_ENDS = frozenset(
-    {"Reshape", "Einsum", "Concat", "Gather", "Slice", "Split", "ScatterElements", "MatMul"}
-    | {"ReduceSum", "ReduceMean", "Squeeze", "Unsqueeze", "Transpose", "Neg"}
-)
+#: Ops a region may end at or start with (its shape ops, and rotate_half's Neg).
+_REGION_ENDS = SHAPE_OPS | {"Neg"}
 
 
 def _ticker(ctx: Context, total: int) -> Callable[[], None]:

@@ -49,12 +49,14 @@ from converter.fusion.core.constants import (
 from converter.fusion.core.context import Context
 from converter.fusion.core.declined import Declined
 from converter.fusion.core.dtypes import round_to_dtype
-from converter.fusion.core.graph import is_onnx, shape_list
+from converter.fusion.core.graph import is_onnx, op_key, shape_list
 from converter.fusion.core.merge import Merge, Round, Written
 from converter.fusion.core.writing import fused_name, initializer, replace
 from converter.fusion.linear import algebra
 from converter.fusion.linear.linear_op import LinearOp, OwnForm
+from converter.fusion.linear.region_members import ELEMENTWISE_LIKE, SHAPE_OPS
 from converter.fusion.linear.reshape_pairs import reread_shapes
+from converter.fusion.linear.views import VIEW_OPS
 from converter.report import FusionRecord
 
 __all__ = ["Decision", "LinearMerge", "emits_gemm", "new_nodes", "own_form"]
@@ -196,7 +198,7 @@ class LinearMerge(Merge):
         ctx, graph = round.ctx, round.graph
         old_nodes, old_out, x = self.old_nodes, self.out, self.x
         self.shaped = _shape_from_input(old_out, x, self) and any(
-            u.node.op_type in _READS_SHAPES for u in old_out.uses()
+            op_key(u.node) in _READS_SHAPES for u in old_out.uses()
         )
         if plan.own_form is None:
             w_value, b_value = self.weights(ctx, graph, plan, computed)
@@ -261,11 +263,7 @@ class LinearMerge(Merge):
 
 
 #: Readers whose decisions a newly shaped value may change (views, reshapes of rows, steps).
-_READS_SHAPES = frozenset(
-    {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split"}
-    | {"Concat", "ReduceMean", "ReduceSum", "Einsum", "MatMul", "ScatterElements", "Cast"}
-    | {"Identity", "Mul", "Add", "Sub", "Div", "Neg"}
-)
+_READS_SHAPES = VIEW_OPS | SHAPE_OPS | ELEMENTWISE_LIKE
 
 
 def _shape_from_input(out: ir.Value, x: ir.Value, merge: LinearMerge) -> bool:

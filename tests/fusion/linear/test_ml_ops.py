@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import assert_equivalent, check, fuse_with_report, init, op_types, rng
+from builders import assert_equivalent, check, fuse_with_report, init, ml_scaler, op_types, rng
 from onnx import TensorProto, helper
 
 FLOAT = TensorProto.FLOAT
@@ -38,16 +38,7 @@ def _feeds(n: int = 7, width: int = F, dtype=np.float32) -> dict[str, np.ndarray
 
 
 def _scaler(x: str = "X", y: str = "scaled", width: int = F, seed: int = 0) -> onnx.NodeProto:
-    r = rng(seed)
-    return helper.make_node(
-        "Scaler",
-        [x],
-        [y],
-        domain=ML,
-        name="scaler",
-        offset=r.standard_normal(width).tolist(),
-        scale=r.uniform(0.5, 2, width).tolist(),
-    )
+    return ml_scaler(x, y, width, seed)
 
 
 def _pca(x: str = "scaled", y: str = "pcs", seed: int = 1):

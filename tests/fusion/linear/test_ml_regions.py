@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from builders import assert_equivalent, check, fuse_with_report, init, op_types, rng
+from builders import assert_equivalent, check, fuse_with_report, init, ml_scaler, op_types, rng
 from onnx import TensorProto, helper
 
 from converter.fusion.core.context import Context
@@ -52,16 +52,7 @@ def _pick(i: int, columns, x: str = "X") -> tuple[onnx.NodeProto, onnx.TensorPro
 
 
 def _scaler(x: str, y: str, width: int, seed: int, name: str = "scaler") -> onnx.NodeProto:
-    r = rng(seed)
-    return helper.make_node(
-        "Scaler",
-        [x],
-        [y],
-        domain=ML,
-        name=name,
-        offset=r.standard_normal(width).tolist(),
-        scale=r.uniform(0.2, 2, width).tolist(),
-    )
+    return ml_scaler(x, y, width, seed, name=name, smallest=0.2)
 
 
 def _min_max(x: str, y: str, width: int, seed: int) -> tuple[list, list]:

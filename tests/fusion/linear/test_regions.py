@@ -149,8 +149,9 @@ def test_a_rotation_of_the_output_summed_with_a_scale_merges_into_the_base_layer
     assert_equivalent(model, fused, feeds((*ROWS, N)), atol=ATOL, rtol=RTOL)
 
 
-def test_rotate_half_of_the_last_axis_before_a_layer_merges_into_it():
-    """``cat(-x[..., h:], x[..., :h]) @ W``: Slice/Neg/Concat of rows, read twice from x."""
+def _rotate_half(scaled_low: bool = False) -> tuple[list, list]:
+    """``cat(-x[..., h:], x[..., :h]) @ W`` (the low half times a constant, if asked: a step
+    after a Slice)."""
     h = N // 2
     inits = [
         _shape("zero", [0]),
@@ -159,13 +160,26 @@ def test_rotate_half_of_the_last_axis_before_a_layer_merges_into_it():
         _shape("last", [-1]),
         _weight("W", (N, M), 6),
     ]
+    low = "x0"
     nodes = [
         helper.make_node("Slice", ["x", "zero", "half", "last"], ["x0"], name="low"),
         helper.make_node("Slice", ["x", "half", "end", "last"], ["x1"], name="high"),
         helper.make_node("Neg", ["x1"], ["nx1"], name="neg"),
-        helper.make_node("Concat", ["nx1", "x0"], ["rot"], axis=-1, name="cat"),
+    ]
+    if scaled_low:
+        nodes.append(helper.make_node("Mul", ["x0", "c"], ["sx0"], name="scale"))
+        inits.append(_weight("c", (h,), 7))
+        low = "sx0"
+    nodes += [
+        helper.make_node("Concat", ["nx1", low], ["rot"], axis=-1, name="cat"),
         helper.make_node("MatMul", ["rot", "W"], ["y"], name="base"),
     ]
+    return nodes, inits
+
+
+def test_rotate_half_of_the_last_axis_before_a_layer_merges_into_it():
+    """``cat(-x[..., h:], x[..., :h]) @ W``: Slice/Neg/Concat of rows, read twice from x."""
+    nodes, inits = _rotate_half()
     model = _model(nodes, inits)
     fused, report = fuse_with_report(model)
     assert len(report.fusions) == 1 and op_types(fused) == ["MatMul"]
@@ -340,23 +354,7 @@ def _dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_rotate_half_on_rows_the_model_does_not_count_merges_into_the_layer():
     """A dynamic batch: the region is read with a stand-in for it, every shape inferred."""
-    h = N // 2
-    inits = [
-        _shape("zero", [0]),
-        _shape("half", [h]),
-        _shape("end", [N]),
-        _shape("last", [-1]),
-        _weight("W", (N, M), 6),
-    ]
-    nodes = [
-        helper.make_node("Slice", ["x", "zero", "half", "last"], ["x0"], name="low"),
-        helper.make_node("Slice", ["x", "half", "end", "last"], ["x1"], name="high"),
-        helper.make_node("Neg", ["x1"], ["nx1"], name="neg"),
-        helper.make_node("Mul", ["x0", "c"], ["sx0"], name="scale"),  # a step after a Slice
-        helper.make_node("Concat", ["nx1", "sx0"], ["rot"], axis=-1, name="cat"),
-        helper.make_node("MatMul", ["rot", "W"], ["y"], name="base"),
-    ]
-    inits.append(_weight("c", (h,), 7))
+    nodes, inits = _rotate_half(scaled_low=True)
     model = _dynamic(_model(nodes, inits))
     fused, report = fuse_with_report(model)
     assert len(report.fusions) == 1 and op_types(fused) == ["MatMul"]
